@@ -1,0 +1,74 @@
+"""The ONNX bundle: a directory any language can load with ONNX Runtime.
+
+    edgeseq.json      the manifest (this module): format and versions, family and config, the state
+                      spec, each graph's file and inputs/outputs, tokenizer, chat template, special
+                      tokens, quantization recipe, file hashes
+    step.onnx         one token:  input_ids (b, 1) + state -> logits (b, vocab) + state
+    prefill.onnx      t tokens:   input_ids (b, t) + state -> logits (b, vocab) + state
+    prefill_all.onnx  t tokens:   input_ids (b, t) + state -> logits (b, t, vocab) + state
+    weights.bin       every initializer of every graph, stored once (ONNX external data)
+    tokenizer.json    HF tokenizers JSON when the model has one (absent for byte-level models)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from edgeseq.errors import EdgeseqError
+
+FORMAT = "edgeseq-bundle"
+FORMAT_VERSION = 1
+STATE_SPEC_VERSION = 1
+MANIFEST = "edgeseq.json"
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str, manifest: dict) -> None:
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_spec_version": STATE_SPEC_VERSION,
+                **manifest}
+    tmp = os.path.join(directory, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, os.path.join(directory, MANIFEST))
+
+
+def read_manifest(directory: str) -> dict:
+    """Read and check a bundle's manifest; every problem is an error naming the file."""
+    if not os.path.exists(directory):
+        raise EdgeseqError(f"{directory}: no such file or directory")
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise EdgeseqError(f"{directory}: not an edgeseq bundle (no {MANIFEST}); create one with 'edgeseq export'")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except ValueError as e:
+        raise EdgeseqError(f"{path}: damaged manifest ({e})") from None
+    if m.get("format") != FORMAT:
+        raise EdgeseqError(f"{path}: not an edgeseq bundle manifest (format {m.get('format')!r})")
+    version = m.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise EdgeseqError(f"{path}: bundle format {version} is newer than this edgeseq reads ({FORMAT_VERSION}); "
+                           f"upgrade edgeseq (pip install -U edgeseq)")
+    if m.get("state_spec_version", 0) > STATE_SPEC_VERSION:
+        raise EdgeseqError(f"{path}: state spec version {m['state_spec_version']} is newer than this edgeseq reads")
+    w = m.get("weights", {})
+    wpath = os.path.join(directory, w.get("file", "weights.bin"))
+    if not os.path.isfile(wpath):
+        raise EdgeseqError(f"{wpath}: missing (the bundle's weights)")
+    if os.path.getsize(wpath) != w.get("bytes"):
+        raise EdgeseqError(f"{wpath}: truncated or replaced: {os.path.getsize(wpath)} bytes, the manifest says "
+                           f"{w.get('bytes')}")
+    for g in m.get("graphs", {}).values():
+        if not os.path.isfile(os.path.join(directory, g["file"])):
+            raise EdgeseqError(f"{os.path.join(directory, g['file'])}: missing (a graph of the bundle)")
+    return m

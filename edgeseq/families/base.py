@@ -1,0 +1,151 @@
+"""What every family provides, and the graph assembly they share.
+
+A family turns (config, canonical weights) into graphs. Graph kinds:
+
+    step         input_ids (b, 1)  + state -> logits (b, vocab)    + state   static shapes, no loops
+    prefill      input_ids (b, t)  + state -> logits (b, vocab)    + state   logits of the last token
+    prefill_all  input_ids (b, t)  + state -> logits (b, t, vocab) + state   every position (eval)
+
+State tensors are named after ONNX Runtime GenAI's recurrent naming: `past_key_values.{layer}.{kind}`
+in, `present.{layer}.{kind}` out.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Protocol
+
+import numpy as np
+from onnx import TensorProto
+
+from edgeseq.errors import EdgeseqError
+from edgeseq.graph import GraphBuilder, WeightInfo
+
+GRAPH_KINDS = ("step", "prefill", "prefill_all")
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One tensor of the recurrent state. `shape` excludes the leading batch axis."""
+
+    layer: int
+    kind: str  # conv_state | recurrent_state | shift_att | wkv | ... | key | value
+    shape: tuple[int, ...]
+    doc: str
+    dtype: str = "float32"
+    init: float = 0.0
+
+    @property
+    def input_name(self) -> str:
+        return f"past_key_values.{self.layer}.{self.kind}"
+
+    @property
+    def output_name(self) -> str:
+        return f"present.{self.layer}.{self.kind}"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict:
+        return {"name": self.input_name, "output": self.output_name, "layer": self.layer, "kind": self.kind,
+                "shape": ["batch", *self.shape], "dtype": self.dtype, "init": self.init, "doc": self.doc}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StateTensor":
+        return cls(layer=d["layer"], kind=d["kind"], shape=tuple(d["shape"][1:]), doc=d.get("doc", ""),
+                   dtype=d.get("dtype", "float32"), init=float(d.get("init", 0.0)))
+
+
+class TensorSource(Protocol):
+    """What a checkpoint reader offers a family's `convert` (see edgeseq.exporters.checkpoint)."""
+
+    path: str
+    config: dict
+
+    def keys(self) -> list[str]: ...
+    def has(self, name: str) -> bool: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def get(self, name: str) -> np.ndarray: ...  # float tensors come back as float32
+
+
+def cfg_get(cfg: dict, names: tuple[str, ...], default: Any = dataclasses.MISSING, where: str = "config.json"):
+    """The first of several accepted spellings of a config key; a clear error when none is present."""
+    for n in names:
+        if n in cfg and cfg[n] is not None:
+            return cfg[n]
+    if default is dataclasses.MISSING:
+        raise EdgeseqError(f"{where}: missing key; expected one of {', '.join(names)}")
+    return default
+
+
+class Family:
+    """Base of every family. Subclasses set the class attributes and implement the four hooks."""
+
+    name: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+    Config: ClassVar[type]
+
+    def __init__(self, config):
+        self.config = config
+
+    # -- hooks -------------------------------------------------------------------------------
+    @classmethod
+    def read_config(cls, src: TensorSource):
+        """Resolve every alias of the checkpoint's config (and shapes it implies) into `Config`."""
+        raise NotImplementedError
+
+    def state_spec(self) -> list[StateTensor]:
+        raise NotImplementedError
+
+    def convert(self, src: TensorSource) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield (canonical name, array) for every weight the graphs use, one at a time."""
+        raise NotImplementedError
+
+    def body(self, b: GraphBuilder, ids: str, state: dict[str, str], tokens: int | None, fused: bool):
+        """Embedding and layers: returns (hidden (b, t, d) before the final norm, {output name: value})."""
+        raise NotImplementedError
+
+    def head(self, b: GraphBuilder, hidden: str) -> str:
+        """Final norm and LM head: (b, t, d) -> (b, t, vocab)."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def config_json(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Family":
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        return cls(cls.Config(**{k: v for k, v in d.items() if k in fields}))
+
+    def state_bytes(self) -> int:
+        return sum(s.nbytes for s in self.state_spec())
+
+    def build_graph(self, kind: str, weights: dict[str, WeightInfo], fused: bool, weights_file="weights.bin"):
+        """Assemble one graph kind around the family's body and head."""
+        if kind not in GRAPH_KINDS:
+            raise ValueError(f"unknown graph kind {kind!r}")
+        b = GraphBuilder(weights, weights_file, name=f"{self.name}_{kind}")
+        tokens = 1 if kind == "step" else None
+        f32 = TensorProto.FLOAT
+        ids = b.input("input_ids", TensorProto.INT64, ["batch", tokens if tokens else "sequence"])
+        state_in = {}
+        for s in self.state_spec():
+            state_in[s.input_name] = b.input(s.input_name, f32, ["batch", *s.shape])
+        hidden, state_out = self.body(b, ids, state_in, tokens, fused)
+        v = self.vocab_size
+        if kind == "prefill_all":
+            logits = self.head(b, hidden)
+            b.output(logits, "logits", f32, ["batch", "sequence", v])
+        else:
+            last = b.op("Gather", hidden, b.ints([-1]), axis=1) if tokens != 1 else hidden
+            logits = b.op("Reshape", self.head(b, last), b.ints([-1, v]))
+            b.output(logits, "logits", f32, ["batch", v])
+        for s in self.state_spec():
+            b.output(state_out[s.output_name], s.output_name, f32, ["batch", *s.shape])
+        return b

@@ -1,0 +1,54 @@
+"""Pieces several families share: embedding lookup, the LM head, and checkpoint-name helpers."""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeseq.errors import EdgeseqError
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels.ops import linear, linear_t, rms_norm
+
+
+def embed(b: GraphBuilder, ids: str) -> str:
+    """(b, t) token ids -> (b, t, d) rows of the embedding."""
+    return b.op("Gather", b.w("embed"), ids, axis=0)
+
+
+def norm_and_head(b: GraphBuilder, hidden: str, eps: float, vocab: int) -> str:
+    """Final RMS norm and LM head. An untied head is stored as `lm_head` (d, vocab); a tied one reuses
+    `embed` (vocab, d) through Gemm(transB=1), so the matrix exists once."""
+    h = rms_norm(b, hidden, "norm_f", eps)
+    if b.has_weight("lm_head"):
+        return linear(b, h, "lm_head")
+    return linear_t(b, h, "embed", vocab)
+
+
+def pick(src, candidates: list[str], what: str) -> str:
+    """The first tensor name present in the checkpoint, or an error naming what was looked for."""
+    for c in candidates:
+        if src.has(c):
+            return c
+    raise EdgeseqError(f"{src.path}: missing tensor for {what}; looked for {', '.join(candidates)}")
+
+
+def find_prefix(src, suffix_candidates: list[str]) -> str:
+    """The checkpoint's name prefix (e.g. 'backbone.' or 'model.backbone.') before a known tensor."""
+    for key in src.keys():
+        for s in suffix_candidates:
+            if key.endswith(s):
+                return key[: len(key) - len(s)]
+    raise EdgeseqError(f"{src.path}: no embedding tensor found (looked for names ending in "
+                       f"{', '.join(suffix_candidates)}); is this a checkpoint of the declared architecture?")
+
+
+def transposed(w: np.ndarray) -> np.ndarray:
+    """torch Linear keeps (out, in); the graphs multiply x @ W with W (in, out)."""
+    return np.ascontiguousarray(w.T)
+
+
+def head_is_embedding(src, p: str, suffixes=("embeddings.weight", "embedding.weight", "embed_tokens.weight")) -> bool:
+    """A checkpoint that stores lm_head.weight equal to the embedding is tied in all but name."""
+    if not src.has("lm_head.weight"):
+        return True
+    e = src.get(pick(src, [p + s for s in suffixes], "the embedding"))
+    return src.shape("lm_head.weight") == e.shape and bool(np.array_equal(src.get("lm_head.weight"), e))
+

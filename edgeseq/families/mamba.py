@@ -1,0 +1,164 @@
+"""Mamba-1 (and FalconMamba): selective state-space layers.
+
+Symbols (Gu & Dao 2023, Algorithm 2):  b batch · t tokens · d model width · di inner width (expand·d)
+· n state size (d_state) · r dt rank · k conv width.
+
+    per layer:  x += out_proj( ssm( silu(conv(in_x)) ) * silu(z) ),   [in_x, z] = in_proj(rms_norm(x))
+    ssm:        dt = softplus(dt_proj(x_proj_dt) + dt_bias)           (b, t, di)
+                h_t = exp(dt·A) ⊙ h_{t-1} + (dt·x) ⊗ B_t              (b, di, n)
+                y_t = h_t · C_t + D ⊙ x_t                             (b, di)
+    FalconMamba: dt, B and C pass through a weightless RMS norm (eps = mixer_rms_eps) first.
+
+Checkpoint layouts: HF `MambaForCausalLM` / `FalconMambaForCausalLM` (`backbone.embeddings`) and the
+original state-spaces release (`backbone.embedding`, config with d_model / n_layer / ssm_cfg).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from edgeseq.errors import UnsupportedError
+from edgeseq.families import register
+from edgeseq.families.base import Family, StateTensor, cfg_get
+from edgeseq.families.common import embed, find_prefix, head_is_embedding, norm_and_head, pick, transposed
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels import scan as ssm
+from edgeseq.kernels.conv import causal_conv
+from edgeseq.kernels.ops import linear, rms_norm, silu, softplus, split
+
+EMBED_SUFFIXES = ["embeddings.weight", "embedding.weight"]
+
+
+@dataclass
+class MambaConfig:
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    d_inner: int
+    d_state: int
+    d_conv: int
+    dt_rank: int
+    norm_eps: float = 1e-5
+    mixer_rms_eps: float | None = None  # FalconMamba's norms on dt, B, C; None for Mamba
+    tie_embeddings: bool = True
+
+
+@register("MambaForCausalLM", "FalconMambaForCausalLM", "MambaLMHeadModel")
+class Mamba(Family):
+    name = "mamba"
+    Config = MambaConfig
+
+    @classmethod
+    def read_config(cls, src) -> MambaConfig:
+        cfg, where = src.config, f"{src.path}/config.json"
+        ssm_cfg = cfg.get("ssm_cfg") or {}
+        if ssm_cfg.get("layer", "Mamba1") not in ("Mamba1", "Mamba"):
+            raise UnsupportedError(f"{where}: ssm_cfg.layer is {ssm_cfg['layer']!r}, not a Mamba-1 layer")
+        if cfg.get("rms_norm") is False:
+            raise UnsupportedError(f"{where}: rms_norm=false (LayerNorm Mamba) is not supported")
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+        p = find_prefix(src, EMBED_SUFFIXES)
+        vocab, d_model = src.shape(pick(src, [p + s for s in EMBED_SUFFIXES], "the embedding"))
+        layers = sum(1 for k in src.keys() if k.endswith(".mixer.A_log"))
+        d_inner, d_state = src.shape(f"{p}layers.0.mixer.A_log")
+        d_conv = src.shape(f"{p}layers.0.mixer.conv1d.weight")[-1]
+        dt_rank = src.shape(f"{p}layers.0.mixer.dt_proj.weight")[1]
+        falcon = "FalconMamba" in " ".join(cfg.get("architectures", [])) or cfg.get("model_type") == "falcon_mamba"
+        declared = cfg_get(cfg, ("num_hidden_layers", "n_layer"), layers, where)
+        if declared != layers:
+            raise UnsupportedError(f"{where}: declares {declared} layers, the weights hold {layers}")
+        return MambaConfig(
+            vocab_size=vocab, d_model=d_model, n_layer=layers, d_inner=d_inner, d_state=d_state, d_conv=d_conv,
+            dt_rank=dt_rank, norm_eps=float(cfg_get(cfg, ("layer_norm_epsilon", "norm_epsilon"), 1e-5, where)),
+            mixer_rms_eps=float(cfg.get("mixer_rms_eps", 1e-6)) if falcon else None,
+            tie_embeddings=head_is_embedding(src, p),
+        )
+
+    def state_spec(self) -> list[StateTensor]:
+        c = self.config
+        out = []
+        for i in range(c.n_layer):
+            out.append(StateTensor(i, "conv_state", (c.d_inner, c.d_conv - 1), "last k-1 inputs of the causal conv"))
+            out.append(StateTensor(i, "recurrent_state", (c.d_inner, c.d_state), "SSM state h (di, n)"))
+        return out
+
+    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+        c = self.config
+        p = find_prefix(src, EMBED_SUFFIXES)
+        yield "embed", src.get(pick(src, [p + s for s in EMBED_SUFFIXES], "the embedding"))
+        for i in range(c.n_layer):
+            m, o = f"{p}layers.{i}.mixer.", f"layers.{i}."
+            yield o + "norm", src.get(f"{p}layers.{i}.norm.weight")
+            yield o + "in_proj", transposed(src.get(m + "in_proj.weight"))
+            if src.has(m + "in_proj.bias"):
+                yield o + "in_proj_bias", src.get(m + "in_proj.bias")
+            yield o + "conv", src.get(m + "conv1d.weight").reshape(c.d_inner, 1, c.d_conv)
+            if src.has(m + "conv1d.bias"):
+                yield o + "conv_bias", src.get(m + "conv1d.bias")
+            yield o + "x_proj", transposed(src.get(m + "x_proj.weight"))
+            yield o + "dt_proj", transposed(src.get(m + "dt_proj.weight"))
+            yield o + "dt_bias", src.get(m + "dt_proj.bias")
+            # the recurrence needs the (negative) rate itself; the checkpoint keeps its log
+            yield o + "A", -np.exp(src.get(m + "A_log"))
+            yield o + "D", src.get(m + "D")
+            yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
+            if src.has(m + "out_proj.bias"):
+                yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+        yield "norm_f", src.get(pick(src, [p + "norm_f.weight"], "the final norm"))
+        if not c.tie_embeddings:
+            yield "lm_head", transposed(src.get("lm_head.weight"))
+
+    def body(self, b: GraphBuilder, ids, state, tokens, fused):
+        c = self.config
+        x = embed(b, ids)  # (b, t, d)
+        out = {}
+        for i in range(c.n_layer):
+            o = f"layers.{i}."
+            h = rms_norm(b, x, o + "norm", c.norm_eps)
+            xs, z = split(b, linear(b, h, o + "in_proj", o + "in_proj_bias"), [c.d_inner, c.d_inner])  # (b, t, di)
+            xc, out[f"present.{i}.conv_state"] = causal_conv(
+                b, b.op("Transpose", xs, perm=[0, 2, 1]), state[f"past_key_values.{i}.conv_state"], o + "conv",
+                o + "conv_bias", c.d_inner, c.d_conv, silu=True, fused=fused)
+            xs = b.op("Transpose", xc, perm=[0, 2, 1])  # (b, t, di)
+            dt, B, C = split(b, linear(b, xs, o + "x_proj"), [c.dt_rank, c.d_state, c.d_state])
+            if c.mixer_rms_eps is not None:
+                dt, B, C = (rms_norm(b, v, None, c.mixer_rms_eps) for v in (dt, B, C))
+            dt = softplus(b, linear(b, dt, o + "dt_proj", o + "dt_bias"))  # (b, t, di)
+            y, out[f"present.{i}.recurrent_state"] = self._ssm(b, xs, dt, B, C, o,
+                                                               state[f"past_key_values.{i}.recurrent_state"],
+                                                               tokens, fused)
+            y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
+            y = b.op("Mul", y, silu(b, z))
+            x = b.op("Add", x, linear(b, y, o + "out_proj", o + "out_proj_bias"))
+        return x, out
+
+    def _ssm(self, b, xs, dt, B, C, o, h, tokens, fused):
+        """The selective scan over (b, t, di) inputs; returns (y (b, t, di), new state (b, di, n))."""
+        c = self.config
+        log_a = b.op("Mul", b.op("Unsqueeze", dt, b.ints([-1])), b.w(o + "A"))  # (b, t, di, n)
+        dtx = b.op("Mul", dt, xs)  # (b, t, di)
+        if fused:
+            # LinearAttention, gated with per-key decay: one head per channel, d_k = n, d_v = 1.
+            rep = b.ints([1, 1, c.d_inner, 1])
+            q = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", C, b.ints([2])), rep), b.ints([0, 0, -1]))
+            k = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", B, b.ints([2])), rep), b.ints([0, 0, -1]))
+            decay = b.op("Reshape", log_a, b.ints([0, 0, -1]))  # (b, t, di*n)
+            s4 = b.op("Reshape", h, b.ints([0, c.d_inner, c.d_state, 1]))
+            y, s4 = ssm.linear_attention(b, q, k, dtx, s4, decay, c.d_inner, c.d_inner)
+            return y, b.op("Reshape", s4, b.ints([0, c.d_inner, c.d_state]))
+        a = b.op("Exp", log_a)  # (b, t, di, n)
+        u = b.op("Mul", b.op("Unsqueeze", dtx, b.ints([-1])), b.op("Unsqueeze", B, b.ints([2])))  # (b, t, di, n)
+        cc = b.op("Unsqueeze", C, b.ints([2]))  # (b, t, 1, n)
+        if tokens == 1:
+            sq = b.ints([1])
+            y, h = ssm.step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), b.op("Squeeze", cc, sq), h, -1)
+            return b.op("Unsqueeze", y, sq), h
+        return ssm.scan(b, a, u, cc, h, -1)
+
+    def head(self, b: GraphBuilder, hidden: str) -> str:
+        return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)
+

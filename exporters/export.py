@@ -1,0 +1,118 @@
+"""The export pipeline: checkpoint -> family -> weights.bin + graphs -> bundle directory.
+
+Everything is written into a temporary sibling directory and renamed into place at the end, so a
+failed export leaves nothing behind. Tensors stream one at a time from the checkpoint through the
+family's `convert` generator into `weights.bin`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from edgeseq import __version__
+from edgeseq.bundle import sha256_file, write_manifest
+from edgeseq.errors import EdgeseqError
+from edgeseq.families import family_for_architecture
+from edgeseq.families.base import GRAPH_KINDS
+from edgeseq.graph import WeightStore, save_model
+from edgeseq.exporters.checkpoint import open_checkpoint
+from edgeseq.quant import parse_quant, quantize_tensor
+
+
+def _tokenizer_source(ckpt, tokenizer: str | None, vocab: int) -> tuple[dict, str | None]:
+    """Where the bundle's tokenizer comes from: --tokenizer, the checkpoint's tokenizer.json, or bytes."""
+    if tokenizer:
+        if not os.path.isfile(tokenizer):
+            raise EdgeseqError(f"{tokenizer}: no such tokenizer file")
+        return {"kind": "hf", "file": "tokenizer.json"}, tokenizer
+    local = os.path.join(ckpt.path, "tokenizer.json")
+    if os.path.isfile(local):
+        return {"kind": "hf", "file": "tokenizer.json"}, local
+    if vocab <= 256:
+        return {"kind": "bytes"}, None
+    raise EdgeseqError(f"{ckpt.path}: no tokenizer.json beside the checkpoint and the vocabulary ({vocab}) is not "
+                       f"byte-level; pass --tokenizer PATH/tokenizer.json")
+
+
+def _special_tokens(ckpt) -> dict:
+    cfg = dict(ckpt.config)
+    gen = os.path.join(ckpt.path, "generation_config.json")
+    if os.path.isfile(gen):
+        try:
+            with open(gen) as f:
+                cfg = {**cfg, **{k: v for k, v in json.load(f).items() if v is not None}}
+        except ValueError:
+            pass  # a damaged generation_config only loses its defaults
+    eos = cfg.get("eos_token_id")
+    eos_list = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    return {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": eos_list[0] if eos_list else None,
+            "stop_token_ids": eos_list}
+
+
+def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False, tokenizer: str | None = None,
+           chat_template: dict | None = None, force: bool = False, progress: bool = False) -> str:
+    """Export `checkpoint` (a model directory) to the bundle directory `out`. Returns `out`."""
+    quant = parse_quant(quant, "onnx")
+    if os.path.exists(out) and not force:
+        raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
+    ckpt = open_checkpoint(checkpoint)
+    fam_cls = family_for_architecture(ckpt.architecture, f"{checkpoint}/config.json")
+    family = fam_cls(fam_cls.read_config(ckpt))
+    tok_spec, tok_file = _tokenizer_source(ckpt, tokenizer, family.vocab_size)
+
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".edgeseq-export-", dir=parent)
+    try:
+        store = WeightStore(os.path.join(tmp, "weights.bin"))
+        items = family.convert(ckpt)
+        if progress:
+            from tqdm import tqdm
+
+            items = tqdm(items, desc="weights", unit="tensor", leave=False)
+        for name, array in items:
+            store.add(name, quantize_tensor(name, array, quant))
+        weights_hash = store.close()
+
+        flavour = "portable" if portable else "fused"
+        meta = {"edgeseq.version": __version__, "edgeseq.family": family.name, "edgeseq.quant": quant,
+                "edgeseq.flavour": flavour, "edgeseq.weights_sha256": weights_hash}
+        graphs = {}
+        for kind in GRAPH_KINDS:
+            b = family.build_graph(kind, store.table, fused=not portable)
+            fname = f"{kind}.onnx"
+            save_model(b.to_model({**meta, "edgeseq.graph": kind}), os.path.join(tmp, fname))
+            graphs[kind] = {"file": fname, "tokens": 1 if kind == "step" else None,
+                            "inputs": ["input_ids"] + [s.input_name for s in family.state_spec()],
+                            "outputs": ["logits"] + [s.output_name for s in family.state_spec()],
+                            "logits": "all" if kind == "prefill_all" else "last"}
+        if tok_file:
+            shutil.copyfile(tok_file, os.path.join(tmp, "tokenizer.json"))
+        files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f != "weights.bin"}
+        write_manifest(tmp, {
+            "edgeseq_version": __version__,
+            "family": family.name,
+            "architecture": ckpt.architecture,
+            "config": family.config_json(),
+            "vocab_size": family.vocab_size,
+            "flavour": flavour,
+            "quant": {"recipe": quant},
+            "state": [s.to_json() for s in family.state_spec()],
+            "state_bytes_per_sequence": family.state_bytes(),
+            "graphs": graphs,
+            "weights": {"file": "weights.bin", "bytes": store.nbytes, "sha256": weights_hash},
+            "tokenizer": tok_spec,
+            "chat_template": chat_template,
+            **_special_tokens(ckpt),
+            "files": files,
+            "source": {"path": os.path.abspath(checkpoint), "bytes": ckpt.weights_bytes()},
+        })
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,34 @@
+"""Weight quantization. One vocabulary for every format; a name the chosen format lacks is an error.
+
+ONNX bundles take f32 and f16 today (f16 weights are stored half size and widened to f32 by a Cast
+in the graph, which ONNX Runtime folds once at load). int8/int4 (MatMulNBits) come with their issue.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeseq.errors import EdgeseqError
+
+ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16"}
+ONNX_QUANTS = ("f32", "f16")
+
+
+def parse_quant(name: str, fmt: str = "onnx") -> str:
+    q = ALIASES.get(name.lower(), name.lower())
+    allowed = ONNX_QUANTS
+    if q not in allowed:
+        raise EdgeseqError(f"--quant {name}: not available for {fmt} (choose one of {', '.join(allowed)})")
+    return q
+
+
+def quantize_tensor(name: str, array: np.ndarray, quant: str) -> np.ndarray:
+    """Store a tensor as the recipe says. Matrices (2-D and up) follow the recipe; vectors, norms and
+    the SSM parameters stay f32 (small, and the recurrence is sensitive to them)."""
+    if quant == "f16" and array.ndim >= 2 and array.dtype == np.float32 and not _keep_f32(name):
+        return array.astype(np.float16)
+    return array
+
+
+def _keep_f32(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("A", "D", "conv")

@@ -1,0 +1,52 @@
+"""A loaded model: manifest, family, tokenizer and engine; sessions come from `model.session()`."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from edgeseq.bundle import read_manifest
+from edgeseq.errors import EdgeseqError
+from edgeseq.families import family_by_name
+from edgeseq.families.base import StateTensor
+from edgeseq.runtime.engine_ort import OrtEngine
+from edgeseq.runtime.session import Session
+from edgeseq.tokenizer import load_tokenizer
+
+
+class Model:
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, share_weights: bool = True):
+        self.path = path
+        self.manifest = m = read_manifest(path)
+        where = os.path.join(path, "edgeseq.json")
+        self.family = family_by_name(m["family"], where).from_json(m["config"])
+        self.state_spec = [StateTensor.from_json(s) for s in m["state"]]
+        self.vocab_size = int(m["vocab_size"])
+        self.weights_sha256 = m["weights"]["sha256"]
+        self.stop_token_ids = [int(t) for t in m.get("stop_token_ids") or []]
+        self.tokenizer = load_tokenizer(path, m["tokenizer"])
+        self.engine = OrtEngine(path, m, device, threads, share_weights)
+
+    def initial_state(self) -> dict[str, np.ndarray]:
+        return {s.input_name: np.full((1, *s.shape), s.init, np.float32) for s in self.state_spec}
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(s.nbytes for s in self.state_spec)
+
+    @property
+    def weights_bytes(self) -> int:
+        return int(self.manifest["weights"]["bytes"])
+
+    def session(self) -> Session:
+        return Session(self)
+
+    def __repr__(self) -> str:
+        return f"<edgeseq.Model {self.family.name} {self.path}>"
+
+
+def load(path, device: str = "cpu", threads: int | None = None, **options) -> Model:
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        raise EdgeseqError(f"{path}: GGUF files are not supported by this edgeseq yet; export an ONNX bundle")
+    return Model(path, device=device, threads=threads, **options)

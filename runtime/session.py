@@ -1,0 +1,199 @@
+"""A session: one sequence's fixed-size state, stepped token by token.
+
+The state arena is allocated once: two buffers per state tensor (ping and pong). A step feeds the
+token and buffer set A, ONNX Runtime writes the new state into set B through IO binding, and the
+roles swap. Nothing is allocated per token; the state never changes size.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from edgeseq.errors import EdgeseqError
+from edgeseq.runtime import statefile
+from edgeseq.runtime.sampling import Sampler, SamplingOptions
+
+PREFILL_CHUNK = 512  # longest prompt slice fed to the prefill graph at once
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    stopped_by: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Session:
+    def __init__(self, model):
+        ort = model.engine.ort
+        self.model = model
+        self.spec = model.state_spec
+        self.position = 0
+        self.stats = Stats()
+        dev = model.engine.device
+        # the arena: [ping, pong], each a list of OrtValues in spec order
+        self._bufs = [[ort.OrtValue.ortvalue_from_shape_and_type((1, *s.shape), np.float32, dev, 0)
+                       for s in self.spec] for _ in range(2)]
+        self._logits = np.zeros((1, model.vocab_size), np.float32)
+        self._logits_ov = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        self._ids = np.zeros((1, 1), np.int64)
+        self._ids_ov = ort.OrtValue.ortvalue_from_numpy(self._ids)
+        self._cur = 0
+        self._step = model.engine.session("step")
+        self._bindings = [self._bind(self._step, c, self._ids_ov) for c in (0, 1)]
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the model's initial state (position 0)."""
+        init = self.model.initial_state()
+        for ov, s in zip(self._bufs[0], self.spec):
+            ov.update_inplace(init[s.input_name])
+        self._cur = 0
+        self.position = 0
+
+    def state(self) -> dict[str, np.ndarray]:
+        """A copy of the current state, by input name."""
+        return {s.input_name: ov.numpy().copy() for s, ov in zip(self.spec, self._bufs[self._cur])}
+
+    def set_state(self, arrays: dict[str, np.ndarray], position: int = 0) -> None:
+        for ov, s in zip(self._bufs[self._cur], self.spec):
+            ov.update_inplace(np.ascontiguousarray(arrays[s.input_name], dtype=np.float32))
+        self.position = position
+
+    def save_state(self, path: str) -> None:
+        statefile.save(path, self.state(), self.model.weights_sha256, self.model.family.name, self.position)
+
+    def load_state(self, path: str) -> None:
+        expected = {s.input_name: ((1, *s.shape), "float32") for s in self.spec}
+        arrays, pos = statefile.load(path, expected, self.model.weights_sha256)
+        self.set_state(arrays, pos)
+
+    def fork(self) -> "Session":
+        """A new session starting from a copy of this one's state."""
+        t = Session(self.model)
+        t.set_state(self.state(), self.position)
+        return t
+
+    # -- compute -------------------------------------------------------------------------------
+    def _bind(self, sess, cur: int, ids_ov):
+        io = sess.io_binding()
+        io.bind_ortvalue_input("input_ids", ids_ov)
+        for s, src, dst in zip(self.spec, self._bufs[cur], self._bufs[1 - cur]):
+            io.bind_ortvalue_input(s.input_name, src)
+            io.bind_ortvalue_output(s.output_name, dst)
+        return io
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Feed one token; returns the next token's logits (float32 [vocab])."""
+        self._check_token(token_id)
+        self._ids[0, 0] = token_id
+        io = self._bindings[self._cur]
+        io.bind_ortvalue_output("logits", self._logits_ov)
+        self._step.run_with_iobinding(io)
+        self._cur ^= 1
+        self.position += 1
+        return self._logits[0].copy()
+
+    def prefill(self, token_ids) -> np.ndarray:
+        """Feed tokens from the current state; returns the logits after the last one."""
+        ids = np.asarray(list(token_ids), dtype=np.int64)
+        if ids.size == 0:
+            raise EdgeseqError("prefill needs at least one token")
+        for t in (int(ids.min()), int(ids.max())):
+            self._check_token(t)
+        if ids.size == 1:
+            return self.step(int(ids[0]))
+        ort = self.model.engine.ort
+        sess = self.model.engine.session("prefill")
+        for a in range(0, ids.size, PREFILL_CHUNK):
+            chunk = ids[a:a + PREFILL_CHUNK]
+            if chunk.size == 1:
+                self.step(int(chunk[0]))
+                continue
+            io = self._bind(sess, self._cur, ort.OrtValue.ortvalue_from_numpy(chunk.reshape(1, -1)))
+            io.bind_ortvalue_output("logits", self._logits_ov)
+            sess.run_with_iobinding(io)
+            self._cur ^= 1
+            self.position += int(chunk.size)
+        return self._logits[0].copy()
+
+    def logits_all(self, token_ids) -> np.ndarray:
+        """Feed tokens and return the logits at every position (float32 [t, vocab]), for evaluation."""
+        ids = np.asarray(list(token_ids), dtype=np.int64).reshape(1, -1)
+        sess = self.model.engine.session("prefill_all")
+        feeds = {"input_ids": ids}
+        feeds.update({s.input_name: ov.numpy() for s, ov in zip(self.spec, self._bufs[self._cur])})
+        outs = sess.run(None, feeds)
+        self.set_state({s.input_name: o for s, o in zip(self.spec, outs[1:])}, self.position + ids.shape[1])
+        return outs[0][0]
+
+    def _check_token(self, t: int) -> None:
+        if not 0 <= t < self.model.vocab_size:
+            raise EdgeseqError(f"token id {t} is outside the vocabulary (0..{self.model.vocab_size - 1})")
+
+    # -- text ----------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: list[str] | None = None, stop_token_ids: list[int] | None = None) -> Iterator[str]:
+        """Continue from the current state with `prompt`, yielding text pieces as they complete.
+
+        Stops at max_tokens, at an end token (the manifest's stop tokens plus `stop_token_ids`), or when
+        the text produced contains a `stop` string (the stop string itself is not yielded). The state
+        then includes every token sampled except an end token. `self.stats` holds the timings."""
+        tok = self.model.tokenizer
+        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            bos = self.model.manifest.get("bos_token_id")
+            if self.position == 0 and bos is None:
+                raise EdgeseqError("empty prompt and the model has no BOS token to start from")
+            ids = [bos] if bos is not None else []
+        sampler = Sampler(SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed))
+        ends = set(self.model.stop_token_ids) | set(stop_token_ids or [])
+        stops = [s for s in (stop or []) if s]
+        hold = max((len(s) for s in stops), default=1) - 1
+        st = self.stats = Stats(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        logits = self.prefill(ids) if ids else self._logits[0].copy()
+        st.prompt_seconds = time.perf_counter() - t0
+        history = list(ids)
+        stream = tok.stream()
+        pending = ""
+        t0 = time.perf_counter()
+        st.stopped_by = "max_tokens"
+        for _ in range(max_tokens):
+            nxt = sampler(logits, history)
+            if nxt in ends:
+                st.stopped_by = "end_token"
+                break
+            history.append(nxt)
+            logits = self.step(nxt)
+            st.decode_tokens += 1
+            pending += stream.push(nxt)
+            cut = min((pending.find(s) for s in stops if s in pending), default=-1)
+            if cut >= 0:
+                pending = pending[:cut]
+                st.stopped_by = "stop_string"
+                break
+            if len(pending) > hold:
+                yield pending[:len(pending) - hold]
+                pending = pending[len(pending) - hold:]
+        if st.stopped_by != "stop_string":
+            pending += stream.flush()
+        st.decode_seconds = time.perf_counter() - t0
+        if pending:
+            yield pending
