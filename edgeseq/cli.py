@@ -1,0 +1,228 @@
+"""The `edgeseq` command line: export, run, chat, inspect, bench, eval."""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from edgeseq.errors import EdgeseqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run recurrent language models (Mamba, RWKV, ...) with a fixed-size state.")
+
+DEFAULT_MODEL_ENV = "EDGESEQ_MODEL"
+
+
+def _default_model(model: Optional[str]) -> str:
+    if model:
+        return model
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    if env:
+        return env
+    if os.path.isfile(os.path.join("demo-model", "bundle", "edgeseq.json")):
+        return os.path.join("demo-model", "bundle")
+    raise EdgeseqError(f"no MODEL given: pass a bundle directory, set {DEFAULT_MODEL_ENV}, or run 'make demo' "
+                       f"to create demo-model/bundle")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _load(model: Optional[str], threads: Optional[int], device: str = "cpu"):
+    import edgeseq
+
+    return edgeseq.load(_default_model(model), device=device, threads=threads)
+
+
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="model directory (HF or state-spaces layout)"),
+    out: str = typer.Option(..., "-o", "--out", help="bundle directory to create"),
+    quant: str = typer.Option("f32", "--quant", "-q", help="f32 | f16"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (gguf comes with its own issue)"),
+    portable: bool = typer.Option(False, "--portable", help="standard ONNX ops only (no com.microsoft fused ops)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json to bundle"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+):
+    """Export a checkpoint to an ONNX bundle."""
+    if fmt != "onnx":
+        raise EdgeseqError(f"--format {fmt}: only onnx is available in this version")
+    from edgeseq.exporters.export import export as do_export
+
+    t0 = time.perf_counter()
+    do_export(checkpoint, out, quant=quant, portable=portable, tokenizer=tokenizer, force=force, progress=True)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    typer.echo(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; peak RSS "
+               f"{_peak_rss_mb():.0f} MB")
+
+
+@app.command()
+def run(
+    model: Optional[str] = typer.Argument(None, help="bundle directory (default: the demo model)"),
+    prompt: str = typer.Option("", "--prompt", "-p"),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Generate a continuation of --prompt, streamed."""
+    m = _load(model, threads, device)
+    s = m.session()
+    typer.echo(prompt, nl=False)
+    for piece in s.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stop):
+        typer.echo(piece, nl=False)
+    st = s.stats
+    typer.echo("")
+    typer.echo(f"[prompt {st.prompt_tokens} tok, {st.prompt_tps:.1f} tok/s | decode {st.decode_tokens} tok, "
+               f"{st.decode_tps:.1f} tok/s | peak RSS {_peak_rss_mb():.0f} MB]", err=True)
+
+
+@app.command()
+def chat(
+    model: Optional[str] = typer.Argument(None, help="bundle directory (default: the demo model)"),
+    system: str = typer.Option("", "--system", help="system prompt (models with a chat template)"),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Chat interactively; the state carries over, so each turn processes only its new tokens.
+
+    Commands: /reset, /save FILE, /load FILE, /quit. A model without a chat template continues the
+    text you type (plain continuation)."""
+    from edgeseq.runtime.chat import Chat
+
+    c = Chat(_load(model, threads, device), system=system, max_tokens=max_tokens, temperature=temperature,
+             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    interactive = sys.stdin.isatty()
+    typer.echo(c.banner(), err=True)
+    while True:
+        if interactive:
+            typer.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        try:
+            for piece in c.handle(line):
+                typer.echo(piece, nl=False)
+        except EdgeseqError as e:
+            typer.echo(f"error: {e}", err=True)
+        if c.done:
+            break
+        typer.echo("")
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help="bundle directory")):
+    """Family, config, state spec, quantization and sizes of a bundle."""
+    from edgeseq.bundle import read_manifest
+
+    m = read_manifest(model)
+    typer.echo(f"bundle      {model}  (format {m['format_version']}, edgeseq {m['edgeseq_version']})")
+    typer.echo(f"family      {m['family']}  ({m['architecture']})")
+    typer.echo(f"flavour     {m['flavour']}   quant {m['quant']['recipe']}")
+    typer.echo(f"weights     {m['weights']['bytes'] / 1e6:.2f} MB  sha256 {m['weights']['sha256'][:16]}…")
+    typer.echo(f"vocab       {m['vocab_size']}  tokenizer {m['tokenizer']['kind']}  eos {m.get('eos_token_id')}")
+    typer.echo("config      " + ", ".join(f"{k}={v}" for k, v in m["config"].items()))
+    typer.echo(f"graphs      " + ", ".join(f"{k} ({g['file']})" for k, g in m["graphs"].items()))
+    typer.echo(f"state       {m['state_bytes_per_sequence'] / 1024:.1f} KiB per sequence, {len(m['state'])} tensors:")
+    for s in m["state"]:
+        typer.echo(f"  {s['name']:<40} {str(s['shape']):<26} {s['dtype']}  {s['doc']}")
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="bundle directory"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    prompt_tokens: int = typer.Option(512, "--prompt-tokens"),
+    decode_tokens: int = typer.Option(128, "--decode-tokens"),
+    device: str = typer.Option("cpu", "--device"),
+):
+    """Decode and prefill tokens/s, state bytes and peak RSS."""
+    import numpy as np
+
+    m = _load(model, threads, device)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, m.vocab_size, prompt_tokens).tolist()
+    s = m.session()
+    s.prefill(ids[:8])  # warm up both graphs
+    s.step(1)
+    s.reset()
+    t0 = time.perf_counter()
+    logits = s.prefill(ids)
+    t_pre = time.perf_counter() - t0
+    tok = int(np.argmax(logits))
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        tok = int(np.argmax(s.step(tok)))
+    t_dec = time.perf_counter() - t0
+    typer.echo(f"model       {model} ({m.family.name}, {m.manifest['quant']['recipe']}, {m.manifest['flavour']})")
+    typer.echo(f"threads     {threads or 'default'}")
+    typer.echo(f"prefill     {prompt_tokens / t_pre:.1f} tok/s ({prompt_tokens} tokens)")
+    typer.echo(f"decode      {decode_tokens / t_dec:.1f} tok/s ({decode_tokens} tokens)")
+    typer.echo(f"state       {m.state_bytes} bytes per sequence")
+    typer.echo(f"weights     {m.weights_bytes / 1e6:.1f} MB")
+    typer.echo(f"peak RSS    {_peak_rss_mb():.0f} MB")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="bundle directory"),
+    text: str = typer.Option(..., "--text", help="UTF-8 text file"),
+    max_tokens: int = typer.Option(4096, "--max-tokens"),
+    chunk: int = typer.Option(256, "--chunk", help="tokens per prefill call; the state carries between chunks"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+):
+    """Perplexity of a text, streamed through the state chunk by chunk."""
+    import numpy as np
+
+    try:
+        with open(text, encoding="utf-8") as f:
+            data = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeseqError(f"{text}: cannot read as UTF-8 text ({e})") from None
+    m = _load(model, threads)
+    ids = m.tokenizer.encode(data)[: max_tokens + 1]
+    if len(ids) < 2:
+        raise EdgeseqError(f"{text}: needs at least two tokens")
+    s = m.session()
+    nll, n = 0.0, 0
+    for a in range(0, len(ids) - 1, chunk):
+        inp = ids[a:min(a + chunk, len(ids) - 1)]
+        tgt = np.asarray(ids[a + 1:a + 1 + len(inp)])
+        logits = s.logits_all(inp).astype(np.float64)
+        mx = logits.max(-1, keepdims=True)
+        logp = logits - mx - np.log(np.exp(logits - mx).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(inp)), tgt].sum())
+        n += len(inp)
+    typer.echo(f"tokens {n}  nll/token {nll / n:.4f}  perplexity {np.exp(nll / n):.3f}")
+
+
+def main() -> None:
+    try:
+        app()
+    except EdgeseqError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
