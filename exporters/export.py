@@ -71,7 +71,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
         if progress:
             from tqdm import tqdm
 
-            items = tqdm(items, desc="weights", unit="tensor", leave=False)
+            items = tqdm(items, desc="weights", unit="tensor", leave=False, disable=None)
         for name, array in items:
             store.add(name, quantize_tensor(name, array, quant))
         weights_hash = store.close()

@@ -30,7 +30,8 @@ def rms_norm(b: GraphBuilder, x: str, weight: str | None, eps: float, groups: in
     """x / sqrt(mean(x^2) + eps) * w over the last axis (or over `groups` equal slices of it)."""
     if groups > 1:
         x = b.op("Reshape", x, b.ints([0, 0, groups, width // groups]))
-    ms = b.op("ReduceMean", b.op("Mul", x, x), b.ints([-1]), keepdims=1)
+    # Pow/ReduceMean/Add/Sqrt/Div/Mul is the pattern ONNX Runtime fuses into SimplifiedLayerNormalization
+    ms = b.op("ReduceMean", b.op("Pow", x, b.const(2.0)), b.ints([-1]), keepdims=1)
     y = b.op("Div", x, b.op("Sqrt", b.op("Add", ms, b.const(eps))))
     if groups > 1:
         y = b.op("Reshape", y, b.ints([0, 0, width]))

@@ -15,7 +15,7 @@ from edgeseq.tokenizer import load_tokenizer
 
 
 class Model:
-    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, share_weights: bool = True):
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, low_memory: bool = False):
         self.path = path
         self.manifest = m = read_manifest(path)
         where = os.path.join(path, "edgeseq.json")
@@ -25,7 +25,7 @@ class Model:
         self.weights_sha256 = m["weights"]["sha256"]
         self.stop_token_ids = [int(t) for t in m.get("stop_token_ids") or []]
         self.tokenizer = load_tokenizer(path, m["tokenizer"])
-        self.engine = OrtEngine(path, m, device, threads, share_weights)
+        self.engine = OrtEngine(path, m, device, threads, low_memory)
 
     def initial_state(self) -> dict[str, np.ndarray]:
         return {s.input_name: np.full((1, *s.shape), s.init, np.float32) for s in self.state_spec}

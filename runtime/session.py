@@ -53,7 +53,7 @@ class Session:
         self._ids = np.zeros((1, 1), np.int64)
         self._ids_ov = ort.OrtValue.ortvalue_from_numpy(self._ids)
         self._cur = 0
-        self._step = model.engine.session("step")
+        self._step = model.engine.session(model.engine.decode_graph)
         self._bindings = [self._bind(self._step, c, self._ids_ov) for c in (0, 1)]
         self.reset()
 

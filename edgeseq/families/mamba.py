@@ -143,9 +143,8 @@ class Mamba(Family):
         dtx = b.op("Mul", dt, xs)  # (b, t, di)
         if fused:
             # LinearAttention, gated with per-key decay: one head per channel, d_k = n, d_v = 1.
-            rep = b.ints([1, 1, c.d_inner, 1])
-            q = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", C, b.ints([2])), rep), b.ints([0, 0, -1]))
-            k = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", B, b.ints([2])), rep), b.ints([0, 0, -1]))
+            rep = b.ints([1, 1, c.d_inner])
+            q, k = b.op("Tile", C, rep), b.op("Tile", B, rep)  # (b, t, di*n): every channel sees the same C, B
             decay = b.op("Reshape", log_a, b.ints([0, 0, -1]))  # (b, t, di*n)
             s4 = b.op("Reshape", h, b.ints([0, c.d_inner, c.d_state, 1]))
             y, s4 = ssm.linear_attention(b, q, k, dtx, s4, decay, c.d_inner, c.d_inner)

@@ -111,7 +111,8 @@ class Mamba2(Family):
             yield o + "dt_bias", src.get(m + "dt_bias")
             # the recurrence needs the (negative) rate; the checkpoint keeps its log
             yield o + "A", -np.exp(src.get(m + "A_log"))
-            yield o + "D", src.get(m + "D").reshape(c.n_heads, 1)  # broadcasts over (.., H, P)
+            # D per channel (each head's value repeated over its P channels) so the skip needs no reshape
+            yield o + "D", np.repeat(src.get(m + "D"), c.head_dim)
             yield o + "gnorm", src.get(m + "norm.weight")
             yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
             if src.has(m + "out_proj.bias"):
@@ -139,38 +140,43 @@ class Mamba2(Family):
             xh = b.op("Reshape", xs, b.ints([0, 0, H, P]))  # (b, t, H, P)
             dtx = b.op("Mul", xh, b.op("Unsqueeze", dt, b.ints([-1])))  # (b, t, H, P)
             y, out[f"present.{i}.recurrent_state"] = self._ssd(
-                b, dtx, dt, B, C, o, state[f"past_key_values.{i}.recurrent_state"], tokens, fused)  # (b, t, H, P)
-            y = b.op("Add", y, b.op("Mul", xh, b.w(o + "D")))
-            y = b.op("Mul", b.op("Reshape", y, b.ints([0, 0, c.d_inner])), silu(b, z))  # (b, t, di)
+                b, dtx, dt, B, C, o, state[f"past_key_values.{i}.recurrent_state"], tokens, fused)  # (b, t, di)
+            y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
+            y = b.op("Mul", y, silu(b, z))  # (b, t, di)
             y = rms_norm(b, y, o + "gnorm", c.norm_eps, groups=G, width=c.d_inner)
             x = b.op("Add", x, linear(b, y, o + "out_proj", o + "out_proj_bias"))
         return x, out
 
     def _heads(self, b, v):
-        """(b, t, G*n) -> (b, t, H, n): each group's B or C repeated for its H/G heads."""
+        """(b, t, G*n) -> (b, t, H*n): each group's B or C repeated for its H/G heads."""
         c = self.config
         G, N, r = c.n_groups, c.d_state, c.n_heads // c.n_groups
+        if G == 1:
+            return b.op("Tile", v, b.ints([1, 1, r]))
         v = b.op("Unsqueeze", b.op("Reshape", v, b.ints([0, 0, G, N])), b.ints([3]))  # (b, t, G, 1, n)
-        v = b.op("Expand", v, b.ints([1, 1, 1, r, 1]))
-        return b.op("Reshape", v, b.ints([0, 0, c.n_heads, N]))
+        return b.op("Reshape", b.op("Expand", v, b.ints([1, 1, 1, r, 1])), b.ints([0, 0, c.n_heads * N]))
 
     def _ssd(self, b, dtx, dt, B, C, o, h, tokens, fused):
+        """SSD over (b, t, H, P) inputs dt·x; returns (y (b, t, di), new state (b, H, n, P))."""
         c = self.config
+        H, N, P = c.n_heads, c.d_state, c.head_dim
         log_a = b.op("Mul", dt, b.w(o + "A"))  # (b, t, H)
-        Bh, Ch = self._heads(b, B), self._heads(b, C)  # (b, t, H, n)
+        Bh = self._heads(b, B)  # (b, t, H*n)
         if fused:
-            flat = b.ints([0, 0, -1])
-            y, h = ssm.linear_attention(b, b.op("Reshape", Ch, flat), b.op("Reshape", Bh, flat),
-                                        b.op("Reshape", dtx, flat), h, log_a, c.n_heads, c.n_heads)
-            return b.op("Reshape", y, b.ints([0, 0, c.n_heads, c.head_dim])), h
+            # q = C per group: LinearAttention shares each query head across H/G state heads
+            return ssm.linear_attention(b, C, Bh, b.op("Reshape", dtx, b.ints([0, 0, c.d_inner])), h, log_a,
+                                        c.n_groups, H)
+        Bh = b.op("Reshape", Bh, b.ints([0, 0, H, N, 1]))
+        Ch = b.op("Reshape", self._heads(b, C), b.ints([0, 0, H, N, 1]))  # (b, t, H, n, 1)
         a = b.op("Unsqueeze", b.op("Exp", log_a), b.ints([-1, -2]))  # (b, t, H, 1, 1)
-        u = b.op("Mul", b.op("Unsqueeze", Bh, b.ints([-1])), b.op("Unsqueeze", dtx, b.ints([-2])))  # (b, t, H, n, P)
-        cc = b.op("Unsqueeze", Ch, b.ints([-1]))  # (b, t, H, n, 1)
+        u = b.op("Mul", Bh, b.op("Unsqueeze", dtx, b.ints([-2])))  # (b, t, H, n, P)
         if tokens == 1:
             sq = b.ints([1])
-            y, h = ssm.step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), b.op("Squeeze", cc, sq), h, -2)
-            return b.op("Unsqueeze", y, sq), h
-        return ssm.scan(b, a, u, cc, h, -2)
+            y, h = ssm.step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), b.op("Squeeze", Ch, sq), h, -2)
+            y = b.op("Unsqueeze", y, sq)
+        else:
+            y, h = ssm.scan(b, a, u, Ch, h, -2)
+        return b.op("Reshape", y, b.ints([0, 0, c.d_inner])), h
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)

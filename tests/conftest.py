@@ -1,0 +1,273 @@
+"""Shared helpers for the test suite: tiny random Hugging Face checkpoints built in temporary folders,
+their float64 reference logits, a small byte-level BPE tokenizer, and exported bundles.
+
+Every number the tests assert comes from an outside reference: transformers' own model classes.
+Models are tiny (hidden 32-48, 2 layers) so the whole suite runs in a few minutes on two cores.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    FalconMambaConfig,
+    FalconMambaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+)
+
+import edgeseq
+from edgeseq.exporters.export import export
+
+transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
+
+# Shared data is read only through the relative path ../shared (beside the repository).
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
+CORPUS = SHARED / "corpora" / "tinyshakespeare.txt"
+
+SEQ_LEN = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny HF checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def add_noise(model, seed: int = 0):
+    """Random init of these classes is near-degenerate (the model repeats one token); add noise
+    randn * 1.5 / sqrt(fan_in) to every parameter of two or more dimensions, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.ndim >= 2:
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * 1.5 / p.shape[-1] ** 0.5
+                p.add_(noise.to(p.dtype))
+    return model
+
+
+def _build(cls, cfg_cls, defaults: dict, path, seed: int, tokenizer_vocab: int | None, **cfg):
+    torch.manual_seed(seed)
+    config = cfg_cls(**{**defaults, **cfg})
+    model = add_noise(cls(config).eval(), seed)
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer_vocab:
+        write_tokenizer(path / "tokenizer.json", tokenizer_vocab)
+    return path
+
+
+_MAMBA_DEFAULTS = dict(vocab_size=256, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
+
+
+def make_mamba(path, seed: int = 0, tokenizer_vocab: int | None = None, **cfg) -> Path:
+    """A tiny random MambaForCausalLM saved with save_pretrained into `path`; returns `path`."""
+    return _build(MambaForCausalLM, MambaConfig, _MAMBA_DEFAULTS, path, seed, tokenizer_vocab, **cfg)
+
+
+def make_falcon_mamba(path, seed: int = 0, tokenizer_vocab: int | None = None, **cfg) -> Path:
+    """A tiny random FalconMambaForCausalLM (RMS norms on dt, B, C) saved into `path`."""
+    return _build(FalconMambaForCausalLM, FalconMambaConfig, _MAMBA_DEFAULTS, path, seed, tokenizer_vocab, **cfg)
+
+
+def make_mamba2(path, seed: int = 0, tokenizer_vocab: int | None = None, **cfg) -> Path:
+    """A tiny random Mamba2ForCausalLM saved into `path`. num_heads * head_dim must equal
+    expand * hidden_size; chunk_size 16 makes HF's chunked reference cross chunk boundaries."""
+    defaults = dict(vocab_size=256, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, num_heads=8,
+                    head_dim=8, n_groups=1, conv_kernel=4, chunk_size=16)
+    return _build(Mamba2ForCausalLM, Mamba2Config, defaults, path, seed, tokenizer_vocab, **cfg)
+
+
+def load_hf(path, dtype=None):
+    """Load a checkpoint written by the helpers above (HF layout) in its stored dtype."""
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto").eval()
+
+
+def write_state_spaces(hf_path, out) -> Path:
+    """Rewrite an HF Mamba / Mamba-2 checkpoint in the original state-spaces layout: config.json with
+    d_model / n_layer / vocab_size / ssm_cfg (no "architectures"), tensors named backbone.embedding.*,
+    lm_head.weight present even when tied (as mamba_ssm saves it), one pickled pytorch_model.bin."""
+    model = load_hf(hf_path, torch.float32)
+    c = model.config
+    out = Path(out)
+    out.mkdir(parents=True)
+    if isinstance(model, Mamba2ForCausalLM):
+        ssm_cfg = {"layer": "Mamba2", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
+                   "headdim": c.head_dim, "ngroups": c.n_groups}
+    else:
+        ssm_cfg = {"d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
+                   "dt_rank": c.time_step_rank}
+    cfg = {"d_model": c.hidden_size, "d_intermediate": 0, "n_layer": c.num_hidden_layers,
+           "vocab_size": c.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {},
+           "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
+           "tie_embeddings": bool(c.tie_word_embeddings)}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v.detach().clone().contiguous()
+          for k, v in model.state_dict().items()}
+    assert "lm_head.weight" in sd and "backbone.embedding.weight" in sd
+    torch.save(sd, out / "pytorch_model.bin")
+    return out
+
+
+def hf_logits64(model_or_path, ids) -> np.ndarray:
+    """HF's logits at every position, float64 weights and activations, full forward without cache.
+
+    Why float64: HF's own float32 forward differs from its float64 forward by ~1e-4 on these models,
+    which is the size of the tolerance we assert. (HF's slow paths still cast a few pieces to float32
+    internally, e.g. A = -exp(A_log.float()) and the Mamba-2 chunk scan inputs, so the reference is
+    float64 "as far as HF goes"; it is still far closer to exact than HF's float32 run.)"""
+    model = load_hf(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    m64 = copy.deepcopy(model).double().eval()
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)
+    with torch.no_grad():
+        out = m64(ids_t, use_cache=False).logits[0]
+    return out.double().numpy()
+
+
+def hf_cache64(model_or_path, ids):
+    """HF's cache (conv and recurrent state per layer) after a float64 forward over `ids`, as numpy."""
+    model = load_hf(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    m64 = copy.deepcopy(model).double().eval()
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)
+    with torch.no_grad():
+        cache = m64(ids_t, use_cache=True).cache_params
+    n = m64.config.num_hidden_layers
+    return ([cache.get_conv_state(i).double().numpy() for i in range(n)],
+            [cache.get_recurrent_state(i).double().numpy() for i in range(n)])
+
+
+def random_ids(vocab: int, n: int = SEQ_LEN, seed: int = 1) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    tok.train([str(CORPUS)], trainer)
+    assert tok.get_vocab_size() == vocab_size
+    return tok.to_str()
+
+
+def write_tokenizer(path, vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer.json with exactly `vocab_size` tokens, trained on tiny Shakespeare."""
+    path = Path(path)
+    path.write_text(_tokenizer_json(vocab_size))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# exported bundles shared by several test files
+# ---------------------------------------------------------------------------------------------
+
+def export_bundle(ckpt, out, **kw) -> Path:
+    export(str(ckpt), str(out), **kw)
+    return Path(out)
+
+
+class Built:
+    """One checkpoint, its reference logits, and its bundles exported on demand (cached)."""
+
+    def __init__(self, ckpt: Path, workdir: Path, ids: list[int], hf_source: Path | None = None):
+        self.ckpt = ckpt
+        self.workdir = workdir
+        self.ids = ids
+        self.hf = load_hf(hf_source or ckpt)  # the HF-layout twin of a state-spaces checkpoint
+        self.ref = hf_logits64(self.hf, ids)
+        self._bundles: dict = {}
+        self._models: dict = {}
+
+    def bundle(self, portable: bool = False, quant: str = "f32") -> Path:
+        key = (portable, quant)
+        if key not in self._bundles:
+            out = self.workdir / f"bundle-{'portable' if portable else 'fused'}-{quant}"
+            self._bundles[key] = export_bundle(self.ckpt, out, portable=portable, quant=quant)
+        return self._bundles[key]
+
+    def model(self, portable: bool = False, quant: str = "f32"):
+        key = (portable, quant)
+        if key not in self._models:
+            self._models[key] = edgeseq.load(self.bundle(portable, quant))
+        return self._models[key]
+
+
+@pytest.fixture(scope="session")
+def byte_mamba(tmp_path_factory) -> Built:
+    """A byte-level (vocab 256) Mamba model, exported in the fused flavour on first use."""
+    d = tmp_path_factory.mktemp("byte_mamba")
+    ck = make_mamba(d / "ckpt", seed=11, hidden_size=32, state_size=8, expand=2, time_step_rank=4)
+    return Built(ck, d, random_ids(256, SEQ_LEN, seed=5))
+
+
+@pytest.fixture(scope="session")
+def other_byte_mamba(tmp_path_factory) -> Built:
+    """The same shapes as `byte_mamba` with other random weights."""
+    d = tmp_path_factory.mktemp("other_byte_mamba")
+    ck = make_mamba(d / "ckpt", seed=12, hidden_size=32, state_size=8, expand=2, time_step_rank=4)
+    return Built(ck, d, random_ids(256, SEQ_LEN, seed=5))
+
+
+@pytest.fixture(scope="session")
+def bpe_mamba(tmp_path_factory) -> Built:
+    """A Mamba model with a 301-token byte-level BPE tokenizer.json beside it."""
+    d = tmp_path_factory.mktemp("bpe_mamba")
+    ck = make_mamba(d / "ckpt", seed=13, vocab_size=301, tokenizer_vocab=301, hidden_size=32, state_size=8)
+    return Built(ck, d, random_ids(301, SEQ_LEN, seed=6))
+
+
+# ---------------------------------------------------------------------------------------------
+# checks shared by the family test files
+# ---------------------------------------------------------------------------------------------
+
+TOL = 1e-4  # max abs logit difference allowed in fp32 (logits here span about +-10)
+
+
+def step_all(session, ids) -> np.ndarray:
+    """Feed `ids` one token at a time; the logits after each, stacked (t, vocab)."""
+    return np.stack([session.step(int(t)) for t in ids])
+
+
+def max_diff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max())
+
+
+def graph_ops(bundle: Path, kind: str) -> set[tuple[str, str]]:
+    """(domain, op_type) of every node of a bundle's graph, subgraphs included."""
+    import onnx
+
+    m = onnx.load(str(bundle / f"{kind}.onnx"), load_external_data=False)
+    ops = set()
+
+    def walk(g):
+        for n in g.node:
+            ops.add((n.domain or "", n.op_type))
+            for a in n.attribute:
+                if a.g is not None and a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                for sg in a.graphs:
+                    walk(sg)
+
+    walk(m.graph)
+    return ops
