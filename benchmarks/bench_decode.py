@@ -13,8 +13,8 @@ back) -> VmHWM / VmRSS from /proc/self/status. Peak RSS therefore covers a 512-t
 as decoding. Everything runs with 2 threads.
 
 Systems:
-    edgeseq           edgeseq.load(bundle-fused, threads=2)          (share_weights=True, the default)
-    edgeseq-noshare   edgeseq.load(bundle-fused, threads=2, share_weights=False)  (ORT prepacking on)
+    edgeseq           edgeseq.load(bundle-fused, threads=2)                   (the defaults)
+    edgeseq-lowmem    edgeseq.load(bundle-fused, threads=2, low_memory=True)  (ORT prepacking off)
     edgeseq-portable  edgeseq.load(bundle-portable, threads=2)
     hf                transformers fp32 *ForCausalLM, torch.set_num_threads(2), manual cache stepping
     llamacpp          llama-cpp-python, GGUF f32 from llama.cpp's own converter, n_threads(_batch)=2,
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 
-SYSTEMS = ["edgeseq", "edgeseq-noshare", "edgeseq-portable", "hf", "llamacpp"]
+SYSTEMS = ["edgeseq", "edgeseq-lowmem", "edgeseq-portable", "hf", "llamacpp"]
 MODELS = ["mamba-130m", "mamba2-130m"]
 THREADS = 2
 PROMPT_LONG = 512
@@ -64,10 +64,11 @@ def prompt_ids(n: int, seed: int) -> list[int]:
 
 
 class EdgeseqRunner:
-    def __init__(self, model_dir: str, flavour: str, share: bool):
+    def __init__(self, model_dir: str, flavour: str, low_memory: bool):
         import edgeseq
 
-        self.model = edgeseq.load(os.path.join(model_dir, f"bundle-{flavour}"), threads=THREADS, share_weights=share)
+        opts = {"low_memory": True} if low_memory else {}
+        self.model = edgeseq.load(os.path.join(model_dir, f"bundle-{flavour}"), threads=THREADS, **opts)
         self.s = self.model.session()
         self.weights_bytes = self.model.weights_bytes
         self.state_bytes = self.model.state_bytes
@@ -138,11 +139,11 @@ class LlamaRunner:
 
 def make_runner(system: str, model_dir: str):
     if system == "edgeseq":
-        return EdgeseqRunner(model_dir, "fused", True)
-    if system == "edgeseq-noshare":
         return EdgeseqRunner(model_dir, "fused", False)
+    if system == "edgeseq-lowmem":
+        return EdgeseqRunner(model_dir, "fused", True)
     if system == "edgeseq-portable":
-        return EdgeseqRunner(model_dir, "portable", True)
+        return EdgeseqRunner(model_dir, "portable", False)
     if system == "hf":
         return HFRunner(model_dir)
     if system == "llamacpp":

@@ -79,8 +79,9 @@ def run(
     m = _load(model, threads, device)
     s = m.session()
     typer.echo(prompt, nl=False)
+    stops = [x.replace("\\n", "\n").replace("\\t", "\t") for x in stop]  # let --stop "\n\n" mean newlines
     for piece in s.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stop):
+                            repetition_penalty=repetition_penalty, seed=seed, stop=stops):
         typer.echo(piece, nl=False)
     st = s.stats
     typer.echo("")

@@ -1,8 +1,8 @@
 """Checkpoint readers: a Hugging Face directory (safetensors, sharded safetensors, pytorch_model.bin)
 or the original state-spaces Mamba layout, offered to families as a `TensorSource`.
 
-Tensors are read one at a time from memory-mapped files, so an export holds one tensor (plus the
-one being written) at a time, not the checkpoint. Float tensors come back as float32 numpy arrays.
+Tensors are read one at a time (safetensors by offset, pickles memory-mapped by torch), so an export
+holds about one tensor at a time, not the checkpoint. Float tensors come back as float32 numpy arrays.
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ class SafetensorsFile:
                 raise EdgeseqError(f"{path}: truncated: tensor {name!r} needs bytes up to {end}, the file has {size}")
             if m["dtype"] not in _ST_DTYPES:
                 raise UnsupportedError(f"{path}: tensor {name!r} has dtype {m['dtype']}, which edgeseq cannot read")
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.meta[name]["shape"])
@@ -56,14 +55,20 @@ class SafetensorsFile:
     def get(self, name: str) -> np.ndarray:
         m = self.meta[name]
         a, z = m["data_offsets"]
-        raw = self._mm[self.start + a:self.start + z]
+        # a plain read, not a memory map: the pages are freed with the array, so an export's resident
+        # memory stays near the largest tensor instead of growing to the whole checkpoint
+        raw = np.empty(z - a, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + a)
+            if f.readinto(memoryview(raw)) != z - a:
+                raise EdgeseqError(f"{self.path}: truncated while reading tensor {name!r}")
         dt = _ST_DTYPES[m["dtype"]]
         if dt == "bf16":
             arr = bf16_to_f32(raw.view(np.uint16))
         else:
             arr = raw.view(dt)
         arr = arr.reshape(m["shape"])
-        return arr.astype(np.float32) if arr.dtype.kind == "f" else np.array(arr)
+        return arr.astype(np.float32, copy=False) if arr.dtype.kind == "f" else arr
 
 
 class TorchFile:
