@@ -63,11 +63,11 @@ class WeightStore:
         if pad:
             self._write(b"\0" * pad)
         info = WeightInfo(name, array.dtype.name, tuple(int(d) for d in array.shape), self._pos, array.nbytes)
-        self._write(array.tobytes())
+        self._write(memoryview(array).cast("B"))  # no copy of the tensor
         self.table[name] = info
         return info
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data) -> None:
         self._f.write(data)
         self._sha.update(data)
         self._pos += len(data)
