@@ -26,7 +26,8 @@ class OrtEngine:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EdgeseqError("device='cuda' needs onnxruntime-gpu with the CUDA provider; this onnxruntime has: "
                                    + ", ".join(ort.get_available_providers()))
-            self.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            # TF32 would round fp32 matrix products to 10-bit mantissas; a f32 bundle computes in f32
+            self.providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
         elif device == "cpu":
             self.providers = ["CPUExecutionProvider"]
         else:

@@ -80,7 +80,7 @@ class Session:
 
     def load_state(self, path: str) -> None:
         expected = {s.input_name: ((1, *s.shape), "float32") for s in self.spec}
-        arrays, pos = statefile.load(path, expected, self.model.weights_sha256)
+        arrays, pos = statefile.load(path, expected, self.model.weights_sha256, self.model.family.name)
         self.set_state(arrays, pos)
 
     def fork(self) -> "Session":
@@ -103,6 +103,8 @@ class Session:
         self._check_token(token_id)
         self._ids[0, 0] = token_id
         io = self._bindings[self._cur]
+        # re-bound each step: an input on another device than the graph's is copied at bind time
+        io.bind_ortvalue_input("input_ids", self._ids_ov)
         io.bind_ortvalue_output("logits", self._logits_ov)
         self._step.run_with_iobinding(io)
         self._cur ^= 1
@@ -135,6 +137,10 @@ class Session:
     def logits_all(self, token_ids) -> np.ndarray:
         """Feed tokens and return the logits at every position (float32 [t, vocab]), for evaluation."""
         ids = np.asarray(list(token_ids), dtype=np.int64).reshape(1, -1)
+        if ids.size == 0:
+            raise EdgeseqError("logits_all needs at least one token")
+        for t in (int(ids.min()), int(ids.max())):
+            self._check_token(t)
         sess = self.model.engine.session("prefill_all")
         feeds = {"input_ids": ids}
         feeds.update({s.input_name: ov.numpy() for s, ov in zip(self.spec, self._bufs[self._cur])})

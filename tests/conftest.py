@@ -32,6 +32,9 @@ import edgeseq
 from edgeseq.exporters.export import export
 
 transformers.logging.set_verbosity_error()
+# The reference models are tiny: one thread is fastest, and two OpenMP threads on a busy two-core
+# machine can stall for seconds at every parallel region.
+torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch implementation.*")
 
 # Shared data is read only through the relative path ../shared (beside the repository).
@@ -47,12 +50,18 @@ SEQ_LEN = 64
 
 def add_noise(model, seed: int = 0):
     """Random init of these classes is near-degenerate (the model repeats one token); add noise
-    randn * 1.5 / sqrt(fan_in) to every parameter of two or more dimensions, seeded."""
+    randn * 1.5 / sqrt(fan_in) to every parameter of two or more dimensions, seeded.
+
+    Mamba-1's dt_proj gets a tenth of that: its fan-in is the dt rank (3-5 here), so the full recipe
+    drives dt to ~40, the scan output to ~5e4 and the residual stream to ~1e4. Such a model is so
+    ill-conditioned that float32 rounding alone (HF's own float32 forward included) moves the logits
+    by ~1e-4, the tolerance the tests assert; with the smaller dt noise it moves them by ~2e-5."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
+        for name, p in sorted(model.named_parameters()):
             if p.ndim >= 2:
-                noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * 1.5 / p.shape[-1] ** 0.5
+                scale = 0.15 if name.endswith("dt_proj.weight") else 1.5
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * scale / p.shape[-1] ** 0.5
                 p.add_(noise.to(p.dtype))
     return model
 
@@ -120,15 +129,23 @@ def write_state_spaces(hf_path, out) -> Path:
     return out
 
 
+def as_f64(model_or_path):
+    """A float64 copy of an HF model (or the model itself when it is float64 already)."""
+    model = load_hf(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    if next(model.parameters()).dtype == torch.float64:
+        return model
+    return copy.deepcopy(model).double().eval()
+
+
 def hf_logits64(model_or_path, ids) -> np.ndarray:
     """HF's logits at every position, float64 weights and activations, full forward without cache.
 
-    Why float64: HF's own float32 forward differs from its float64 forward by ~1e-4 on these models,
-    which is the size of the tolerance we assert. (HF's slow paths still cast a few pieces to float32
-    internally, e.g. A = -exp(A_log.float()) and the Mamba-2 chunk scan inputs, so the reference is
-    float64 "as far as HF goes"; it is still far closer to exact than HF's float32 run.)"""
-    model = load_hf(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-    m64 = copy.deepcopy(model).double().eval()
+    Why float64: HF's own float32 forward differs from its float64 forward by 2e-5 to 1e-4 on models
+    like these, and 1e-4 is the tolerance we assert, so a float32 reference would eat the budget.
+    HF's slow paths still cast a few pieces to float32 inside (A = -exp(A_log.float()), the scan
+    inputs), so this is float64 as far as HF goes: measured ~1e-5 from an all-float64 run, far
+    closer than HF's float32 forward."""
+    m64 = as_f64(model_or_path)
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)
     with torch.no_grad():
         out = m64(ids_t, use_cache=False).logits[0]
@@ -137,8 +154,7 @@ def hf_logits64(model_or_path, ids) -> np.ndarray:
 
 def hf_cache64(model_or_path, ids):
     """HF's cache (conv and recurrent state per layer) after a float64 forward over `ids`, as numpy."""
-    model = load_hf(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-    m64 = copy.deepcopy(model).double().eval()
+    m64 = as_f64(model_or_path)
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)
     with torch.no_grad():
         cache = m64(ids_t, use_cache=True).cache_params
@@ -193,9 +209,15 @@ class Built:
         self.workdir = workdir
         self.ids = ids
         self.hf = load_hf(hf_source or ckpt)  # the HF-layout twin of a state-spaces checkpoint
-        self.ref = hf_logits64(self.hf, ids)
+        self.hf64 = as_f64(self.hf)
+        self.ref = hf_logits64(self.hf64, ids)
         self._bundles: dict = {}
         self._models: dict = {}
+
+    @functools.cached_property
+    def cache64(self):
+        """HF's (conv states, recurrent states) after the whole sequence, float64."""
+        return hf_cache64(self.hf64, self.ids)
 
     def bundle(self, portable: bool = False, quant: str = "f32") -> Path:
         key = (portable, quant)
@@ -271,3 +293,142 @@ def graph_ops(bundle: Path, kind: str) -> set[tuple[str, str]]:
 
     walk(m.graph)
     return ops
+
+
+def steps_alone(case: Built, portable: bool) -> np.ndarray:
+    """The logits of stepping the whole sequence one token at a time (cached per flavour)."""
+    cache = case.__dict__.setdefault("_steps", {})
+    if portable not in cache:
+        cache[portable] = step_all(case.model(portable).session(), case.ids)
+    return cache[portable]
+
+
+def check_step_matches_hf(case: Built, portable: bool):
+    got = steps_alone(case, portable)
+    assert got.dtype == np.float32
+    assert max_diff(got, case.ref) < TOL
+
+
+def check_prefill_all_matches_hf(case: Built, portable: bool):
+    s = case.model(portable).session()
+    got = s.logits_all(case.ids[:48])
+    assert got.shape == (48, case.hf.config.vocab_size)
+    assert max_diff(got, case.ref[:48]) < TOL
+    assert s.position == 48
+    # the state it leaves continues the sequence
+    assert max_diff(step_all(s, case.ids[48:]), case.ref[48:]) < TOL
+
+
+def check_prefill_then_steps(case: Built, portable: bool, t: int):
+    alone = steps_alone(case, portable)
+    s = case.model(portable).session()
+    last = s.prefill(case.ids[:t])
+    assert s.position == t
+    assert max_diff(last, alone[t - 1]) < TOL
+    assert max_diff(last, case.ref[t - 1]) < TOL
+    assert max_diff(step_all(s, case.ids[t:]), alone[t:]) < TOL
+
+
+def check_chunked_and_repeated_prefill(case: Built, portable: bool, monkeypatch):
+    import edgeseq.runtime.session as session_mod
+
+    alone = steps_alone(case, portable)
+    # 36 tokens in chunks of 7: five prefill chunks and a last chunk of one token (a step)
+    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 7)
+    s = case.model(portable).session()
+    assert max_diff(s.prefill(case.ids[:36]), alone[35]) < TOL
+    # a second prefill continues from the state the first left
+    assert max_diff(s.prefill(case.ids[36:60]), alone[59]) < TOL
+    assert s.position == 60
+    assert max_diff(step_all(s, case.ids[60:]), case.ref[60:]) < TOL
+
+
+def check_state_spec(case: Built, portable: bool, want: dict[str, tuple]):
+    """`want`: {input name: shape with batch 1}, in spec order, from the HF config."""
+    model = case.model(portable)
+    present = [n.replace("past_key_values.", "present.") for n in want]
+    manifest = json.loads((case.bundle(portable) / "edgeseq.json").read_text())
+    assert [s["name"] for s in manifest["state"]] == list(want)
+    assert [s["output"] for s in manifest["state"]] == present
+    assert {s["name"]: tuple(s["shape"][1:]) for s in manifest["state"]} == {k: v[1:] for k, v in want.items()}
+    assert manifest["state_bytes_per_sequence"] == sum(4 * int(np.prod(v)) for v in want.values())
+    for kind, g in manifest["graphs"].items():
+        assert g["inputs"] == ["input_ids", *want] and g["outputs"] == ["logits", *present], kind
+        sess = model.engine.session(kind)
+        ins = {i.name: i.shape for i in sess.get_inputs()}
+        outs = {o.name: o.shape for o in sess.get_outputs()}
+        assert set(ins) == {"input_ids", *want}, kind
+        assert set(outs) == {"logits", *present}, kind
+        for name, out_name in zip(want, present):
+            assert list(ins[name][1:]) == list(want[name][1:]), (kind, name)
+            assert list(outs[out_name][1:]) == list(want[name][1:]), (kind, out_name)
+    assert model.engine.session("step").get_inputs()[0].shape[1] == 1
+    st = model.session().state()
+    assert {k: v.shape for k, v in st.items()} == want
+    assert all(not v.any() for v in st.values())  # zeros initially
+
+
+def check_state_size_constant(case: Built, portable: bool, steps: int = 300):
+    model = case.model(portable)
+    s = model.session()
+    shapes = {k: v.shape for k, v in s.state().items()}
+    arena = [[ov.data_ptr() for ov in half] for half in s._bufs]
+    for t in random_ids(model.vocab_size, steps, seed=9):
+        logits = s.step(t)
+    assert np.isfinite(logits).all()
+    assert s.position == steps
+    assert {k: v.shape for k, v in s.state().items()} == shapes
+    assert [[ov.data_ptr() for ov in half] for half in s._bufs] == arena  # the arena was never reallocated
+    assert model.state_bytes == sum(v.nbytes for v in s.state().values())
+
+
+def check_flavour_ops(case: Built):
+    fused, portable = case.bundle(False), case.bundle(True)
+    for kind in ("step", "prefill", "prefill_all"):
+        f_ops, p_ops = graph_ops(fused, kind), graph_ops(portable, kind)
+        assert ("com.microsoft", "CausalConvWithState") in f_ops, kind
+        assert ("com.microsoft", "LinearAttention") in f_ops, kind
+        assert {d for d, _ in p_ops} == {""}, f"portable {kind} uses non-standard domains"
+    for b in (fused, portable):
+        assert not {op for _, op in graph_ops(b, "step")} & {"Loop", "Scan", "If"}
+
+
+def check_graphs_with_plain_onnxruntime(case: Built, portable: bool):
+    """Drive every graph the way an app developer would: plain onnxruntime, the tensor names taken
+    from the manifest, the state fed back by hand. (In the fused flavour sessions decode with the
+    prefill graph, so this is also what proves the fused step graph.)"""
+    import onnxruntime as ort
+
+    bundle = case.bundle(portable)
+    manifest = json.loads((bundle / "edgeseq.json").read_text())
+    spec = manifest["state"]
+    zeros = {s["name"]: np.full([1, *s["shape"][1:]], s["init"], np.float32) for s in spec}
+    sess = {k: ort.InferenceSession(str(bundle / g["file"]), providers=["CPUExecutionProvider"])
+            for k, g in manifest["graphs"].items()}
+
+    def run(kind, ids, state):
+        g = manifest["graphs"][kind]
+        outs = sess[kind].run(g["outputs"], {"input_ids": np.asarray([ids], np.int64), **state})
+        return outs[0], {s["name"]: o for s, o in zip(spec, outs[1:])}
+
+    state, logits = dict(zeros), []
+    for t in case.ids:
+        out, state = run("step", [t], state)
+        logits.append(out[0])
+    assert max_diff(np.stack(logits), case.ref) < TOL
+    stepped = state
+    last, state = run("prefill", case.ids[:40], zeros)
+    assert max_diff(last[0], case.ref[39]) < TOL
+    last, state = run("prefill", case.ids[40:], state)
+    assert max_diff(last[0], case.ref[-1]) < TOL
+    for name in stepped:
+        assert max_diff(state[name], stepped[name]) < TOL * max(1.0, np.abs(stepped[name]).max())
+    every, _ = run("prefill_all", case.ids, zeros)
+    assert max_diff(every[0], case.ref) < TOL
+
+
+def check_low_memory(case: Built, portable: bool):
+    """low_memory (no prepacking) computes the same logits."""
+    m = edgeseq.load(case.bundle(portable), low_memory=True)
+    assert max_diff(step_all(m.session(), case.ids[:16]), case.ref[:16]) < TOL
+    assert max_diff(m.session().logits_all(case.ids), case.ref) < TOL
