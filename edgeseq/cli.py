@@ -173,7 +173,7 @@ def bench(
     for _ in range(decode_tokens):
         tok = int(np.argmax(s.step(tok)))
     t_dec = time.perf_counter() - t0
-    typer.echo(f"model       {model} ({m.family.name}, {m.manifest['quant']['recipe']}, {m.manifest['flavour']})")
+    typer.echo(f"model       {model} ({m.family_name}, {m.manifest['quant']['recipe']}, {m.manifest['flavour']})")
     typer.echo(f"threads     {threads or 'default'}")
     typer.echo(f"prefill     {prompt_tokens / t_pre:.1f} tok/s ({prompt_tokens} tokens)")
     typer.echo(f"decode      {decode_tokens / t_dec:.1f} tok/s ({decode_tokens} tokens)")

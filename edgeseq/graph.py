@@ -104,27 +104,33 @@ class GraphBuilder:
         return f"{hint}_{self._n}"
 
     # -- values ------------------------------------------------------------------------------
-    def w(self, name: str) -> str:
-        """A weight from the store, referenced as external data (widened to float32 if stored f16)."""
-        if name in self._casts:
-            return self._casts[name]
-        if name not in self.initializers:
+    def w(self, name: str, alias: str | None = None) -> str:
+        """A weight from the store, referenced as external data (widened to float32 if stored f16).
+
+        `alias` gives the same stored bytes a second initializer name. ONNX Runtime maps each external
+        initializer separately, so two consumers that treat a matrix differently (a Gather that reads a
+        few rows, a Gemm that prepacks all of it) keep separate mappings: the packed copy replaces one,
+        and the other stays untouched on disk except for the rows read."""
+        key = alias or name
+        if key in self._casts:
+            return self._casts[key]
+        if key not in self.initializers:
             info = self.weights.get(name)
             if info is None:
                 raise KeyError(f"graph {self.name} needs weight {name!r}, which the export did not write")
             t = TensorProto()
-            t.name = name
+            t.name = key
             t.data_type = onnx_type(info.dtype)
             t.dims.extend(info.shape)
             t.data_location = TensorProto.EXTERNAL
             for k, v in (("location", self.weights_file), ("offset", str(info.offset)), ("length", str(info.nbytes))):
                 e = t.external_data.add()
                 e.key, e.value = k, v
-            self.initializers[name] = t
+            self.initializers[key] = t
             if info.dtype == "float16":
-                self._casts[name] = self.op("Cast", name, to=TensorProto.FLOAT)
-                return self._casts[name]
-        return name
+                self._casts[key] = self.op("Cast", key, to=TensorProto.FLOAT)
+                return self._casts[key]
+        return key
 
     def has_weight(self, name: str) -> bool:
         return name in self.weights

@@ -21,7 +21,7 @@ def linear_t(b: GraphBuilder, x: str, weight: str, out_features: int) -> str:
     """x @ W^T for a weight kept [out, in] (a tied embedding used as the LM head): (b, t, d) -> (b, t, out)."""
     in_features = b.weights[weight].shape[1]
     flat = b.op("Reshape", x, b.ints([-1, in_features]))  # (b*t, d)
-    y = b.op("Gemm", flat, b.w(weight), transB=1)  # (b*t, out)
+    y = b.op("Gemm", flat, b.w(weight, alias=weight + ".T"), transB=1)  # (b*t, out)
     shape = b.op("Concat", b.op("Shape", x, end=2), b.ints([out_features]), axis=0)
     return b.op("Reshape", y, shape)
 

@@ -29,7 +29,7 @@ class Chat:
 
     def banner(self) -> str:
         mode = "chat template" if self.template else "plain continuation (no chat template)"
-        return (f"edgeseq chat · {self.model.family.name} · {mode} · state {self.model.state_bytes / 1024:.0f} KiB"
+        return (f"edgeseq chat · {self.model.family_name} · {mode} · state {self.model.state_bytes / 1024:.0f} KiB"
                 f" · /reset /save FILE /load FILE /quit")
 
     def handle(self, line: str) -> Iterator[str]:

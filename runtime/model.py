@@ -7,8 +7,7 @@ import numpy as np
 
 from edgeseq.bundle import read_manifest
 from edgeseq.errors import EdgeseqError
-from edgeseq.families import family_by_name
-from edgeseq.families.base import StateTensor
+from edgeseq.state import StateTensor
 from edgeseq.runtime.engine_ort import OrtEngine
 from edgeseq.runtime.session import Session
 from edgeseq.tokenizer import load_tokenizer
@@ -18,14 +17,25 @@ class Model:
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, low_memory: bool = False):
         self.path = path
         self.manifest = m = read_manifest(path)
-        where = os.path.join(path, "edgeseq.json")
-        self.family = family_by_name(m["family"], where).from_json(m["config"])
+        self.family_name = m["family"]
+        self._family = None
         self.state_spec = [StateTensor.from_json(s) for s in m["state"]]
         self.vocab_size = int(m["vocab_size"])
         self.weights_sha256 = m["weights"]["sha256"]
         self.stop_token_ids = [int(t) for t in m.get("stop_token_ids") or []]
         self.tokenizer = load_tokenizer(path, m["tokenizer"])
         self.engine = OrtEngine(path, m, device, threads, low_memory)
+
+    @property
+    def family(self):
+        """The family object (config and graph building); imported on first use, since running a
+        bundle needs only the manifest."""
+        if self._family is None:
+            from edgeseq.families import family_by_name
+
+            where = os.path.join(self.path, "edgeseq.json")
+            self._family = family_by_name(self.family_name, where).from_json(self.manifest["config"])
+        return self._family
 
     def initial_state(self) -> dict[str, np.ndarray]:
         return {s.input_name: np.full((1, *s.shape), s.init, np.float32) for s in self.state_spec}
@@ -42,7 +52,7 @@ class Model:
         return Session(self)
 
     def __repr__(self) -> str:
-        return f"<edgeseq.Model {self.family.name} {self.path}>"
+        return f"<edgeseq.Model {self.family_name} {self.path}>"
 
 
 def load(path, device: str = "cpu", threads: int | None = None, **options) -> Model:

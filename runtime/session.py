@@ -76,11 +76,11 @@ class Session:
         self.position = position
 
     def save_state(self, path: str) -> None:
-        statefile.save(path, self.state(), self.model.weights_sha256, self.model.family.name, self.position)
+        statefile.save(path, self.state(), self.model.weights_sha256, self.model.family_name, self.position)
 
     def load_state(self, path: str) -> None:
         expected = {s.input_name: ((1, *s.shape), "float32") for s in self.spec}
-        arrays, pos = statefile.load(path, expected, self.model.weights_sha256, self.model.family.name)
+        arrays, pos = statefile.load(path, expected, self.model.weights_sha256, self.model.family_name)
         self.set_state(arrays, pos)
 
     def fork(self) -> "Session":

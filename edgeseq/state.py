@@ -1,0 +1,40 @@
+"""The state spec: every family declares its recurrent state as named tensors (no onnx import here,
+so the runtime can read a manifest's spec without the graph-building machinery)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One tensor of the recurrent state. `shape` excludes the leading batch axis."""
+
+    layer: int
+    kind: str  # conv_state | recurrent_state | shift_att | wkv | ... | key | value
+    shape: tuple[int, ...]
+    doc: str
+    dtype: str = "float32"
+    init: float = 0.0
+
+    @property
+    def input_name(self) -> str:
+        return f"past_key_values.{self.layer}.{self.kind}"
+
+    @property
+    def output_name(self) -> str:
+        return f"present.{self.layer}.{self.kind}"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict:
+        return {"name": self.input_name, "output": self.output_name, "layer": self.layer, "kind": self.kind,
+                "shape": ["batch", *self.shape], "dtype": self.dtype, "init": self.init, "doc": self.doc}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StateTensor":
+        return cls(layer=d["layer"], kind=d["kind"], shape=tuple(d["shape"][1:]), doc=d.get("doc", ""),
+                   dtype=d.get("dtype", "float32"), init=float(d.get("init", 0.0)))
