@@ -141,7 +141,7 @@ def inspect(model: str = typer.Argument(..., help="bundle directory")):
     typer.echo(f"weights     {m['weights']['bytes'] / 1e6:.2f} MB  sha256 {m['weights']['sha256'][:16]}…")
     typer.echo(f"vocab       {m['vocab_size']}  tokenizer {m['tokenizer']['kind']}  eos {m.get('eos_token_id')}")
     typer.echo("config      " + ", ".join(f"{k}={v}" for k, v in m["config"].items()))
-    typer.echo(f"graphs      " + ", ".join(f"{k} ({g['file']})" for k, g in m["graphs"].items()))
+    typer.echo("graphs      " + ", ".join(f"{k} ({g['file']})" for k, g in m["graphs"].items()))
     typer.echo(f"state       {m['state_bytes_per_sequence'] / 1024:.1f} KiB per sequence, {len(m['state'])} tensors:")
     for s in m["state"]:
         typer.echo(f"  {s['name']:<40} {str(s['shape']):<26} {s['dtype']}  {s['doc']}")

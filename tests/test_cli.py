@@ -54,7 +54,7 @@ def test_chat_commands_and_state_carry(bundle, tmp_path):
     r = cli("chat", bundle, "-n", "4", "--seed", "0", input=script)
     assert r.returncode == 0, r.stderr
     assert "plain continuation" in r.stderr
-    assert f"[saved state at position" in r.stdout and state.exists()
+    assert "[saved state at position" in r.stdout and state.exists()
     assert "[loaded state at position" in r.stdout and "[state reset]" in r.stdout
 
 

@@ -12,7 +12,6 @@ in, `present.{layer}.{kind}` out.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Protocol
 
 import numpy as np

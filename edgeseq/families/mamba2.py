@@ -159,7 +159,7 @@ class Mamba2(Family):
     def _ssd(self, b, dtx, dt, B, C, o, h, tokens, fused):
         """SSD over (b, t, H, P) inputs dt·x; returns (y (b, t, di), new state (b, H, n, P))."""
         c = self.config
-        H, N, P = c.n_heads, c.d_state, c.head_dim
+        H, N = c.n_heads, c.d_state
         log_a = b.op("Mul", dt, b.w(o + "A"))  # (b, t, H)
         Bh = self._heads(b, B)  # (b, t, H*n)
         if fused:
