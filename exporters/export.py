@@ -88,6 +88,8 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
                             "inputs": ["input_ids"] + [s.input_name for s in family.state_spec()],
                             "outputs": ["logits"] + [s.output_name for s in family.state_spec()],
                             "logits": "all" if kind == "prefill_all" else "last"}
+            if kind != "step":
+                graphs[kind]["chunk"] = family.prefill_chunk
         if tok_file:
             shutil.copyfile(tok_file, os.path.join(tmp, "tokenizer.json"))
         files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f != "weights.bin"}

@@ -22,6 +22,8 @@ class Model:
         self.state_spec = [StateTensor.from_json(s) for s in m["state"]]
         self.vocab_size = int(m["vocab_size"])
         self.weights_sha256 = m["weights"]["sha256"]
+        # prompt slice per prefill call: activations grow with it, speed saturates (the family's choice)
+        self.prefill_chunk = int(m["graphs"]["prefill"].get("chunk") or 256)
         self.stop_token_ids = [int(t) for t in m.get("stop_token_ids") or []]
         self.tokenizer = load_tokenizer(path, m["tokenizer"])
         self.engine = OrtEngine(path, m, device, threads, low_memory)

@@ -16,7 +16,7 @@ from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import statefile
 from edgeseq.runtime.sampling import Sampler, SamplingOptions
 
-PREFILL_CHUNK = 512  # longest prompt slice fed to the prefill graph at once
+PREFILL_CHUNK = None  # longest prompt slice fed to the prefill graph at once; None: the bundle's choice
 
 
 @dataclass
@@ -122,8 +122,9 @@ class Session:
             return self.step(int(ids[0]))
         ort = self.model.engine.ort
         sess = self.model.engine.session("prefill")
-        for a in range(0, ids.size, PREFILL_CHUNK):
-            chunk = ids[a:a + PREFILL_CHUNK]
+        step = PREFILL_CHUNK or self.model.prefill_chunk
+        for a in range(0, ids.size, step):
+            chunk = ids[a:a + step]
             if chunk.size == 1:
                 self.step(int(chunk[0]))
                 continue

@@ -52,6 +52,8 @@ class Family:
     name: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
     Config: ClassVar[type]
+    # tokens per prefill call the runtime feeds: activations (and ONNX Runtime's arena) grow with it
+    prefill_chunk: ClassVar[int] = 256
 
     def __init__(self, config):
         self.config = config
