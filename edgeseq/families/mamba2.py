@@ -117,13 +117,16 @@ class Mamba2(Family):
             yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
             if src.has(m + "out_proj.bias"):
                 yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+        # dt (b, t, H) @ head_expand (H, di) repeats each head's step over its P channels: one small
+        # MatMul instead of reshaping x to heads and back in every layer
+        yield "head_expand", np.kron(np.eye(c.n_heads, dtype=np.float32), np.ones((1, c.head_dim), np.float32))
         yield "norm_f", src.get(pick(src, [p + "norm_f.weight"], "the final norm"))
         if not c.tie_embeddings:
             yield "lm_head", transposed(src.get("lm_head.weight"))
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
-        H, P, G, N = c.n_heads, c.head_dim, c.n_groups, c.d_state
+        H, G, N = c.n_heads, c.n_groups, c.d_state
         x = embed(b, ids)  # (b, t, d)
         out = {}
         for i in range(c.n_layer):
@@ -137,8 +140,7 @@ class Mamba2(Family):
             dt = softplus(b, b.op("Add", dt, b.w(o + "dt_bias")))  # (b, t, H)
             if c.dt_min > 0 or c.dt_max is not None:
                 dt = b.op("Clip", dt, b.const(c.dt_min), b.const(c.dt_max if c.dt_max is not None else np.inf))
-            xh = b.op("Reshape", xs, b.ints([0, 0, H, P]))  # (b, t, H, P)
-            dtx = b.op("Mul", xh, b.op("Unsqueeze", dt, b.ints([-1])))  # (b, t, H, P)
+            dtx = b.op("Mul", xs, b.op("MatMul", dt, b.w("head_expand")))  # (b, t, di): dt·x per channel
             y, out[f"present.{i}.recurrent_state"] = self._ssd(
                 b, dtx, dt, B, C, o, state[f"past_key_values.{i}.recurrent_state"], tokens, fused)  # (b, t, di)
             y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
@@ -157,19 +159,20 @@ class Mamba2(Family):
         return b.op("Reshape", b.op("Expand", v, b.ints([1, 1, 1, r, 1])), b.ints([0, 0, c.n_heads * N]))
 
     def _ssd(self, b, dtx, dt, B, C, o, h, tokens, fused):
-        """SSD over (b, t, H, P) inputs dt·x; returns (y (b, t, di), new state (b, H, n, P))."""
+        """SSD over dt·x (b, t, di); returns (y (b, t, di), new state (b, H, n, P))."""
         c = self.config
         H, N = c.n_heads, c.d_state
         log_a = b.op("Mul", dt, b.w(o + "A"))  # (b, t, H)
         Bh = self._heads(b, B)  # (b, t, H*n)
         if fused:
             # q = C per group: LinearAttention shares each query head across H/G state heads
-            return ssm.linear_attention(b, C, Bh, b.op("Reshape", dtx, b.ints([0, 0, c.d_inner])), h, log_a,
+            return ssm.linear_attention(b, C, Bh, dtx, h, log_a,
                                         c.n_groups, H)
         Bh = b.op("Reshape", Bh, b.ints([0, 0, H, N, 1]))
         Ch = b.op("Reshape", self._heads(b, C), b.ints([0, 0, H, N, 1]))  # (b, t, H, n, 1)
         a = b.op("Unsqueeze", b.op("Exp", log_a), b.ints([-1, -2]))  # (b, t, H, 1, 1)
-        u = b.op("Mul", Bh, b.op("Unsqueeze", dtx, b.ints([-2])))  # (b, t, H, n, P)
+        dtx = b.op("Reshape", dtx, b.ints([0, 0, H, 1, c.head_dim]))
+        u = b.op("Mul", Bh, dtx)  # (b, t, H, n, P)
         if tokens == 1:
             sq = b.ints([1])
             y, h = ssm.step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), b.op("Squeeze", Ch, sq), h, -2)
