@@ -111,6 +111,9 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             "files": files,
             "source": {"path": os.path.abspath(checkpoint), "bytes": ckpt.weights_bytes()},
         })
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is as readable as any new folder
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -1,10 +1,10 @@
 """The ONNX Runtime engine: InferenceSessions over a bundle's graphs, created on first use.
 
-Which graph decodes: in the fused flavour the prefill graph takes any number of tokens, one included,
-as fast as the step graph, so one session serves both prompt and decode and the weights are held
-once. The portable flavour's prefill is a Scan, so it decodes with the step graph (two sessions,
-the weights held twice while both are loaded). `low_memory` turns off ONNX Runtime's prepacking of
-matrices: the session then holds the weights as stored, at some cost in speed (docs/benchmarks.md).
+Which graph decodes: the prefill graph takes any number of tokens, one included, and measured as
+fast as the step graph for one token in both flavours (docs/benchmarks.md), so one session serves
+prompt and decode and ONNX Runtime holds the weights once. The step graph (static shapes, no loops)
+is for apps and mobile runtimes. `low_memory` turns off ONNX Runtime's prepacking of matrices: the
+session then maps the weights as stored, at some cost in speed.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class OrtEngine:
             raise EdgeseqError(f"device {device!r} is not supported (cpu or cuda)")
         self.threads = threads
         self.low_memory = low_memory
-        self.decode_graph = "prefill" if manifest.get("flavour") == "fused" else "step"
+        self.decode_graph = "prefill"
         self._sessions: dict[str, object] = {}
 
     def session(self, kind: str):

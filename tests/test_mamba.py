@@ -129,7 +129,7 @@ def test_state_size_constant_over_many_steps(case, portable):
 
 
 def test_flavours_use_the_ops_they_promise(case):
-    check_flavour_ops(case)
+    check_flavour_ops(case, linear_attention=False)
 
 
 # -- configuration reading ---------------------------------------------------------------------

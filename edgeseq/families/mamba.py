@@ -131,25 +131,20 @@ class Mamba(Family):
             dt = softplus(b, linear(b, dt, o + "dt_proj", o + "dt_bias"))  # (b, t, di)
             y, out[f"present.{i}.recurrent_state"] = self._ssm(b, xs, dt, B, C, o,
                                                                state[f"past_key_values.{i}.recurrent_state"],
-                                                               tokens, fused)
+                                                               tokens)
             y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
             y = b.op("Mul", y, silu(b, z))
             x = b.op("Add", x, linear(b, y, o + "out_proj", o + "out_proj_bias"))
         return x, out
 
-    def _ssm(self, b, xs, dt, B, C, o, h, tokens, fused):
-        """The selective scan over (b, t, di) inputs; returns (y (b, t, di), new state (b, di, n))."""
-        c = self.config
+    def _ssm(self, b, xs, dt, B, C, o, h, tokens):
+        """The selective scan over (b, t, di) inputs; returns (y (b, t, di), new state (b, di, n)).
+
+        Plain ops for one token, a standard Scan for any number. ONNX Runtime's LinearAttention fits
+        Mamba-1 only as one head per channel (d_k = n, d_v = 1), and measured slower that way than
+        the Scan for both decode and prefill (docs/benchmarks.md), so both flavours use the Scan."""
         log_a = b.op("Mul", b.op("Unsqueeze", dt, b.ints([-1])), b.w(o + "A"))  # (b, t, di, n)
         dtx = b.op("Mul", dt, xs)  # (b, t, di)
-        if fused:
-            # LinearAttention, gated with per-key decay: one head per channel, d_k = n, d_v = 1.
-            rep = b.ints([1, 1, c.d_inner])
-            q, k = b.op("Tile", C, rep), b.op("Tile", B, rep)  # (b, t, di*n): every channel sees the same C, B
-            decay = b.op("Reshape", log_a, b.ints([0, 0, -1]))  # (b, t, di*n)
-            s4 = b.op("Reshape", h, b.ints([0, c.d_inner, c.d_state, 1]))
-            y, s4 = ssm.linear_attention(b, q, k, dtx, s4, decay, c.d_inner, c.d_inner)
-            return y, b.op("Reshape", s4, b.ints([0, c.d_inner, c.d_state]))
         a = b.op("Exp", log_a)  # (b, t, di, n)
         u = b.op("Mul", b.op("Unsqueeze", dtx, b.ints([-1])), b.op("Unsqueeze", B, b.ints([2])))  # (b, t, di, n)
         cc = b.op("Unsqueeze", C, b.ints([2]))  # (b, t, 1, n)
