@@ -15,10 +15,12 @@ from onnx import TensorProto, helper
 from edgeseq.graph import MS_DOMAIN, GraphBuilder
 
 
-def step(b: GraphBuilder, a: str, u: str, c: str, h: str, reduce_axis: int) -> tuple[str, str]:
-    """One token: a, u, c without a time axis. Returns (y, new_h)."""
-    h_new = b.op("Add", b.op("Mul", a, h), u)
-    y = b.op("ReduceSum", b.op("Mul", h_new, c), b.ints([reduce_axis]), keepdims=0)
+def step(b: GraphBuilder, a: str, u: str, c: str, h: str, reduce_axis: int,
+         names: tuple[str, str] | None = None) -> tuple[str, str]:
+    """One token: a, u, c without a time axis. Returns (y, new_h), named `names` if given."""
+    y_name, h_name = names or (None, None)
+    h_new = b.op("Add", b.op("Mul", a, h), u, outputs=[h_name] if h_name else 1)
+    y = b.op("ReduceSum", b.op("Mul", h_new, c), b.ints([reduce_axis]), keepdims=0, outputs=[y_name] if y_name else 1)
     return y, h_new
 
 
@@ -27,9 +29,9 @@ def scan(b: GraphBuilder, a: str, u: str, c: str, h: str, reduce_axis: int) -> t
     body = GraphBuilder({}, name=b.fresh("scan_body"))
     f = TensorProto.FLOAT
     hb, ab, ub, cb = (body.input(n, f, None) for n in ("h_in", "a_t", "u_t", "c_t"))
-    yb, hn = step(body, ab, ub, cb, hb, reduce_axis)
-    body.output(hn, "h_out", f, None)
-    body.output(yb, "y_t", f, None)
+    step(body, ab, ub, cb, hb, reduce_axis, names=("y_t", "h_out"))  # named outputs: no Identity per token
+    body.output("h_out", "h_out", f, None)
+    body.output("y_t", "y_t", f, None)
     graph = helper.make_graph(body.nodes, body.name, body.inputs, body.outputs, list(body.initializers.values()))
     h_final, y = b.op("Scan", h, a, u, c, outputs=2, body=graph, num_scan_inputs=3,
                       scan_input_axes=[1, 1, 1], scan_output_axes=[1])
