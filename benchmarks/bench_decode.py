@@ -1,16 +1,24 @@
 """Decode speed, prefill speed and memory: edgeseq vs llama.cpp vs HF transformers, fp32, CPU.
 
     python benchmarks/make_models.py /tmp/edgeseq-bench            # once: models at real shapes
-    python benchmarks/bench_decode.py /tmp/edgeseq-bench --rounds 3 --json /tmp/edgeseq-bench/results.json
+    python benchmarks/bench_decode.py /tmp/edgeseq-bench --rounds 5 --json /tmp/edgeseq-bench/results.json
+    python benchmarks/bench_decode.py --merge a.json b.json        # pool runs of one commit
 
 Each measurement runs in its own subprocess (one system, one model, fresh interpreter), and the
 systems are interleaved round by round (edgeseq, portable, hf, llama.cpp, edgeseq, ...; the order
 rotates each round) so that machine noise hits them alike; the table quotes medians over rounds.
+Decode is given two ways: 128 / total time, and 1 / median step time (robust to bursts).
+
+The machine may be shared. Each worker records how much of the machine other processes took while
+it measured ("foreign load", from /proc/stat minus its own CPU time). Before each run the parent
+waits (up to 45 s) for a quiet machine; a run taken under more than 15 % foreign load is redone once
+and, if still loaded, left out of the medians (every run stays in the JSON; the table says how many
+counted). `--budget-min` (default 22) stops starting new rounds once spent.
 
 A worker:  load -> warm-up prefill of 512 tokens -> reset -> timed prefill of 512 tokens -> reset ->
 prefill of a 16-token prompt -> 16 warm-up steps -> 128 timed greedy steps (argmax of the logits fed
-back) -> VmHWM / VmRSS from /proc/self/status and PSS from /proc/self/smaps_rollup. Peak RSS therefore covers a 512-token prefill as well
-as decoding. Everything runs with 2 threads.
+back) -> VmHWM / VmRSS from /proc/self/status and PSS from /proc/self/smaps_rollup. Peak RSS
+therefore covers a 512-token prefill as well as decoding. Everything runs with 2 threads.
 
 Systems:
     edgeseq           edgeseq.load(bundle-fused, threads=2)                   (the defaults)
@@ -411,7 +419,9 @@ def report(results: dict, info: dict) -> str:
             L.append(f"edgeseq memory ({LONG_MARKS[-1]} greedy steps after a {PROMPT_SHORT}-token prompt, "
                      f"{lr['decode_tps']:.1f} tok/s over the run, foreign load {100 * lr['decode_foreign_load']:.0f} %): VmRSS after "
                      + ", ".join(f"{k}: {m[str(k)]['VmRSS'] / MIB:.1f} MiB" for k in LONG_MARKS)
-                     + f"; 4096 vs 256: {100 * (r4096 - r256) / r256:+.2f} %. "
+                     + f"; 4096 vs 256: {100 * (r4096 - r256) / r256:+.2f} % (anonymous memory "
+                     f"{(m[str(LONG_MARKS[-1])]['RssAnon'] - m[str(LONG_MARKS[0])]['RssAnon']) / MIB:+.1f} MiB, "
+                     f"file-backed {(m[str(LONG_MARKS[-1])]['RssFile'] - m[str(LONG_MARKS[0])]['RssFile']) / MIB:+.1f} MiB). "
                      f"Weights {wb / MIB:.1f} MiB, state {lr['state_bytes'] / 1024:.0f} KiB; "
                      f"RSS after 4096 / weights = {r4096 / wb:.2f}x; "
                      f"(RSS after 4096 - RSS after imports) / weights = {(r4096 - lr['rss_after_imports']) / wb:.2f}x; "
@@ -422,6 +432,26 @@ def report(results: dict, info: dict) -> str:
                      f"{med(by_sys['edgeseq'], 'VmHWM') / wb:.2f}x.")
             L.append("")
     return "\n".join(L)
+
+
+def merge(paths: list[str]) -> dict:
+    """Pool the rounds of several result files taken at the same edgeseq commit."""
+    files = []
+    for p in paths:
+        with open(p) as f:
+            files.append(json.load(f))
+    commits = {f["machine"]["edgeseq_commit"] for f in files}
+    if len(commits) != 1:
+        raise SystemExit(f"refusing to pool results of different edgeseq commits: {sorted(commits)}")
+    out = {"rounds": sum(f["rounds"] for f in files), "machine": dict(files[-1]["machine"]), "runs": {}, "long": {},
+           "merged_from": paths}
+    out["machine"]["date"] = ", ".join(f["machine"]["date"] for f in files)
+    for f in files:
+        for model, by_sys in f["runs"].items():
+            for system, runs in by_sys.items():
+                out["runs"].setdefault(model, {}).setdefault(system, []).extend(runs)
+        out["long"].update(f["long"])  # the last file's long run per model
+    return out
 
 
 def main() -> None:
@@ -438,11 +468,20 @@ def main() -> None:
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="measure the working tree as it is at each run instead of a snapshot of HEAD "
                          "(with pinning, the bundles are re-exported by the snapshot first)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no measuring: pool the runs of earlier --json files (same edgeseq commit) into one report")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.root)), flush=True)
+        return
+    if args.merge:
+        merged = merge(args.merge)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(merged, f, indent=1)
+        print(report(merged, merged["machine"]))
         return
 
     info = machine()
