@@ -17,6 +17,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 DEFAULT_MODEL_ENV = "EDGESEQ_MODEL"
 
 
+def _version(value: bool) -> None:
+    if value:
+        from edgeseq import __version__
+
+        typer.echo(f"edgeseq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Run recurrent language models (Mamba, RWKV, ...) with a fixed-size state."""
+
+
 def _default_model(model: Optional[str]) -> str:
     if model:
         return model
