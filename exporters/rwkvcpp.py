@@ -1,0 +1,97 @@
+"""rwkv.cpp's own model container (`.bin`, magic 'ggmf'), read as a TensorSource.
+
+    header:  int32 magic 0x67676d66 | int32 version (100, 101) | int32 n_vocab | int32 n_embed
+             | int32 n_layer | int32 data_type (0 f32, 1 f16, >1 quantized)
+    tensor:  int32 n_dims | int32 name_bytes | int32 type (0 f32, 1 f16, >1 quantized)
+             | int32 dims[n_dims] (ggml order: reversed from PyTorch) | name (utf-8) | data
+             ... until the end of the file
+
+Tensors come back as float32 in PyTorch's dimension order, *as stored*: rwkv.cpp's converter stores
+some parameters already transformed for its kernels (`time_*` squeezed; RWKV-4 `time_decay` as
+-exp(w); RWKV-5 `time_decay` as exp(-exp(w)) and `time_first` as exp(u); RWKV-6 LoRA matrices
+transposed). Undoing those belongs to the RWKV families, which know each version's layout.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+from edgeseq.errors import EdgeseqError, UnsupportedError
+
+MAGIC = 0x67676D66
+VERSIONS = (100, 101)
+_TYPES = {0: np.float32, 1: np.float16}
+
+
+class RwkvCppFile:
+    """An rwkv.cpp model file: header fields in `config`, tensors by name (read lazily by offset)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise EdgeseqError(f"{path}: no such file")
+        size = os.path.getsize(path)
+        self.meta: dict[str, tuple[int, tuple[int, ...], int]] = {}  # name -> (type, shape, offset)
+        with open(path, "rb") as f:
+            head = f.read(24)
+            if len(head) < 24:
+                raise EdgeseqError(f"{path}: not an rwkv.cpp model (only {size} bytes)")
+            magic, version, n_vocab, n_embed, n_layer, data_type = struct.unpack("<6i", head)
+            if magic != MAGIC:
+                raise EdgeseqError(f"{path}: not an rwkv.cpp model (magic {magic:#x}, expected {MAGIC:#x})")
+            if version not in VERSIONS:
+                raise UnsupportedError(f"{path}: rwkv.cpp file version {version} is not supported "
+                                       f"(supported: {', '.join(map(str, VERSIONS))})")
+            self.config = {"n_vocab": n_vocab, "n_embed": n_embed, "n_layer": n_layer, "data_type": data_type,
+                           "file_version": version}
+            pos = 24
+            while pos < size:
+                rec = f.read(12)
+                if len(rec) < 12:
+                    raise EdgeseqError(f"{path}: truncated tensor record at byte {pos}")
+                n_dims, name_len, ttype = struct.unpack("<3i", rec)
+                if not 0 < n_dims <= 4 or not 0 < name_len < 1024:
+                    raise EdgeseqError(f"{path}: damaged tensor record at byte {pos} ({n_dims} dims, name of "
+                                       f"{name_len} bytes)")
+                dims = struct.unpack(f"<{n_dims}i", f.read(4 * n_dims))
+                name = f.read(name_len).decode("utf-8", errors="replace")
+                if ttype not in _TYPES:
+                    raise UnsupportedError(f"{path}: tensor {name!r} is quantized (rwkv.cpp type {ttype}); only "
+                                           f"FP32 and FP16 files can be read: convert the original checkpoint")
+                shape = tuple(reversed(dims))  # ggml lists the fastest-varying dimension first
+                offset = f.tell()
+                nbytes = int(np.prod(shape)) * np.dtype(_TYPES[ttype]).itemsize
+                if offset + nbytes > size:
+                    raise EdgeseqError(f"{path}: truncated: tensor {name!r} needs bytes up to {offset + nbytes}, "
+                                       f"the file has {size}")
+                self.meta[name] = (ttype, shape, offset)
+                f.seek(offset + nbytes)
+                pos = offset + nbytes
+        if "emb.weight" not in self.meta:
+            raise EdgeseqError(f"{path}: no emb.weight tensor; is this an RWKV model?")
+        if self.shape("emb.weight") != (n_vocab, n_embed):
+            raise EdgeseqError(f"{path}: emb.weight is {self.shape('emb.weight')}, the header says "
+                               f"({n_vocab}, {n_embed})")
+
+    # -- TensorSource ------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.meta)
+
+    def has(self, name: str) -> bool:
+        return name in self.meta
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._need(name)[1]
+
+    def get(self, name: str) -> np.ndarray:
+        ttype, shape, offset = self._need(name)
+        count = int(np.prod(shape))
+        arr = np.fromfile(self.path, dtype=_TYPES[ttype], count=count, offset=offset).reshape(shape)
+        return arr.astype(np.float32, copy=False)
+
+    def _need(self, name: str):
+        if name not in self.meta:
+            raise EdgeseqError(f"{self.path}: missing tensor {name!r}")
+        return self.meta[name]

@@ -1,0 +1,79 @@
+"""rwkv.cpp's model container, read from the shared fixtures (real trained tiny RWKV models).
+
+The RWKV families (their graphs, and undoing what rwkv.cpp's converter did to some tensors) come with
+the RWKV issue; this covers the container: header, tensor table, values, and damaged files.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeseq.errors import EdgeseqError, UnsupportedError
+from edgeseq.exporters.rwkvcpp import RwkvCppFile
+
+FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
+MODELS = {"4v0": (128, 4), "5v2": (64, 12), "7v0": (64, 12)}  # n_embed, n_layer (from the file names' models)
+
+
+def fixture(tag: str) -> Path:
+    (path,) = FIXTURES.glob(f"tiny-rwkv-{tag}-*-FP32.bin")
+    return path
+
+
+@pytest.mark.parametrize("tag", list(MODELS))
+def test_header_and_tensor_table(tag):
+    f = RwkvCppFile(str(fixture(tag)))
+    n_embed, n_layer = MODELS[tag]
+    assert f.config["n_vocab"] == 256 and f.config["n_embed"] == n_embed and f.config["n_layer"] == n_layer
+    assert f.config["data_type"] == 0
+    layers = {int(m.group(1)) for k in f.keys() if (m := re.match(r"blocks\.(\d+)\.", k))}
+    assert layers == set(range(n_layer))
+    assert f.shape("emb.weight") == (256, n_embed) and f.shape("head.weight") == (256, n_embed)
+    # every byte of the file is accounted for by the header and the tensor records
+    end = max(off + int(np.prod(shape)) * 4 for _, shape, off in f.meta.values())
+    assert end == fixture(tag).stat().st_size
+
+
+def test_values_decode_as_rwkv_cpp_stored_them():
+    # rwkv.cpp's converter stores RWKV-4's time_decay as -exp(w) (always negative) and RWKV-5.2's as
+    # exp(-exp(w)) (always in (0, 1)); layer norms of a trained model have weights near 1
+    v4 = RwkvCppFile(str(fixture("4v0")))
+    assert (v4.get("blocks.0.att.time_decay") < 0).all()
+    v5 = RwkvCppFile(str(fixture("5v2")))
+    d = v5.get("blocks.3.att.time_decay")
+    assert d.shape == (8, 8, 1) and ((d > 0) & (d < 1)).all()
+    ln = v5.get("blocks.0.ln1.weight")
+    assert ln.dtype == np.float32 and 0.2 < float(np.abs(ln).mean()) < 5
+    emb = v4.get("emb.weight")
+    assert emb.shape == (256, 128) and np.isfinite(emb).all() and emb.std() > 0
+
+
+def test_truncated_file_names_the_tensor(tmp_path):
+    data = fixture("4v0").read_bytes()
+    bad = tmp_path / "cut.bin"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EdgeseqError, match=r"cut\.bin: truncated"):
+        RwkvCppFile(str(bad))
+
+
+def test_not_an_rwkv_cpp_file(tmp_path):
+    bad = tmp_path / "x.bin"
+    bad.write_bytes(b"GGUF" + bytes(40))
+    with pytest.raises(EdgeseqError, match="not an rwkv.cpp model"):
+        RwkvCppFile(str(bad))
+    with pytest.raises(EdgeseqError, match="no such file"):
+        RwkvCppFile(str(tmp_path / "missing.bin"))
+
+
+def test_quantized_tensor_is_a_clear_error(tmp_path):
+    name = b"emb.weight"
+    body = struct.pack("<6i", 0x67676D66, 101, 256, 32, 1, 2) + struct.pack("<3i", 2, len(name), 2)
+    body += struct.pack("<2i", 32, 256) + name + bytes(256 * 32)
+    bad = tmp_path / "q.bin"
+    bad.write_bytes(body)
+    with pytest.raises(UnsupportedError, match="quantized"):
+        RwkvCppFile(str(bad))
