@@ -181,5 +181,13 @@ class Checkpoint:
         return sum(os.path.getsize(f.path) for f in self.files)
 
 
-def open_checkpoint(path: str) -> Checkpoint:
+def open_checkpoint(path: str):
+    """A model directory (HF or state-spaces layout) or a single-file checkpoint (rwkv.cpp `.bin`)."""
+    if os.path.isfile(path):
+        from edgeseq.exporters.rwkvcpp import RwkvCppFile, is_rwkv_cpp
+
+        if is_rwkv_cpp(path):
+            return RwkvCppFile(path)
+        raise EdgeseqError(f"{path}: not a model directory nor a checkpoint file edgeseq reads "
+                           f"(rwkv.cpp .bin); pass the directory that holds config.json")
     return Checkpoint(path)

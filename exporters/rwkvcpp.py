@@ -28,6 +28,8 @@ _TYPES = {0: np.float32, 1: np.float16}
 class RwkvCppFile:
     """An rwkv.cpp model file: header fields in `config`, tensors by name (read lazily by offset)."""
 
+    stored_by = "rwkv.cpp"  # families undo what rwkv.cpp's converter did to some tensors
+
     def __init__(self, path: str):
         self.path = path
         if not os.path.isfile(path):
@@ -75,6 +77,14 @@ class RwkvCppFile:
             raise EdgeseqError(f"{path}: emb.weight is {self.shape('emb.weight')}, the header says "
                                f"({n_vocab}, {n_embed})")
 
+    @property
+    def architecture(self) -> str:
+        """The RWKV version, from the tensors present (rwkv.cpp files carry no version field)."""
+        return rwkv_version(self.keys())
+
+    def weights_bytes(self) -> int:
+        return os.path.getsize(self.path)
+
     # -- TensorSource ------------------------------------------------------------------------
     def keys(self) -> list[str]:
         return list(self.meta)
@@ -95,3 +105,23 @@ class RwkvCppFile:
         if name not in self.meta:
             raise EdgeseqError(f"{self.path}: missing tensor {name!r}")
         return self.meta[name]
+
+
+def rwkv_version(keys) -> str:
+    """'rwkv4' … 'rwkv7' from an RWKV checkpoint's tensor names (BlinkDL and rwkv.cpp layouts)."""
+    keys = list(keys)
+    if any(k.endswith((".att.x_rwkvag", ".att.w0", ".att.k_k")) for k in keys):
+        return "rwkv7"
+    if any(".att.time_maa_x" in k for k in keys):
+        return "rwkv6"
+    if any(k.endswith(".att.ln_x.weight") for k in keys):
+        return "rwkv5"
+    return "rwkv4"
+
+
+def is_rwkv_cpp(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == struct.pack("<i", MAGIC)
+    except OSError:
+        return False

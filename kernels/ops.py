@@ -67,3 +67,26 @@ def silu_ref(x: np.ndarray) -> np.ndarray:
 
 def softplus_ref(x: np.ndarray) -> np.ndarray:
     return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20))))
+
+
+def layer_norm(b: GraphBuilder, x: str, weight: str, bias: str, eps: float = 1e-5) -> str:
+    """LayerNormalization over the last axis (opset 17), with weight and bias."""
+    return b.op("LayerNormalization", x, b.w(weight), b.w(bias), axis=-1, epsilon=eps)
+
+
+def group_norm(b: GraphBuilder, x: str, groups: int, width: int, weight: str, bias: str, eps: float) -> str:
+    """torch.nn.functional.group_norm over (b, t, width) split into `groups` equal slices of the last
+    axis, then an affine weight/bias over the width (as RWKV's ln_x)."""
+    g = b.op("Reshape", x, b.ints([0, 0, groups, width // groups]))
+    mean = b.op("ReduceMean", g, b.ints([-1]), keepdims=1)
+    c = b.op("Sub", g, mean)
+    var = b.op("ReduceMean", b.op("Mul", c, c), b.ints([-1]), keepdims=1)
+    y = b.op("Div", c, b.op("Sqrt", b.op("Add", var, b.const(eps))))
+    y = b.op("Reshape", y, b.ints([0, 0, width]))
+    return b.op("Add", b.op("Mul", y, b.w(weight)), b.w(bias))
+
+
+def layer_norm_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    m = x.mean(-1, keepdims=True)
+    v = ((x - m) ** 2).mean(-1, keepdims=True)
+    return (x - m) / np.sqrt(v + eps) * w + bias

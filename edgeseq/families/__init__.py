@@ -1,14 +1,16 @@
 """The family registry: one source of truth from architecture names to family classes.
 
-Each family module registers itself with `@register(...)`; `_MODULES` lists the modules to import.
+Each family module registers itself with `@register(...)`; every module of this package is a
+family except the shared `base` and `common`, so adding an architecture means adding one file.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from edgeseq.errors import UnsupportedError
 
-_MODULES = ("mamba", "mamba2")
+_SHARED = ("base", "common", "rwkv_common")
 _BY_ARCH: dict[str, type] = {}
 _BY_NAME: dict[str, type] = {}
 _loaded = False
@@ -28,8 +30,9 @@ def register(*architectures: str):
 def _load_all() -> None:
     global _loaded
     if not _loaded:
-        for m in _MODULES:
-            importlib.import_module(f"edgeseq.families.{m}")
+        for m in pkgutil.iter_modules(__path__):
+            if m.name not in _SHARED:
+                importlib.import_module(f"{__name__}.{m.name}")
         _loaded = True
 
 
