@@ -85,8 +85,10 @@ class WeightStore:
 class GraphBuilder:
     """Collects nodes, inputs, outputs and initializers; each op returns its output name(s)."""
 
-    def __init__(self, weights: dict[str, WeightInfo], weights_file: str = "weights.bin", name: str = "graph"):
+    def __init__(self, weights: dict[str, WeightInfo], weights_file: str = "weights.bin", name: str = "graph",
+                 prefix: str = ""):
         self.weights = weights
+        self.prefix = prefix  # subgraphs (Scan bodies) prefix their names: names are unique model-wide
         self.weights_file = weights_file
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
@@ -101,7 +103,7 @@ class GraphBuilder:
     # -- names -------------------------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:
         self._n += 1
-        return f"{hint}_{self._n}"
+        return f"{self.prefix}{hint}_{self._n}"
 
     # -- values ------------------------------------------------------------------------------
     def w(self, name: str, alias: str | None = None) -> str:

@@ -26,7 +26,8 @@ def step(b: GraphBuilder, a: str, u: str, c: str, h: str, reduce_axis: int,
 
 def scan(b: GraphBuilder, a: str, u: str, c: str, h: str, reduce_axis: int) -> tuple[str, str]:
     """a, u, c carry the time axis at position 1: (b, t, ...). Returns (y (b, t, ...), final h)."""
-    body = GraphBuilder({}, name=b.fresh("scan_body"))
+    name = b.fresh("scan_body")
+    body = GraphBuilder({}, name=name, prefix=name + "/")
     f = TensorProto.FLOAT
     hb, ab, ub, cb = (body.input(n, f, None) for n in ("h_in", "a_t", "u_t", "c_t"))
     step(body, ab, ub, cb, hb, reduce_axis, names=("y_t", "h_out"))  # named outputs: no Identity per token

@@ -1,0 +1,121 @@
+"""RWKV-4: time mix with the WKV4 weighted average (running-maximum state), channel mix with relu².
+
+Symbols: b batch · t tokens · C n_embd · F dim_ffn.
+
+    x = ln0(emb[token])
+    per layer:  xx = ln1(x); shifted = previous token's xx (state shift_att)
+                r, k, v = sigmoid(Wr·lerp_r), Wk·lerp_k, Wv·lerp_v           (b, t, C)
+                x += Wo·(r ⊙ wkv4(k, v; aa, bb, pp))
+                x = channel_mix(x)                                           (state shift_ffn)
+    logits = head(ln_out(x))
+
+Sources: rwkv.cpp `.bin` files (stored `time_decay` as -exp(w), `time_*` squeezed). BlinkDL `.pth`
+and HF `RwkvForCausalLM` readers come with the RWKV issue's other layouts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from edgeseq.errors import EdgeseqError
+from edgeseq.families import register
+from edgeseq.families.base import Family, StateTensor
+from edgeseq.families.rwkv_common import LN_EPS, channel_mix, embed_ln0, head, lerp, token_shift, transposed
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels import wkv4
+from edgeseq.kernels.ops import layer_norm
+
+PP_INIT = -1e30  # the reference's initial running maximum: "no history yet"
+
+
+@dataclass
+class Rwkv4Config:
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    dim_ffn: int
+
+
+@register("rwkv4")
+class Rwkv4(Family):
+    name = "rwkv4"
+    Config = Rwkv4Config
+    prefill_chunk = 256
+
+    @classmethod
+    def read_config(cls, src) -> Rwkv4Config:
+        vocab, c = src.shape("emb.weight")
+        layers = 0
+        while src.has(f"blocks.{layers}.ln1.weight"):
+            layers += 1
+        if layers == 0:
+            raise EdgeseqError(f"{src.path}: no blocks.0.ln1.weight: not an RWKV checkpoint")
+        return Rwkv4Config(vocab_size=vocab, n_embd=c, n_layer=layers, dim_ffn=src.shape("blocks.0.ffn.key.weight")[0])
+
+    def state_spec(self) -> list[StateTensor]:
+        C = self.config.n_embd
+        out = []
+        for i in range(self.config.n_layer):
+            out += [StateTensor(i, "shift_att", (C,), "previous token's ln1 output (time-mix token shift)"),
+                    StateTensor(i, "aa", (C,), "WKV numerator, scaled by exp(-pp)"),
+                    StateTensor(i, "bb", (C,), "WKV denominator, scaled by exp(-pp)"),
+                    StateTensor(i, "pp", (C,), "WKV running maximum exponent", init=PP_INIT),
+                    StateTensor(i, "shift_ffn", (C,), "previous token's ln2 output (channel-mix token shift)")]
+        return out
+
+    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+        def vec(name):  # time_* parameters are (1, 1, C) in .pth files, squeezed by rwkv.cpp
+            return src.get(name).reshape(-1)
+
+        yield "embed", src.get("emb.weight")
+        yield "ln0.weight", src.get("blocks.0.ln0.weight")
+        yield "ln0.bias", src.get("blocks.0.ln0.bias")
+        for i in range(self.config.n_layer):
+            p, o = f"blocks.{i}.", f"layers.{i}."
+            for ln in ("ln1", "ln2"):
+                yield f"{o}{ln}.weight", src.get(f"{p}{ln}.weight")
+                yield f"{o}{ln}.bias", src.get(f"{p}{ln}.bias")
+            for m in ("k", "v", "r"):
+                yield f"{o}att.time_mix_{m}", vec(f"{p}att.time_mix_{m}")
+            yield o + "att.time_first", vec(p + "att.time_first")
+            decay = vec(p + "att.time_decay")
+            if getattr(src, "stored_by", None) != "rwkv.cpp":
+                decay = -np.exp(decay)  # the recurrence uses the (negative) log-decay w = -exp(time_decay)
+            yield o + "att.time_decay", decay  # rwkv.cpp stored it already as -exp(time_decay)
+            for m in ("key", "value", "receptance", "output"):
+                yield f"{o}att.{m}", transposed(src.get(f"{p}att.{m}.weight"))
+            for m in ("k", "r"):
+                yield f"{o}ffn.time_mix_{m}", vec(f"{p}ffn.time_mix_{m}")
+            for m in ("key", "value", "receptance"):
+                yield f"{o}ffn.{m}", transposed(src.get(f"{p}ffn.{m}.weight"))
+        yield "ln_out.weight", src.get("ln_out.weight")
+        yield "ln_out.bias", src.get("ln_out.bias")
+        yield "head", src.get("head.weight")
+
+    def body(self, b: GraphBuilder, ids, state, tokens, fused):
+        x = embed_ln0(b, ids)  # (b, t, C)
+        out = {}
+        for i in range(self.config.n_layer):
+            o, s = f"layers.{i}.", f"past_key_values.{i}."
+            xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", LN_EPS)
+            shifted, out[f"present.{i}.shift_att"] = token_shift(b, xx, state[s + "shift_att"], tokens)
+            r = b.op("Sigmoid", b.op("MatMul", lerp(b, xx, shifted, o + "att.time_mix_r"), b.w(o + "att.receptance")))
+            k = b.op("MatMul", lerp(b, xx, shifted, o + "att.time_mix_k"), b.w(o + "att.key"))
+            v = b.op("MatMul", lerp(b, xx, shifted, o + "att.time_mix_v"), b.w(o + "att.value"))
+            u, w = b.w(o + "att.time_first"), b.w(o + "att.time_decay")
+            aa, bb, pp = (state[s + n] for n in ("aa", "bb", "pp"))
+            if tokens == 1:
+                sq = b.ints([1])
+                wkv, aa, bb, pp = wkv4.step(b, b.op("Squeeze", k, sq), b.op("Squeeze", v, sq), aa, bb, pp, u, w)
+                wkv = b.op("Unsqueeze", wkv, sq)
+            else:
+                wkv, aa, bb, pp = wkv4.scan(b, k, v, aa, bb, pp, u, w)
+            out[f"present.{i}.aa"], out[f"present.{i}.bb"], out[f"present.{i}.pp"] = aa, bb, pp
+            x = b.op("Add", x, b.op("MatMul", b.op("Mul", r, wkv), b.w(o + "att.output")))
+            x, out[f"present.{i}.shift_ffn"] = channel_mix(b, x, state[s + "shift_ffn"], o, tokens)
+        return x, out
+
+    def head(self, b: GraphBuilder, hidden: str) -> str:
+        return head(b, hidden, self.config.vocab_size)
