@@ -91,3 +91,43 @@ def test_state_spec(bundles):
     for t in range(300):
         s.step(t % 256)
     assert {k: v.shape for k, v in s.state().items()} == {n: (1, 128) for n in names}
+
+
+# -- Hugging Face RwkvForCausalLM ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_case(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from conftest import add_noise, write_tokenizer
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    d = tmp_path_factory.mktemp("hf-rwkv4")
+    torch.manual_seed(0)
+    cfg = RwkvConfig(vocab_size=301, hidden_size=32, attention_hidden_size=48, intermediate_size=80,
+                     num_hidden_layers=3, rescale_every=0, tie_word_embeddings=False)
+    model = add_noise(RwkvForCausalLM(cfg).eval(), seed=1)
+    with torch.no_grad():  # time_decay/time_first start at tidy values; make every channel differ
+        for blk in model.rwkv.blocks:
+            blk.attention.time_decay.add_(torch.randn_like(blk.attention.time_decay))
+            blk.attention.time_first.add_(torch.randn_like(blk.attention.time_first) * 0.5)
+    model.save_pretrained(d / "hf")
+    write_tokenizer(d / "hf" / "tokenizer.json", 301)
+    ids = np.random.default_rng(3).integers(0, 301, 64).tolist()
+    with torch.no_grad():
+        ref = model.double()(torch.tensor([ids]), use_cache=False).logits[0].numpy()
+    return d, ids, ref
+
+
+@FLAVOURS
+def test_hf_rwkv_matches_transformers_fp64(hf_case, portable):
+    d, ids, ref = hf_case
+    assert ref.std() > 0.5 and len(set(ref.argmax(-1).tolist())) > 8  # not degenerate
+    out = export(str(d / "hf"), str(d / f"bundle{int(portable)}"), portable=portable)
+    m = edgeseq.load(out)
+    assert m.manifest["architecture"] == "RwkvForCausalLM" and m.manifest["tokenizer"]["kind"] == "hf"
+    s = m.session()
+    got = np.stack([s.step(t) for t in ids])
+    assert np.abs(got - ref).max() < 1e-4
+    s.reset()
+    assert np.abs(s.logits_all(ids) - ref).max() < 1e-4
+    assert s.state()["past_key_values.0.aa"].shape == (1, 48)

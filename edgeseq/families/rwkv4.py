@@ -9,8 +9,8 @@ Symbols: b batch · t tokens · C n_embd · F dim_ffn.
                 x = channel_mix(x)                                           (state shift_ffn)
     logits = head(ln_out(x))
 
-Sources: rwkv.cpp `.bin` files (stored `time_decay` as -exp(w), `time_*` squeezed). BlinkDL `.pth`
-and HF `RwkvForCausalLM` readers come with the RWKV issue's other layouts.
+Sources: HF `RwkvForCausalLM` directories (renamed to BlinkDL's names by `HFNames`) and rwkv.cpp `.bin`
+files (which store `time_decay` already as -exp(w) and the `time_*` vectors squeezed).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import numpy as np
 from edgeseq.errors import EdgeseqError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import LN_EPS, channel_mix, embed_ln0, head, lerp, token_shift, transposed
+from edgeseq.families.rwkv_common import (LN_EPS, HFNames, channel_mix, embed_ln0, head, lerp, token_shift,
+                                          transposed)
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv4
 from edgeseq.kernels.ops import layer_norm
@@ -36,9 +37,15 @@ class Rwkv4Config:
     n_embd: int
     n_layer: int
     dim_ffn: int
+    dim_att: int  # width of k, v, r and the WKV state (HF's attention_hidden_size; n_embd in BlinkDL's)
+    norm_eps: float = LN_EPS
 
 
-@register("rwkv4")
+def _blinkdl_names(src):
+    return HFNames(src) if HFNames.applies(src) else src
+
+
+@register("rwkv4", "RwkvForCausalLM")
 class Rwkv4(Family):
     name = "rwkv4"
     Config = Rwkv4Config
@@ -46,26 +53,31 @@ class Rwkv4(Family):
 
     @classmethod
     def read_config(cls, src) -> Rwkv4Config:
+        src = _blinkdl_names(src)
         vocab, c = src.shape("emb.weight")
         layers = 0
         while src.has(f"blocks.{layers}.ln1.weight"):
             layers += 1
         if layers == 0:
             raise EdgeseqError(f"{src.path}: no blocks.0.ln1.weight: not an RWKV checkpoint")
-        return Rwkv4Config(vocab_size=vocab, n_embd=c, n_layer=layers, dim_ffn=src.shape("blocks.0.ffn.key.weight")[0])
+        return Rwkv4Config(vocab_size=vocab, n_embd=c, n_layer=layers, dim_ffn=src.shape("blocks.0.ffn.key.weight")[0],
+                           dim_att=src.shape("blocks.0.att.key.weight")[0],
+                           norm_eps=float(src.config.get("layer_norm_epsilon", LN_EPS)))
 
     def state_spec(self) -> list[StateTensor]:
-        C = self.config.n_embd
+        C, A = self.config.n_embd, self.config.dim_att
         out = []
         for i in range(self.config.n_layer):
             out += [StateTensor(i, "shift_att", (C,), "previous token's ln1 output (time-mix token shift)"),
-                    StateTensor(i, "aa", (C,), "WKV numerator, scaled by exp(-pp)"),
-                    StateTensor(i, "bb", (C,), "WKV denominator, scaled by exp(-pp)"),
-                    StateTensor(i, "pp", (C,), "WKV running maximum exponent", init=PP_INIT),
+                    StateTensor(i, "aa", (A,), "WKV numerator, scaled by exp(-pp)"),
+                    StateTensor(i, "bb", (A,), "WKV denominator, scaled by exp(-pp)"),
+                    StateTensor(i, "pp", (A,), "WKV running maximum exponent", init=PP_INIT),
                     StateTensor(i, "shift_ffn", (C,), "previous token's ln2 output (channel-mix token shift)")]
         return out
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+        src = _blinkdl_names(src)
+
         def vec(name):  # time_* parameters are (1, 1, C) in .pth files, squeezed by rwkv.cpp
             return src.get(name).reshape(-1)
 
@@ -99,7 +111,7 @@ class Rwkv4(Family):
         out = {}
         for i in range(self.config.n_layer):
             o, s = f"layers.{i}.", f"past_key_values.{i}."
-            xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", LN_EPS)
+            xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", self.config.norm_eps)
             shifted, out[f"present.{i}.shift_att"] = token_shift(b, xx, state[s + "shift_att"], tokens)
             r = b.op("Sigmoid", b.op("MatMul", lerp(b, xx, shifted, o + "att.time_mix_r"), b.w(o + "att.receptance")))
             k = b.op("MatMul", lerp(b, xx, shifted, o + "att.time_mix_k"), b.w(o + "att.key"))

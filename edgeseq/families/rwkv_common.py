@@ -58,3 +58,40 @@ def head(b: GraphBuilder, hidden: str, vocab: int) -> str:
 def transposed(w: np.ndarray) -> np.ndarray:
     """torch Linear keeps (out, in); the graphs multiply x @ W with W (in, out)."""
     return np.ascontiguousarray(w.T)
+
+
+class HFNames:
+    """Presents a Hugging Face RWKV checkpoint (`rwkv.blocks.{i}.attention.time_mix_key`, …) under
+    BlinkDL's names (`blocks.{i}.att.time_mix_k`, …), so one `convert` serves both layouts. Values
+    are as HF stores them: the same as BlinkDL's `.pth` (raw time_decay, (1, 1, C) mixes)."""
+
+    stored_by = "hf"
+    _PARTS = [("rwkv.embeddings.", "emb."), ("rwkv.ln_out.", "ln_out."), ("rwkv.blocks.", "blocks."),
+              (".pre_ln.", ".ln0."), (".attention.", ".att."), (".feed_forward.", ".ffn."),
+              ("time_mix_key", "time_mix_k"), ("time_mix_value", "time_mix_v"),
+              ("time_mix_receptance", "time_mix_r"), ("time_mix_gate", "time_mix_g")]
+
+    def __init__(self, src):
+        self.src, self.path, self.config = src, src.path, src.config
+        self._map = {}
+        for k in src.keys():
+            n = k
+            for a, z in self._PARTS:
+                n = n.replace(a, z)
+            self._map[n] = k
+
+    @staticmethod
+    def applies(src) -> bool:
+        return src.has("rwkv.embeddings.weight")
+
+    def keys(self):
+        return list(self._map)
+
+    def has(self, name):
+        return name in self._map
+
+    def shape(self, name):
+        return self.src.shape(self._map.get(name, name))
+
+    def get(self, name):
+        return self.src.get(self._map.get(name, name))
