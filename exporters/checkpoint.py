@@ -181,13 +181,54 @@ class Checkpoint:
         return sum(os.path.getsize(f.path) for f in self.files)
 
 
+class BlinkDLFile(TorchFile):
+    """A BlinkDL RWKV `.pth` (a bare state dict: emb.weight, blocks.{i}.att.*, …); the RWKV version
+    follows from the tensors present."""
+
+    stored_by = "blinkdl"
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.config: dict = {}
+
+    @property
+    def architecture(self) -> str:
+        from edgeseq.exporters.rwkvcpp import rwkv_version
+
+        if "emb.weight" not in self.tensors:
+            raise EdgeseqError(f"{self.path}: no emb.weight tensor; not a BlinkDL RWKV checkpoint")
+        return rwkv_version(self.tensors)
+
+    def weights_bytes(self) -> int:
+        return os.path.getsize(self.path)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.tensors:
+            raise EdgeseqError(f"{self.path}: missing tensor {name!r}")
+        return super().shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.tensors:
+            raise EdgeseqError(f"{self.path}: missing tensor {name!r}")
+        return super().get(name)
+
+
 def open_checkpoint(path: str):
-    """A model directory (HF or state-spaces layout) or a single-file checkpoint (rwkv.cpp `.bin`)."""
+    """A model directory (HF or state-spaces layout) or a single-file checkpoint: a BlinkDL RWKV
+    `.pth` or an rwkv.cpp `.bin`."""
     if os.path.isfile(path):
         from edgeseq.exporters.rwkvcpp import RwkvCppFile, is_rwkv_cpp
 
         if is_rwkv_cpp(path):
             return RwkvCppFile(path)
+        if path.endswith(".pth"):
+            return BlinkDLFile(path)
         raise EdgeseqError(f"{path}: not a model directory nor a checkpoint file edgeseq reads "
-                           f"(rwkv.cpp .bin); pass the directory that holds config.json")
+                           f"(BlinkDL .pth, rwkv.cpp .bin); for Hugging Face models pass the directory")
     return Checkpoint(path)

@@ -131,3 +131,37 @@ def test_hf_rwkv_matches_transformers_fp64(hf_case, portable):
     s.reset()
     assert np.abs(s.logits_all(ids) - ref).max() < 1e-4
     assert s.state()["past_key_values.0.aa"].shape == (1, 48)
+
+
+# -- BlinkDL .pth ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_blinkdl_pth(tmp_path, dtype):
+    """The fixture's weights as BlinkDL releases them (.pth, raw time_decay, (1, 1, C) mixes), in f32
+    and bf16: the f32 file reproduces rwkv.cpp's logits; the bf16 one the rwkv package's fp32 model of
+    the bf16-rounded weights (saved as f32, since the package applies ln0 to a bf16 embedding in bf16)."""
+    torch = pytest.importorskip("torch")
+    f = RwkvCppFile(str(MODEL))
+    sd = {}
+    for k in f.keys():
+        a = f.get(k)
+        if k.endswith("att.time_decay"):
+            a = np.log(-a)  # rwkv.cpp stored -exp(time_decay)
+        if ".time_" in k:
+            a = a.reshape(1, 1, -1) if "mix" in k else a
+        sd[k] = torch.tensor(a).to(getattr(torch, dtype))
+    pth = tmp_path / "RWKV-4-tiny.pth"
+    torch.save(sd, pth)
+    m = edgeseq.load(export(str(pth), str(tmp_path / "b")))
+    assert m.manifest["family"] == "rwkv4"
+    logits = m.session().prefill(PROMPT)
+    if dtype == "float32":
+        assert np.abs(logits - EXPECTED).max() < 1e-3
+    else:
+        os.environ.setdefault("RWKV_JIT_ON", "0")
+        rwkv_model = pytest.importorskip("rwkv.model")
+        rounded = tmp_path / "rounded.pth"
+        torch.save({k: v.float() for k, v in sd.items()}, rounded)
+        ref, _ = rwkv_model.RWKV(model=str(rounded)[:-4], strategy="cpu fp32", verbose=False).forward(PROMPT, None)
+        assert np.abs(logits - ref.numpy()).max() < 1e-3
+        assert np.abs(logits - EXPECTED).max() > 1e-4  # bf16 rounding did change the model
