@@ -1,7 +1,9 @@
-"""Tokenizers a bundle can carry: HF `tokenizer.json` (any language's tokenizers port reads it) or
-byte-level (vocabulary of 256 byte values, no file). Both stream text without splitting UTF-8."""
+"""Tokenizers a bundle can carry: HF `tokenizer.json` (any language's tokenizers port reads it), the
+RWKV World vocabulary (`rwkv_vocab_v20230424.txt`: greedy longest match over 65,529 byte strings), or
+byte-level (vocabulary of 256 byte values, no file). All stream text without splitting UTF-8."""
 from __future__ import annotations
 
+import ast
 import codecs
 import os
 
@@ -19,6 +21,59 @@ class ByteTokenizer:
 
     def stream(self) -> "TextStream":
         return _ByteStream()
+
+
+class RwkvWorldTokenizer:
+    """The RWKV World tokenizer: each line of the vocabulary is `id <Python literal> byte_length`; the
+    literal (a str or bytes) is parsed with ast.literal_eval, never eval. Encoding takes, at each
+    position, the longest vocabulary entry that matches the UTF-8 bytes there."""
+
+    kind = "rwkv_world"
+    FILE = "rwkv_vocab_v20230424.txt"
+    END_OF_TURN = 261  # "\n\n"
+
+    def __init__(self, path: str):
+        self.id_to_bytes: dict[int, bytes] = {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    line = line.rstrip("\n")
+                    if not line:
+                        continue
+                    try:
+                        idx = int(line[:line.index(" ")])
+                        tok = ast.literal_eval(line[line.index(" "):line.rindex(" ")].strip())
+                        tok = tok.encode("utf-8") if isinstance(tok, str) else tok
+                        length = int(line[line.rindex(" "):])
+                    except (ValueError, SyntaxError):
+                        raise EdgeseqError(f"{path}:{n}: not a vocabulary line: {line[:60]!r}") from None
+                    if not isinstance(tok, bytes) or len(tok) != length:
+                        raise EdgeseqError(f"{path}:{n}: entry {idx} does not have the length it declares")
+                    self.id_to_bytes[idx] = tok
+        except OSError as e:
+            raise EdgeseqError(f"{path}: cannot read the RWKV vocabulary ({e.strerror})") from None
+        self.bytes_to_id = {v: k for k, v in self.id_to_bytes.items()}
+        self.lengths = sorted({len(b) for b in self.bytes_to_id}, reverse=True)
+
+    def encode(self, text: str) -> list[int]:
+        src, i, out = text.encode("utf-8"), 0, []
+        lookup, lengths = self.bytes_to_id, self.lengths
+        while i < len(src):
+            for n in lengths:
+                tid = lookup.get(src[i:i + n]) if i + n <= len(src) else None
+                if tid is not None:
+                    out.append(tid)
+                    i += n
+                    break
+            else:  # every single byte is in the vocabulary, so this cannot happen with the real file
+                raise EdgeseqError(f"byte {src[i]:#x} is not in the RWKV vocabulary")
+        return out
+
+    def decode(self, ids) -> str:
+        return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
+
+    def stream(self) -> "TextStream":
+        return _ByteStream(self.id_to_bytes)
 
 
 class HFTokenizer:
@@ -50,10 +105,15 @@ class TextStream:
 
 
 class _ByteStream(TextStream):
-    def __init__(self):
+    """Tokens that are byte strings (byte-level or RWKV World): an incremental UTF-8 decoder."""
+
+    def __init__(self, table: dict[int, bytes] | None = None):
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._table = table
 
     def push(self, token_id: int) -> str:
+        if self._table is not None:
+            return self._dec.decode(self._table.get(token_id, b""))
         return self._dec.decode(bytes([token_id])) if 0 <= token_id < 256 else ""
 
     def flush(self) -> str:
@@ -91,9 +151,25 @@ def load_tokenizer(directory: str, spec: dict):
     kind = spec.get("kind")
     if kind == "bytes":
         return ByteTokenizer()
-    if kind == "hf":
+    if kind in ("hf", "rwkv_world"):
         path = os.path.join(directory, spec.get("file", "tokenizer.json"))
         if not os.path.isfile(path):
             raise EdgeseqError(f"{path}: missing (the bundle's tokenizer)")
-        return HFTokenizer(path)
-    raise EdgeseqError(f"{directory}/edgeseq.json: unknown tokenizer kind {kind!r} (known: hf, bytes)")
+        return HFTokenizer(path) if kind == "hf" else RwkvWorldTokenizer(path)
+    raise EdgeseqError(f"{directory}/edgeseq.json: unknown tokenizer kind {kind!r} (known: hf, rwkv_world, bytes)")
+
+
+def find_rwkv_vocab(near: str) -> str | None:
+    """The RWKV World vocabulary beside a checkpoint, or in the `rwkv` package when installed."""
+    here = os.path.join(near if os.path.isdir(near) else os.path.dirname(os.path.abspath(near)),
+                        RwkvWorldTokenizer.FILE)
+    if os.path.isfile(here):
+        return here
+    import importlib.util
+
+    spec = importlib.util.find_spec("rwkv")
+    if spec and spec.origin:
+        packaged = os.path.join(os.path.dirname(spec.origin), RwkvWorldTokenizer.FILE)
+        if os.path.isfile(packaged):
+            return packaged
+    return None

@@ -19,21 +19,40 @@ from edgeseq.families.base import GRAPH_KINDS
 from edgeseq.graph import WeightStore, save_model
 from edgeseq.exporters.checkpoint import open_checkpoint
 from edgeseq.quant import parse_quant, quantize_tensor
+from edgeseq.tokenizer import RwkvWorldTokenizer, find_rwkv_vocab
 
 
-def _tokenizer_source(ckpt, tokenizer: str | None, vocab: int) -> tuple[dict, str | None]:
-    """Where the bundle's tokenizer comes from: --tokenizer, the checkpoint's tokenizer.json, or bytes."""
+WORLD = {"kind": "rwkv_world", "file": RwkvWorldTokenizer.FILE}
+HF = {"kind": "hf", "file": "tokenizer.json"}
+# RWKV World models' chat format; "\n\n" (token 261) ends a turn
+WORLD_CHAT = {"system": "System: {system}\n\n", "turn": "User: {user}\n\nAssistant:{assistant}\n\n",
+              "stop": ["\n\n"], "stop_token_ids": [RwkvWorldTokenizer.END_OF_TURN]}
+
+
+def _tokenizer_source(ckpt, tokenizer: str | None, family) -> tuple[dict, str | None]:
+    """Where the bundle's tokenizer comes from: --tokenizer (a tokenizer.json or the RWKV World
+    vocabulary), the checkpoint's tokenizer.json, the World vocabulary for RWKV models of 65,536
+    tokens (beside the checkpoint or from the `rwkv` package), or bytes for byte-level models."""
+    vocab = family.vocab_size
     if tokenizer:
         if not os.path.isfile(tokenizer):
             raise EdgeseqError(f"{tokenizer}: no such tokenizer file")
-        return {"kind": "hf", "file": "tokenizer.json"}, tokenizer
+        if os.path.basename(tokenizer).endswith(".txt"):
+            RwkvWorldTokenizer(tokenizer)  # parse now: a bad file is an error before anything is written
+            return WORLD, tokenizer
+        return HF, tokenizer
     local = os.path.join(ckpt.path, "tokenizer.json")
     if os.path.isfile(local):
-        return {"kind": "hf", "file": "tokenizer.json"}, local
+        return HF, local
+    if family.name.startswith("rwkv") and vocab == 65536:
+        world = find_rwkv_vocab(ckpt.path)
+        if world:
+            return WORLD, world
     if vocab <= 256:
         return {"kind": "bytes"}, None
     raise EdgeseqError(f"{ckpt.path}: no tokenizer.json beside the checkpoint and the vocabulary ({vocab}) is not "
-                       f"byte-level; pass --tokenizer PATH/tokenizer.json")
+                       f"byte-level; pass --tokenizer PATH/tokenizer.json (or the RWKV World vocabulary, "
+                       f"{RwkvWorldTokenizer.FILE})")
 
 
 def _special_tokens(ckpt) -> dict:
@@ -60,7 +79,9 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
     ckpt = open_checkpoint(checkpoint)
     fam_cls = family_for_architecture(ckpt.architecture, f"{checkpoint}/config.json")
     family = fam_cls(fam_cls.read_config(ckpt))
-    tok_spec, tok_file = _tokenizer_source(ckpt, tokenizer, family.vocab_size)
+    tok_spec, tok_file = _tokenizer_source(ckpt, tokenizer, family)
+    if chat_template is None and tok_spec["kind"] == "rwkv_world":
+        chat_template = WORLD_CHAT
 
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -91,7 +112,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             if kind != "step":
                 graphs[kind]["chunk"] = family.prefill_chunk
         if tok_file:
-            shutil.copyfile(tok_file, os.path.join(tmp, "tokenizer.json"))
+            shutil.copyfile(tok_file, os.path.join(tmp, tok_spec["file"]))
         files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f != "weights.bin"}
         write_manifest(tmp, {
             "edgeseq_version": __version__,

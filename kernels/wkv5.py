@@ -40,7 +40,8 @@ def step(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, w: str,
 
 def scan(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, w: str) -> tuple[str, str]:
     """r, k, v (b, t, H, N); u, w are values of the outer graph (the body reads them by name)."""
-    body = GraphBuilder({}, name=b.fresh("wkv5_body"))
+    name = b.fresh("wkv5_body")
+    body = GraphBuilder({}, name=name, prefix=name + "/")  # names unique model-wide (SSA across bodies)
     f = TensorProto.FLOAT
     sb, rb, kb, vb = (body.input(n, f, None) for n in ("s_in", "r_t", "k_t", "v_t"))
     step(body, rb, kb, vb, sb, u, w, names=("y_t", "s_out"))

@@ -3,7 +3,7 @@
 A bundle's chat template is a set of plain strings (no Jinja), e.g. for RWKV World:
 
     {"system": "System: {system}\\n\\n", "turn": "User: {user}\\n\\nAssistant:{assistant}\\n\\n",
-     "stop": ["\\n\\n"]}
+     "stop": ["\\n\\n"], "stop_token_ids": [261]}
 
 The part of `turn` before {assistant} is fed as the prompt; the reply is generated until a stop
 string or end token; the part after {assistant} closes the turn (unless the stop string already did).
@@ -68,7 +68,7 @@ class Chat:
         before, _, after = t["turn"].partition("{assistant}")
         prompt += before.replace("{user}", text)
         stops = list(t.get("stop") or [])
-        yield from s.generate(prompt, stop=stops, **self.sampling)
+        yield from s.generate(prompt, stop=stops, stop_token_ids=t.get("stop_token_ids"), **self.sampling)
         self._started = True
         if after and s.stats.stopped_by != "stop_string":
             s.prefill(self.model.tokenizer.encode(after))
