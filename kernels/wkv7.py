@@ -44,7 +44,8 @@ def step(b: GraphBuilder, S: str, r: str, w: str, k: str, v: str, a: str, bb: st
 
 def scan(b: GraphBuilder, S: str, r: str, w: str, k: str, v: str, a: str, bb: str) -> tuple[str, str]:
     """Inputs with the time axis at position 1. Returns (y (b, t, H, N, 1), final S)."""
-    body = GraphBuilder({}, name=b.fresh("wkv7_body"))
+    name = b.fresh("wkv7_body")
+    body = GraphBuilder({}, name=name, prefix=name + "/")  # names unique model-wide (SSA across bodies)
     f = TensorProto.FLOAT
     sb, rb, wb, kb, vb, ab, bbb = (body.input(n, f, None) for n in ("s_in", "r_t", "w_t", "k_t", "v_t", "a_t", "b_t"))
     step(body, sb, rb, wb, kb, vb, ab, bbb, names=("y_t", "s_out"))
