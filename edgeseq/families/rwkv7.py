@@ -1,0 +1,180 @@
+"""RWKV-7 "Goose" (x070), from rwkv.cpp .bin or BlinkDL .pth files: time mix with the WKV-7
+generalized delta rule, a squared-ReLU channel mix.
+
+Symbols: b batch · t tokens · C width (n_embd) · H heads · N head size (C = H·N) · F channel-mix width.
+
+    x = ln0(emb[id])
+    per layer:
+      xx = ln1(x); d = shift(xx) - xx;  x_● = xx + d·mix_●  for ● in r, w, k, v, a, g
+      r, k, v = W_r x_r, W_k x_k, W_v x_v
+      w = exp(-e^{-1/2} · sigmoid(w0 + tanh(x_w w1) w2))       decay in (e^{-e^{-1/2}}, 1)
+      a = sigmoid(a0 + x_a a1 a2)                               in-context learning rate
+      g = sigmoid(x_g g1) g2                                    output gate
+      kk = normalize(k·k_k) per head;  k = k·(1 + (a-1)·k_a)
+      v = v + (v_first - v)·sigmoid(v0 + x_v v1 v2)    (layer 0: v_first = v; the value residual)
+      S = S·(diag(w) + (-kk)(kk·a)ᵀ) + v kᵀ;  y = S r                        (kernels/wkv7.py)
+      y = group_norm(y, H groups, eps 64e-5) + (Σ_head r·k·r_k)·v
+      x += W_o (y·g)
+      xx = ln2(x); k = relu(W_k (xx + (shift(xx) - xx)·x_k))²;  x += W_v k
+    logits = head(ln_out(x))
+
+v_first is layer 0's value of the same token, an activation (b, t, C) passed down the layers: no state.
+Both flavours build the same graphs: ONNX Runtime's LinearAttention has no rule with a per-key decay
+vector and an a ≠ b rank-one term, so the recurrence is plain ops (step) or a standard Scan (prefill).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from edgeseq.errors import UnsupportedError
+from edgeseq.families import register
+from edgeseq.families.base import Family, StateTensor
+from edgeseq.families.rwkv_common import LN_EPS, embed_ln0, head, token_shift, transposed
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels import wkv7
+from edgeseq.kernels.ops import group_norm, layer_norm
+
+MIXES = ("r", "w", "k", "v", "a", "g")  # the order of rwkv.cpp's fused att.x_rwkvag
+LORAS = ("w", "a", "v", "g")
+GN_EPS = 64e-5  # ln_x: 1e-5 · head_size_divisor² (8²), as the reference
+
+
+@dataclass
+class Rwkv7Config:
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    head_size: int
+    dim_ffn: int
+
+
+@register("rwkv7")
+class Rwkv7(Family):
+    name = "rwkv7"
+    Config = Rwkv7Config
+
+    @classmethod
+    def read_config(cls, src) -> Rwkv7Config:
+        if getattr(src, "stored_by", None) not in ("rwkv.cpp", "blinkdl"):
+            raise UnsupportedError(f"{src.path}: RWKV-7 is read from rwkv.cpp .bin and BlinkDL .pth files only")
+        vocab, C = src.shape("emb.weight")
+        layers = sum(1 for k in src.keys() if re.fullmatch(r"blocks\.\d+\.ln1\.weight", k))
+        n_head, head_size = src.shape("blocks.0.att.r_k")  # (H, N), as the reference reads it
+        if n_head * head_size != C:
+            raise UnsupportedError(f"{src.path}: att.r_k is {(n_head, head_size)}, which does not tile n_embd {C}")
+        return Rwkv7Config(vocab_size=vocab, n_embd=C, n_layer=layers, n_head=n_head, head_size=head_size,
+                           dim_ffn=src.shape("blocks.0.ffn.key.weight")[0])
+
+    def state_spec(self) -> list[StateTensor]:
+        c = self.config
+        out = []
+        for i in range(c.n_layer):
+            out.append(StateTensor(i, "shift_att", (c.n_embd,), "the previous token's ln1 output (time-mix shift)"))
+            out.append(StateTensor(i, "wkv", (c.n_head, c.head_size, c.head_size),
+                                   "WKV-7 state S per head (value rows, key columns)"))
+            out.append(StateTensor(i, "shift_ffn", (c.n_embd,), "the previous token's ln2 output (channel-mix shift)"))
+        return out
+
+    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+        c = self.config
+        C = c.n_embd
+        rwkv_cpp = src.stored_by == "rwkv.cpp"
+        yield "embed", src.get("emb.weight")
+        yield "ln0.weight", src.get("blocks.0.ln0.weight")
+        yield "ln0.bias", src.get("blocks.0.ln0.bias")
+        for i in range(c.n_layer):
+            s, o = f"blocks.{i}.", f"layers.{i}."
+            for n in ("ln1", "ln2", "att.ln_x"):
+                yield f"{o}{n}.weight", src.get(f"{s}{n}.weight")
+                yield f"{o}{n}.bias", src.get(f"{s}{n}.bias")
+            if rwkv_cpp:
+                # rwkv.cpp fuses the six token-shift mixes into one (6, 1, C) tensor; the graph uses them one by one
+                mixes = src.get(s + "att.x_rwkvag").reshape(len(MIXES), C)
+                for j, m in enumerate(MIXES):
+                    yield f"{o}att.x_{m}", np.ascontiguousarray(mixes[j])
+            else:
+                for m in MIXES:
+                    yield f"{o}att.x_{m}", src.get(f"{s}att.x_{m}").reshape(C)  # (1, 1, C) -> (C,)
+            for m in LORAS:
+                if m == "v" and i == 0:
+                    continue  # layer 0 makes v_first; it has no value-residual gate
+                # the .pth keeps LoRA matrices (in, out) already: (C, rank) and (rank, C); rwkv.cpp stores both
+                # transposed, so they are turned back to the (in, out) the graph multiplies with
+                fix = transposed if rwkv_cpp else np.ascontiguousarray
+                yield f"{o}att.{m}1", fix(src.get(f"{s}att.{m}1"))
+                yield f"{o}att.{m}2", fix(src.get(f"{s}att.{m}2"))
+                if m != "g":
+                    yield f"{o}att.{m}0", src.get(f"{s}att.{m}0").reshape(C)  # (1, 1, C) -> (C,)
+            for n in ("k_k", "k_a", "r_k"):  # (1, 1, C) and (H, N): per-channel vectors in the graph
+                yield f"{o}att.{n}", src.get(f"{s}att.{n}").reshape(C)
+            for n in ("receptance", "key", "value", "output"):
+                yield f"{o}att.{n}", transposed(src.get(f"{s}att.{n}.weight"))
+            yield o + "ffn.x_k", src.get(s + "ffn.x_k").reshape(C)
+            yield o + "ffn.key", transposed(src.get(s + "ffn.key.weight"))
+            yield o + "ffn.value", transposed(src.get(s + "ffn.value.weight"))
+        yield "ln_out.weight", src.get("ln_out.weight")
+        yield "ln_out.bias", src.get("ln_out.bias")
+        yield "head", src.get("head.weight")  # (vocab, C) as stored: rwkv_common.head reads it with Gemm(transB=1)
+
+    def body(self, b: GraphBuilder, ids, state, tokens, fused):
+        c = self.config
+        x = embed_ln0(b, ids)  # (b, t, C)
+        out, v_first = {}, None
+        for i in range(c.n_layer):
+            o, p = f"layers.{i}.", f"past_key_values.{i}."
+            xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", LN_EPS)
+            shifted, out[f"present.{i}.shift_att"] = token_shift(b, xx, state[p + "shift_att"], tokens)
+            att, v_first, out[f"present.{i}.wkv"] = self._time_mix(b, i, xx, shifted, state[p + "wkv"], v_first,
+                                                                    tokens)
+            x = b.op("Add", x, att)
+            xx = layer_norm(b, x, o + "ln2.weight", o + "ln2.bias", LN_EPS)
+            shifted, out[f"present.{i}.shift_ffn"] = token_shift(b, xx, state[p + "shift_ffn"], tokens)
+            xk = b.op("Add", xx, b.op("Mul", b.op("Sub", shifted, xx), b.w(o + "ffn.x_k")))
+            k = b.op("Relu", b.op("MatMul", xk, b.w(o + "ffn.key")))
+            x = b.op("Add", x, b.op("MatMul", b.op("Mul", k, k), b.w(o + "ffn.value")))
+        return x, out
+
+    def _time_mix(self, b: GraphBuilder, i: int, xx, shifted, S, v_first, tokens):
+        """Returns (the block's output (b, t, C), v_first, new WKV state)."""
+        c = self.config
+        H, N, C = c.n_head, c.head_size, c.n_embd
+        o = f"layers.{i}.att."
+        mm = lambda x, w: b.op("MatMul", x, b.w(o + w))  # noqa: E731
+        d = b.op("Sub", shifted, xx)
+        xr, xw, xk, xv, xa, xg = (b.op("Add", xx, b.op("Mul", d, b.w(f"{o}x_{m}"))) for m in MIXES)
+        r, k, v = mm(xr, "receptance"), mm(xk, "key"), mm(xv, "value")
+        w = b.op("Sigmoid", b.op("Add", b.w(o + "w0"), mm(b.op("Tanh", mm(xw, "w1")), "w2")))
+        w = b.op("Exp", b.op("Mul", w, b.const(-math.exp(-0.5))))
+        a = b.op("Sigmoid", b.op("Add", b.w(o + "a0"), mm(mm(xa, "a1"), "a2")))
+        g = mm(b.op("Sigmoid", mm(xg, "g1")), "g2")
+        kk = b.op("Reshape", b.op("Mul", k, b.w(o + "k_k")), b.ints([0, 0, H, N]))
+        norm = b.op("Max", b.op("ReduceL2", kk, b.ints([-1]), keepdims=1), b.const(1e-12))  # F.normalize
+        kk = b.op("Reshape", b.op("Div", kk, norm), b.ints([0, 0, C]))
+        k = b.op("Mul", k, b.op("Add", b.const(1.0), b.op("Mul", b.op("Sub", a, b.const(1.0)), b.w(o + "k_a"))))
+        if i == 0:
+            v_first = v
+        else:
+            gate = b.op("Sigmoid", b.op("Add", b.w(o + "v0"), mm(mm(xv, "v1"), "v2")))
+            v = b.op("Add", v, b.op("Mul", b.op("Sub", v_first, v), gate))
+        neg_kk, kk_a = b.op("Neg", kk), b.op("Mul", kk, a)
+        timed = tokens != 1
+        col = lambda x: wkv7.column(b, x, H, N, timed)  # noqa: E731
+        row = lambda x: wkv7.row(b, x, H, N, timed)  # noqa: E731
+        args = (S, col(r), row(w), row(k), col(v), col(neg_kk), row(kk_a))
+        y, S = wkv7.scan(b, *args) if timed else wkv7.step(b, *args)
+        y = b.op("Reshape", y, b.ints([0, 0, C] if timed else [-1, 1, C]))  # (b, t, C)
+        y = group_norm(b, y, H, C, o + "ln_x.weight", o + "ln_x.bias", GN_EPS)
+        rk = b.op("ReduceSum", b.op("Reshape", b.op("Mul", b.op("Mul", r, k), b.w(o + "r_k")), b.ints([0, 0, H, N])),
+                  b.ints([-1]), keepdims=1)  # (b, t, H, 1)
+        bonus = b.op("Reshape", b.op("Mul", rk, b.op("Reshape", v, b.ints([0, 0, H, N]))), b.ints([0, 0, C]))
+        y = b.op("Mul", b.op("Add", y, bonus), g)
+        return mm(y, "output"), v_first, S
+
+    def head(self, b: GraphBuilder, hidden: str) -> str:
+        return head(b, hidden, self.config.vocab_size)

@@ -1,0 +1,216 @@
+"""RWKV-7 from an rwkv.cpp file: against rwkv.cpp's own expected logits (the shared fixture), against
+the `rwkv` package's x070 reference model on a longer sequence (in a subprocess: the package picks
+its RWKV-7 code at import time, from RWKV_V7_ON), both flavours, every graph kind, the state contract,
+and the WKV-7 kernel against its numpy reference."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import edgeseq
+from edgeseq.exporters.export import export
+from edgeseq.graph import OPSET, GraphBuilder
+from edgeseq.kernels import wkv7
+
+FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
+MODEL = FIXTURES / "tiny-rwkv-7v0-834K-FP32.bin"
+EXPECTED = np.fromfile(FIXTURES / "expected-logits-7v0-834K.bin", np.float32)
+PROMPT = [34, 105, 110]  # the bytes of '"in', as in rwkv.cpp's test
+N_LAYER, C, H, N = 12, 64, 1, 64
+FLAVOURS = pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rwkv7")
+    return {p: export(str(MODEL), str(d / f"b{int(p)}"), portable=p) for p in (False, True)}
+
+
+@FLAVOURS
+def test_matches_rwkv_cpp_fixture(bundles, portable):
+    m = edgeseq.load(bundles[portable])
+    assert m.manifest["family"] == "rwkv7" and m.manifest["tokenizer"]["kind"] == "bytes"
+    s = m.session()
+    for t in PROMPT:
+        logits = s.step(t)
+    assert np.abs(logits - EXPECTED).max() < 1e-3
+    assert np.abs(m.session().prefill(PROMPT) - EXPECTED).max() < 1e-3
+
+
+@FLAVOURS
+def test_graphs_with_plain_onnxruntime(bundles, portable):
+    """Sessions decode through the prefill graph; this drives the step graph (and the others) directly."""
+    import onnxruntime as ort
+
+    bundle = Path(bundles[portable])
+    manifest = json.loads((bundle / "edgeseq.json").read_text())
+    spec = manifest["state"]
+    zeros = {s["name"]: np.zeros([1, *s["shape"][1:]], np.float32) for s in spec}
+    sess = {k: ort.InferenceSession(str(bundle / g["file"]), providers=["CPUExecutionProvider"])
+            for k, g in manifest["graphs"].items()}
+
+    def run(kind, ids, state):
+        g = manifest["graphs"][kind]
+        outs = sess[kind].run(g["outputs"], {"input_ids": np.asarray([ids], np.int64), **state})
+        return outs[0], {s["name"]: o for s, o in zip(spec, outs[1:])}
+
+    state = zeros
+    for t in PROMPT:
+        logits, state = run("step", [t], state)
+    assert np.abs(logits[0] - EXPECTED).max() < 1e-3
+    last, pstate = run("prefill", PROMPT, zeros)
+    assert np.abs(last[0] - EXPECTED).max() < 1e-3
+    every, _ = run("prefill_all", PROMPT, zeros)
+    assert every.shape == (1, 3, 256) and np.abs(every[0, -1] - EXPECTED).max() < 1e-3
+    for k in state:
+        assert np.abs(state[k] - pstate[k]).max() < 1e-4, k
+    # the step graph has no loops; the flavours build the same graphs (no fused op fits WKV-7)
+    ops = {n.op_type for n in onnx.load(str(bundle / manifest["graphs"]["step"]["file"]),
+                                        load_external_data=False).graph.node}
+    assert not ops & {"Scan", "Loop", "If"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The `rwkv` package's x070 model on the fixture's weights (rwkv.cpp's layout undone), 48 tokens."""
+    pytest.importorskip("torch")
+    pytest.importorskip("rwkv")
+    d = tmp_path_factory.mktemp("rwkv7-ref")
+    ids = np.random.default_rng(0).integers(0, 256, 48).tolist()
+    script = textwrap.dedent("""
+        import os, sys
+        os.environ["RWKV_V7_ON"] = "1"; os.environ["RWKV_JIT_ON"] = "0"; os.environ["RWKV_CUDA_ON"] = "0"
+        import numpy as np, torch
+        from edgeseq.exporters.rwkvcpp import RwkvCppFile
+        from rwkv.model import RWKV
+        src, base, ids = sys.argv[1], sys.argv[2], [int(t) for t in sys.argv[3].split(",")]
+        f, sd = RwkvCppFile(src), {}
+        for k in f.keys():
+            a = f.get(k)
+            if k.endswith("att.x_rwkvag"):  # rwkv.cpp fused x_r, x_w, x_k, x_v, x_a, x_g
+                for j, m in enumerate("rwkvag"):
+                    sd[k[:-len("x_rwkvag")] + "x_" + m] = torch.tensor(a[j].reshape(1, 1, -1))
+                continue
+            if any(k.endswith(f"att.{m}{n}") for m in "wavg" for n in "12"):
+                a = a.T  # rwkv.cpp stored the LoRA matrices transposed
+            sd[k] = torch.tensor(np.ascontiguousarray(a))
+        torch.save(sd, base + ".pth")
+        model, state, out = RWKV(model=base, strategy="cpu fp32"), None, []
+        for t in ids:
+            o, state = model.forward([t], state)
+            out.append(o.float().numpy().copy())
+        np.save(base + ".npy", np.stack(out))
+    """)
+    base = str(d / "m")
+    subprocess.run([sys.executable, "-c", script, str(MODEL), base, ",".join(map(str, ids))], check=True,
+                   capture_output=True, env={**os.environ, "RWKV_V7_ON": "1"})
+    ref = np.load(base + ".npy")
+    assert ref.shape == (48, 256) and ref.std() > 0.5  # not degenerate, or agreement would prove little
+    return ids, ref, base + ".pth"
+
+
+@FLAVOURS
+def test_matches_rwkv_package_at_every_position(bundles, reference, portable):
+    ids, ref, _ = reference
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    s = edgeseq.load(bundles[portable]).session()
+    steps = np.stack([s.step(t) for t in ids])
+    assert np.abs(steps - ref).max() < tol
+    s.reset()
+    assert np.abs(s.logits_all(ids) - ref).max() < tol
+    # prefill then steps equals steps alone
+    s.reset()
+    assert np.abs(s.prefill(ids[:30]) - steps[29]).max() < tol
+    assert s.position == 30
+    tail = np.stack([s.step(t) for t in ids[30:]])
+    assert np.abs(tail - steps[30:]).max() < tol
+
+
+@FLAVOURS
+def test_chunked_prefill_carries_the_state(bundles, reference, portable, monkeypatch):
+    import edgeseq.runtime.session as session_mod
+
+    ids, ref, _ = reference
+    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 7)
+    s = edgeseq.load(bundles[portable]).session()
+    assert np.abs(s.prefill(ids[:36]) - ref[35]).max() < 1e-3
+    assert np.abs(s.prefill(ids[36:]) - ref[-1]).max() < 1e-3
+
+
+@FLAVOURS
+def test_blinkdl_pth_matches_rwkv_package(reference, portable, tmp_path):
+    """The same weights from the BlinkDL .pth the reference loaded: separate x_r … x_g, LoRA as (in, out)."""
+    ids, ref, pth = reference
+    s = edgeseq.load(export(pth, str(tmp_path / "b"), portable=portable)).session()
+    assert np.abs(np.stack([s.step(t) for t in ids[:8]]) - ref[:8]).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
+    assert np.abs(s.prefill(ids[8:]) - ref[-1]).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_state_spec(bundles):
+    m = edgeseq.load(bundles[False])
+    spec = m.manifest["state"]
+    assert [s["name"] for s in spec[:3]] == [f"past_key_values.0.{k}" for k in ("shift_att", "wkv", "shift_ffn")]
+    want = {}
+    for i in range(N_LAYER):
+        want[f"past_key_values.{i}.shift_att"] = (1, C)
+        want[f"past_key_values.{i}.wkv"] = (1, H, N, N)
+        want[f"past_key_values.{i}.shift_ffn"] = (1, C)
+    assert all(s["dtype"] == "float32" and s["init"] == 0 for s in spec)
+    s = m.session()
+    assert {k: v.shape for k, v in s.state().items()} == want
+    for t in range(300):
+        logits = s.step((t * 37) % 256)
+    assert np.isfinite(logits).all() and s.position == 300
+    assert {k: v.shape for k, v in s.state().items()} == want
+    assert m.state_bytes == sum(v.nbytes for v in s.state().values())
+
+
+def test_wkv7_kernel_matches_reference():
+    """The Scan fragment against the numpy reference, and the reference against the rwkv package's
+    update written out per head: S = S·w + (S a) bᵀ + v kᵀ, y = S r."""
+    rng = np.random.default_rng(1)
+    b, t, h, n = 2, 5, 3, 4
+    r, k, v, a, bb = (rng.standard_normal((b, t, h, n)).astype(np.float32) for _ in range(5))
+    w = rng.uniform(0.5, 1.0, (b, t, h, n)).astype(np.float32)
+    S0 = rng.standard_normal((b, h, n, n)).astype(np.float32)
+    y_ref, S_ref = wkv7.wkv7_ref(S0, r, w, k, v, a, bb)
+    S = S0.astype(np.float64).copy()
+    for bi in range(b):
+        for ti in range(t):
+            for hi in range(h):
+                ab = np.outer(a[bi, ti, hi], bb[bi, ti, hi])
+                S[bi, hi] = S[bi, hi] * w[bi, ti, hi][None, :] + S[bi, hi] @ ab + np.outer(v[bi, ti, hi], k[bi, ti, hi])
+                assert np.allclose(S[bi, hi] @ r[bi, ti, hi], y_ref[bi, ti, hi], atol=1e-4)
+    assert np.allclose(S, S_ref, atol=1e-4)
+
+    import onnxruntime as ort
+
+    g = GraphBuilder({}, name="wkv7_test")
+    f = TensorProto.FLOAT
+    names = ("r", "w", "k", "v", "a", "b")
+    ins = {nm: g.input(nm, f, [b, t, h * n]) for nm in names}
+    s_in = g.input("S", f, [b, h, n, n])
+    col = lambda x: wkv7.column(g, x, h, n, True)  # noqa: E731
+    row = lambda x: wkv7.row(g, x, h, n, True)  # noqa: E731
+    y, s_out = wkv7.scan(g, s_in, col(ins["r"]), row(ins["w"]), row(ins["k"]), col(ins["v"]), col(ins["a"]),
+                         row(ins["b"]))
+    g.output(g.op("Reshape", y, g.ints([0, 0, h * n])), "y", f, [b, t, h * n])
+    g.output(s_out, "S_out", f, [b, h, n, n])
+    model = helper.make_model(helper.make_graph(g.nodes, "wkv7_test", g.inputs, g.outputs,
+                                                list(g.initializers.values())),
+                              opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {nm: x.reshape(b, t, h * n) for nm, x in zip(names, (r, w, k, v, a, bb))}
+    y_got, S_got = sess.run(["y", "S_out"], {**feeds, "S": S0})
+    assert np.abs(y_got - y_ref.reshape(b, t, h * n)).max() < 1e-4
+    assert np.abs(S_got - S_ref).max() < 1e-4
