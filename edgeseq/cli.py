@@ -62,6 +62,8 @@ def export(
     portable: bool = typer.Option(False, "--portable", help="standard ONNX ops only (no com.microsoft fused ops)"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json to bundle"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+    initial_state: Optional[str] = typer.Option(None, "--initial-state",
+                                                help="RWKV state-tuning file: the bundle's initial state"),
 ):
     """Export a checkpoint to an ONNX bundle."""
     if fmt != "onnx":
@@ -69,7 +71,8 @@ def export(
     from edgeseq.exporters.export import export as do_export
 
     t0 = time.perf_counter()
-    do_export(checkpoint, out, quant=quant, portable=portable, tokenizer=tokenizer, force=force, progress=True)
+    do_export(checkpoint, out, quant=quant, portable=portable, tokenizer=tokenizer, force=force, progress=True,
+              initial_state=initial_state)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     typer.echo(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; peak RSS "
                f"{_peak_rss_mb():.0f} MB")

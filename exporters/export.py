@@ -41,7 +41,8 @@ def _tokenizer_source(ckpt, tokenizer: str | None, family) -> tuple[dict, str | 
             RwkvWorldTokenizer(tokenizer)  # parse now: a bad file is an error before anything is written
             return WORLD, tokenizer
         return HF, tokenizer
-    local = os.path.join(ckpt.path, "tokenizer.json")
+    folder = ckpt.path if os.path.isdir(ckpt.path) else os.path.dirname(os.path.abspath(ckpt.path))
+    local = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(local):
         return HF, local
     if family.name.startswith("rwkv") and vocab == 65536:
@@ -71,7 +72,8 @@ def _special_tokens(ckpt) -> dict:
 
 
 def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False, tokenizer: str | None = None,
-           chat_template: dict | None = None, force: bool = False, progress: bool = False) -> str:
+           chat_template: dict | None = None, force: bool = False, progress: bool = False,
+           initial_state: str | None = None) -> str:
     """Export `checkpoint` (a model directory) to the bundle directory `out`. Returns `out`."""
     quant = parse_quant(quant, "onnx")
     if os.path.exists(out) and not force:
@@ -79,6 +81,13 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
     ckpt = open_checkpoint(checkpoint)
     fam_cls = family_for_architecture(ckpt.architecture, f"{checkpoint}/config.json")
     family = fam_cls(fam_cls.read_config(ckpt))
+    init_arrays = None
+    if initial_state:
+        if not os.path.isfile(initial_state):
+            raise EdgeseqError(f"{initial_state}: no such state file")
+        from edgeseq.families.rwkv_common import read_time_state
+
+        init_arrays = read_time_state(family, initial_state)
     tok_spec, tok_file = _tokenizer_source(ckpt, tokenizer, family)
     if chat_template is None and tok_spec["kind"] == "rwkv_world":
         chat_template = WORLD_CHAT
@@ -113,6 +122,13 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
                 graphs[kind]["chunk"] = family.prefill_chunk
         if tok_file:
             shutil.copyfile(tok_file, os.path.join(tmp, tok_spec["file"]))
+        init_spec = None
+        if init_arrays:
+            from safetensors.numpy import save_file
+
+            save_file(init_arrays, os.path.join(tmp, "initial_state.safetensors"))
+            init_spec = {"file": "initial_state.safetensors", "tensors": sorted(init_arrays),
+                         "source": os.path.basename(initial_state)}
         files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f != "weights.bin"}
         write_manifest(tmp, {
             "edgeseq_version": __version__,
@@ -128,6 +144,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             "weights": {"file": "weights.bin", "bytes": store.nbytes, "sha256": weights_hash},
             "tokenizer": tok_spec,
             "chat_template": chat_template,
+            "initial_state": init_spec,
             **_special_tokens(ckpt),
             "files": files,
             "source": {"path": os.path.abspath(checkpoint), "bytes": ckpt.weights_bytes()},

@@ -1,4 +1,5 @@
-"""RWKV-5 (v5.2) WKV: per-head matrix state with a per-(head, key channel) decay and a bonus.
+"""RWKV-5 WKV: per-head matrix state with a per-(head, key channel) decay and a bonus (v5.0/5.1's
+per-head decay and bonus arrive broadcast to (H, N, 1), so the kernel is the same for every version).
 
 Per head (N = head size), for each token t with r_t, k_t, v_t of N:
 

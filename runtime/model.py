@@ -19,6 +19,7 @@ class Model:
         self.manifest = m = read_manifest(path)
         self.family_name = m["family"]
         self._family = None
+        self._tuned = None  # a bundle's tuned initial state (RWKV state tuning), read on first use
         self.state_spec = [StateTensor.from_json(s) for s in m["state"]]
         self.vocab_size = int(m["vocab_size"])
         self.weights_sha256 = m["weights"]["sha256"]
@@ -40,7 +41,23 @@ class Model:
         return self._family
 
     def initial_state(self) -> dict[str, np.ndarray]:
-        return {s.input_name: np.full((1, *s.shape), s.init, np.float32) for s in self.state_spec}
+        """Each tensor's declared initial value, or the bundle's tuned initial state where it has one."""
+        init = {s.input_name: np.full((1, *s.shape), s.init, np.float32) for s in self.state_spec}
+        spec = self.manifest.get("initial_state")
+        if spec:
+            if self._tuned is None:
+                from safetensors.numpy import load_file
+
+                path = os.path.join(self.path, spec["file"])
+                try:
+                    self._tuned = load_file(path)
+                except Exception as e:  # safetensors raises its own error types for damaged files
+                    raise EdgeseqError(f"{path}: cannot read the bundle's initial state ({e})") from None
+                for name, a in self._tuned.items():
+                    if name not in init or a.shape != init[name].shape:
+                        raise EdgeseqError(f"{path}: {name} {a.shape} does not match the state spec")
+            init.update(self._tuned)
+        return init
 
     @property
     def state_bytes(self) -> int:

@@ -11,6 +11,12 @@ Symbols: b batch · t tokens · C width (n_embd) · H heads · N head size (C = 
 
 w = exp(-exp(time_decay)) and u = time_faaaa, both per (head, key channel). The state S is
 (b, H, N, N) (key × value), LinearAttention's layout, shared by both flavours.
+
+Sources: rwkv.cpp `.bin` files (v5.2 only; time_decay stored already as w, time_* squeezed) and BlinkDL
+`.pth` files (v5.0, v5.1, v5.2; raw time_decay, (1, 1, C) mixes). The older versions, as the rwkv
+package reads them: v5.1 keeps one decay per head (time_decay (H,)) and the bonus as `time_first`,
+u = exp(time_first) per head; v5.0 is v5.1 without the gate (y goes to W_o straight from ln_x). Per-head
+values are broadcast to (H, N, 1), so one graph serves every version.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ LN_EPS = 1e-5
 # ln_x's group-norm eps depends on the runtime the weights were made for: BlinkDL's training code and the
 # rwkv package use 1e-5 * head_size_divisor**2 = 64e-5 for v5.2, while rwkv.cpp normalises with 1e-5
 # (its fixtures' expected logits only match with 1e-5: max |diff| 3e-6 vs 1.09 with 64e-5). An rwkv.cpp
-# file is exported to reproduce rwkv.cpp; a future .pth reader should set 64e-5.
+# file is exported to reproduce rwkv.cpp; a BlinkDL .pth file the rwkv package's 64e-5 (every v5 version).
 LN_X_EPS = {"rwkv.cpp": 1e-5, "pth": 64e-5}
 
 
@@ -45,6 +51,7 @@ class Rwkv5Config:
     dim_ffn: int
     version: str = "5.2"
     ln_x_eps: float = 1e-5
+    gate: bool = True  # v5.0 has none
 
 
 @register("rwkv5")
@@ -54,24 +61,48 @@ class Rwkv5(Family):
 
     @classmethod
     def read_config(cls, src) -> Rwkv5Config:
-        if getattr(src, "stored_by", None) != "rwkv.cpp":
-            raise UnsupportedError(f"{src.path}: RWKV-5 is read from rwkv.cpp files only for now")
+        by = getattr(src, "stored_by", None)
+        if by not in ("rwkv.cpp", "blinkdl"):
+            raise UnsupportedError(f"{src.path}: RWKV-5 is read from rwkv.cpp .bin and BlinkDL .pth files only")
         a = "blocks.0.att."
         vocab, C = src.shape("emb.weight")
         layers = sum(1 for k in src.keys() if k.endswith(".att.ln_x.weight"))
-        decay = src.shape(a + "time_decay")
-        if not src.has(a + "time_faaaa") or len(decay) != 3 or decay[1] == 1:
-            # v5.0/5.1 keep time_first (stored exp'd) and/or one decay per head
-            raise UnsupportedError(f"{src.path}: only RWKV v5.2 is supported (time_faaaa and a decay per "
-                                   f"(head, channel)); this file has time_decay {decay}")
-        if not src.has(a + "gate.weight"):
-            raise UnsupportedError(f"{src.path}: RWKV-5 without a gate (v5.0) is not supported")
-        H, N = decay[0], decay[1]
+        decay = tuple(src.shape(a + "time_decay"))
+        gate = src.has(a + "gate.weight")
+        if by == "rwkv.cpp":
+            if not src.has(a + "time_faaaa") or len(decay) != 3 or decay[1] == 1:
+                # v5.0/5.1 keep time_first (stored exp'd) and/or one decay per head
+                raise UnsupportedError(f"{src.path}: only RWKV v5.2 is read from rwkv.cpp files (time_faaaa and a "
+                                       f"decay per (head, channel)); this file has time_decay {decay}")
+            if not gate:
+                raise UnsupportedError(f"{src.path}: RWKV-5 without a gate (v5.0) is not supported from rwkv.cpp")
+            H, N, version = decay[0], decay[1], "5.2"
+        else:
+            # the rwkv package's test: a (H, N) decay with N > 1 is v5.2, else one decay per head (v5.0/5.1)
+            if any(k.endswith(".att.time_state") for k in src.keys()):
+                raise UnsupportedError(f"{src.path}: state-tuned RWKV-5 (att.time_state) is not supported")
+            H = decay[0] if decay else 0
+            per_channel = len(decay) > 1 and decay[1] > 1
+            version = "5.2" if per_channel else ("5.1" if gate else "5.0")
+            if len(decay) > 2 or (not per_channel and int(np.prod(decay)) != H):
+                raise UnsupportedError(f"{src.path}: unexpected RWKV-5 time_decay shape {decay}")
+            if H == 0 or C % H:
+                raise UnsupportedError(f"{src.path}: time_decay {decay} does not split n_embd {C} into heads")
+            N = C // H
+            if per_channel and decay[1] != N:
+                raise UnsupportedError(f"{src.path}: time_decay {decay} does not split n_embd {C} into heads")
+            if not (src.has(a + "time_faaaa") or src.has(a + "time_first")):
+                raise UnsupportedError(f"{src.path}: RWKV-5 without time_faaaa or time_first")
+            if version == "5.2" and not gate:
+                raise UnsupportedError(f"{src.path}: RWKV v5.2 decay without a gate: unknown variant")
         if H * N != C:
             raise UnsupportedError(f"{src.path}: time_decay {decay} does not split n_embd {C} into heads")
+        att = src.shape(a + "key.weight")[0]
+        if att != C:
+            raise UnsupportedError(f"{src.path}: attention width {att} differs from n_embd {C}; not supported")
         return Rwkv5Config(vocab_size=vocab, n_embd=C, n_layer=layers, n_head=H, head_size=N,
-                           dim_ffn=src.shape("blocks.0.ffn.key.weight")[0],
-                           ln_x_eps=LN_X_EPS["rwkv.cpp"])
+                           dim_ffn=src.shape("blocks.0.ffn.key.weight")[0], version=version,
+                           ln_x_eps=LN_X_EPS["rwkv.cpp" if by == "rwkv.cpp" else "pth"], gate=gate)
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
@@ -93,19 +124,10 @@ class Rwkv5(Family):
             for n in ("ln1", "ln2"):
                 yield f"{o}{n}.weight", src.get(f"{s}{n}.weight")
                 yield f"{o}{n}.bias", src.get(f"{s}{n}.bias")
-            for m in ("k", "v", "r", "g"):  # rwkv.cpp squeezed them to (C,)
+            for m in ("k", "v", "r", "g") if c.gate else ("k", "v", "r"):  # (1, 1, C) in .pth; rwkv.cpp: (C,)
                 yield f"{o}att.time_mix_{m}", src.get(f"{s}att.time_mix_{m}").reshape(c.n_embd)
-            # rwkv.cpp stores time_decay already as w = exp(-exp(decay)), (H, N, 1): exactly the factor the
-            # step multiplies the state's key rows by, so it is kept. The fused flavour's LinearAttention
-            # wants log w = -exp(decay) per key channel (H*N); log of a value that underflowed to 0 is
-            # clipped to -1e30 (exp gives 0 again) rather than -inf, which would turn 0·(-inf) into NaN.
-            w = src.get(f"{s}att.time_decay").reshape(H, N, 1)
-            yield o + "att.decay", w
-            with np.errstate(divide="ignore"):
-                yield o + "att.log_decay", np.maximum(np.log(w), -1e30).reshape(H * N).astype(np.float32)
-            # v5.2's bonus u (time_faaaa) is used as is; rwkv.cpp only unsqueezed it to (H, N, 1)
-            yield o + "att.bonus", src.get(f"{s}att.time_faaaa").reshape(H, N, 1)
-            for m in ("receptance", "key", "value", "gate", "output"):
+            yield from self._decay_bonus(src, s, o)
+            for m in ("receptance", "key", "value", "output") + (("gate",) if c.gate else ()):
                 yield f"{o}att.{m}", transposed(src.get(f"{s}att.{m}.weight"))
             yield o + "att.ln_x.weight", src.get(f"{s}att.ln_x.weight")
             yield o + "att.ln_x.bias", src.get(f"{s}att.ln_x.bias")
@@ -116,6 +138,37 @@ class Rwkv5(Family):
         yield "ln_out.weight", src.get("ln_out.weight")
         yield "ln_out.bias", src.get("ln_out.bias")
         yield "head", src.get("head.weight")  # (vocab, C) as stored; rwkv_common.head reads it transposed
+
+    def _decay_bonus(self, src, s, o):
+        """att.decay w and att.bonus u as (H, N, 1), att.log_decay log w as (H*N) float32."""
+        c = self.config
+        H, N = c.n_head, c.head_size
+        a = s + "att."
+        if getattr(src, "stored_by", None) == "rwkv.cpp":
+            # rwkv.cpp stores time_decay already as w = exp(-exp(decay)), (H, N, 1): exactly the factor the
+            # step multiplies the state's key rows by, so it is kept. The fused flavour's LinearAttention
+            # wants log w = -exp(decay) per key channel (H*N); log of a value that underflowed to 0 is
+            # clipped to -1e30 (exp gives 0 again) rather than -inf, which would turn 0·(-inf) into NaN.
+            w = src.get(a + "time_decay").reshape(H, N, 1)
+            yield o + "att.decay", w
+            with np.errstate(divide="ignore"):
+                yield o + "att.log_decay", np.maximum(np.log(w), -1e30).reshape(H * N).astype(np.float32)
+            # v5.2's bonus u (time_faaaa) is used as is; rwkv.cpp only unsqueezed it to (H, N, 1)
+            yield o + "att.bonus", src.get(a + "time_faaaa").reshape(H, N, 1)
+            return
+        # BlinkDL .pth: raw time_decay, (H, N) for v5.2, one per head for v5.0/5.1 (broadcast over N).
+        # log w = -exp(decay) is computed directly (in float64), so it never meets log(0); it is kept
+        # finite (-1e30) for the same 0·(-inf) reason as above.
+        with np.errstate(over="ignore"):
+            log_w = -np.exp(src.get(a + "time_decay").astype(np.float64)).reshape(H, -1, 1)
+        log_w = np.broadcast_to(np.maximum(log_w, -1e30), (H, N, 1))
+        yield o + "att.decay", np.exp(log_w).astype(np.float32)
+        yield o + "att.log_decay", log_w.reshape(H * N).astype(np.float32)
+        if src.has(a + "time_faaaa"):  # v5.2's bonus, used as is
+            u = src.get(a + "time_faaaa").astype(np.float64)
+        else:  # v5.0/5.1 store its log, one per head
+            u = np.exp(src.get(a + "time_first").astype(np.float64))
+        yield o + "att.bonus", np.broadcast_to(u.reshape(H, -1, 1), (H, N, 1)).astype(np.float32)
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
@@ -133,8 +186,9 @@ class Rwkv5(Family):
         H, N, C = c.n_head, c.head_size, c.n_embd
         xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", LN_EPS)
         shifted, new_prev = token_shift(b, xx, prev, tokens)
-        r, k, v, g = (b.op("MatMul", lerp(b, xx, shifted, f"{o}att.time_mix_{m}"), b.w(f"{o}att.{name}"))
-                      for m, name in (("r", "receptance"), ("k", "key"), ("v", "value"), ("g", "gate")))
+        mats = (("r", "receptance"), ("k", "key"), ("v", "value")) + ((("g", "gate"),) if c.gate else ())
+        r, k, v, *g = (b.op("MatMul", lerp(b, xx, shifted, f"{o}att.time_mix_{m}"), b.w(f"{o}att.{name}"))
+                       for m, name in mats)
         u, w = b.w(o + "att.bonus"), b.w(o + "att.decay")
         if tokens == 1:
             # step graph: plain ops in both flavours
@@ -148,7 +202,9 @@ class Rwkv5(Family):
             y, s = wkv5.scan(b, *(b.op("Reshape", z, heads) for z in (r, k, v)), s, u, w)
             y = b.op("Reshape", y, b.ints([0, 0, C]))
         y = group_norm(b, y, H, C, o + "att.ln_x.weight", o + "att.ln_x.bias", c.ln_x_eps)
-        y = b.op("MatMul", b.op("Mul", y, silu(b, g)), b.w(o + "att.output"))
+        if g:  # v5.1/v5.2: silu gate; v5.0 has none
+            y = b.op("Mul", y, silu(b, g[0]))
+        y = b.op("MatMul", y, b.w(o + "att.output"))
         return b.op("Add", x, y), new_prev, s
 
     def head(self, b: GraphBuilder, hidden: str) -> str:

@@ -95,3 +95,32 @@ class HFNames:
 
     def get(self, name):
         return self.src.get(self._map.get(name, name))
+
+
+def read_time_state(family, path: str) -> dict[str, np.ndarray]:
+    """An RWKV state-tuning file (`blocks.{i}.att.time_state`, one (H, N, N) matrix per layer) as
+    {state input name: (1, H, N, N) float32}: the bundle's initial `wkv` state.
+
+    The files keep each head's matrix as (value, key), which the rwkv package transposes when it
+    loads them; edgeseq's RWKV-5/6 state is (key, value), so it transposes too."""
+    from edgeseq.errors import EdgeseqError
+    from edgeseq.exporters.checkpoint import TorchFile
+
+    if getattr(family, "time_state_layout", None) != "value_key":
+        raise EdgeseqError(f"{path}: state-tuning files are not supported for {family.name} yet")
+    src = TorchFile(path)
+    spec = {s.input_name: s for s in family.state_spec() if s.kind == "wkv"}
+    out = {}
+    for i in range(family.config.n_layer):
+        key = f"blocks.{i}.att.time_state"
+        if key not in src.tensors:
+            raise EdgeseqError(f"{path}: missing {key}; a state-tuning file holds one per layer")
+        a = src.get(key)
+        want = spec[f"past_key_values.{i}.wkv"].shape
+        if a.shape != want:
+            raise EdgeseqError(f"{path}: {key} is {tuple(a.shape)}, this model's wkv state is {want}")
+        out[f"past_key_values.{i}.wkv"] = np.ascontiguousarray(a.transpose(0, 2, 1), dtype=np.float32)[None]
+    extra = [k for k in src.tensors if not k.endswith(".att.time_state")]
+    if extra:
+        raise EdgeseqError(f"{path}: unexpected tensor {extra[0]!r} in a state-tuning file")
+    return out
