@@ -1,0 +1,182 @@
+"""RWKV-6 ("Finch", v6.0) from BlinkDL `.pth` files: v5.2's matrix-state time mix with data-dependent
+token-shift mixing and a data-dependent decay per token; the channel mix of v4/v5.
+
+Symbols: b batch · t tokens · C width (n_embd) · H heads · N head size (C = H·N) · F dim_ffn ·
+D_m the token-shift LoRA width (time_maa_w1 is (C, 5·D_m)) · D_d the decay LoRA width.
+
+    per layer:  xx = ln1(x);  sx = (previous token's xx, state shift_att) - xx
+                m = tanh((xx + sx·maa_x) W1) (b, t, 5, D_m) · W2 (5, D_m, C)  -> m_w, m_k, m_v, m_r, m_g
+                x_j = xx + sx·(maa_j + m_j)          for j in w, k, v, r, g
+                r, k, v = W_{r,k,v} x_{r,k,v};  g = silu(W_g x_g)
+                d = time_decay + tanh(x_w Wd1) Wd2;  w = exp(-exp(d))        per (token, channel)
+                out_t = r_t · (u ⊙ k_tᵀ v_t + S_{t-1});  S_t = k_tᵀ v_t + w_t ⊙ S_{t-1}   (kernels/wkv6.py)
+                x += W_o (group_norm(out, H groups, ln_x; eps 64e-5) * g)
+                x = channel_mix(x)   (rwkv_common; v6's maa_{k,r} enter as time_mix = 1 - maa)
+
+u = time_faaaa per (head, key channel). The state S is (b, H, N, N) (key × value), rwkv5's layout,
+shared by both flavours. Step: plain ops. Prefill: a Scan (portable) or LinearAttention with the
+per-token log-decay -exp(d) plus the bonus outside (fused).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from edgeseq.errors import EdgeseqError, UnsupportedError
+from edgeseq.families import register
+from edgeseq.families.base import Family, StateTensor
+from edgeseq.families.rwkv_common import LN_EPS, channel_mix, embed_ln0, head, token_shift, transposed
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels import wkv6
+from edgeseq.kernels.ops import group_norm, layer_norm, silu
+
+# ln_x's group-norm eps: BlinkDL's training code and the rwkv package use 1e-5 * head_size_divisor**2
+# (divisor 8) = 64e-5 for v6 (rwkv/model.py: F.group_norm(..., eps=64e-5) in att_*_v6_0).
+LN_X_EPS = 64e-5
+MIX_ORDER = ("w", "k", "v", "r", "g")  # the order of time_maa_w2's 5 slices (and the package's unbind)
+
+
+@dataclass
+class Rwkv6Config:
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    head_size: int
+    dim_ffn: int
+    mix_lora: int  # D_m
+    decay_lora: int  # D_d
+    version: str = "6.0"
+    ln_x_eps: float = LN_X_EPS
+
+
+@register("rwkv6")
+class Rwkv6(Family):
+    name = "rwkv6"
+    Config = Rwkv6Config
+
+    @classmethod
+    def read_config(cls, src) -> Rwkv6Config:
+        if getattr(src, "stored_by", None) != "blinkdl":
+            raise UnsupportedError(f"{src.path}: RWKV-6 is read from BlinkDL .pth files only for now")
+        a = "blocks.0.att."
+        for n in ("time_maa_x", "time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2", "time_faaaa",
+                  "gate.weight", "ln_x.weight"):
+            if not src.has(a + n):
+                raise EdgeseqError(f"{src.path}: missing {a + n}; not an RWKV v6.0 checkpoint")
+        vocab, C = src.shape("emb.weight")
+        layers = 0
+        while src.has(f"blocks.{layers}.ln1.weight"):
+            layers += 1
+        H, N = src.shape(a + "time_faaaa")[:2] if len(src.shape(a + "time_faaaa")) >= 2 else (0, 0)
+        if H * N != C or src.shape(a + "key.weight")[0] != C:
+            raise UnsupportedError(f"{src.path}: time_faaaa {src.shape(a + 'time_faaaa')} and key.weight "
+                                   f"{src.shape(a + 'key.weight')} do not split n_embd {C} into heads")
+        w1 = src.shape(a + "time_maa_w1")
+        if len(w1) != 2 or w1[1] % 5:
+            raise UnsupportedError(f"{src.path}: time_maa_w1 {w1} is not (C, 5·D)")
+        return Rwkv6Config(vocab_size=vocab, n_embd=C, n_layer=layers, n_head=H, head_size=N,
+                           dim_ffn=src.shape("blocks.0.ffn.key.weight")[0], mix_lora=w1[1] // 5,
+                           decay_lora=src.shape(a + "time_decay_w1")[1])
+
+    def state_spec(self) -> list[StateTensor]:
+        c = self.config
+        out = []
+        for i in range(c.n_layer):
+            out.append(StateTensor(i, "shift_att", (c.n_embd,), "previous token's ln1 output (time mix)"))
+            out.append(StateTensor(i, "wkv", (c.n_head, c.head_size, c.head_size), "WKV state S (H, N key, N value)"))
+            out.append(StateTensor(i, "shift_ffn", (c.n_embd,), "previous token's ln2 output (channel mix)"))
+        return out
+
+    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+        c = self.config
+        C, H, N, D = c.n_embd, c.n_head, c.head_size, c.mix_lora
+
+        def vec(name):  # time_* vectors are (1, 1, C) in .pth files
+            return src.get(name).reshape(C)
+
+        yield "embed", src.get("emb.weight")
+        yield "ln0.weight", src.get("blocks.0.ln0.weight")
+        yield "ln0.bias", src.get("blocks.0.ln0.bias")
+        for i in range(c.n_layer):
+            s, o = f"blocks.{i}.", f"layers.{i}."
+            for n in ("ln1", "ln2"):
+                yield f"{o}{n}.weight", src.get(f"{s}{n}.weight")
+                yield f"{o}{n}.bias", src.get(f"{s}{n}.bias")
+            yield o + "att.maa_x", vec(s + "att.time_maa_x")
+            # the five static mixes stacked (5, C) in time_maa_w2's order, added to the LoRA's (b, t, 5, C)
+            yield o + "att.maa", np.stack([vec(f"{s}att.time_maa_{m}") for m in MIX_ORDER])
+            yield o + "att.maa_w1", src.get(s + "att.time_maa_w1").reshape(C, 5 * D)  # (in, out) already
+            yield o + "att.maa_w2", src.get(s + "att.time_maa_w2").reshape(5, D, C)
+            yield o + "att.decay", vec(s + "att.time_decay")  # raw: d = decay + LoRA; w = exp(-exp(d))
+            yield o + "att.decay_w1", src.get(s + "att.time_decay_w1")  # (C, D_d), (in, out) already
+            yield o + "att.decay_w2", src.get(s + "att.time_decay_w2")  # (D_d, C)
+            yield o + "att.bonus", src.get(s + "att.time_faaaa").reshape(H, N, 1)  # u, used as is
+            for m in ("receptance", "key", "value", "gate", "output"):
+                yield f"{o}att.{m}", transposed(src.get(f"{s}att.{m}.weight"))
+            yield o + "att.ln_x.weight", src.get(f"{s}att.ln_x.weight")
+            yield o + "att.ln_x.bias", src.get(f"{s}att.ln_x.bias")
+            # v6 mixes xx + (shifted - xx)·maa; rwkv_common.lerp computes shifted + (xx - shifted)·mix, the
+            # same value for mix = 1 - maa (computed in float64; the two roundings differ by ~1 ulp)
+            for m in ("k", "r"):
+                maa = src.get(f"{s}ffn.time_maa_{m}").reshape(C).astype(np.float64)
+                yield f"{o}ffn.time_mix_{m}", (1.0 - maa).astype(np.float32)
+            for m in ("key", "value", "receptance"):
+                yield f"{o}ffn.{m}", transposed(src.get(f"{s}ffn.{m}.weight"))
+        yield "ln_out.weight", src.get("ln_out.weight")
+        yield "ln_out.bias", src.get("ln_out.bias")
+        yield "head", src.get("head.weight")  # (vocab, C); rwkv_common.head reads it transposed
+
+    def body(self, b: GraphBuilder, ids, state, tokens, fused):
+        c = self.config
+        x = embed_ln0(b, ids)  # (b, t, C)
+        out = {}
+        for i in range(c.n_layer):
+            o, p = f"layers.{i}.", f"past_key_values.{i}."
+            x, out[f"present.{i}.shift_att"], out[f"present.{i}.wkv"] = self._time_mix(
+                b, x, state[p + "shift_att"], state[p + "wkv"], o, tokens, fused)
+            x, out[f"present.{i}.shift_ffn"] = channel_mix(b, x, state[p + "shift_ffn"], o, tokens)
+        return x, out
+
+    def _time_mix(self, b, x, prev, s, o, tokens, fused):
+        c = self.config
+        H, N, C, D = c.n_head, c.head_size, c.n_embd, c.mix_lora
+        xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", LN_EPS)
+        shifted, new_prev = token_shift(b, xx, prev, tokens)  # (b, t, C), shifted is (b, 1, C) for a step
+        sx = b.op("Sub", shifted, xx)
+        # data-dependent mixes: tanh(x_x W1) -> (b, t, 5, 1, D) @ W2 (5, D, C) -> (b, t, 5, C)
+        lora = b.op("Tanh", b.op("MatMul", b.op("Add", xx, b.op("Mul", sx, b.w(o + "att.maa_x"))),
+                                 b.w(o + "att.maa_w1")))
+        lora = b.op("Reshape", lora, b.ints([0, 0, 5, 1, D]))
+        m = b.op("Squeeze", b.op("MatMul", lora, b.w(o + "att.maa_w2")), b.ints([3]))
+        mix = b.op("Add", m, b.w(o + "att.maa"))  # (b, t, 5, C)
+        mixed = b.op("Add", b.op("Unsqueeze", xx, b.ints([2])),
+                     b.op("Mul", b.op("Unsqueeze", sx, b.ints([2])), mix))
+        xw, xk, xv, xr, xg = b.op("Split", mixed, b.ints([1] * 5), axis=2, outputs=5)
+        xw, xk, xv, xr, xg = (b.op("Squeeze", z, b.ints([2])) for z in (xw, xk, xv, xr, xg))
+        r, k, v, g = (b.op("MatMul", z, b.w(f"{o}att.{name}"))
+                      for z, name in ((xr, "receptance"), (xk, "key"), (xv, "value"), (xg, "gate")))
+        d = b.op("Add", b.w(o + "att.decay"), b.op("MatMul", b.op("Tanh", b.op("MatMul", xw, b.w(o + "att.decay_w1"))),
+                                                     b.w(o + "att.decay_w2")))
+        log_w = b.op("Neg", b.op("Exp", d))  # (b, t, C): log of the decay w = exp(-exp(d))
+        u = b.w(o + "att.bonus")
+        if tokens == 1:
+            heads = b.ints([-1, H, N])  # (b, 1, C) -> (b, H, N)
+            w = b.op("Exp", b.op("Reshape", log_w, b.ints([-1, H, N, 1])))
+            y, s = wkv6.step(b, *(b.op("Reshape", z, heads) for z in (r, k, v)), s, u, w)
+            y = b.op("Reshape", y, b.ints([-1, 1, C]))
+        elif fused:
+            y, s = wkv6.linear_attention(b, r, k, v, log_w, s, u, H, N)
+        else:
+            heads = b.ints([0, 0, H, N])
+            w = b.op("Exp", b.op("Reshape", log_w, b.ints([0, 0, H, N, 1])))
+            y, s = wkv6.scan(b, *(b.op("Reshape", z, heads) for z in (r, k, v)), w, s, u)
+            y = b.op("Reshape", y, b.ints([0, 0, C]))
+        y = group_norm(b, y, H, C, o + "att.ln_x.weight", o + "att.ln_x.bias", c.ln_x_eps)
+        y = b.op("MatMul", b.op("Mul", y, silu(b, g)), b.w(o + "att.output"))
+        return b.op("Add", x, y), new_prev, s
+
+    def head(self, b: GraphBuilder, hidden: str) -> str:
+        return head(b, hidden, self.config.vocab_size)
