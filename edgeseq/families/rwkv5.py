@@ -58,6 +58,7 @@ class Rwkv5Config:
 class Rwkv5(Family):
     name = "rwkv5"
     Config = Rwkv5Config
+    time_state_layout = "value_key"  # state-tuning files keep (value, key) per head: read_time_state
 
     @classmethod
     def read_config(cls, src) -> Rwkv5Config:
@@ -115,7 +116,6 @@ class Rwkv5(Family):
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
         c = self.config
-        H, N = c.n_head, c.head_size
         yield "embed", src.get("emb.weight")
         yield "ln0.weight", src.get("blocks.0.ln0.weight")
         yield "ln0.bias", src.get("blocks.0.ln0.bias")

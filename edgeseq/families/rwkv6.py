@@ -56,6 +56,7 @@ class Rwkv6Config:
 class Rwkv6(Family):
     name = "rwkv6"
     Config = Rwkv6Config
+    time_state_layout = "value_key"  # state-tuning files keep (value, key) per head: read_time_state
 
     @classmethod
     def read_config(cls, src) -> Rwkv6Config:
