@@ -77,3 +77,36 @@ def test_quantized_tensor_is_a_clear_error(tmp_path):
     bad.write_bytes(body)
     with pytest.raises(UnsupportedError, match="quantized"):
         RwkvCppFile(str(bad))
+
+
+def write_container(path, header, tensors, fp16: bool):
+    """An rwkv.cpp file as its converter writes one: header, then per tensor its dims (reversed), name
+    and data; matrices in FP16 when the file is FP16 (1-D vectors and time_* stay FP32)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack("<6i", 0x67676D66, header["file_version"], header["n_vocab"], header["n_embed"],
+                            header["n_layer"], int(fp16)))
+        for name, a in tensors.items():
+            half = fp16 and a.ndim > 1 and ".time_" not in name
+            data = a.astype(np.float16 if half else np.float32)
+            f.write(struct.pack("<3i", a.ndim, len(name.encode()), 1 if half else 0))
+            f.write(struct.pack(f"<{a.ndim}i", *reversed(a.shape)))
+            f.write(name.encode() + data.tobytes())
+
+
+def test_fp16_file_exports_and_matches_its_rounded_weights(tmp_path):
+    import edgeseq
+    from edgeseq.exporters.export import export
+
+    f32 = RwkvCppFile(str(fixture("4v0")))
+    tensors = {k: f32.get(k) for k in f32.keys()}
+    write_container(tmp_path / "m-FP16.bin", f32.config, tensors, fp16=True)
+    f16 = RwkvCppFile(str(tmp_path / "m-FP16.bin"))
+    assert f16.meta["blocks.0.att.key.weight"][0] == 1 and f16.meta["blocks.0.ln1.weight"][0] == 0
+    rounded = {k: (v.astype(np.float16).astype(np.float32) if v.ndim > 1 and ".time_" not in k else v)
+               for k, v in tensors.items()}
+    write_container(tmp_path / "rounded.bin", f32.config, rounded, fp16=False)  # the same weights, stored FP32
+    a = edgeseq.load(export(str(tmp_path / "m-FP16.bin"), str(tmp_path / "a"))).session().prefill([34, 105, 110])
+    b = edgeseq.load(export(str(tmp_path / "rounded.bin"), str(tmp_path / "b"))).session().prefill([34, 105, 110])
+    assert np.abs(a - b).max() < 1e-5  # FP16 tensors are read exactly
+    expected = np.fromfile(FIXTURES / "expected-logits-4v0-660K.bin", np.float32)
+    assert 0 < np.abs(a - expected).max() < 5e-2  # and the FP16 model stays close to the FP32 one
