@@ -56,7 +56,7 @@ def reference(tmp_path_factory):
     path = tmp_path_factory.mktemp("pth") / "m.pth"
     torch.save(sd, path)
     model = rwkv_model.RWKV(model=str(path)[:-4], strategy="cpu fp32", verbose=False)
-    ids = np.random.default_rng(0).integers(0, 256, 48).tolist()
+    ids = np.random.default_rng(0).integers(0, 256, 64).tolist()
     logits, state = [], None
     for t in ids:
         out, state = model.forward([t], state)

@@ -1,14 +1,11 @@
-"""RWKV-6 from a BlinkDL .pth: a small random v6.0 model against the `rwkv` package's reference forward
-(run in a subprocess with RWKV_V7_ON unset, so the package's v4-v6 code is the one used), at every
-position of a 48-token sequence, both flavours, every graph kind, the state contract, and the WKV-6
-Scan against its numpy reference."""
+"""RWKV-6 from a BlinkDL .pth: small random v6.0 models of several shapes (head size 32 and 64, 1, 3 and
+5 layers, different widths, ffn and LoRA sizes) against the `rwkv` package's reference forward (run in a
+subprocess with RWKV_V7_ON unset, so the package's v4-v6 code is the one used) at every position of a
+64-token sequence, both flavours; every graph kind, the state contract, state save/load/fork round
+trips, and the WKV-6 Scan against its numpy reference."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,117 +14,61 @@ import pytest
 from onnx import TensorProto, helper
 
 import edgeseq
-from edgeseq.exporters.export import export
 from edgeseq.graph import OPSET, GraphBuilder
 from edgeseq.kernels import wkv6
+from rwkv_builders import (FLAVOURS, VOCAB, build_cases, check_matches_package, check_save_load_fork,
+                           check_state_shapes, tol)
 
-N_LAYER, C, H, N, F, VOCAB, D_MIX, D_DECAY = 3, 64, 2, 32, 224, 256, 8, 16
-FLAVOURS = pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
-T = 48
-
-
-def _state_dict(seed=0):
-    rng = np.random.default_rng(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    def vec(lo=0.0, hi=1.0):
-        return rng.uniform(lo, hi, (1, 1, C)).astype(np.float32)
-
-    sd = {"emb.weight": rnd(VOCAB, C), "blocks.0.ln0.weight": 1 + rnd(C, scale=0.1), "blocks.0.ln0.bias": rnd(C, scale=0.1)}
-    for i in range(N_LAYER):
-        p = f"blocks.{i}."
-        for ln in ("ln1", "ln2"):
-            sd[f"{p}{ln}.weight"] = 1 + rnd(C, scale=0.1)
-            sd[f"{p}{ln}.bias"] = rnd(C, scale=0.1)
-        for m in "xwkvrg":
-            sd[f"{p}att.time_maa_{m}"] = vec()
-        sd[p + "att.time_maa_w1"] = rnd(C, 5 * D_MIX, scale=0.1)
-        sd[p + "att.time_maa_w2"] = rnd(5, D_MIX, C, scale=0.1)
-        sd[p + "att.time_decay"] = vec(-4.0, 1.0)
-        sd[p + "att.time_decay_w1"] = rnd(C, D_DECAY, scale=0.1)
-        sd[p + "att.time_decay_w2"] = rnd(D_DECAY, C, scale=0.2)
-        sd[p + "att.time_faaaa"] = rnd(H, N, scale=0.5)
-        for m in ("receptance", "key", "value", "gate", "output"):
-            sd[f"{p}att.{m}.weight"] = rnd(C, C, scale=C ** -0.5)
-        sd[p + "att.ln_x.weight"] = 1 + rnd(C, scale=0.1)
-        sd[p + "att.ln_x.bias"] = rnd(C, scale=0.1)
-        sd[p + "ffn.time_maa_k"] = vec()
-        sd[p + "ffn.time_maa_r"] = vec()
-        sd[p + "ffn.key.weight"] = rnd(F, C, scale=C ** -0.5)
-        sd[p + "ffn.value.weight"] = rnd(C, F, scale=F ** -0.5)
-        sd[p + "ffn.receptance.weight"] = rnd(C, C, scale=C ** -0.5)
-    sd["ln_out.weight"] = 1 + rnd(C, scale=0.1)
-    sd["ln_out.bias"] = rnd(C, scale=0.1)
-    sd["head.weight"] = rnd(VOCAB, C, scale=2 * C ** -0.5)
-    return sd
+CONFIGS = {  # name: (version, config); the first is the one the graph and state tests use
+    "h32-L3": ("6.0", dict(C=64, L=3, H=2, F=224, D_MIX=8, D_DECAY=16)),
+    "h64-L1": ("6.0", dict(C=128, L=1, H=2, F=448, D_MIX=16, D_DECAY=32)),
+    "h32-L5": ("6.0", dict(C=96, L=5, H=3, F=320, D_MIX=8, D_DECAY=8)),
+    "h64-L5": ("6.0", dict(C=192, L=5, H=3, F=256, D_MIX=4, D_DECAY=16)),
+}
+N_LAYER, C, H, N = 3, 64, 2, 32  # the first config's
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The random .pth, and the `rwkv` package's logits for it, one token at a time."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("rwkv")
-    d = tmp_path_factory.mktemp("rwkv6")
-    base = str(d / "m")
-    torch.save({k: torch.tensor(v) for k, v in _state_dict().items()}, base + ".pth")
-    ids = np.random.default_rng(1).integers(0, VOCAB, T).tolist()
-    script = textwrap.dedent("""
-        import os, sys
-        os.environ["RWKV_JIT_ON"] = "0"; os.environ["RWKV_CUDA_ON"] = "0"; os.environ.pop("RWKV_V7_ON", None)
-        import numpy as np
-        from rwkv.model import RWKV
-        base, ids = sys.argv[1], [int(t) for t in sys.argv[2].split(",")]
-        model, state, out = RWKV(model=base, strategy="cpu fp32", verbose=False), None, []
-        assert model.version == 6.0, model.version
-        for t in ids:
-            o, state = model.forward([t], state)
-            out.append(o.float().numpy().copy())
-        np.save(base + ".npy", np.stack(out))
-        o, _ = model.forward(ids, None)  # the package's sequence path (att_seq_v6_0) agrees with its steps
-        np.save(base + "-seq.npy", o.float().numpy())
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "RWKV_V7_ON"}
-    subprocess.run([sys.executable, "-c", script, base, ",".join(map(str, ids))], check=True, capture_output=True,
-                   env=env)
-    ref = np.load(base + ".npy")
-    assert ref.shape == (T, VOCAB) and ref.std() > 0.5  # not degenerate, or agreement would prove little
-    assert np.abs(np.load(base + "-seq.npy") - ref[-1]).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
-    return ids, ref, base + ".pth"
+def cases(tmp_path_factory):
+    """Every config's random .pth and the `rwkv` package's logits for it (one subprocess for all)."""
+    return build_cases(CONFIGS, tmp_path_factory.mktemp("rwkv6"), v7=False)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def case(request, cases):
+    return cases[request.param]
 
 
 @pytest.fixture(scope="module")
-def bundles(reference, tmp_path_factory):
-    d = tmp_path_factory.mktemp("rwkv6-bundles")
-    return {p: export(reference[2], str(d / f"b{int(p)}"), portable=p) for p in (False, True)}
+def reference(cases):
+    c = cases["h32-L3"]
+    return c.ids, c.ref, str(c.pth)
+
+
+@pytest.fixture(scope="module")
+def bundles(cases):
+    return {p: cases["h32-L3"].bundle(p) for p in (False, True)}
 
 
 def _tol(ref):
-    return 1e-4 * max(1.0, float(np.abs(ref).max()))
+    return tol(ref)
 
 
 @FLAVOURS
-def test_matches_rwkv_package_at_every_position(bundles, reference, portable):
-    ids, ref, _ = reference
-    m = edgeseq.load(bundles[portable])
+def test_matches_rwkv_package_at_every_position(case, portable):
+    c = case.cfg
+    m = case.model(portable)
     assert m.manifest["family"] == "rwkv6" and m.manifest["tokenizer"]["kind"] == "bytes"
-    assert m.manifest["config"]["ln_x_eps"] == 64e-5
-    s = m.session()
-    steps = np.stack([s.step(t) for t in ids])
-    print(f"\n{'portable' if portable else 'fused'} steps max |diff| {np.abs(steps - ref).max():.3g} "
-          f"(|logits| max {np.abs(ref).max():.3g})")
-    assert np.abs(steps - ref).max() < _tol(ref)
-    s.reset()
-    every = s.logits_all(ids)
-    print(f"logits_all max |diff| {np.abs(every - ref).max():.3g}")
-    assert np.abs(every - ref).max() < _tol(ref)
-    s.reset()
-    assert np.abs(s.prefill(ids[:30]) - ref[29]).max() < _tol(ref)
-    assert s.position == 30
-    tail = np.stack([s.step(t) for t in ids[30:]])
-    print(f"prefill+steps max |diff| {np.abs(tail - ref[30:]).max():.3g}")
-    assert np.abs(tail - ref[30:]).max() < _tol(ref)
+    cfg = m.manifest["config"]
+    assert cfg["ln_x_eps"] == 64e-5
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_size"], cfg["dim_ffn"], cfg["mix_lora"],
+            cfg["decay_lora"]) == (c["L"], c["C"], c["H"], c["C"] // c["H"], c["F"], c["D_MIX"], c["D_DECAY"])
+    check_matches_package(case, portable)
+    check_state_shapes(case, c["H"], c["C"] // c["H"], c["L"], c["C"])
+
+
+def test_save_load_fork_round_trip(cases, tmp_path):
+    check_save_load_fork(cases["h64-L5"], tmp_path)
 
 
 @FLAVOURS
@@ -199,12 +140,15 @@ def test_state_spec(bundles):
     assert m.state_bytes == sum(v.nbytes for v in s.state().values())
 
 
-def test_rwkv6_rejects_a_non_blinkdl_source():
+def test_rwkv6_rejects_a_source_it_does_not_read():
     from edgeseq.errors import UnsupportedError
     from edgeseq.families.rwkv6 import Rwkv6
 
     class Src:
-        path, stored_by, config = "x.bin", "rwkv.cpp", {}
+        path, stored_by, config = "x", "hf", {}
+
+        def has(self, name):
+            return True
 
     with pytest.raises(UnsupportedError):
         Rwkv6.read_config(Src())

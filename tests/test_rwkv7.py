@@ -1,14 +1,12 @@
 """RWKV-7 from an rwkv.cpp file: against rwkv.cpp's own expected logits (the shared fixture), against
-the `rwkv` package's x070 reference model on a longer sequence (in a subprocess: the package picks
+the `rwkv` package's x070 reference model on a 64-token sequence (in a subprocess: the package picks
 its RWKV-7 code at import time, from RWKV_V7_ON), both flavours, every graph kind, the state contract,
-and the WKV-7 kernel against its numpy reference."""
+and the WKV-7 kernel against its numpy reference. RWKV-7 from BlinkDL .pth files: the fixture's weights,
+and random models of several shapes (head size 32 and 64, 1, 3 and 5 layers, different widths, ffn and
+LoRA sizes) against the package at every position; state save/load/fork round trips."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +16,17 @@ from onnx import TensorProto, helper
 
 import edgeseq
 from edgeseq.exporters.export import export
+from edgeseq.exporters.rwkvcpp import RwkvCppFile
 from edgeseq.graph import OPSET, GraphBuilder
 from edgeseq.kernels import wkv7
+from rwkv_builders import FLAVOURS, RwkvCase, attach_references, check_matches_package, check_save_load_fork, \
+    check_state_shapes
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
 MODEL = FIXTURES / "tiny-rwkv-7v0-834K-FP32.bin"
 EXPECTED = np.fromfile(FIXTURES / "expected-logits-7v0-834K.bin", np.float32)
 PROMPT = [34, 105, 110]  # the bytes of '"in', as in rwkv.cpp's test
 N_LAYER, C, H, N = 12, 64, 1, 64
-FLAVOURS = pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
 
 
 @pytest.fixture(scope="module")
@@ -79,43 +79,69 @@ def test_graphs_with_plain_onnxruntime(bundles, portable):
     assert not ops & {"Scan", "Loop", "If"}
 
 
+CONFIGS = {  # random BlinkDL .pth files: name: (version, config)
+    "h32-L1": ("7", dict(C=64, L=1, H=2, F=256, D_W=16, D_A=16, D_V=8, D_G=16)),
+    "h64-L3": ("7", dict(C=128, L=3, H=2, F=320, D_W=32, D_A=16, D_V=16, D_G=32)),
+    "h32-L5": ("7", dict(C=96, L=5, H=3, F=384, D_W=8, D_A=8, D_V=8, D_G=8)),
+    "h64-L5": ("7", dict(C=192, L=5, H=3, F=256, D_W=16, D_A=32, D_V=8, D_G=24)),
+}
+
+
+def _fixture_as_pth(path: Path) -> Path:
+    """The rwkv.cpp fixture's weights as the BlinkDL .pth the package reads (rwkv.cpp's layout undone)."""
+    torch = pytest.importorskip("torch")
+    f, sd = RwkvCppFile(str(MODEL)), {}
+    for k in f.keys():
+        a = f.get(k)
+        if k.endswith("att.x_rwkvag"):  # rwkv.cpp fused x_r, x_w, x_k, x_v, x_a, x_g
+            for j, m in enumerate("rwkvag"):
+                sd[k[:-len("x_rwkvag")] + "x_" + m] = torch.tensor(a[j].reshape(1, 1, -1))
+            continue
+        if any(k.endswith(f"att.{m}{n}") for m in "wavg" for n in "12"):
+            a = a.T  # rwkv.cpp stored the LoRA matrices transposed
+        sd[k] = torch.tensor(np.ascontiguousarray(a))
+    torch.save(sd, path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The `rwkv` package's x070 model on the fixture's weights (rwkv.cpp's layout undone), 48 tokens."""
-    pytest.importorskip("torch")
-    pytest.importorskip("rwkv")
+def cases(tmp_path_factory):
+    """The random configs and the fixture's weights, with the `rwkv` package's x070 logits for each (one
+    subprocess: the package picks its RWKV-7 code at import time, from RWKV_V7_ON)."""
     d = tmp_path_factory.mktemp("rwkv7-ref")
-    ids = np.random.default_rng(0).integers(0, 256, 48).tolist()
-    script = textwrap.dedent("""
-        import os, sys
-        os.environ["RWKV_V7_ON"] = "1"; os.environ["RWKV_JIT_ON"] = "0"; os.environ["RWKV_CUDA_ON"] = "0"
-        import numpy as np, torch
-        from edgeseq.exporters.rwkvcpp import RwkvCppFile
-        from rwkv.model import RWKV
-        src, base, ids = sys.argv[1], sys.argv[2], [int(t) for t in sys.argv[3].split(",")]
-        f, sd = RwkvCppFile(src), {}
-        for k in f.keys():
-            a = f.get(k)
-            if k.endswith("att.x_rwkvag"):  # rwkv.cpp fused x_r, x_w, x_k, x_v, x_a, x_g
-                for j, m in enumerate("rwkvag"):
-                    sd[k[:-len("x_rwkvag")] + "x_" + m] = torch.tensor(a[j].reshape(1, 1, -1))
-                continue
-            if any(k.endswith(f"att.{m}{n}") for m in "wavg" for n in "12"):
-                a = a.T  # rwkv.cpp stored the LoRA matrices transposed
-            sd[k] = torch.tensor(np.ascontiguousarray(a))
-        torch.save(sd, base + ".pth")
-        model, state, out = RWKV(model=base, strategy="cpu fp32"), None, []
-        for t in ids:
-            o, state = model.forward([t], state)
-            out.append(o.float().numpy().copy())
-        np.save(base + ".npy", np.stack(out))
-    """)
-    base = str(d / "m")
-    subprocess.run([sys.executable, "-c", script, str(MODEL), base, ",".join(map(str, ids))], check=True,
-                   capture_output=True, env={**os.environ, "RWKV_V7_ON": "1"})
-    ref = np.load(base + ".npy")
-    assert ref.shape == (48, 256) and ref.std() > 0.5  # not degenerate, or agreement would prove little
-    return ids, ref, base + ".pth"
+    out = {name: RwkvCase(name, version, cfg, d / name) for name, (version, cfg) in CONFIGS.items()}
+    (d / "fixture").mkdir()
+    out["fixture"] = RwkvCase("fixture", "7", {}, d / "fixture", pth=_fixture_as_pth(d / "fixture" / "m.pth"))
+    attach_references(list(out.values()), v7=True)
+    return out
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def case(request, cases):
+    return cases[request.param]
+
+
+@pytest.fixture(scope="module")
+def reference(cases):
+    """The package on the fixture's weights, 64 tokens: (ids, logits, the .pth it read)."""
+    c = cases["fixture"]
+    return c.ids, c.ref, str(c.pth)
+
+
+@FLAVOURS
+def test_random_blinkdl_pth_matches_rwkv_package(case, portable):
+    c = case.cfg
+    m = case.model(portable)
+    assert m.manifest["family"] == "rwkv7"
+    cfg = m.manifest["config"]
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["head_size"], cfg["dim_ffn"]) == (
+        c["L"], c["C"], c["H"], c["C"] // c["H"], c["F"])
+    check_matches_package(case, portable)
+    check_state_shapes(case, c["H"], c["C"] // c["H"], c["L"], c["C"])
+
+
+def test_save_load_fork_round_trip(cases, tmp_path):
+    check_save_load_fork(cases["h64-L3"], tmp_path)
 
 
 @FLAVOURS

@@ -164,7 +164,7 @@ class Rwkv5(Family):
         log_w = np.broadcast_to(np.maximum(log_w, -1e30), (H, N, 1))
         yield o + "att.decay", np.exp(log_w).astype(np.float32)
         yield o + "att.log_decay", log_w.reshape(H * N).astype(np.float32)
-        if src.has(a + "time_faaaa"):  # v5.2's bonus, used as is
+        if c.version == "5.2":  # v5.2's bonus, used as is
             u = src.get(a + "time_faaaa").astype(np.float64)
         else:  # v5.0/5.1 store its log, one per head
             u = np.exp(src.get(a + "time_first").astype(np.float64))
