@@ -110,3 +110,36 @@ def test_fp16_file_exports_and_matches_its_rounded_weights(tmp_path):
     assert np.abs(a - b).max() < 1e-5  # FP16 tensors are read exactly
     expected = np.fromfile(FIXTURES / "expected-logits-4v0-660K.bin", np.float32)
     assert 0 < np.abs(a - expected).max() < 5e-2  # and the FP16 model stays close to the FP32 one
+
+
+def test_rwkv6_file_written_the_rwkv_cpp_way_matches_its_pth(tmp_path):
+    """There is no rwkv.cpp v6 fixture; this writes a v6 .pth through the transforms rwkv.cpp's
+    converter applies to v6 (time_* squeezed, time_faaaa unsqueezed, time_maa_w1 and time_decay_w1
+    transposed, time_maa_w2 permuted (5, D, C) -> (5, C, D)) and checks that edgeseq reads it back to
+    the model of the .pth."""
+    torch = pytest.importorskip("torch")
+    import edgeseq
+    from edgeseq.exporters.export import export
+    from rwkv_builders import v6_state_dict
+
+    sd = v6_state_dict(C=64, L=3, H=2)
+    torch.save(sd, tmp_path / "m.pth")
+    converted = {}
+    for k, t in sd.items():
+        a = t.float().numpy()
+        if ".time_" in k:
+            a = a.squeeze()
+        if k.endswith(".time_faaaa"):
+            a = a[..., None]
+        if k.endswith((".time_maa_w1", ".time_decay_w1")):
+            a = a.T
+        if k.endswith(".time_maa_w2"):
+            a = a.transpose(0, 2, 1)
+        converted[k] = np.ascontiguousarray(a)
+    V, C = converted["emb.weight"].shape
+    write_container(tmp_path / "m.bin", {"file_version": 101, "n_vocab": V, "n_embed": C, "n_layer": 3},
+                    converted, fp16=False)
+    ids = np.random.default_rng(0).integers(0, V, 24).tolist()
+    a = edgeseq.load(export(str(tmp_path / "m.bin"), str(tmp_path / "a"))).session().logits_all(ids)
+    b = edgeseq.load(export(str(tmp_path / "m.pth"), str(tmp_path / "b"))).session().logits_all(ids)
+    assert np.abs(a - b).max() < 1e-5 and np.abs(b).max() > 1

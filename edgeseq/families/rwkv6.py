@@ -60,8 +60,9 @@ class Rwkv6(Family):
 
     @classmethod
     def read_config(cls, src) -> Rwkv6Config:
+        src = _as_blinkdl(src)
         if getattr(src, "stored_by", None) != "blinkdl":
-            raise UnsupportedError(f"{src.path}: RWKV-6 is read from BlinkDL .pth files only for now")
+            raise UnsupportedError(f"{src.path}: RWKV-6 is read from BlinkDL .pth and rwkv.cpp files only for now")
         a = "blocks.0.att."
         for n in ("time_maa_x", "time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2", "time_faaaa",
                   "gate.weight", "ln_x.weight"):
@@ -92,6 +93,7 @@ class Rwkv6(Family):
         return out
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+        src = _as_blinkdl(src)
         c = self.config
         C, H, N, D = c.n_embd, c.n_head, c.head_size, c.mix_lora
 
@@ -181,3 +183,40 @@ class Rwkv6(Family):
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return head(b, hidden, self.config.vocab_size)
+
+
+class _RwkvCppAsBlinkDL:
+    """An rwkv.cpp v6 file seen as the BlinkDL .pth it was converted from. rwkv.cpp's converter
+    squeezed the time_* tensors (the family reshapes them anyway), unsqueezed time_faaaa (likewise),
+    transposed time_maa_w1 and time_decay_w1, and permuted time_maa_w2 (5, D, C) -> (5, C, D): those
+    three are turned back here."""
+
+    stored_by = "blinkdl"
+
+    def __init__(self, src):
+        self.src, self.path, self.config = src, src.path, src.config
+
+    def keys(self):
+        return self.src.keys()
+
+    def has(self, name):
+        return self.src.has(name)
+
+    def shape(self, name):
+        return tuple(self.get(name).shape) if self._undone(name) else self.src.shape(name)
+
+    def get(self, name):
+        a = self.src.get(name)
+        if name.endswith((".time_maa_w1", ".time_decay_w1")):
+            return np.ascontiguousarray(a.T)
+        if name.endswith(".time_maa_w2"):
+            return np.ascontiguousarray(a.transpose(0, 2, 1))
+        return a
+
+    @staticmethod
+    def _undone(name):
+        return name.endswith((".time_maa_w1", ".time_decay_w1", ".time_maa_w2"))
+
+
+def _as_blinkdl(src):
+    return _RwkvCppAsBlinkDL(src) if getattr(src, "stored_by", None) == "rwkv.cpp" else src
