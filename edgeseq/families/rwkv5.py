@@ -28,7 +28,7 @@ import numpy as np
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import channel_mix, embed_ln0, head, lerp, token_shift, transposed
+from edgeseq.families.rwkv_common import blocks, head, lerp, token_shift, transposed
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv5
 from edgeseq.kernels.ops import group_norm, layer_norm, silu
@@ -171,15 +171,7 @@ class Rwkv5(Family):
         yield o + "att.bonus", np.broadcast_to(u.reshape(H, -1, 1), (H, N, 1)).astype(np.float32)
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
-        c = self.config
-        x = embed_ln0(b, ids)  # (b, t, C)
-        out = {}
-        for i in range(c.n_layer):
-            o, p = f"layers.{i}.", f"past_key_values.{i}."
-            x, out[f"present.{i}.shift_att"], out[f"present.{i}.wkv"] = self._time_mix(
-                b, x, state[p + "shift_att"], state[p + "wkv"], o, tokens, fused)
-            x, out[f"present.{i}.shift_ffn"] = channel_mix(b, x, state[p + "shift_ffn"], o, tokens)
-        return x, out
+        return blocks(b, ids, state, self.config.n_layer, self._time_mix, tokens, fused)
 
     def _time_mix(self, b, x, prev, s, o, tokens, fused):
         c = self.config

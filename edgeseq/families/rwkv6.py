@@ -27,7 +27,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import LN_EPS, channel_mix, embed_ln0, head, token_shift, transposed
+from edgeseq.families.rwkv_common import LN_EPS, blocks, head, token_shift, transposed
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv6
 from edgeseq.kernels.ops import group_norm, layer_norm, silu
@@ -133,15 +133,7 @@ class Rwkv6(Family):
         yield "head", src.get("head.weight")  # (vocab, C); rwkv_common.head reads it transposed
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
-        c = self.config
-        x = embed_ln0(b, ids)  # (b, t, C)
-        out = {}
-        for i in range(c.n_layer):
-            o, p = f"layers.{i}.", f"past_key_values.{i}."
-            x, out[f"present.{i}.shift_att"], out[f"present.{i}.wkv"] = self._time_mix(
-                b, x, state[p + "shift_att"], state[p + "wkv"], o, tokens, fused)
-            x, out[f"present.{i}.shift_ffn"] = channel_mix(b, x, state[p + "shift_ffn"], o, tokens)
-        return x, out
+        return blocks(b, ids, state, self.config.n_layer, self._time_mix, tokens, fused)
 
     def _time_mix(self, b, x, prev, s, o, tokens, fused):
         c = self.config

@@ -124,3 +124,16 @@ def read_time_state(family, path: str) -> dict[str, np.ndarray]:
     if extra:
         raise EdgeseqError(f"{path}: unexpected tensor {extra[0]!r} in a state-tuning file")
     return out
+
+
+def blocks(b: GraphBuilder, ids: str, state: dict, n_layer: int, time_mix, tokens: int | None, fused: bool):
+    """The RWKV-5/6 stack: embedding + ln0, then per layer `time_mix` (the version's attention:
+    (b, x, prev, wkv, prefix, tokens, fused) -> (x, prev, wkv)) and the shared channel mix."""
+    x = embed_ln0(b, ids)  # (b, t, C)
+    out = {}
+    for i in range(n_layer):
+        o, p = f"layers.{i}.", f"past_key_values.{i}."
+        x, out[f"present.{i}.shift_att"], out[f"present.{i}.wkv"] = time_mix(
+            b, x, state[p + "shift_att"], state[p + "wkv"], o, tokens, fused)
+        x, out[f"present.{i}.shift_ffn"] = channel_mix(b, x, state[p + "shift_ffn"], o, tokens)
+    return x, out
