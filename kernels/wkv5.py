@@ -54,17 +54,22 @@ def scan(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, w: str) -> tup
     return y, s_final
 
 
-def linear_attention(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, w: str, log_w: str,
+def linear_attention(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, log_w: str, w_last: str,
                      heads: int, size: int) -> tuple[str, str]:
-    """Packed r, k, v (b, t, H*N); u, w (H, N, 1), log_w (H*N) values. Returns (out (b, t, H*N), new s)."""
+    """Packed r, k, v and log_w (b, t, H*N); s (b, H, N, N); u (H, N, 1); w_last, the last token's
+    decay, broadcastable to (b, H, N, 1). Returns (out (b, t, H*N), new s). RWKV-5 passes its constant
+    decay expanded over the tokens; RWKV-6 its per-token one.
+
+    LinearAttention reads the state after adding the current token; RWKV reads it before. So the op is
+    fed the previous token's k, v and log w (zeros first: decay 1 keeps the incoming state), which makes
+    its output r·S_{t-1}; the bonus r·(u ⊙ k)ᵀv is added outside, and the last token's update is applied
+    to the state the op returns."""
     zero_row = b.op("Mul", b.op("Gather", k, b.ints([0]), axis=1), b.const(0.0))  # (b, 1, H*N) zeros
 
     def shift(x):  # (b, t, H*N) -> previous token's row, zeros first
         return b.op("Slice", b.op("Concat", zero_row, x, axis=1), b.ints([0]), b.ints([-1]), b.ints([1]))
 
-    # decay 1 (log 0) for the first position keeps the incoming state as it is
-    g = shift(b.op("Add", b.op("Mul", k, b.const(0.0)), log_w))  # log w expanded to (b, t, H*N)
-    out, s_mid = b.op("LinearAttention", r, shift(k), shift(v), s, g, outputs=2, domain=MS_DOMAIN,
+    out, s_mid = b.op("LinearAttention", r, shift(k), shift(v), s, shift(log_w), outputs=2, domain=MS_DOMAIN,
                       update_rule="gated", q_num_heads=heads, kv_num_heads=heads, scale=1.0)
     # bonus: r_t·(u ⊙ k_t)ᵀ v_t = (sum_n r u k over the head) * v_t
     hd = b.ints([0, 0, heads, size])
@@ -76,7 +81,7 @@ def linear_attention(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, w:
     last = b.ints([-1])
     k_last = b.op("Reshape", b.op("Gather", k, last, axis=1), b.ints([0, heads, size, 1]))
     v_last = b.op("Reshape", b.op("Gather", v, last, axis=1), b.ints([0, heads, 1, size]))
-    s_new = b.op("Add", b.op("Mul", k_last, v_last), b.op("Mul", w, s_mid))
+    s_new = b.op("Add", b.op("Mul", k_last, v_last), b.op("Mul", w_last, s_mid))
     return out, s_new
 
 

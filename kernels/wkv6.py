@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from edgeseq.graph import MS_DOMAIN, GraphBuilder
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels import wkv5
 from edgeseq.kernels.wkv5 import step  # noqa: F401  (the one-token update is v5.2's)
 
 
@@ -43,25 +44,10 @@ def scan(b: GraphBuilder, r: str, k: str, v: str, w: str, s: str, u: str) -> tup
 
 def linear_attention(b: GraphBuilder, r: str, k: str, v: str, log_w: str, s: str, u: str,
                      heads: int, size: int) -> tuple[str, str]:
-    """Packed r, k, v, log_w (b, t, H*N); s (b, H, N, N); u (H, N, 1). Returns (out (b, t, H*N), new s)."""
-    zero_row = b.op("Mul", b.op("Gather", k, b.ints([0]), axis=1), b.const(0.0))  # (b, 1, H*N) zeros
-
-    def shift(x):  # previous token's row, zeros first (for log w: decay 1 keeps the incoming state)
-        return b.op("Slice", b.op("Concat", zero_row, x, axis=1), b.ints([0]), b.ints([-1]), b.ints([1]))
-
-    out, s_mid = b.op("LinearAttention", r, shift(k), shift(v), s, shift(log_w), outputs=2, domain=MS_DOMAIN,
-                      update_rule="gated", q_num_heads=heads, kv_num_heads=heads, scale=1.0)
-    hd = b.ints([0, 0, heads, size])
-    ruk = b.op("Mul", b.op("Mul", r, k), b.op("Reshape", u, b.ints([heads * size])))
-    coef = b.op("ReduceSum", b.op("Reshape", ruk, hd), b.ints([-1]), keepdims=1)  # (b, t, H, 1)
-    bonus = b.op("Reshape", b.op("Mul", coef, b.op("Reshape", v, hd)), b.ints([0, 0, heads * size]))
-    out = b.op("Add", out, bonus)
-    last = b.ints([-1])
-    k_last = b.op("Reshape", b.op("Gather", k, last, axis=1), b.ints([0, heads, size, 1]))
-    v_last = b.op("Reshape", b.op("Gather", v, last, axis=1), b.ints([0, heads, 1, size]))
-    w_last = b.op("Reshape", b.op("Exp", b.op("Gather", log_w, last, axis=1)), b.ints([0, heads, size, 1]))
-    s_new = b.op("Add", b.op("Mul", k_last, v_last), b.op("Mul", w_last, s_mid))
-    return out, s_new
+    """Packed r, k, v, log_w (b, t, H*N); s (b, H, N, N); u (H, N, 1): wkv5's LinearAttention with the
+    per-token decay. Returns (out (b, t, H*N), new s)."""
+    w_last = b.op("Reshape", b.op("Exp", b.op("Gather", log_w, b.ints([-1]), axis=1)), b.ints([0, heads, size, 1]))
+    return wkv5.linear_attention(b, r, k, v, s, u, log_w, w_last, heads, size)
 
 
 def wkv6_ref(r: np.ndarray, k: np.ndarray, v: np.ndarray, w: np.ndarray, s: np.ndarray, u: np.ndarray):

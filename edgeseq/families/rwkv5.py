@@ -28,7 +28,7 @@ import numpy as np
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import blocks, head, lerp, token_shift, transposed
+from edgeseq.families.rwkv_common import blocks, head, lerp, matrix_state_spec, token_shift, transposed
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv5
 from edgeseq.kernels.ops import group_norm, layer_norm, silu
@@ -107,12 +107,7 @@ class Rwkv5(Family):
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
-        out = []
-        for i in range(c.n_layer):
-            out.append(StateTensor(i, "shift_att", (c.n_embd,), "previous token's ln1 output (time mix)"))
-            out.append(StateTensor(i, "wkv", (c.n_head, c.head_size, c.head_size), "WKV state S (H, N key, N value)"))
-            out.append(StateTensor(i, "shift_ffn", (c.n_embd,), "previous token's ln2 output (channel mix)"))
-        return out
+        return matrix_state_spec(c.n_layer, c.n_embd, c.n_head, c.head_size)
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
         c = self.config
@@ -188,7 +183,8 @@ class Rwkv5(Family):
             y, s = wkv5.step(b, *(b.op("Reshape", z, heads) for z in (r, k, v)), s, u, w)
             y = b.op("Reshape", y, b.ints([-1, 1, C]))
         elif fused:
-            y, s = wkv5.linear_attention(b, r, k, v, s, u, w, b.w(o + "att.log_decay"), H, N)
+            log_w = b.op("Add", b.op("Mul", k, b.const(0.0)), b.w(o + "att.log_decay"))  # (b, t, H*N)
+            y, s = wkv5.linear_attention(b, r, k, v, s, u, log_w, w, H, N)
         else:
             heads = b.ints([0, 0, H, N])
             y, s = wkv5.scan(b, *(b.op("Reshape", z, heads) for z in (r, k, v)), s, u, w)

@@ -27,7 +27,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import LN_EPS, blocks, head, token_shift, transposed
+from edgeseq.families.rwkv_common import LN_EPS, blocks, head, matrix_state_spec, token_shift, transposed
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv6
 from edgeseq.kernels.ops import group_norm, layer_norm, silu
@@ -85,12 +85,7 @@ class Rwkv6(Family):
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
-        out = []
-        for i in range(c.n_layer):
-            out.append(StateTensor(i, "shift_att", (c.n_embd,), "previous token's ln1 output (time mix)"))
-            out.append(StateTensor(i, "wkv", (c.n_head, c.head_size, c.head_size), "WKV state S (H, N key, N value)"))
-            out.append(StateTensor(i, "shift_ffn", (c.n_embd,), "previous token's ln2 output (channel mix)"))
-        return out
+        return matrix_state_spec(c.n_layer, c.n_embd, c.n_head, c.head_size)
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
         src = _as_blinkdl(src)

@@ -34,7 +34,7 @@ import numpy as np
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import LN_EPS, embed_ln0, head, token_shift, transposed
+from edgeseq.families.rwkv_common import LN_EPS, embed_ln0, head, matrix_state_spec, token_shift, transposed
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv7
 from edgeseq.kernels.ops import group_norm, layer_norm
@@ -73,13 +73,7 @@ class Rwkv7(Family):
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
-        out = []
-        for i in range(c.n_layer):
-            out.append(StateTensor(i, "shift_att", (c.n_embd,), "the previous token's ln1 output (time-mix shift)"))
-            out.append(StateTensor(i, "wkv", (c.n_head, c.head_size, c.head_size),
-                                   "WKV-7 state S per head (value rows, key columns)"))
-            out.append(StateTensor(i, "shift_ffn", (c.n_embd,), "the previous token's ln2 output (channel-mix shift)"))
-        return out
+        return matrix_state_spec(c.n_layer, c.n_embd, c.n_head, c.head_size, "N value, N key")
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
         c = self.config

@@ -137,3 +137,15 @@ def blocks(b: GraphBuilder, ids: str, state: dict, n_layer: int, time_mix, token
             b, x, state[p + "shift_att"], state[p + "wkv"], o, tokens, fused)
         x, out[f"present.{i}.shift_ffn"] = channel_mix(b, x, state[p + "shift_ffn"], o, tokens)
     return x, out
+
+
+def matrix_state_spec(n_layer: int, n_embd: int, n_head: int, head_size: int, layout: str = "N key, N value"):
+    """RWKV-5/6/7's state per layer: both token shifts and the per-head matrix state."""
+    from edgeseq.state import StateTensor
+
+    out = []
+    for i in range(n_layer):
+        out.append(StateTensor(i, "shift_att", (n_embd,), "previous token's ln1 output (time mix)"))
+        out.append(StateTensor(i, "wkv", (n_head, head_size, head_size), f"WKV state S (H, {layout})"))
+        out.append(StateTensor(i, "shift_ffn", (n_embd,), "previous token's ln2 output (channel mix)"))
+    return out
