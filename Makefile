@@ -24,7 +24,14 @@ demo: $(VENV)/.base
 	$(BIN)/edgeseq inspect demo-model/bundle
 	$(BIN)/edgeseq run demo-model/bundle --prompt "The state of the art" --max-tokens 48 --seed 0
 
-test: $(VENV)/.test
+# optional engines and other-language tests; each stamp installs what its tests need (see README)
+$(VENV)/.llamacpp: $(VENV)/.test
+	touch $@
+
+$(VENV)/.web: $(VENV)/.test
+	touch $@
+
+test: $(VENV)/.test $(VENV)/.llamacpp $(VENV)/.web
 	$(BIN)/python -m pytest -q
 
 .PHONY: demo test
