@@ -31,6 +31,24 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# ONNX TensorProto element types an app may meet in a bundle's graph inputs and outputs
+_ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}
+
+
+def graph_tensors(inputs, outputs, state_names) -> dict:
+    """dtype and shape of a graph's inputs and outputs other than the state (input_ids, logits, and
+    `position` for families with attention), from the graph's ValueInfoProtos, for the manifest: an app
+    then knows every tensor it feeds and fetches without opening the graph. Symbolic dims stay names."""
+    table = {}
+    for v in [*inputs, *outputs]:
+        if v.name in state_names:
+            continue
+        t = v.type.tensor_type
+        table[v.name] = {"dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)),
+                         "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
+    return table
+
+
 def write_manifest(directory: str, manifest: dict) -> None:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_spec_version": STATE_SPEC_VERSION,
                 **manifest}

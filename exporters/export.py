@@ -12,7 +12,7 @@ import shutil
 import tempfile
 
 from edgeseq import __version__
-from edgeseq.bundle import sha256_file, write_manifest
+from edgeseq.bundle import graph_tensors, sha256_file, write_manifest
 from edgeseq.errors import EdgeseqError
 from edgeseq.families import family_for_architecture
 from edgeseq.families.base import GRAPH_KINDS
@@ -110,6 +110,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
         meta = {"edgeseq.version": __version__, "edgeseq.family": family.name, "edgeseq.quant": quant,
                 "edgeseq.flavour": flavour, "edgeseq.weights_sha256": weights_hash}
         graphs = {}
+        state_names = {n for s in family.state_spec() for n in (s.input_name, s.output_name)}
         for kind in GRAPH_KINDS:
             b = family.build_graph(kind, store.table, fused=not portable)
             fname = f"{kind}.onnx"
@@ -120,6 +121,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
                             "logits": "all" if kind == "prefill_all" else "last"}
             if kind != "step":
                 graphs[kind]["chunk"] = family.prefill_chunk
+            graphs[kind]["tensors"] = graph_tensors(b.inputs, b.outputs, state_names)
         if tok_file:
             shutil.copyfile(tok_file, os.path.join(tmp, tok_spec["file"]))
         init_spec = None
