@@ -1,0 +1,135 @@
+"""Attention over a fixed-size key/value ring: the attention layers of the hybrid families (Zamba,
+Zamba2: full attention over a ring of `max_context` tokens; RecurrentGemma: local attention over a
+ring of its window).
+
+Symbols: b batch · Hq query heads · Hkv key/value heads (Hq = g·Hkv: GQA, MQA when Hkv = 1) ·
+hd head dim · T new tokens in this call · R ring length · p0 the absolute position of the first new
+token (the graph input `position`, int64 (1,)).
+
+The ring contract (DESIGN: state spec): `ring_k`, `ring_v` (b, Hkv, R, hd), zeros initially; the
+token at absolute position p lives in slot p % R; keys are stored after RoPE. Before this call the
+ring holds positions p0-R .. p0-1 (the ones >= 0); slot j holds position p0-1 - ((p0-1-j) mod R).
+
+    attention(b, q, k, v, ring_k, ring_v, position, q_heads, kv_heads, head_dim, scale,
+              window=None, softcap=None) -> (out, new_ring_k, new_ring_v)
+
+        q (b, Hq, T, hd), k / v (b, Hkv, T, hd), rings (b, Hkv, R, hd), position (1,) int64.
+        out (b, Hq, T, hd): new token i (position p = p0+i) attends causally to the absolute positions
+        [p - W + 1, p] among the ring's and the new tokens, W = min(window, R) (W = R when window is
+        None): a ring of R tokens can hold no more. Full attention is exact while p < R; past that
+        the ring slides (the session decides whether it may). Scores are q·k·scale, soft-capped as
+        cap·tanh(s / cap) when `softcap` is given, then softmax in float32.
+        new rings: the last min(T, R) new keys/values written at their slots; the others kept. Any
+        T works, T > R included (a prefill longer than the ring), and R may be a symbolic dim.
+
+    rope(b, x, pos, head_dim, base, rotary_dim=None) -> x with rotary embedding applied
+        x (b, H, T, hd), pos (T,) int64 absolute positions: the rotate-half (GPT-NeoX / Llama) form
+        on the first `rotary_dim` channels (all by default), the rest passed through.
+
+    token_positions(b, position, x, axis) -> (T,) int64: p0 + arange(T), T = x.shape[axis].
+
+Everything is standard ONNX (opset 21): the same graph serves the fused and portable flavours.
+`attention_ref` is the plain numpy reference of the same ring computation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeseq.graph import GraphBuilder
+
+NEG = -1e30  # masked score: finite so that a fully masked row (never built here) could not make NaN
+
+
+def token_positions(b: GraphBuilder, position: str, x: str, axis: int) -> str:
+    """(T,) int64 absolute positions of the T tokens along `axis` of x: position + arange(T)."""
+    p0 = b.op("Squeeze", position, b.ints([0]))  # scalar
+    t = b.op("Squeeze", b.op("Shape", x, start=axis, end=axis + 1), b.ints([0]))
+    return b.op("Range", p0, b.op("Add", p0, t), b.const(1, np.int64))
+
+
+def rope(b: GraphBuilder, x: str, pos: str, head_dim: int, base: float, rotary_dim: int | None = None) -> str:
+    """Rotary embedding (rotate-half form) of x (b, H, T, hd) at positions pos (T,)."""
+    rd = rotary_dim or head_dim
+    # as transformers computes it: inv_freq in float32 from an integer arange
+    inv_freq = (1.0 / (base ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd))).astype(np.float32)
+    ang = b.op("Mul", b.op("Unsqueeze", b.op("Cast", pos, to=1), b.ints([1])), b.const(inv_freq))  # (T, rd/2)
+    ang = b.op("Concat", ang, ang, axis=-1)  # (T, rd)
+    cos, sin = b.op("Cos", ang), b.op("Sin", ang)
+    if rd < head_dim:
+        xr, xp = b.op("Split", x, b.ints([rd, head_dim - rd]), axis=-1, outputs=2)
+    else:
+        xr, xp = x, None
+    x1, x2 = b.op("Split", xr, b.ints([rd // 2, rd // 2]), axis=-1, outputs=2)
+    rot = b.op("Concat", b.op("Neg", x2), x1, axis=-1)  # rotate_half
+    y = b.op("Add", b.op("Mul", xr, cos), b.op("Mul", rot, sin))
+    return b.op("Concat", y, xp, axis=-1) if xp is not None else y
+
+
+def attention(b: GraphBuilder, q: str, k: str, v: str, ring_k: str, ring_v: str, position: str, q_heads: int,
+              kv_heads: int, head_dim: int, scale: float, window: int | None = None,
+              softcap: float | None = None) -> tuple[str, str, str]:
+    """Attention of T new tokens over the ring plus themselves; see the module docstring."""
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads do not share {kv_heads} key/value heads evenly")
+    g = q_heads // kv_heads
+    i64 = lambda v_: b.const(v_, np.int64)  # noqa: E731
+    R = b.op("Shape", ring_k, start=2, end=3)  # (1,)
+    T = b.op("Shape", k, start=2, end=3)  # (1,)
+    Rs = b.op("Squeeze", R, b.ints([0]))
+    j = b.op("Range", i64(0), Rs, i64(1))  # (R,) slot index
+    p0 = position  # (1,)
+    pm1 = b.op("Sub", p0, i64([1]))
+    ring_pos = b.op("Sub", pm1, b.op("Mod", b.op("Sub", pm1, j), R, fmod=0))  # (R,) position held; < 0: empty
+    new_pos = token_positions(b, position, k, 2)  # (T,)
+    kpos = b.op("Unsqueeze", b.op("Concat", ring_pos, new_pos, axis=0), b.ints([0]))  # (1, R+T)
+    qpos = b.op("Unsqueeze", new_pos, b.ints([1]))  # (T, 1)
+    W = R if window is None else b.op("Min", R, i64([int(window)]))
+    valid = b.op("And", b.op("GreaterOrEqual", kpos, i64(0)), b.op("LessOrEqual", kpos, qpos))
+    valid = b.op("And", valid, b.op("Greater", kpos, b.op("Sub", qpos, W)))  # (T, R+T)
+    if g > 1:
+        valid = b.op("Tile", valid, b.ints([g, 1]))  # rows ordered (group member, token) like q below
+
+    K = b.op("Concat", ring_k, k, axis=2)  # (b, Hkv, R+T, hd)
+    V = b.op("Concat", ring_v, v, axis=2)
+    qg = b.op("Reshape", q, b.ints([0, kv_heads, -1, head_dim]))  # (b, Hkv, g*T, hd): q head = kv head*g + m
+    s = b.op("MatMul", qg, b.op("Transpose", K, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, R+T)
+    s = b.op("Mul", s, b.const(scale))
+    if softcap:
+        s = b.op("Mul", b.op("Tanh", b.op("Mul", s, b.const(1.0 / softcap))), b.const(softcap))
+    s = b.op("Where", valid, s, b.const(NEG))
+    o = b.op("MatMul", b.op("Softmax", s, axis=-1), V)  # (b, Hkv, g*T, hd)
+    out = b.op("Reshape", o, b.ints([0, q_heads, -1, head_dim]))  # (b, Hq, T, hd)
+
+    # slot j takes the newest new token landing on it: i = d + R*floor((T-1-d)/R), d = (j - p0) mod R,
+    # when d < T; otherwise it keeps its old entry. One Gather over [ring, new] (index R + i or j).
+    d = b.op("Mod", b.op("Sub", j, p0), R, fmod=0)  # (R,)
+    last = b.op("Add", d, b.op("Mul", R, b.op("Div", b.op("Sub", b.op("Sub", T, i64([1])), d), R)))
+    idx = b.op("Where", b.op("Less", d, T), b.op("Add", R, last), j)  # (R,)
+    return out, b.op("Gather", K, idx, axis=2), b.op("Gather", V, idx, axis=2)
+
+
+# -- numpy reference ----------------------------------------------------------------------------
+def attention_ref(q, k, v, ring_k, ring_v, p0: int, scale: float, window: int | None = None,
+                  softcap: float | None = None):
+    """The ring computation in plain numpy (float64), for the tests and by-hand checks."""
+    bsz, hq, T, hd = q.shape
+    hkv, R = k.shape[1], ring_k.shape[2]
+    g = hq // hkv
+    W = R if window is None else min(window, R)
+    slot_pos = np.array([p0 - 1 - ((p0 - 1 - j) % R) for j in range(R)])
+    kpos = np.concatenate([slot_pos, p0 + np.arange(T)])
+    K, V = np.concatenate([ring_k, k], 2), np.concatenate([ring_v, v], 2)
+    out = np.zeros(q.shape)
+    for h in range(hq):
+        s = q[:, h] @ K[:, h // g].transpose(0, 2, 1) * scale  # (b, T, R+T)
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        qp = (p0 + np.arange(T))[:, None]
+        ok = (kpos[None] >= 0) & (kpos[None] <= qp) & (kpos[None] > qp - W)
+        s = np.where(ok, s, -np.inf)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        out[:, h] = (e / e.sum(-1, keepdims=True)) @ V[:, h // g]
+    nk, nv = ring_k.copy(), ring_v.copy()
+    for i in range(max(0, T - R), T):
+        nk[:, :, (p0 + i) % R], nv[:, :, (p0 + i) % R] = k[:, :, i], v[:, :, i]
+    return out, nk, nv

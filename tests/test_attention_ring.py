@@ -1,0 +1,123 @@
+"""The attention ring (kernels/attention.py) against plain full-sequence attention in numpy.
+
+A sequence of N tokens is fed through the ONNX graph in calls of various lengths, the rings and the
+position carried from call to call; every call's output must equal causal attention over the whole
+sequence (with the sliding window min(window, R)), computed here without any ring. Calls longer
+than the ring, and many wrap-arounds, included. RoPE is checked against transformers' own."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels.attention import attention, attention_ref, rope, token_positions
+
+F = TensorProto.FLOAT
+
+
+def build(hq, hkv, hd, scale, window=None, softcap=None):
+    b = GraphBuilder({}, name="attn")
+    q = b.input("q", F, [1, hq, "T", hd])
+    k = b.input("k", F, [1, hkv, "T", hd])
+    v = b.input("v", F, [1, hkv, "T", hd])
+    rk = b.input("ring_k", F, [1, hkv, "R", hd])  # R symbolic: set by the arrays fed
+    rv = b.input("ring_v", F, [1, hkv, "R", hd])
+    pos = b.input("position", TensorProto.INT64, [1])
+    out, nk, nv = attention(b, q, k, v, rk, rv, pos, hq, hkv, hd, scale, window=window, softcap=softcap)
+    b.output(out, "out", F, [1, hq, "T", hd])
+    b.output(nk, "new_k", F, [1, hkv, "R", hd])
+    b.output(nv, "new_v", F, [1, hkv, "R", hd])
+    return ort.InferenceSession(b.to_model().SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def full_attention(q, k, v, scale, W, softcap=None):
+    """Causal attention over the whole sequence, query p seeing keys (p-W, p]; float64."""
+    hq, n, _ = q.shape
+    g = hq // k.shape[0]
+    out = np.zeros(q.shape)
+    for h in range(hq):
+        s = q[h] @ k[h // g].T * scale
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        p = np.arange(n)
+        ok = (p[None] <= p[:, None]) & (p[None] > p[:, None] - W)
+        s = np.where(ok, s, -np.inf)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        out[h] = e / e.sum(-1, keepdims=True) @ v[h // g]
+    return out
+
+
+CASES = {
+    # name: (Hq, Hkv, hd, R, window, softcap, call lengths)
+    "mha-fits": (4, 4, 8, 64, None, None, [5, 1, 1, 20, 1, 3]),  # never fills: exact full attention
+    "gqa-wraps": (4, 2, 8, 8, None, None, [3, 1, 1, 1, 6, 1, 1, 2, 9, 1, 1, 1, 1, 5]),  # slides past R
+    "mqa-window-longcalls": (4, 1, 16, 8, 8, None, [13, 1, 1, 20, 2, 1, 17, 1]),  # calls longer than R
+    "window-lt-ring-softcap": (2, 2, 8, 16, 5, 3.0, [1, 7, 1, 1, 30, 1, 4, 1]),
+    "steps-only": (6, 3, 4, 4, None, None, [1] * 23),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ring_equals_full_sequence_attention(name):
+    hq, hkv, hd, R, window, cap, calls = CASES[name]
+    n = sum(calls)
+    rng = np.random.default_rng(len(name))
+    q = rng.standard_normal((hq, n, hd)).astype(np.float32)
+    k = rng.standard_normal((hkv, n, hd)).astype(np.float32)
+    v = rng.standard_normal((hkv, n, hd)).astype(np.float32)
+    scale = hd ** -0.5
+    W = R if window is None else min(window, R)
+    want = full_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), scale, W, cap)
+    sess = build(hq, hkv, hd, scale, window, cap)
+    rk = np.zeros((1, hkv, R, hd), np.float32)
+    rv = np.zeros_like(rk)
+    p = 0
+    for t in calls:
+        sl = slice(p, p + t)
+        out, rk2, rv2 = sess.run(None, {"q": q[None, :, sl], "k": k[None, :, sl], "v": v[None, :, sl],
+                                        "ring_k": rk, "ring_v": rv, "position": np.array([p], np.int64)})
+        assert np.abs(out[0] - want[:, sl]).max() < 2e-5, (name, p, t)
+        # the numpy ring reference agrees too, and the rings hold the last R tokens at their slots
+        ref_out, ref_k, ref_v = attention_ref(q[None, :, sl], k[None, :, sl], v[None, :, sl], rk, rv, p, scale,
+                                              window, cap)
+        assert np.abs(out - ref_out).max() < 2e-5
+        assert np.array_equal(rk2, ref_k) and np.array_equal(rv2, ref_v)
+        rk, rv, p = rk2, rv2, p + t
+        for pos in range(max(0, p - R), p):
+            assert np.array_equal(rk[0, :, pos % R], k[:, pos]) and np.array_equal(rv[0, :, pos % R], v[:, pos])
+    assert not (np.abs(want[:, -1]).sum() == 0)
+
+
+def test_window_changes_the_result():
+    """A control: the window is not a no-op, so the cases above exercise it."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 20, 8)) for _ in range(3))
+    assert np.abs(full_attention(q, k, v, 0.3, 20) - full_attention(q, k, v, 0.3, 5))[:, 10:].max() > 1e-2
+
+
+@pytest.mark.parametrize("rotary_dim", [None, 8])
+def test_rope_matches_transformers(rotary_dim):
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hd, base, p0, T = 16, 10000.0, 37, 5
+    b = GraphBuilder({}, name="rope")
+    x = b.input("x", F, [1, 2, "T", hd])
+    pos = b.input("position", TensorProto.INT64, [1])
+    b.output(rope(b, x, token_positions(b, pos, x, 2), hd, base, rotary_dim), "y", F, [1, 2, "T", hd])
+    sess = ort.InferenceSession(b.to_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    xs = np.random.default_rng(1).standard_normal((1, 2, T, hd)).astype(np.float32)
+    got = sess.run(None, {"x": xs, "position": np.array([p0], np.int64)})[0]
+
+    rd = rotary_dim or hd
+    inv = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.int64).float() / rd))
+    ang = torch.arange(p0, p0 + T).float()[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)[None]
+    xt = torch.from_numpy(xs)
+    xr, xp = xt[..., :rd], xt[..., rd:]
+    yr, _ = apply_rotary_pos_emb(xr, xr, emb.cos(), emb.sin())
+    want = torch.cat([yr, xp], -1).numpy()
+    assert np.abs(got - want).max() < 1e-5
+    assert np.abs(got - xs).max() > 1e-2  # it rotated something
