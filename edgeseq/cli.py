@@ -47,10 +47,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _load(model: Optional[str], threads: Optional[int], device: str = "cpu"):
+def _load(model: Optional[str], threads: Optional[int], device: str = "cpu", max_context: Optional[int] = None,
+          on_full: str = "stop"):
     import edgeseq
 
-    return edgeseq.load(_default_model(model), device=device, threads=threads)
+    return edgeseq.load(_default_model(model), device=device, threads=threads, max_context=max_context,
+                        on_full=on_full)
+
+
+MAX_CONTEXT_HELP = "KV ring length of full-attention models (Zamba); default: the bundle's"
+ON_FULL_HELP = "when that ring is full: stop (error) | slide (attend to the last max-context tokens)"
 
 
 @app.command()
@@ -91,9 +97,11 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
     device: str = typer.Option("cpu", "--device"),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
+    on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
 ):
     """Generate a continuation of --prompt, streamed."""
-    m = _load(model, threads, device)
+    m = _load(model, threads, device, max_context, on_full)
     s = m.session()
     typer.echo(prompt, nl=False)
     stops = [x.replace("\\n", "\n").replace("\\t", "\t") for x in stop]  # let --stop "\n\n" mean newlines
@@ -118,6 +126,8 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
     device: str = typer.Option("cpu", "--device"),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
+    on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
 ):
     """Chat interactively; the state carries over, so each turn processes only its new tokens.
 
@@ -125,7 +135,7 @@ def chat(
     text you type (plain continuation)."""
     from edgeseq.runtime.chat import Chat
 
-    c = Chat(_load(model, threads, device), system=system, max_tokens=max_tokens, temperature=temperature,
+    c = Chat(_load(model, threads, device, max_context, on_full), system=system, max_tokens=max_tokens, temperature=temperature,
              top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
     interactive = sys.stdin.isatty()
     typer.echo(c.banner(), err=True)
@@ -171,11 +181,13 @@ def bench(
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"),
     decode_tokens: int = typer.Option(128, "--decode-tokens"),
     device: str = typer.Option("cpu", "--device"),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
+    on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
 ):
     """Decode and prefill tokens/s, state bytes and peak RSS."""
     import numpy as np
 
-    m = _load(model, threads, device)
+    m = _load(model, threads, device, max_context, on_full)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, m.vocab_size, prompt_tokens).tolist()
     s = m.session()

@@ -2,9 +2,11 @@
 so the runtime can read a manifest's spec without the graph-building machinery)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+from edgeseq.errors import EdgeseqError
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,16 @@ class StateTensor:
     @property
     def output_name(self) -> str:
         return f"present.{self.layer}.{self.kind}"
+
+    def resolve(self, dims: dict[str, int]) -> "StateTensor":
+        """This tensor with its symbolic dims (a string such as "max_context": a full-attention KV ring
+        whose length a session chooses) replaced by sizes."""
+        if all(isinstance(d, int) for d in self.shape):
+            return self
+        missing = [d for d in self.shape if isinstance(d, str) and d not in dims]
+        if missing:
+            raise EdgeseqError(f"state tensor {self.input_name}: no size given for dim {missing[0]!r}")
+        return replace(self, shape=tuple(int(dims[d]) if isinstance(d, str) else d for d in self.shape))
 
     @property
     def nbytes(self) -> int:

@@ -116,7 +116,8 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             fname = f"{kind}.onnx"
             save_model(b.to_model({**meta, "edgeseq.graph": kind}), os.path.join(tmp, fname))
             graphs[kind] = {"file": fname, "tokens": 1 if kind == "step" else None,
-                            "inputs": ["input_ids"] + [s.input_name for s in family.state_spec()],
+                            "inputs": ["input_ids"] + (["position"] if family.uses_position else [])
+                            + [s.input_name for s in family.state_spec()],
                             "outputs": ["logits"] + [s.output_name for s in family.state_spec()],
                             "logits": "all" if kind == "prefill_all" else "last"}
             if kind != "step":
@@ -142,6 +143,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             "quant": {"recipe": quant},
             "state": [s.to_json() for s in family.state_spec()],
             "state_bytes_per_sequence": family.state_bytes(),
+            **family.symbolic_dims,  # e.g. max_context: the default length of a full-attention KV ring
             "graphs": graphs,
             "weights": {"file": "weights.bin", "bytes": store.nbytes, "sha256": weights_hash},
             "tokenizer": tok_spec,

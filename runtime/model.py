@@ -14,13 +14,27 @@ from edgeseq.tokenizer import load_tokenizer
 
 
 class Model:
-    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, low_memory: bool = False):
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, low_memory: bool = False,
+                 max_context: int | None = None, on_full: str = "stop"):
         self.path = path
         self.manifest = m = read_manifest(path)
         self.family_name = m["family"]
         self._family = None
         self._tuned = None  # a bundle's tuned initial state (RWKV state tuning), read on first use
-        self.state_spec = [StateTensor.from_json(s) for s in m["state"]]
+        # full-attention families (Zamba, Zamba2) keep a KV ring of max_context tokens, allocated once per
+        # session; when a session fills it: stop with an error, or (on_full="slide") let the ring wrap, so
+        # attention then sees the last max_context tokens (numbers then differ from the full model).
+        # Models without such a ring ignore both options: their state is fixed anyway.
+        if on_full not in ("stop", "slide"):
+            raise EdgeseqError(f"on_full must be 'stop' or 'slide', not {on_full!r}")
+        if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+            raise EdgeseqError(f"max_context must be a positive number of tokens, not {max_context!r}")
+        self.max_context = (max_context or int(m["max_context"])) if "max_context" in m else None
+        self.on_full = on_full
+        dims = {"max_context": self.max_context} if self.max_context else {}
+        self.state_spec = [StateTensor.from_json(s).resolve(dims) for s in m["state"]]
+        # attention families take the absolute position of each call's first token as an input
+        self.uses_position = "position" in m["graphs"]["prefill"].get("inputs", [])
         self.vocab_size = int(m["vocab_size"])
         self.weights_sha256 = m["weights"]["sha256"]
         # prompt slice per prefill call: activations grow with it, speed saturates (the family's choice)
@@ -75,6 +89,8 @@ class Model:
 
 
 def load(path, device: str = "cpu", threads: int | None = None, **options) -> Model:
+    """options: low_memory, max_context (KV ring length of full-attention models; default the
+    manifest's), on_full ("stop" or "slide", when a full-attention session reaches max_context)."""
     path = os.fspath(path)
     if path.endswith(".gguf"):
         raise EdgeseqError(f"{path}: GGUF files are not supported by this edgeseq yet; export an ONNX bundle")

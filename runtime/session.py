@@ -52,6 +52,9 @@ class Session:
         self._logits_ov = ort.OrtValue.ortvalue_from_numpy(self._logits)
         self._ids = np.zeros((1, 1), np.int64)
         self._ids_ov = ort.OrtValue.ortvalue_from_numpy(self._ids)
+        # attention families: the absolute position of the call's first token, fed on every run
+        self._pos = np.zeros(1, np.int64)
+        self._pos_ov = ort.OrtValue.ortvalue_from_numpy(self._pos) if model.uses_position else None
         self._cur = 0
         self._step = model.engine.session(model.engine.decode_graph)
         self._bindings = [self._bind(self._step, c, self._ids_ov) for c in (0, 1)]
@@ -93,6 +96,8 @@ class Session:
     def _bind(self, sess, cur: int, ids_ov):
         io = sess.io_binding()
         io.bind_ortvalue_input("input_ids", ids_ov)
+        if self._pos_ov is not None:
+            io.bind_ortvalue_input("position", self._pos_ov)
         for s, src, dst in zip(self.spec, self._bufs[cur], self._bufs[1 - cur]):
             io.bind_ortvalue_input(s.input_name, src)
             io.bind_ortvalue_output(s.output_name, dst)
@@ -101,10 +106,14 @@ class Session:
     def step(self, token_id: int) -> np.ndarray:
         """Feed one token; returns the next token's logits (float32 [vocab])."""
         self._check_token(token_id)
+        self._check_room(1)
         self._ids[0, 0] = token_id
         io = self._bindings[self._cur]
         # re-bound each step: an input on another device than the graph's is copied at bind time
         io.bind_ortvalue_input("input_ids", self._ids_ov)
+        if self._pos_ov is not None:
+            self._pos[0] = self.position
+            io.bind_ortvalue_input("position", self._pos_ov)
         io.bind_ortvalue_output("logits", self._logits_ov)
         self._step.run_with_iobinding(io)
         self._cur ^= 1
@@ -118,6 +127,7 @@ class Session:
             raise EdgeseqError("prefill needs at least one token")
         for t in (int(ids.min()), int(ids.max())):
             self._check_token(t)
+        self._check_room(int(ids.size))
         if ids.size == 1:
             return self.step(int(ids[0]))
         ort = self.model.engine.ort
@@ -128,6 +138,7 @@ class Session:
             if chunk.size == 1:
                 self.step(int(chunk[0]))
                 continue
+            self._pos[0] = self.position
             io = self._bind(sess, self._cur, ort.OrtValue.ortvalue_from_numpy(chunk.reshape(1, -1)))
             io.bind_ortvalue_output("logits", self._logits_ov)
             sess.run_with_iobinding(io)
@@ -142,12 +153,22 @@ class Session:
             raise EdgeseqError("logits_all needs at least one token")
         for t in (int(ids.min()), int(ids.max())):
             self._check_token(t)
+        self._check_room(ids.shape[1])
         sess = self.model.engine.session("prefill_all")
         feeds = {"input_ids": ids}
+        if self._pos_ov is not None:
+            feeds["position"] = np.array([self.position], np.int64)
         feeds.update({s.input_name: ov.numpy() for s, ov in zip(self.spec, self._bufs[self._cur])})
         outs = sess.run(None, feeds)
         self.set_state({s.input_name: o for s, o in zip(self.spec, outs[1:])}, self.position + ids.shape[1])
         return outs[0][0]
+
+    def _check_room(self, n: int) -> None:
+        """A full-attention KV ring holds max_context tokens: past that, stop unless asked to slide."""
+        mc = self.model.max_context
+        if mc and self.position + n > mc and self.model.on_full != "slide":
+            raise EdgeseqError(f"context full: {mc} tokens (at position {self.position}, {n} more asked); "
+                               f"use --max-context or --on-full slide")
 
     def _check_token(self, t: int) -> None:
         if not 0 <= t < self.model.vocab_size:

@@ -54,6 +54,12 @@ class Family:
     Config: ClassVar[type]
     # tokens per prefill call the runtime feeds: activations (and ONNX Runtime's arena) grow with it
     prefill_chunk: ClassVar[int] = 256
+    # families with attention: every graph takes `position` (int64 (1,), the absolute position of the
+    # first token of the call); `body` finds it as state["position"]
+    uses_position: ClassVar[bool] = False
+    # symbolic dims of the state spec and their defaults, resolved when a session is created:
+    # {"max_context": 4096} for a full-attention KV ring (the manifest records the default)
+    symbolic_dims: ClassVar[dict[str, int]] = {}
 
     def __init__(self, config):
         self.config = config
@@ -93,7 +99,7 @@ class Family:
         return cls(cls.Config(**{k: v for k, v in d.items() if k in fields}))
 
     def state_bytes(self) -> int:
-        return sum(s.nbytes for s in self.state_spec())
+        return sum(s.resolve(self.symbolic_dims).nbytes for s in self.state_spec())
 
     def build_graph(self, kind: str, weights: dict[str, WeightInfo], fused: bool, weights_file="weights.bin"):
         """Assemble one graph kind around the family's body and head."""
@@ -104,6 +110,8 @@ class Family:
         f32 = TensorProto.FLOAT
         ids = b.input("input_ids", TensorProto.INT64, ["batch", tokens if tokens else "sequence"])
         state_in = {}
+        if self.uses_position:
+            state_in["position"] = b.input("position", TensorProto.INT64, [1])
         for s in self.state_spec():
             state_in[s.input_name] = b.input(s.input_name, f32, ["batch", *s.shape])
         hidden, state_out = self.body(b, ids, state_in, tokens, fused)
