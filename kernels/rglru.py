@@ -1,0 +1,115 @@
+"""RG-LRU: the Real-Gated Linear Recurrent Unit of Griffin / RecurrentGemma (De et al. 2024).
+
+Symbols: b batch · t tokens · W lru width · H gate blocks (the model's head count) · w = W/H.
+
+    gate_x, gate_a = sigmoid(blockdiag(x) + bias)          each (b, t, W); block h maps x[h] (w) -> (w)
+    log_a = gate_a · c            c = -8 · softplus(a_param), per channel, fixed at export
+    a = exp(log_a)
+    m = sqrt(1 - a²)               (the input normalisation; m = 1 at a reset)
+    h_t = a_t · h_{t-1} + m_t · gate_x_t · x_t          h (b, W), kept in float32
+    y_t = h_t
+
+A reset (the first token of a sequence, absolute position 0) drops h_{t-1} and uses m = 1. Only the
+first token of a call can sit at position 0, so the graphs pass `keep`: (1, t, 1), 0 at a reset, else 1.
+
+Graph pieces: `gates` (both block-diagonal gates as one batched MatMul), `step` (one token, plain
+ops), `scan` (any number of tokens: a standard ONNX Scan whose body is the step). `rglru_ref` is the
+numpy reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from edgeseq.graph import GraphBuilder
+
+
+def gates(b: GraphBuilder, x: str, weight: str, bias: str, heads: int, width: int) -> tuple[str, str]:
+    """x (b, t, W); weight (H, 1, w, 2w) = [input gate | a gate] per block; bias (H, 2w).
+    Returns sigmoid gates (gate_x, gate_a), each (b, t, W)."""
+    w = width // heads
+    xh = b.op("Transpose", b.op("Reshape", x, b.ints([0, 0, heads, w])), perm=[2, 0, 1, 3])  # (H, b, t, w)
+    g = b.op("Transpose", b.op("MatMul", xh, b.w(weight)), perm=[1, 2, 0, 3])  # (b, t, H, 2w)
+    g = b.op("Sigmoid", b.op("Add", g, b.w(bias)))
+    gx, ga = (b.op("Reshape", v, b.ints([0, 0, width]))
+              for v in b.op("Split", g, b.ints([w, w]), axis=-1, outputs=2))
+    return gx, ga  # (b, t, W) each
+
+
+def inputs(b: GraphBuilder, x: str, gx: str, ga: str, neg_c: str, keep: str) -> tuple[str, str]:
+    """The recurrence's decay a and input u = m · gate_x · x, both (b, t, W). `keep` (1, t, 1) is 0 at a
+    reset: there a = 0 and m = 1."""
+    log_a = b.op("Mul", ga, b.w(neg_c))  # (b, t, W), <= 0
+    a = b.op("Mul", b.op("Exp", log_a), keep)
+    m = b.op("Sqrt", b.op("Sub", b.const(1.0), b.op("Exp", b.op("Mul", log_a, b.const(2.0)))))
+    m = b.op("Add", b.op("Mul", m, keep), b.op("Sub", b.const(1.0), keep))
+    return a, b.op("Mul", b.op("Mul", x, gx), m)
+
+
+def step(b: GraphBuilder, a: str, u: str, h: str, names: tuple[str, str] | None = None) -> tuple[str, str]:
+    """One token: a, u, h (b, W). Returns (y, new h), named `names` if given (y is h)."""
+    y_name, h_name = names or (None, None)
+    h_new = b.op("Add", b.op("Mul", a, h), u, outputs=[h_name] if h_name else 1)
+    y = b.op("Identity", h_new, outputs=[y_name]) if y_name else h_new
+    return y, h_new
+
+
+def scan(b: GraphBuilder, a: str, u: str, h: str) -> tuple[str, str]:
+    """a, u (b, t, W), h (b, W). Returns (y (b, t, W), final h)."""
+    name = b.fresh("rglru_body")
+    body = GraphBuilder({}, name=name, prefix=name + "/")
+    f = TensorProto.FLOAT
+    hb, ab, ub = (body.input(n, f, None) for n in ("h_in", "a_t", "u_t"))
+    step(body, ab, ub, hb, names=("y_t", "h_out"))
+    body.output("h_out", "h_out", f, None)
+    body.output("y_t", "y_t", f, None)
+    graph = helper.make_graph(body.nodes, body.name, body.inputs, body.outputs, list(body.initializers.values()))
+    h_final, y = b.op("Scan", h, a, u, outputs=2, body=graph, num_scan_inputs=2,
+                      scan_input_axes=[1, 1], scan_output_axes=[1])
+    return y, h_final
+
+
+def recurrence(b: GraphBuilder, a: str, u: str, h: str, tokens: int | None) -> tuple[str, str]:
+    """The step when the graph has one token, else the Scan. Returns (y (b, t, W), new h (b, W))."""
+    if tokens == 1:
+        sq = b.ints([1])
+        y, h = step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), h)
+        return b.op("Unsqueeze", y, sq), h
+    return scan(b, a, u, h)
+
+
+# -- export-time transforms and the numpy reference ------------------------------------------------
+def neg_c(a_param: np.ndarray) -> np.ndarray:
+    """c = -8 · softplus(a_param), computed once in float64 (a constant of the layer)."""
+    p = a_param.astype(np.float64)
+    return (-8.0 * np.logaddexp(0.0, p)).astype(np.float32)
+
+
+def fuse_gate_weights(input_w: np.ndarray, a_w: np.ndarray, input_b: np.ndarray, a_b: np.ndarray):
+    """(H, w, w) ×2 and (H, w) ×2 -> weight (H, 1, w, 2w), bias (H, 2w): one MatMul computes both gates
+    (the 1 broadcasts over the batch axis of the (H, b, t, w) activations)."""
+    w = np.concatenate([input_w, a_w], axis=-1)[:, None].astype(np.float32)
+    bias = np.concatenate([input_b, a_b], axis=-1).astype(np.float32)
+    return np.ascontiguousarray(w), np.ascontiguousarray(bias)
+
+
+def rglru_ref(x: np.ndarray, positions: np.ndarray, h: np.ndarray, input_w, input_b, a_w, a_b, a_param):
+    """numpy reference. x (b, t, W), positions (t,), h (b, W); the HF/recurrentgemma parameter layout
+    (gate weights (H, w, w) applied as x[h] @ W[h]). Returns (y (b, t, W), final h)."""
+    bsz, t, width = x.shape
+    heads = input_w.shape[0]
+    xh = x.reshape(bsz, t, heads, width // heads)
+    gx = 1 / (1 + np.exp(-(np.einsum("bthi,hij->bthj", xh, input_w) + input_b).reshape(bsz, t, width)))
+    ga = 1 / (1 + np.exp(-(np.einsum("bthi,hij->bthj", xh, a_w) + a_b).reshape(bsz, t, width)))
+    log_a = -8.0 * ga * np.logaddexp(0.0, a_param)
+    a = np.exp(log_a)
+    m = np.sqrt(1 - np.exp(2 * log_a))
+    reset = (np.asarray(positions) == 0)[None, :, None]
+    a = np.where(reset, 0.0, a)
+    m = np.where(reset, 1.0, m)
+    u = x * gx * m
+    ys = []
+    for i in range(t):
+        h = a[:, i] * h + u[:, i]
+        ys.append(h)
+    return np.stack(ys, axis=1), h
