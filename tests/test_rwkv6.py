@@ -145,7 +145,7 @@ def test_rwkv6_rejects_a_source_it_does_not_read():
     from edgeseq.families.rwkv6 import Rwkv6
 
     class Src:
-        path, stored_by, config = "x", "hf", {}
+        path, stored_by, config = "x", "other", {}
 
         def has(self, name):
             return True

@@ -1,4 +1,6 @@
-"""RWKV-6 ("Finch", v6.0) from BlinkDL `.pth` files: v5.2's matrix-state time mix with data-dependent
+"""RWKV-6 ("Finch", v6.0) from BlinkDL `.pth` files, rwkv.cpp files and Hugging Face `Rwkv6ForCausalLM`
+directories (the RWKV organisation's layout: HF RWKV-4 names, `rwkv.blocks.{i}.attention.time_maa_x`, …,
+renamed to BlinkDL's by rwkv_common.HFNames; values as BlinkDL stores them): v5.2's matrix-state time mix with data-dependent
 token-shift mixing and a data-dependent decay per token; the channel mix of v4/v5.
 
 Symbols: b batch · t tokens · C width (n_embd) · H heads · N head size (C = H·N) · F dim_ffn ·
@@ -27,7 +29,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import LN_EPS, blocks, head, matrix_state_spec, token_shift, transposed
+from edgeseq.families.rwkv_common import LN_EPS, HFNames, blocks, head, matrix_state_spec, token_shift, transposed
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv6
 from edgeseq.kernels.ops import group_norm, layer_norm, silu
@@ -52,7 +54,7 @@ class Rwkv6Config:
     ln_x_eps: float = LN_X_EPS
 
 
-@register("rwkv6")
+@register("rwkv6", "Rwkv6ForCausalLM")
 class Rwkv6(Family):
     name = "rwkv6"
     Config = Rwkv6Config
@@ -61,8 +63,9 @@ class Rwkv6(Family):
     @classmethod
     def read_config(cls, src) -> Rwkv6Config:
         src = _as_blinkdl(src)
-        if getattr(src, "stored_by", None) != "blinkdl":
-            raise UnsupportedError(f"{src.path}: RWKV-6 is read from BlinkDL .pth and rwkv.cpp files only for now")
+        if getattr(src, "stored_by", None) not in ("blinkdl", "hf"):
+            raise UnsupportedError(f"{src.path}: RWKV-6 is read from BlinkDL .pth files, rwkv.cpp files and HF "
+                                   f"Rwkv6ForCausalLM directories; this layout is none of them")
         a = "blocks.0.att."
         for n in ("time_maa_x", "time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2", "time_faaaa",
                   "gate.weight", "ln_x.weight"):
@@ -81,7 +84,8 @@ class Rwkv6(Family):
             raise UnsupportedError(f"{src.path}: time_maa_w1 {w1} is not (C, 5·D)")
         return Rwkv6Config(vocab_size=vocab, n_embd=C, n_layer=layers, n_head=H, head_size=N,
                            dim_ffn=src.shape("blocks.0.ffn.key.weight")[0], mix_lora=w1[1] // 5,
-                           decay_lora=src.shape(a + "time_decay_w1")[1])
+                           decay_lora=src.shape(a + "time_decay_w1")[1],
+                           **(_hf_eps(src) if src.stored_by == "hf" else {}))
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
@@ -206,4 +210,16 @@ class _RwkvCppAsBlinkDL:
 
 
 def _as_blinkdl(src):
-    return _RwkvCppAsBlinkDL(src) if getattr(src, "stored_by", None) == "rwkv.cpp" else src
+    if getattr(src, "stored_by", None) == "rwkv.cpp":
+        return _RwkvCppAsBlinkDL(src)
+    return HFNames(src) if HFNames.applies(src) else src
+
+
+def _hf_eps(src) -> dict:
+    """HF Rwkv6Config: ln_x's eps is 1e-5 · head_size_divisor² (as BlinkDL's), the layer norms' eps
+    layer_norm_epsilon (1e-5, which the graphs use; anything else is refused rather than ignored)."""
+    cfg = getattr(src, "config", None) or {}
+    if float(cfg.get("layer_norm_epsilon", LN_EPS)) != LN_EPS:
+        raise UnsupportedError(f"{src.path}/config.json: layer_norm_epsilon {cfg['layer_norm_epsilon']} "
+                               f"(edgeseq's RWKV-6 graphs use {LN_EPS})")
+    return {"ln_x_eps": 1e-5 * float(cfg.get("head_size_divisor", 8)) ** 2}

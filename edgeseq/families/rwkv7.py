@@ -1,4 +1,5 @@
-"""RWKV-7 "Goose" (x070), from rwkv.cpp .bin or BlinkDL .pth files: time mix with the WKV-7
+"""RWKV-7 "Goose" (x070), from rwkv.cpp .bin files, BlinkDL .pth files or Hugging Face directories in
+the fla-hub layout (`RWKV7ForCausalLM`, flash-linear-attention's model class): time mix with the WKV-7
 generalized delta rule, a squared-ReLU channel mix.
 
 Symbols: b batch · t tokens · C width (n_embd) · H heads · N head size (C = H·N) · F channel-mix width.
@@ -52,30 +53,137 @@ class Rwkv7Config:
     n_head: int
     head_size: int
     dim_ffn: int
+    ln_eps: float = LN_EPS  # the layer norms' eps (fla: norm_eps)
+    gn_eps: float = GN_EPS  # ln_x's group-norm eps (fla: head_dim · norm_eps)
 
 
-@register("rwkv7")
+class FlaNames:
+    """Presents a flash-linear-attention (fla-hub) `RWKV7ForCausalLM` checkpoint under BlinkDL's names
+    and shapes, so one `convert` serves both layouts. fla's RWKV7Attention computes the same model as
+    BlinkDL's x070 (its decay -e^{-1/2}·sigmoid(·) is BlinkDL's -softplus(-·)-1/2 through exp(-exp(·)));
+    it keeps each LoRA as `lora.0` (rank, C), an activation, `lora.2` (out, rank) + bias, where BlinkDL
+    keeps x1 (C, rank), x2 (rank, out) and the bias as x0. Mapping (fla → BlinkDL):
+
+        model.embeddings / model.norm / lm_head      emb / ln_out / head
+        model.layers.{i}.pre_norm|attn_norm|ffn_norm  blocks.{i}.ln0|ln1|ln2
+        attn.x_{r,w,k,v,a,g}, k_k, k_a, r_k           att.x_*, k_k, k_a, r_k
+        attn.{r,k,v,o}_proj                           att.receptance|key|value|output
+        attn.{w,a,v,g}_lora.lora.{0,2}.weight, .2.bias   att.{w,a,v,g}{1,2} (transposed), {w,a,v}0
+        attn.g_norm                                   att.ln_x
+        ffn.x_k, ffn.key, ffn.value                   ffn.x_k, ffn.key, ffn.value
+    Older fla files keep the six mixes as one `attn.x_x` (6, C), in r, w, k, v, a, g order."""
+
+    stored_by = "fla"
+
+    def __init__(self, src):
+        self.src, self.path, self.config = src, src.path, src.config
+        self._map: dict[str, tuple] = {}  # BlinkDL name -> (fla name, transform)
+        ident = lambda a: a  # noqa: E731
+        t = lambda a: np.ascontiguousarray(a.T)  # noqa: E731
+        put = lambda name, fla, fn=ident: self._map.__setitem__(name, (fla, fn))  # noqa: E731
+        put("emb.weight", "model.embeddings.weight")
+        put("head.weight", "lm_head.weight" if src.has("lm_head.weight") else "model.embeddings.weight")
+        for n in ("weight", "bias"):
+            put(f"ln_out.{n}", f"model.norm.{n}")
+        i = 0
+        while src.has(f"model.layers.{i}.attn_norm.weight"):
+            f, b = f"model.layers.{i}.", f"blocks.{i}."
+            for ours, theirs in (("ln0", "pre_norm"), ("ln1", "attn_norm"), ("ln2", "ffn_norm"), ("att.ln_x", "attn.g_norm")):
+                for n in ("weight", "bias"):
+                    put(f"{b}{ours}.{n}", f"{f}{theirs}.{n}")
+            for j, m in enumerate(MIXES):
+                if src.has(f"{f}attn.x_x"):
+                    put(f"{b}att.x_{m}", f"{f}attn.x_x", lambda a, j=j: a.reshape(len(MIXES), -1)[j])
+                else:
+                    put(f"{b}att.x_{m}", f"{f}attn.x_{m}")
+            for n in ("k_k", "k_a", "r_k"):
+                put(f"{b}att.{n}", f"{f}attn.{n}")
+            for ours, theirs in (("receptance", "r_proj"), ("key", "k_proj"), ("value", "v_proj"), ("output", "o_proj")):
+                put(f"{b}att.{ours}.weight", f"{f}attn.{theirs}.weight")
+            for m in LORAS:
+                put(f"{b}att.{m}1", f"{f}attn.{m}_lora.lora.0.weight", t)
+                put(f"{b}att.{m}2", f"{f}attn.{m}_lora.lora.2.weight", t)
+                put(f"{b}att.{m}0", f"{f}attn.{m}_lora.lora.2.bias")
+            for n in ("x_k", "key.weight", "value.weight"):
+                put(f"{b}ffn.{n}", f"{f}ffn.{n}")
+            i += 1
+
+    @staticmethod
+    def applies(src) -> bool:
+        return src.has("model.embeddings.weight") and src.has("model.layers.0.attn.r_k")
+
+    def keys(self):
+        return [k for k, (fla, _) in self._map.items() if self.src.has(fla) or k.endswith(".bias")]
+
+    def has(self, name):
+        return name in self._map and (self.src.has(self._map[name][0]) or self._bias_default(name))
+
+    def _bias_default(self, name):
+        # norm_bias = False: fla's LayerNorms have no bias, which is a zero bias here
+        fla = self._map[name][0]
+        return fla.endswith("norm.bias") and self.src.has(fla[:-4] + "weight")
+
+    def shape(self, name):
+        return tuple(self.get(name).shape)
+
+    def get(self, name):
+        if name not in self._map:
+            raise UnsupportedError(f"{self.path}: the fla RWKV7 layout has no tensor for {name!r}")
+        fla, fn = self._map[name]
+        if not self.src.has(fla) and self._bias_default(name):
+            return np.zeros(self.src.shape(fla[:-4] + "weight"), np.float32)
+        return fn(self.src.get(fla))
+
+
+def _as_blinkdl(src):
+    return FlaNames(src) if getattr(src, "stored_by", None) not in ("rwkv.cpp", "blinkdl") and FlaNames.applies(src) \
+        else src
+
+
+def _fla_config(src, n_head: int, head_size: int) -> dict:
+    """The fla config keys edgeseq honours, checked: anything that changes the computation and that
+    edgeseq does not implement is an error naming the key."""
+    cfg = src.config
+    where = f"{src.path}/config.json"
+    if cfg.get("norm_first", True) is False:
+        raise UnsupportedError(f"{where}: norm_first = false (no pre-norm after the embedding) is not supported")
+    if cfg.get("hidden_act", "sqrelu") != "sqrelu":
+        raise UnsupportedError(f"{where}: hidden_act {cfg['hidden_act']!r}; RWKV-7 uses sqrelu")
+    vd = cfg.get("value_dim")
+    if vd is not None and any(v != n_head * head_size for v in (vd if isinstance(vd, list) else [vd])):
+        raise UnsupportedError(f"{where}: value_dim {vd} differs from hidden_size; not supported")
+    if cfg.get("attn"):
+        raise UnsupportedError(f"{where}: hybrid attention layers ('attn') are not supported")
+    eps = float(cfg.get("norm_eps", LN_EPS))
+    return {"ln_eps": eps, "gn_eps": head_size * eps}
+
+
+@register("rwkv7", "RWKV7ForCausalLM", "Rwkv7ForCausalLM")
 class Rwkv7(Family):
     name = "rwkv7"
     Config = Rwkv7Config
 
     @classmethod
     def read_config(cls, src) -> Rwkv7Config:
-        if getattr(src, "stored_by", None) not in ("rwkv.cpp", "blinkdl"):
-            raise UnsupportedError(f"{src.path}: RWKV-7 is read from rwkv.cpp .bin and BlinkDL .pth files only")
+        src = _as_blinkdl(src)
+        if getattr(src, "stored_by", None) not in ("rwkv.cpp", "blinkdl", "fla"):
+            raise UnsupportedError(f"{src.path}: RWKV-7 is read from rwkv.cpp .bin files, BlinkDL .pth files and "
+                                   f"fla-layout (RWKV7ForCausalLM) directories; this layout is none of them")
         vocab, C = src.shape("emb.weight")
         layers = sum(1 for k in src.keys() if re.fullmatch(r"blocks\.\d+\.ln1\.weight", k))
         n_head, head_size = src.shape("blocks.0.att.r_k")  # (H, N), as the reference reads it
         if n_head * head_size != C:
             raise UnsupportedError(f"{src.path}: att.r_k is {(n_head, head_size)}, which does not tile n_embd {C}")
+        extra = _fla_config(src, n_head, head_size) if src.stored_by == "fla" else {}
         return Rwkv7Config(vocab_size=vocab, n_embd=C, n_layer=layers, n_head=n_head, head_size=head_size,
-                           dim_ffn=src.shape("blocks.0.ffn.key.weight")[0])
+                           dim_ffn=src.shape("blocks.0.ffn.key.weight")[0], **extra)
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
         return matrix_state_spec(c.n_layer, c.n_embd, c.n_head, c.head_size, "N value, N key")
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+        src = _as_blinkdl(src)
         c = self.config
         C = c.n_embd
         rwkv_cpp = src.stored_by == "rwkv.cpp"
@@ -118,16 +226,16 @@ class Rwkv7(Family):
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
-        x = embed_ln0(b, ids)  # (b, t, C)
+        x = embed_ln0(b, ids, c.ln_eps)  # (b, t, C)
         out, v_first = {}, None
         for i in range(c.n_layer):
             o, p = f"layers.{i}.", f"past_key_values.{i}."
-            xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", LN_EPS)
+            xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", c.ln_eps)
             shifted, out[f"present.{i}.shift_att"] = token_shift(b, xx, state[p + "shift_att"], tokens)
             att, v_first, out[f"present.{i}.wkv"] = self._time_mix(b, i, xx, shifted, state[p + "wkv"], v_first,
                                                                     tokens)
             x = b.op("Add", x, att)
-            xx = layer_norm(b, x, o + "ln2.weight", o + "ln2.bias", LN_EPS)
+            xx = layer_norm(b, x, o + "ln2.weight", o + "ln2.bias", c.ln_eps)
             shifted, out[f"present.{i}.shift_ffn"] = token_shift(b, xx, state[p + "shift_ffn"], tokens)
             xk = b.op("Add", xx, b.op("Mul", b.op("Sub", shifted, xx), b.w(o + "ffn.x_k")))
             k = b.op("Relu", b.op("MatMul", xk, b.w(o + "ffn.key")))
@@ -163,7 +271,7 @@ class Rwkv7(Family):
         args = (S, col(r), row(w), row(k), col(v), col(neg_kk), row(kk_a))
         y, S = wkv7.scan(b, *args) if timed else wkv7.step(b, *args)
         y = b.op("Reshape", y, b.ints([0, 0, C] if timed else [-1, 1, C]))  # (b, t, C)
-        y = group_norm(b, y, H, C, o + "ln_x.weight", o + "ln_x.bias", GN_EPS)
+        y = group_norm(b, y, H, C, o + "ln_x.weight", o + "ln_x.bias", c.gn_eps)
         rk = b.op("ReduceSum", b.op("Reshape", b.op("Mul", b.op("Mul", r, k), b.w(o + "r_k")), b.ints([0, 0, H, N])),
                   b.ints([-1]), keepdims=1)  # (b, t, H, 1)
         bonus = b.op("Reshape", b.op("Mul", rk, b.op("Reshape", v, b.ints([0, 0, H, N]))), b.ints([0, 0, C]))
@@ -171,4 +279,4 @@ class Rwkv7(Family):
         return mm(y, "output"), v_first, S
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
-        return head(b, hidden, self.config.vocab_size)
+        return head(b, hidden, self.config.vocab_size, self.config.ln_eps)

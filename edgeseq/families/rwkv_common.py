@@ -15,10 +15,10 @@ from edgeseq.kernels.ops import layer_norm, linear_t
 LN_EPS = 1e-5
 
 
-def embed_ln0(b: GraphBuilder, ids: str) -> str:
+def embed_ln0(b: GraphBuilder, ids: str, eps: float = LN_EPS) -> str:
     """(b, t) ids -> (b, t, C): embedding rows through blocks.0.ln0 (stored as `ln0`)."""
     x = b.op("Gather", b.w("embed"), ids, axis=0)
-    return layer_norm(b, x, "ln0.weight", "ln0.bias", LN_EPS)
+    return layer_norm(b, x, "ln0.weight", "ln0.bias", eps)
 
 
 def token_shift(b: GraphBuilder, xx: str, prev: str, tokens: int | None) -> tuple[str, str]:
@@ -49,9 +49,9 @@ def channel_mix(b: GraphBuilder, x: str, prev: str, o: str, tokens: int | None) 
     return b.op("Add", x, b.op("Mul", r, kv)), new_prev
 
 
-def head(b: GraphBuilder, hidden: str, vocab: int) -> str:
+def head(b: GraphBuilder, hidden: str, vocab: int, eps: float = LN_EPS) -> str:
     """ln_out and the head (stored (vocab, C) as in the checkpoint: Gemm(transB=1))."""
-    h = layer_norm(b, hidden, "ln_out.weight", "ln_out.bias", LN_EPS)
+    h = layer_norm(b, hidden, "ln_out.weight", "ln_out.bias", eps)
     return linear_t(b, h, "head", vocab)
 
 
