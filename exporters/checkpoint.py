@@ -229,6 +229,11 @@ def open_checkpoint(path: str):
             return RwkvCppFile(path)
         if path.endswith(".pth"):
             return BlinkDLFile(path)
+        if path.endswith(".pt"):  # the recurrentgemma package's PyTorch checkpoints (2b.pt, 9b.pt)
+            from edgeseq.exporters.recurrentgemma import GriffinFile
+
+            return GriffinFile(path)
         raise EdgeseqError(f"{path}: not a model directory nor a checkpoint file edgeseq reads "
-                           f"(BlinkDL .pth, rwkv.cpp .bin); for Hugging Face models pass the directory")
+                           f"(BlinkDL .pth, rwkv.cpp .bin, recurrentgemma .pt); for Hugging Face models pass "
+                           f"the directory")
     return Checkpoint(path)

@@ -258,7 +258,7 @@ class RecurrentGemma(Family):
     # -- graphs ----------------------------------------------------------------------------------
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
-        position = _position_input(b)
+        position = state["position"]  # int64 (1,): the graph assembly declares it (uses_position)
         x = b.op("Gather", b.w("embed"), ids, axis=0)  # (b, t, d)
         if c.embed_scale != 1.0:
             x = b.op("Mul", x, b.const(c.embed_scale))
@@ -322,10 +322,3 @@ def _gelu(b: GraphBuilder, x: str) -> str:
     """GELU, tanh approximation (HF's gelu_pytorch_tanh; the package's gelu(approximate='tanh'))."""
     return b.op("Gelu", x, approximate="tanh")
 
-
-def _position_input(b: GraphBuilder) -> str:
-    """The graph's `position` input (int64 (1,)): declared by the graph assembly for families with
-    attention, or here when it has not been."""
-    if not any(v.name == "position" for v in b.inputs):
-        b.input("position", TensorProto.INT64, [1])
-    return "position"
