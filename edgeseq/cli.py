@@ -70,6 +70,8 @@ def export(
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
     initial_state: Optional[str] = typer.Option(None, "--initial-state",
                                                 help="RWKV state-tuning file: the bundle's initial state"),
+    mobile: bool = typer.Option(False, "--mobile", help="ONNX Runtime Mobile: the portable step graph, batch 1, "
+                                "as step.ort with required_operators.config (docs/devices.md)"),
 ):
     """Export a checkpoint to an ONNX bundle."""
     if fmt != "onnx":
@@ -77,8 +79,14 @@ def export(
     from edgeseq.exporters.export import export as do_export
 
     t0 = time.perf_counter()
-    do_export(checkpoint, out, quant=quant, portable=portable, tokenizer=tokenizer, force=force, progress=True,
-              initial_state=initial_state)
+    if mobile:
+        from edgeseq.exporters.mobile import export_mobile
+
+        export_mobile(checkpoint, out, quant=quant, tokenizer=tokenizer, force=force, progress=True,
+                      initial_state=initial_state)
+    else:
+        do_export(checkpoint, out, quant=quant, portable=portable, tokenizer=tokenizer, force=force, progress=True,
+                  initial_state=initial_state)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     typer.echo(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; peak RSS "
                f"{_peak_rss_mb():.0f} MB")

@@ -5,6 +5,13 @@ fast as the step graph for one token in both flavours (docs/benchmarks.md), so o
 prompt and decode and ONNX Runtime holds the weights once. The step graph (static shapes, no loops)
 is for apps and mobile runtimes. `low_memory` turns off ONNX Runtime's prepacking of matrices: the
 session then maps the weights as stored, at some cost in speed.
+
+A mobile bundle (`export --mobile`) has only the step graph: it then decodes and prefills through it.
+`cuda_graph` (device cuda): the step graph runs under ONNX Runtime's CUDA graphs (provider option
+`enable_cuda_graph`): captured once per ping-pong parity, replayed every token. That needs static shapes,
+no control-flow nodes (the prefill graph's Scan cannot be captured) and every input and output bound to
+fixed device buffers, so the session then decodes through the step graph with fixed IO bindings
+(`fixed_io`); prompts still go through the prefill graph, a second session without capture.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from edgeseq.errors import EdgeseqError
 
 class OrtEngine:
     def __init__(self, directory: str, manifest: dict, device: str = "cpu", threads: int | None = None,
-                 low_memory: bool = False):
+                 low_memory: bool = False, cuda_graph: bool = False):
         import onnxruntime as ort
 
         self.ort = ort
@@ -32,10 +39,23 @@ class OrtEngine:
             self.providers = ["CPUExecutionProvider"]
         else:
             raise EdgeseqError(f"device {device!r} is not supported (cpu or cuda)")
+        if cuda_graph and device != "cuda":
+            raise EdgeseqError(f"cuda_graph needs device='cuda' (this session is on {device!r})")
         self.threads = threads
         self.low_memory = low_memory
-        self.decode_graph = "prefill"
+        self.cuda_graph = cuda_graph
+        # fixed_io: the step graph decodes with every input and output bound once to fixed buffers on the
+        # device (what CUDA graphs require); the code path also runs on CPU, for tests
+        self.fixed_io = cuda_graph
+        self._next_graph_id = 1
+        self.decode_graph = "prefill" if "prefill" in manifest["graphs"] and not cuda_graph else "step"
         self._sessions: dict[str, object] = {}
+
+    def new_graph_ids(self, n: int) -> list[int]:
+        """Fresh CUDA graph ids (run option gpu_graph_id; 0 is ONNX Runtime's own, -1 means no capture)."""
+        first = self._next_graph_id
+        self._next_graph_id = first + n
+        return list(range(first, first + n))
 
     def session(self, kind: str):
         if kind not in self._sessions:
@@ -52,7 +72,11 @@ class OrtEngine:
                 so.add_session_config_entry("session.disable_prepacking", "1")
             path = os.path.join(self.directory, g["file"])
             try:
-                self._sessions[kind] = ort.InferenceSession(path, so, providers=self.providers)
+                providers = self.providers
+                if self.cuda_graph and kind == "step":
+                    providers = [("CUDAExecutionProvider", {"use_tf32": "0", "enable_cuda_graph": "1"}),
+                                 "CPUExecutionProvider"]
+                self._sessions[kind] = ort.InferenceSession(path, so, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for bad graphs
                 raise EdgeseqError(f"{path}: ONNX Runtime cannot load this graph: {e}") from None
         return self._sessions[kind]

@@ -15,7 +15,7 @@ from edgeseq.tokenizer import load_tokenizer
 
 class Model:
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, low_memory: bool = False,
-                 max_context: int | None = None, on_full: str = "stop"):
+                 max_context: int | None = None, on_full: str = "stop", cuda_graph: bool = False):
         self.path = path
         self.manifest = m = read_manifest(path)
         self.family_name = m["family"]
@@ -34,14 +34,14 @@ class Model:
         dims = {"max_context": self.max_context} if self.max_context else {}
         self.state_spec = [StateTensor.from_json(s).resolve(dims) for s in m["state"]]
         # attention families take the absolute position of each call's first token as an input
-        self.uses_position = "position" in m["graphs"]["prefill"].get("inputs", [])
+        self.uses_position = "position" in m["graphs"].get("prefill", m["graphs"]["step"]).get("inputs", [])
         self.vocab_size = int(m["vocab_size"])
         self.weights_sha256 = m["weights"]["sha256"]
         # prompt slice per prefill call: activations grow with it, speed saturates (the family's choice)
-        self.prefill_chunk = int(m["graphs"]["prefill"].get("chunk") or 256)
+        self.prefill_chunk = int(m["graphs"].get("prefill", {}).get("chunk") or 256)  # mobile: step graph only
         self.stop_token_ids = [int(t) for t in m.get("stop_token_ids") or []]
         self.tokenizer = load_tokenizer(path, m["tokenizer"])
-        self.engine = OrtEngine(path, m, device, threads, low_memory)
+        self.engine = OrtEngine(path, m, device, threads, low_memory, cuda_graph)
 
     @property
     def family(self):

@@ -58,6 +58,9 @@ class Session:
         self._cur = 0
         self._step = model.engine.session(model.engine.decode_graph)
         self._bindings = [self._bind(self._step, c, self._ids_ov) for c in (0, 1)]
+        self._fixed = model.engine.fixed_io
+        if self._fixed:
+            self._bind_fixed(ort, dev)
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -103,10 +106,39 @@ class Session:
             io.bind_ortvalue_output(s.output_name, dst)
         return io
 
+    def _bind_fixed(self, ort, dev) -> None:
+        """CUDA graphs replay fixed addresses: the token id and the logits get buffers on the device, and
+        each parity's binding (ping->pong, pong->ping) is made once and never re-bound. Each parity is
+        its own captured graph (run option gpu_graph_id), numbered per session so that two sessions of
+        one model never replay each other's buffers."""
+        if "position" in [i.name for i in self._step.get_inputs()]:
+            raise EdgeseqError("cuda_graph: graphs with a position input are not supported yet")
+        self._ids_dev = ort.OrtValue.ortvalue_from_shape_and_type((1, 1), np.int64, dev, 0)
+        self._logits_dev = ort.OrtValue.ortvalue_from_shape_and_type((1, self.model.vocab_size), np.float32, dev, 0)
+        self._bindings = [self._bind(self._step, c, self._ids_dev) for c in (0, 1)]
+        self._run_options = []
+        for io, graph_id in zip(self._bindings, self.model.engine.new_graph_ids(2)):
+            io.bind_ortvalue_output("logits", self._logits_dev)
+            ro = ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self._run_options.append(ro)
+
+    def _step_fixed(self, token_id: int) -> np.ndarray:
+        self._ids[0, 0] = token_id
+        self._ids_dev.update_inplace(self._ids)
+        io = self._bindings[self._cur]
+        self._step.run_with_iobinding(io, self._run_options[self._cur])
+        io.synchronize_outputs()
+        self._cur ^= 1
+        self.position += 1
+        return self._logits_dev.numpy()[0].copy()
+
     def step(self, token_id: int) -> np.ndarray:
         """Feed one token; returns the next token's logits (float32 [vocab])."""
         self._check_token(token_id)
         self._check_room(1)
+        if self._fixed:
+            return self._step_fixed(token_id)
         self._ids[0, 0] = token_id
         io = self._bindings[self._cur]
         # re-bound each step: an input on another device than the graph's is copied at bind time
@@ -128,8 +160,10 @@ class Session:
         for t in (int(ids.min()), int(ids.max())):
             self._check_token(t)
         self._check_room(int(ids.size))
-        if ids.size == 1:
-            return self.step(int(ids[0]))
+        if ids.size == 1 or "prefill" not in self.model.manifest["graphs"]:  # mobile bundles: step graph only
+            for t in ids[:-1]:
+                self.step(int(t))
+            return self.step(int(ids[-1]))
         ort = self.model.engine.ort
         sess = self.model.engine.session("prefill")
         step = PREFILL_CHUNK or self.model.prefill_chunk
@@ -154,6 +188,8 @@ class Session:
         for t in (int(ids.min()), int(ids.max())):
             self._check_token(t)
         self._check_room(ids.shape[1])
+        if "prefill_all" not in self.model.manifest["graphs"]:  # mobile bundles: step graph only
+            return np.stack([self.step(int(t)) for t in ids[0]])
         sess = self.model.engine.session("prefill_all")
         feeds = {"input_ids": ids}
         if self._pos_ov is not None:

@@ -1,0 +1,176 @@
+"""`edgeseq export --mobile`: a bundle for ONNX Runtime Mobile (Android, iOS) and reduced builds.
+
+The mobile bundle is the portable flavour's step graph (standard ONNX ops, no loops) with every shape
+static (batch fixed to 1), converted to ONNX Runtime's ORT format:
+
+    edgeseq.json               the manifest: flavour "mobile", one graph (step), the state spec with
+                               batch 1, tokenizer, special tokens, initial values (RWKV-4's running
+                               maximum starts at -1e30; a tuned RWKV state ships as a file)
+    step.ort                   input_ids (1, 1) int64 + state -> logits (1, vocab) + state; the weights
+                               are embedded (an ORT-format file holds its initializers)
+    required_operators.config  the operators step.ort uses, for a reduced ONNX Runtime build
+                               (build.py --include_ops_by_config required_operators.config)
+    tokenizer.json | rwkv_vocab_v20230424.txt | nothing (byte-level models)
+    initial_state.safetensors  RWKV state-tuned bundles only
+
+Only the step graph ships: an ORT file embeds its weights, so every further graph (a prefill Scan)
+would hold another copy of the model. Apps feed prompts one token at a time through the step graph;
+edgeseq's own runtime does the same with a mobile bundle.
+
+ORT's optimizer runs at level "basic" before saving (constant folding, redundant nodes removed): the
+standard ops stay standard, so NNAPI, CoreML, QNN and XNNPACK can still take them (level "extended" and
+up fuse into com.microsoft ops that only the CPU provider runs). An f16 bundle keeps its f16 weights
+and their Cast nodes unfolded (ConstantFolding off): otherwise ORT would fold them into f32 weights
+and the file would be as large as an f32 one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+from edgeseq.bundle import MANIFEST, read_manifest, sha256_file, write_manifest
+from edgeseq.errors import EdgeseqError
+
+BATCH = 1
+GRAPH_FILE = "step.ort"
+OPS_CONFIG = "required_operators.config"
+
+
+def fix_batch(model, batch: int = BATCH):
+    """Set the symbolic `batch` axis of every graph input, output and value_info to `batch` (in place)."""
+    values = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
+    for v in values:
+        for dim in v.type.tensor_type.shape.dim:
+            if dim.dim_param == "batch":
+                dim.dim_value = batch  # setting the value clears the oneof's dim_param
+    return model
+
+
+def dynamic_axes(model) -> list[str]:
+    """Names of graph inputs and outputs that still have a symbolic or unknown axis."""
+    out = []
+    for v in list(model.graph.input) + list(model.graph.output):
+        if any(d.dim_param or not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim):
+            out.append(v.name)
+    return out
+
+
+def to_ort(onnx_path: str, ort_path: str, fold_constants: bool = True) -> None:
+    """Optimize at level basic with ONNX Runtime's CPU provider and save in ORT format."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = ort_path
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    disabled = [] if fold_constants else ["ConstantFolding"]
+    try:
+        ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise EdgeseqError(f"{onnx_path}: ONNX Runtime could not convert this graph to ORT format: {e}") from None
+    if not os.path.isfile(ort_path):
+        raise EdgeseqError(f"{onnx_path}: ONNX Runtime wrote no ORT-format file")
+
+
+def write_ops_config(ort_paths: list[str], config_path: str) -> None:
+    """The operator list a reduced ONNX Runtime build needs (ORT's own tool reads the ORT files)."""
+    import logging
+    import pathlib
+
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # it logs every file at INFO
+    create_config_from_models([pathlib.Path(p) for p in ort_paths], pathlib.Path(config_path),
+                              enable_type_reduction=False)
+    with open(config_path) as f:  # ORT names the files it read (a temporary path here): name the bundle's
+        ops = [line for line in f if not line.startswith("#")]
+    with open(config_path, "w") as f:
+        f.write("# Operators of " + ", ".join(os.path.basename(p) for p in ort_paths) + " (edgeseq export --mobile)\n")
+        f.writelines(ops)
+
+
+def mobile_from_portable(src: str, dst: str) -> dict:
+    """Build the mobile bundle in the empty directory `dst` from the portable bundle `src` (which
+    must sit on the same filesystem: step.onnx's weights are read from src/weights.bin)."""
+    import onnx
+
+    m = read_manifest(src)
+    if m.get("flavour") != "portable":
+        raise EdgeseqError(f"{src}: a mobile bundle is made from the portable flavour, this is {m.get('flavour')!r}")
+    step = onnx.load(os.path.join(src, m["graphs"]["step"]["file"]), load_external_data=False)
+    fix_batch(step)
+    left = dynamic_axes(step)
+    if left:
+        raise EdgeseqError(f"{src}: the step graph still has dynamic axes after fixing the batch: {', '.join(left)}")
+    fixed = os.path.join(src, "step.batch1.onnx")  # beside weights.bin, so its external data resolves
+    onnx.save(step, fixed)
+    ort_path = os.path.join(dst, GRAPH_FILE)
+    to_ort(fixed, ort_path, fold_constants=m["quant"]["recipe"] != "f16")
+    os.remove(fixed)
+    write_ops_config([ort_path], os.path.join(dst, OPS_CONFIG))
+    for name in (m["tokenizer"].get("file"), (m.get("initial_state") or {}).get("file")):
+        if name:
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+
+    import onnxruntime as ort
+
+    graph = dict(m["graphs"]["step"], file=GRAPH_FILE, batch=BATCH)
+    if "tensors" in graph:  # dtype/shape of the graph's other inputs and outputs: batch is now 1
+        graph["tensors"] = {k: dict(t, shape=[BATCH if d == "batch" else d for d in t["shape"]])
+                            for k, t in graph["tensors"].items()}
+    manifest = {k: v for k, v in m.items() if k not in ("format", "format_version", "state_spec_version")}
+    manifest.update(
+        flavour="mobile",
+        state=[dict(s, shape=[BATCH, *s["shape"][1:]]) for s in m["state"]],
+        graphs={"step": graph},
+        # the weights live inside step.ort; sha256 stays the weights' identity (that of the portable
+        # bundle's weights.bin), so state files move between a mobile bundle and its portable twin
+        weights={"file": GRAPH_FILE, "bytes": os.path.getsize(ort_path), "sha256": m["weights"]["sha256"],
+                 "embedded": True, "weights_bytes": m["weights"]["bytes"]},
+        mobile={"format": "ort", "onnxruntime": ort.__version__, "optimization": "basic",
+                "operators_config": OPS_CONFIG, "batch": BATCH},
+        files={f: sha256_file(os.path.join(dst, f)) for f in sorted(os.listdir(dst))},
+    )
+    write_manifest(dst, manifest)
+    return manifest
+
+
+def export_mobile(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | None = None,
+                  chat_template: dict | None = None, force: bool = False, progress: bool = False,
+                  initial_state: str | None = None) -> str:
+    """Export `checkpoint` to the mobile bundle directory `out` (see the module docstring). Returns `out`.
+
+    Everything is built in a temporary sibling directory (the portable bundle first, then the mobile
+    one) and renamed into place at the end; a failure leaves nothing behind."""
+    from edgeseq.exporters.export import export
+
+    if os.path.exists(out) and not force:
+        raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".edgeseq-mobile-", dir=parent)
+    try:
+        portable = export(checkpoint, os.path.join(work, "portable"), quant=quant, portable=True, tokenizer=tokenizer,
+                          chat_template=chat_template, progress=progress, initial_state=initial_state)
+        mobile = os.path.join(work, "mobile")
+        os.mkdir(mobile)
+        mobile_from_portable(portable, mobile)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(mobile, 0o777 & ~umask)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(mobile, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def ort_sizes(bundle: str) -> dict:
+    """File sizes of a mobile bundle (bytes), for reports."""
+    with open(os.path.join(bundle, MANIFEST)) as f:
+        m = json.load(f)
+    return {"step.ort": os.path.getsize(os.path.join(bundle, m["graphs"]["step"]["file"])),
+            "weights (portable weights.bin)": m["weights"]["weights_bytes"]}
