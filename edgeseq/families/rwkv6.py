@@ -212,7 +212,8 @@ class _RwkvCppAsBlinkDL:
 def _as_blinkdl(src):
     if getattr(src, "stored_by", None) == "rwkv.cpp":
         return _RwkvCppAsBlinkDL(src)
-    return HFNames(src) if HFNames.applies(src) else src
+    # a model directory (no stored_by) in the HF layout
+    return HFNames(src) if getattr(src, "stored_by", None) is None and HFNames.applies(src) else src
 
 
 def _hf_eps(src) -> dict:

@@ -136,8 +136,8 @@ class FlaNames:
 
 
 def _as_blinkdl(src):
-    return FlaNames(src) if getattr(src, "stored_by", None) not in ("rwkv.cpp", "blinkdl") and FlaNames.applies(src) \
-        else src
+    # a model directory (no stored_by) in the fla layout
+    return FlaNames(src) if getattr(src, "stored_by", None) is None and FlaNames.applies(src) else src
 
 
 def _fla_config(src, n_head: int, head_size: int) -> dict:
