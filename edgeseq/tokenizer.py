@@ -173,3 +173,66 @@ def find_rwkv_vocab(near: str) -> str | None:
         if os.path.isfile(packaged):
             return packaged
     return None
+
+
+def sentencepiece_to_tokenizer_json(path: str) -> str:
+    """A SentencePiece model (`tokenizer.model`, BPE or unigram) as HF tokenizers JSON, so a bundle
+    carries one tokenizer format every language reads. Export-side only (needs the sentencepiece proto
+    and, for BPE merges, transformers). Encoding (without BOS) gives sentencepiece's own ids: pieces
+    as the vocabulary, BPE merges ordered by piece score, control and user-defined pieces as added
+    tokens, byte fallback, and the model's normalizer spec (charsmap, extra-whitespace removal,
+    dummy prefix, spaces as U+2581)."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE, Unigram
+
+    m = sentencepiece_model_pb2.ModelProto()
+    try:
+        with open(path, "rb") as f:
+            m.ParseFromString(f.read())
+    except OSError as e:
+        raise EdgeseqError(f"{path}: cannot read the SentencePiece model ({e.strerror})") from None
+    except Exception as e:  # protobuf's DecodeError
+        raise EdgeseqError(f"{path}: not a SentencePiece model ({e})") from None
+    ts, ns = m.trainer_spec, m.normalizer_spec
+    if not m.pieces:
+        raise EdgeseqError(f"{path}: not a SentencePiece model (no pieces)")
+    pieces = [(p.piece, p.score) for p in m.pieces]
+    # control, unknown and byte pieces never match text ("<s>" typed is "<", "s", ">")
+    never = {p.piece for p in m.pieces if p.type in (p.CONTROL, p.UNKNOWN, p.BYTE)}
+    if ts.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        from transformers.convert_slow_tokenizer import generate_merges
+
+        vocab = {p: i for i, (p, _) in enumerate(pieces)}
+        # sentencepiece merges the pair whose result has the highest score first; never from those
+        model = BPE(vocab, generate_merges(vocab, pieces, never), unk_token=ts.unk_piece, fuse_unk=True,
+                    byte_fallback=ts.byte_fallback)
+    elif ts.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        # known difference: tokenizers' lattice can pick a control piece where the text spells it out
+        # ("<s>"), which sentencepiece never does (BPE models are exact: those pieces take no merges)
+        model = Unigram(pieces, unk_id=ts.unk_id, byte_fallback=ts.byte_fallback)
+    else:
+        raise EdgeseqError(f"{path}: SentencePiece model type {ts.model_type} is not supported (BPE or unigram)")
+    tok = Tokenizer(model)
+    # user-defined pieces match verbatim in the text
+    tok.add_tokens([AddedToken(p.piece, normalized=False) for p in m.pieces if p.type == p.USER_DEFINED])
+    norm = []
+    if ns.precompiled_charsmap:
+        norm.append(normalizers.Precompiled(ns.precompiled_charsmap))
+    if ns.remove_extra_whitespaces:
+        norm += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if ns.add_dummy_prefix:
+        # one difference remains here: tokenizers normalizes the text between user-defined pieces
+        # separately, so each such stretch gets the prefix, where sentencepiece adds one at the start;
+        # models with both (rare: Gemma's has no dummy prefix) differ right after a user-defined piece
+        norm.append(normalizers.Prepend("\u2581"))
+    norm.append(normalizers.Replace(" ", "\u2581"))
+    tok.normalizer = normalizers.Sequence(norm)
+    dec = [decoders.Replace("\u2581", " ")]
+    if ts.byte_fallback:
+        dec.append(decoders.ByteFallback())
+    dec.append(decoders.Fuse())  # one string before the dummy prefix is stripped from its start
+    if ns.add_dummy_prefix:
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(dec)
+    return tok.to_str()

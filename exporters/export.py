@@ -19,7 +19,7 @@ from edgeseq.families.base import GRAPH_KINDS
 from edgeseq.graph import WeightStore, save_model
 from edgeseq.exporters.checkpoint import open_checkpoint
 from edgeseq.quant import parse_quant, quantize_tensor
-from edgeseq.tokenizer import RwkvWorldTokenizer, find_rwkv_vocab
+from edgeseq.tokenizer import RwkvWorldTokenizer, find_rwkv_vocab, sentencepiece_to_tokenizer_json
 
 
 WORLD = {"kind": "rwkv_world", "file": RwkvWorldTokenizer.FILE}
@@ -40,11 +40,14 @@ def _tokenizer_source(ckpt, tokenizer: str | None, family) -> tuple[dict, str | 
         if os.path.basename(tokenizer).endswith(".txt"):
             RwkvWorldTokenizer(tokenizer)  # parse now: a bad file is an error before anything is written
             return WORLD, tokenizer
-        return HF, tokenizer
+        return HF, tokenizer  # a tokenizer.json, or a SentencePiece .model converted to one when written
     folder = ckpt.path if os.path.isdir(ckpt.path) else os.path.dirname(os.path.abspath(ckpt.path))
     local = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(local):
         return HF, local
+    spm = os.path.join(folder, "tokenizer.model")  # SentencePiece: converted to tokenizer.json when written
+    if os.path.isfile(spm):
+        return HF, spm
     if family.name.startswith("rwkv") and vocab == 65536:
         world = find_rwkv_vocab(ckpt.path)
         if world:
@@ -73,8 +76,11 @@ def _special_tokens(ckpt) -> dict:
 
 def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False, tokenizer: str | None = None,
            chat_template: dict | None = None, force: bool = False, progress: bool = False,
-           initial_state: str | None = None) -> str:
-    """Export `checkpoint` (a model directory) to the bundle directory `out`. Returns `out`."""
+           initial_state: str | None = None, block_size: int = 32, accuracy_level: int = 4) -> str:
+    """Export `checkpoint` (a model directory) to the bundle directory `out`. Returns `out`.
+
+    int8/int4: block-wise weights (`block_size` along each row) for MatMulNBits with `accuracy_level`
+    (4: int8 activations on CPU), GatherBlockQuantized for the embedding; DequantizeLinear if portable."""
     quant = parse_quant(quant, "onnx")
     if os.path.exists(out) and not force:
         raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
@@ -105,6 +111,12 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
         for name, array in items:
             store.add(name, quantize_tensor(name, array, quant))
         weights_hash = store.close()
+        table, qspecs = store.table, {}
+        if quant in ("int8", "int4"):
+            from edgeseq.quant import onnx_quant
+
+            store, table, qspecs = onnx_quant.quantize_bundle_weights(store, family, quant, block_size, portable)
+            weights_hash = store.sha256
 
         flavour = "portable" if portable else "fused"
         meta = {"edgeseq.version": __version__, "edgeseq.family": family.name, "edgeseq.quant": quant,
@@ -112,7 +124,9 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
         graphs = {}
         state_names = {n for s in family.state_spec() for n in (s.input_name, s.output_name)}
         for kind in GRAPH_KINDS:
-            b = family.build_graph(kind, store.table, fused=not portable)
+            b = family.build_graph(kind, table, fused=not portable)
+            if qspecs:
+                onnx_quant.rewrite(b, qspecs, accuracy_level, portable)
             fname = f"{kind}.onnx"
             save_model(b.to_model({**meta, "edgeseq.graph": kind}), os.path.join(tmp, fname))
             graphs[kind] = {"file": fname, "tokens": 1 if kind == "step" else None,
@@ -123,7 +137,10 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             if kind != "step":
                 graphs[kind]["chunk"] = family.prefill_chunk
             graphs[kind]["tensors"] = graph_tensors(b.inputs, b.outputs, state_names)
-        if tok_file:
+        if tok_file and tok_file.endswith(".model"):
+            with open(os.path.join(tmp, tok_spec["file"]), "w", encoding="utf-8") as f:
+                f.write(sentencepiece_to_tokenizer_json(tok_file))
+        elif tok_file:
             shutil.copyfile(tok_file, os.path.join(tmp, tok_spec["file"]))
         init_spec = None
         if init_arrays:
@@ -140,7 +157,8 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             "config": family.config_json(),
             "vocab_size": family.vocab_size,
             "flavour": flavour,
-            "quant": {"recipe": quant},
+            "quant": {"recipe": quant, **(onnx_quant.recipe_json(quant, block_size, accuracy_level, portable, qspecs)
+                                          if qspecs else {})},
             "state": [s.to_json() for s in family.state_spec()],
             "state_bytes_per_sequence": family.state_bytes(),
             **family.symbolic_dims,  # e.g. max_context: the default length of a full-attention KV ring
