@@ -118,16 +118,25 @@ export class Bundle {
     return init;
   }
 
-  async newSession() {
-    const s = new Session(this);
+  async newSession(decodeGraph = "step") {
+    const s = new Session(this, decodeGraph);
     await s.reset();
     return s;
   }
 }
 
 export class Session {
-  constructor(bundle) {
+  // decodeGraph: "step" (static shapes, no loops) or "prefill" (any length: one graph, and so one copy
+  // of the weights in memory, serves prompt and decode, as the Python runtime does)
+  constructor(bundle, decodeGraph = "step") {
     this.bundle = bundle;
+    // a mobile bundle has the step graph only
+    this.decodeGraph = bundle.manifest.graphs[decodeGraph] ? decodeGraph : "step";
+    this.hasPrefill = "prefill" in bundle.manifest.graphs;
+    // a full-attention KV ring (a state dim named "max_context") holds that many tokens; past it the
+    // ring would wrap (a sliding window): this driver stops instead, as edgeseq does by default
+    this.maxContext = bundle.manifest.state.some((s) => s.shape.includes("max_context"))
+      ? resolveDims(["max_context"], bundle.manifest, bundle._dims)[0] : Infinity;
     this.ort = bundle.ort;
     this.spec = bundle.manifest.state;
     this.position = 0;
@@ -148,6 +157,9 @@ export class Session {
   // One call of a graph on `ids` from the current state; returns the logits (Float32Array, a copy) of
   // the last token (or of every token for prefill_all) and advances the state and the position.
   async run(kind, ids) {
+    if (this.position + ids.length > this.maxContext) {
+      throw new EdgeseqBundleError(`context full: ${this.maxContext} tokens (the bundle's max_context)`);
+    }
     const g = this.bundle.manifest.graphs[kind];
     const sess = await this.bundle.session(kind);
     const ort = this.ort;
@@ -178,17 +190,17 @@ export class Session {
   // Feed a prompt in slices of the manifest's prefill chunk; one token goes through the step graph.
   async prefill(ids) {
     if (!ids.length) throw new EdgeseqBundleError("prefill needs at least one token");
-    const chunk = this.bundle.manifest.graphs.prefill.chunk || 256;
+    const chunk = this.hasPrefill ? this.bundle.manifest.graphs.prefill.chunk || 256 : 1;
     let logits;
     for (let a = 0; a < ids.length; a += chunk) {
       const part = ids.slice(a, a + chunk);
-      logits = await this.run(part.length === 1 ? "step" : "prefill", part);
+      logits = await this.run(part.length === 1 ? this.decodeGraph : "prefill", part);
     }
     return logits;
   }
 
   async step(id) {
-    return this.run("step", [id]);
+    return this.run(this.decodeGraph, [id]);
   }
 
   _dispose(tensors) {
