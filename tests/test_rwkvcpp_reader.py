@@ -143,3 +143,50 @@ def test_rwkv6_file_written_the_rwkv_cpp_way_matches_its_pth(tmp_path):
     a = edgeseq.load(export(str(tmp_path / "m.bin"), str(tmp_path / "a"))).session().logits_all(ids)
     b = edgeseq.load(export(str(tmp_path / "m.pth"), str(tmp_path / "b"))).session().logits_all(ids)
     assert np.abs(a - b).max() < 1e-5 and np.abs(b).max() > 1
+
+
+@pytest.mark.parametrize("version", ["5.0", "5.1"])
+def test_rwkv5_0_and_5_1_files_written_the_rwkv_cpp_way_read_as_their_pth(tmp_path, version):
+    """No rwkv.cpp v5.0/5.1 fixture exists; this writes a v5.0/5.1 .pth through the transforms rwkv.cpp's
+    converter applies (python/convert_pytorch_to_ggml.py: time_* squeezed; time_decay stored as
+    exp(-exp(d)), reshaped (H, 1, 1) without a gate, unsqueezed to (H, 1) with one; time_first stored as
+    exp(u), (H, 1, 1)) and checks that edgeseq recovers the .pth's canonical weights from it. The .pth
+    path itself is proven against the rwkv package in test_rwkv5_pth.py. The one intended difference:
+    ln_x's eps is rwkv.cpp's (1e-5) for an rwkv.cpp file, the package's (64e-5) for a .pth."""
+    torch = pytest.importorskip("torch")
+    from edgeseq.exporters.checkpoint import BlinkDLFile
+    from edgeseq.families.rwkv5 import Rwkv5
+    from rwkv_builders import v5_state_dict
+
+    sd = v5_state_dict(version, C=64, L=2, H=2, F=224)
+    torch.save(sd, tmp_path / "m.pth")
+    gate = "blocks.0.att.gate.weight" in sd
+    converted = {}
+    for k, t in sd.items():
+        a = t.float().numpy()
+        if ".time_" in k:
+            a = a.squeeze()
+        if k.endswith(".time_decay"):
+            a = np.exp(-np.exp(a))
+            a = a[..., None] if gate else a.reshape(-1, 1, 1)
+        if k.endswith(".time_first"):
+            a = np.exp(a).reshape(-1, 1, 1)
+        converted[k] = np.ascontiguousarray(a, np.float32)
+    V, C = converted["emb.weight"].shape
+    write_container(tmp_path / "m.bin", {"file_version": 101, "n_vocab": V, "n_embed": C, "n_layer": 2},
+                    converted, fp16=False)
+    pth, cpp = BlinkDLFile(str(tmp_path / "m.pth")), RwkvCppFile(str(tmp_path / "m.bin"))
+    fam_pth, fam_cpp = Rwkv5(Rwkv5.read_config(pth)), Rwkv5(Rwkv5.read_config(cpp))
+    a_cfg, b_cfg = fam_pth.config_json(), fam_cpp.config_json()
+    assert (b_cfg["version"], b_cfg["gate"], b_cfg["ln_x_eps"]) == (version, gate, 1e-5)
+    assert {k: v for k, v in a_cfg.items() if k != "ln_x_eps"} == {k: v for k, v in b_cfg.items() if k != "ln_x_eps"}
+    ours, theirs = dict(fam_pth.convert(pth)), dict(fam_cpp.convert(cpp))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert np.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6), k
+    # and the file exports and runs
+    import edgeseq
+    from edgeseq.exporters.export import export
+
+    logits = edgeseq.load(export(str(tmp_path / "m.bin"), str(tmp_path / "b"))).session().prefill([1, 2, 3])
+    assert np.isfinite(logits).all() and logits.std() > 0.1

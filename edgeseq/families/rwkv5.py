@@ -71,13 +71,21 @@ class Rwkv5(Family):
         decay = tuple(src.shape(a + "time_decay"))
         gate = src.has(a + "gate.weight")
         if by == "rwkv.cpp":
-            if not src.has(a + "time_faaaa") or len(decay) != 3 or decay[1] == 1:
-                # v5.0/5.1 keep time_first (stored exp'd) and/or one decay per head
-                raise UnsupportedError(f"{src.path}: only RWKV v5.2 is read from rwkv.cpp files (time_faaaa and a "
-                                       f"decay per (head, channel)); this file has time_decay {decay}")
-            if not gate:
-                raise UnsupportedError(f"{src.path}: RWKV-5 without a gate (v5.0) is not supported from rwkv.cpp")
-            H, N, version = decay[0], decay[1], "5.2"
+            # rwkv.cpp's converter stores time_decay as w = exp(-exp(decay)): (H, N, 1) for v5.2, (H, 1) for
+            # v5.1 (a gate, one decay per head), (H, 1, 1) for v5.0 (no gate); v5.0/5.1's time_first as
+            # exp(time_first), (H, 1, 1); v5.2's time_faaaa unsqueezed to (H, N, 1)
+            H = decay[0] if decay else 0
+            if len(decay) == 3 and decay[1] > 1 and decay[2] == 1 and gate and src.has(a + "time_faaaa"):
+                N, version = decay[1], "5.2"
+            elif decay in ((H, 1), (H, 1, 1)) and H and C % H == 0 and src.has(a + "time_first"):
+                N, version = C // H, "5.1" if gate else "5.0"
+                if (len(decay) == 2) != gate:
+                    raise UnsupportedError(f"{src.path}: time_decay {decay} with{'' if gate else 'out'} a gate is "
+                                           f"not what rwkv.cpp's converter writes for v5.0 or v5.1")
+            else:
+                raise UnsupportedError(f"{src.path}: unexpected RWKV-5 time_decay {decay} in an rwkv.cpp file "
+                                       f"(v5.2: (H, N, 1) with time_faaaa; v5.0/5.1: (H, 1, 1) / (H, 1) with "
+                                       f"time_first)")
         else:
             # the rwkv package's test: a (H, N) decay with N > 1 is v5.2, else one decay per head (v5.0/5.1)
             if any(k.endswith(".att.time_state") for k in src.keys()):
@@ -144,12 +152,14 @@ class Rwkv5(Family):
             # step multiplies the state's key rows by, so it is kept. The fused flavour's LinearAttention
             # wants log w = -exp(decay) per key channel (H*N); log of a value that underflowed to 0 is
             # clipped to -1e30 (exp gives 0 again) rather than -inf, which would turn 0·(-inf) into NaN.
-            w = src.get(a + "time_decay").reshape(H, N, 1)
+            w = np.broadcast_to(src.get(a + "time_decay").reshape(H, -1, 1), (H, N, 1)).astype(np.float32)
             yield o + "att.decay", w
             with np.errstate(divide="ignore"):
                 yield o + "att.log_decay", np.maximum(np.log(w), -1e30).reshape(H * N).astype(np.float32)
-            # v5.2's bonus u (time_faaaa) is used as is; rwkv.cpp only unsqueezed it to (H, N, 1)
-            yield o + "att.bonus", src.get(a + "time_faaaa").reshape(H, N, 1)
+            # v5.2's bonus u (time_faaaa) is used as is, rwkv.cpp only unsqueezed it to (H, N, 1); v5.0/5.1's
+            # time_first was stored as exp(time_first), which is the bonus itself, one per head
+            u = src.get(a + ("time_faaaa" if c.version == "5.2" else "time_first"))
+            yield o + "att.bonus", np.broadcast_to(u.reshape(H, -1, 1), (H, N, 1)).astype(np.float32)
             return
         # BlinkDL .pth: raw time_decay, (H, N) for v5.2, one per head for v5.0/5.1 (broadcast over N).
         # log w = -exp(decay) is computed directly (in float64), so it never meets log(0); it is kept
