@@ -99,3 +99,64 @@ def test_tuned_state_matches_the_rwkv_package(tmp_path, portable):
     assert max_diff(np.stack([s.step(t) for t in ids]), ref) < tol(ref)
     s.reset()
     assert max_diff(s.logits_all(ids), ref) < tol(ref)
+
+
+_V7_SCRIPT = """
+import json, os, sys
+os.environ["RWKV_JIT_ON"] = "0"; os.environ["RWKV_CUDA_ON"] = "0"; os.environ["RWKV_V7_ON"] = "1"
+import numpy as np, torch
+torch.set_num_threads(1)
+from rwkv.model import RWKV
+base, state_path, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = RWKV(model=base, strategy="cpu fp32")
+state = model.generate_zero_state()
+if state_path:
+    tuned = torch.load(state_path, weights_only=True)
+    for i in range(model.args.n_layer):  # as every v7 state-tuning loader does
+        state[i * 3 + 1] = tuned[f"blocks.{i}.att.time_state"].transpose(1, 2).float().contiguous()
+out = []
+for t in ids:
+    o, state = model.forward([t], state)
+    out.append(o.float().numpy().copy())
+np.save(base + "-tuned.npy", np.stack(out))
+"""
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
+def test_rwkv7_tuned_state_matches_the_rwkv_package(tmp_path, portable):
+    """RWKV-7 state-tuning files: the package's x070 model started from `time_state.transpose(1, 2)` (how
+    v7 state-tuning loaders feed it) against edgeseq's bundle exported with `--initial-state`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("rwkv")
+    from rwkv_builders import VOCAB, max_diff, tol, v7_state_dict
+
+    sd = v7_state_dict(C=128, L=2, H=2)
+    H, N = sd["blocks.0.att.r_k"].shape
+    g = torch.Generator().manual_seed(7)
+    tuning = {f"blocks.{i}.att.time_state": torch.randn(H, N, N, generator=g) * 0.5 for i in range(2)}
+    tuning["blocks.0.att.time_state"][0, 0, 1] = 3.0  # asymmetric, so a missing transpose shows
+    torch.save(sd, tmp_path / "model.pth")
+    torch.save(tuning, tmp_path / "state.pth")
+    ids = np.random.default_rng(2).integers(0, VOCAB, 20).tolist()
+    env = {k: v for k, v in os.environ.items() if k != "RWKV_V7_ON"}
+    refs = []
+    for state in (str(tmp_path / "state.pth"), ""):
+        r = subprocess.run([sys.executable, "-c", _V7_SCRIPT, str(tmp_path / "model"), state, json.dumps(ids)],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        refs.append(np.load(tmp_path / "model-tuned.npy"))
+    ref, plain = refs
+    assert np.abs(ref[0] - plain[0]).max() > 1e-2  # the package did use the tuned state
+    m = edgeseq.load(export(str(tmp_path / "model.pth"), str(tmp_path / "b"), portable=portable,
+                            initial_state=str(tmp_path / "state.pth")))
+    s = m.session()
+    assert max_diff(np.stack([s.step(t) for t in ids]), ref) < tol(ref)
+    s.reset()
+    assert max_diff(s.logits_all(ids), ref) < tol(ref)
+    # the untuned bundle gives the package's untuned logits
+    s0 = edgeseq.load(export(str(tmp_path / "model.pth"), str(tmp_path / "b0"))).session()
+    assert max_diff(np.stack([s0.step(t) for t in ids]), plain) < tol(plain)

@@ -162,6 +162,7 @@ def _fla_config(src, n_head: int, head_size: int) -> dict:
 class Rwkv7(Family):
     name = "rwkv7"
     Config = Rwkv7Config
+    time_state_layout = "key_value"  # state-tuning files keep (key, value) per head: read_time_state
 
     @classmethod
     def read_config(cls, src) -> Rwkv7Config:
@@ -280,3 +281,11 @@ class Rwkv7(Family):
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return head(b, hidden, self.config.vocab_size, self.config.ln_eps)
+
+    def quant_policy(self, name, shape):
+        # LoRA matrices (rank 32-64): the decay LoRA (w1, w2) f32, as llama.cpp keeps time_mix_w1/w2;
+        # the in-context learning rate, value-residual and gate LoRAs (a, v, g) at 8 bits
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("w1", "w2"):
+            return "f32"
+        return "int8" if leaf in ("a1", "a2", "v1", "v2", "g1", "g2") else None

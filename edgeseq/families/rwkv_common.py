@@ -101,12 +101,14 @@ def read_time_state(family, path: str) -> dict[str, np.ndarray]:
     """An RWKV state-tuning file (`blocks.{i}.att.time_state`, one (H, N, N) matrix per layer) as
     {state input name: (1, H, N, N) float32}: the bundle's initial `wkv` state.
 
-    The files keep each head's matrix as (value, key), which the rwkv package transposes when it
-    loads them; edgeseq's RWKV-5/6 state is (key, value), so it transposes too."""
+    Every loader of these files (the rwkv package for v5/v6, ChatRWKV-style demos for v7) puts
+    `time_state.transpose(1, 2)` into its state. The files therefore keep (value, key) for v5/v6, whose
+    reference state is (key, value), and (key, value) for v7, whose reference state is (value, key);
+    edgeseq's state follows each reference's layout, so it transposes in both cases."""
     from edgeseq.errors import EdgeseqError
     from edgeseq.exporters.checkpoint import TorchFile
 
-    if getattr(family, "time_state_layout", None) != "value_key":
+    if getattr(family, "time_state_layout", None) not in ("value_key", "key_value"):
         raise EdgeseqError(f"{path}: state-tuning files are not supported for {family.name} yet")
     src = TorchFile(path)
     spec = {s.input_name: s for s in family.state_spec() if s.kind == "wkv"}
