@@ -1,7 +1,9 @@
 """Weight quantization. One vocabulary for every format; a name the chosen format lacks is an error.
 
-ONNX bundles take f32 and f16 today (f16 weights are stored half size and widened to f32 by a Cast
-in the graph, which ONNX Runtime folds once at load). int8/int4 (MatMulNBits) come with their issue.
+ONNX bundles: f32; f16 (weights stored half size and widened to f32 by a Cast in the graph, which
+ONNX Runtime folds once at load); int8 and int4 (block-wise, MatMulNBits / GatherBlockQuantized, or
+DequantizeLinear in the portable flavour: `onnx_quant.py`). GGUF files: the GGUF types of
+`gguf_quants.py`.
 """
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ import numpy as np
 
 from edgeseq.errors import EdgeseqError
 
-ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16"}
-ONNX_QUANTS = ("f32", "f16")
+ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16"}
+ONNX_QUANTS = ("f32", "f16", "int8", "int4")
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 
 
 def parse_quant(name: str, fmt: str = "onnx") -> str:
     q = ALIASES.get(name.lower(), name.lower())
-    allowed = ONNX_QUANTS
+    allowed = GGUF_QUANTS if fmt == "gguf" else ONNX_QUANTS
     if q not in allowed:
         raise EdgeseqError(f"--quant {name}: not available for {fmt} (choose one of {', '.join(allowed)})")
     return q

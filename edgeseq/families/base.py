@@ -85,6 +85,13 @@ class Family:
         """Final norm and LM head: (b, t, d) -> (b, t, vocab)."""
         raise NotImplementedError
 
+    def quant_policy(self, name: str, shape: tuple[int, int]) -> str | None:
+        """How an int4/int8 export keeps one matrix the graphs multiply with (shape (out, in)): None
+        follows the recipe, "int8" keeps it at 8 bits under int4, "f32" leaves it unquantized. Only
+        matrices read by MatMul, a transposed-head Gemm or the embedding Gather are ever quantized
+        (edgeseq.quant.onnx_quant); families override this for the ones too small or too sensitive."""
+        return None
+
     # -- shared ------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

@@ -157,3 +157,8 @@ class Mamba(Family):
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)
 
+    def quant_policy(self, name, shape):
+        # dt_proj: fan-in = dt rank (48 at 130m), and its output goes through softplus into exp(dt·A):
+        # an error there scales the whole state's decay. 8 bits under int4.
+        return "int8" if name.endswith(".dt_proj") else None
+

@@ -184,6 +184,9 @@ class Mamba2(Family):
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)
 
+    def quant_policy(self, name, shape):
+        return "f32" if name == "head_expand" else None  # an exact 0/1 expansion, not a learned matrix
+
 
 def _float(v) -> float:
     """transformers writes infinity in config.json as {"__float__": "Infinity"}."""

@@ -175,6 +175,11 @@ class Rwkv6(Family):
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return head(b, hidden, self.config.vocab_size)
 
+    def quant_policy(self, name, shape):
+        # the token-shift and decay LoRAs (small; the decay sits inside exp(-exp(.))): f32, as llama.cpp
+        # keeps time_mix_w1/w2 and time_mix_decay_w1/w2
+        return "f32" if name.endswith(("att.maa_w1", "att.maa_w2", "att.decay_w1", "att.decay_w2")) else None
+
 
 class _RwkvCppAsBlinkDL:
     """An rwkv.cpp v6 file seen as the BlinkDL .pth it was converted from. rwkv.cpp's converter
