@@ -98,7 +98,7 @@ async function generate() {
     const t1 = performance.now();
     const decode = result.ids.length > 1 ? ((result.ids.length - 1) / ((t1 - first) / 1000)).toFixed(1) : "–";
     $("status").textContent = `${ids.length} prompt tokens, ${result.ids.length} generated · ${ep} · ` +
-      `first token ${(first - t0 || 0).toFixed(0)} ms · decode ${decode} tok/s · greedy`;
+      `first token ${(first - t0 || 0).toFixed(0)} ms (incl. session start) · decode ${decode} tok/s · greedy`;
     result.ep = ep;
     result.promptIds = ids;
   } catch (e) {

@@ -174,9 +174,55 @@ function patternOf(p) {
   throw unsupported("pattern", p);
 }
 
+// SentencePiece's precompiled normalization map (nmt_nfkc and friends): a u32 length, a Darts
+// double-array trie over UTF-8 bytes, then the replacement strings (NUL-terminated) the trie points to.
+// As tokenizers applies it: per grapheme cluster (shorter than 6 bytes) the first prefix match replaces
+// the whole cluster; otherwise each character is looked up alone.
+function precompiled(b64) {
+  const raw = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const view = new DataView(raw.buffer);
+  const trieBytes = view.getUint32(0, true);
+  const units = new Uint32Array(trieBytes / 4);
+  for (let i = 0; i < units.length; i++) units[i] = view.getUint32(4 + 4 * i, true);
+  const strings = raw.subarray(4 + trieBytes);
+  const dec = new TextDecoder();
+  const offset = (u) => (u >>> 10) << ((u & (1 << 9)) >>> 6);
+  const label = (u) => u & ((1 << 31) | 0xff);
+  const transform = (chunk) => {
+    const key = utf8.encode(chunk);
+    let pos = offset(units[0]);
+    for (const c of key) {
+      pos ^= c;
+      const u = units[pos];
+      if (label(u) !== c) return null;
+      pos ^= offset(u);
+      if ((u >>> 8) & 1) {
+        const start = units[pos] & 0x7fffffff;
+        let end = start;
+        while (end < strings.length && strings[end] !== 0) end++;
+        return dec.decode(strings.subarray(start, end));
+      }
+    }
+    return null;
+  };
+  const graphemes = new Intl.Segmenter(undefined, { granularity: "grapheme" });
+  return (s) => {
+    let out = "";
+    for (const { segment } of graphemes.segment(s)) {
+      if (utf8.encode(segment).length < 6) {
+        const t = transform(segment);
+        if (t !== null) { out += t; continue; }
+      }
+      for (const ch of segment) out += transform(ch) ?? ch;
+    }
+    return out;
+  };
+}
+
 function normalizer(n) {
   if (!n) return (s) => s;
   switch (n.type) {
+    case "Precompiled": return n.precompiled_charsmap ? precompiled(n.precompiled_charsmap) : (s) => s;
     case "NFC": case "NFD": case "NFKC": case "NFKD": return (s) => s.normalize(n.type);
     case "Lowercase": return (s) => s.toLowerCase();
     case "Prepend": return (s) => (s ? n.prepend + s : s);

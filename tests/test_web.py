@@ -1,0 +1,159 @@
+"""The browser example (examples/web/): its JavaScript tokenizers give the ids of the Python
+tokenizers (run in Node), and the page, served on 127.0.0.1 and driven in headless Chromium through
+playwright-core, streams the greedy text of the Python runtime.
+
+Skips with the reason when node, the npm packages or Chromium are missing (`make test` installs them)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, make_mamba, write_tokenizer
+from js_cases import FIXTURES, ROOT, python_greedy, require_node_package, run_node
+import edgeseq
+from edgeseq.exporters.export import export
+
+CHROMIUM = os.environ.get("EDGESEQ_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT = ROOT / "docs" / "web_screenshot.png"
+
+TEXTS = ["Hello world", "  two  spaces\tand a tab\n\nnewlines", "Ünïcödé — 東京 🤖 emoji ẞ", " leading", "trailing ",
+         "print('x')  # code\n    indented", "1234567890 3.14159", "don't you'll I'm we've", "", "\n",
+         "<unk> <s> text", "\\x00 \\n 'quoted' \"double\"", "ＦＵＬＬ ｗｉｄｔｈ ﬁ ① ｶﾞ e\u0301 \u200b"]
+
+
+def corpus_texts(n=120):
+    lines = [ln for ln in CORPUS.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return TEXTS + lines[:n] + ["\n".join(lines[n:n + 30])]
+
+
+def js_tokenize(kind: str, file: Path, texts: list[str]) -> dict:
+    r = subprocess.run(["node", "tests/js_tokenize.mjs"], input=json.dumps({"kind": kind, "file": str(file),
+                                                                           "texts": texts}),
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def check_tokenizer(kind: str, file: Path, py_tok, texts: list[str]):
+    got = js_tokenize(kind, file, texts)
+    want = [py_tok.encode(t) for t in texts]
+    bad = [(t, a, b) for t, a, b in zip(texts, got["ids"], want) if a != b]
+    assert not bad, bad[:3]
+    for t, ids, dec, streamed in zip(texts, want, got["decoded"], got["streamed"]):
+        assert dec == py_tok.decode(ids), t
+        assert streamed == dec, t
+
+
+# -- tokenizers, in Node ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def node():
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+
+
+def test_byte_level_bpe_tokenizer_json(node, tmp_path):
+    from edgeseq.tokenizer import HFTokenizer
+
+    path = write_tokenizer(tmp_path / "tokenizer.json", 400)
+    check_tokenizer("hf", path, HFTokenizer(str(path)), corpus_texts())
+
+
+@pytest.mark.parametrize("model_type,byte_fallback", [("bpe", True), ("unigram", False), ("unigram", True)])
+def test_sentencepiece_converted_tokenizer_json(node, tmp_path, model_type, byte_fallback):
+    """SentencePiece models as the export converts them (edgeseq.tokenizer.sentencepiece_to_tokenizer_json):
+    Llama-style BPE with byte fallback, and unigram."""
+    spm = pytest.importorskip("sentencepiece")
+    from edgeseq.tokenizer import HFTokenizer, sentencepiece_to_tokenizer_json
+
+    prefix = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(input=str(CORPUS), model_prefix=str(prefix), vocab_size=400, model_type=model_type,
+                                   byte_fallback=byte_fallback, character_coverage=1.0, input_sentence_size=20000,
+                                   minloglevel=2)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(sentencepiece_to_tokenizer_json(str(prefix) + ".model"))
+    texts = [t for t in corpus_texts(60) if model_type != "unigram" or "<" not in t]  # see test_sentencepiece
+    check_tokenizer("hf", path, HFTokenizer(str(path)), texts)
+
+
+def test_mistral_tokenizer_json(node, tmp_path):
+    if importlib.util.find_spec("mistral_common") is None:
+        pytest.skip("mistral-common is not installed (pip install -e '.[test]')")
+    from edgeseq.tokenizer import HFTokenizer, sentencepiece_to_tokenizer_json
+
+    model = Path(importlib.util.find_spec("mistral_common").origin).parent / "data" / "tokenizer.model.v1"
+    path = tmp_path / "tokenizer.json"
+    path.write_text(sentencepiece_to_tokenizer_json(str(model)))
+    check_tokenizer("hf", path, HFTokenizer(str(path)), corpus_texts(60))
+
+
+def test_rwkv_world_tokenizer(node):
+    from edgeseq.tokenizer import RwkvWorldTokenizer, find_rwkv_vocab
+
+    vocab = find_rwkv_vocab(str(ROOT))
+    if vocab is None:
+        pytest.skip("the RWKV World vocabulary (rwkv package) is not installed")
+    check_tokenizer("rwkv_world", Path(vocab), RwkvWorldTokenizer(vocab), corpus_texts())
+
+
+# -- the page in headless Chromium -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    require_node_package("onnxruntime-web")
+    require_node_package("playwright-core")
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium; or set EDGESEQ_CHROMIUM)")
+    d = tmp_path_factory.mktemp("web")
+    bundles = {
+        # byte-level, trained (rwkv.cpp's fixture writes words): the screenshot
+        "rwkv5": export(str(FIXTURES / "tiny-rwkv-5v2-730K-FP32.bin"), str(d / "rwkv5")),
+        # a tokenizer.json (byte-level BPE), random weights
+        "bpe": export(str(make_mamba(d / "ckpt", seed=13, vocab_size=400, tokenizer_vocab=400)), str(d / "bpe")),
+    }
+    sys.path.insert(0, str(ROOT / "examples" / "web"))
+    try:
+        import serve
+    finally:
+        sys.path.pop(0)
+    server = serve.start({f"/b/{k}/": v for k, v in bundles.items()})
+    yield f"http://127.0.0.1:{server.server_address[1]}", {k: Path(v) for k, v in bundles.items()}
+    server.shutdown()
+
+
+def run_page(base: str, name: str, prompt: str, n: int, screenshot: Path) -> dict:
+    q = urllib.parse.urlencode({"bundle": f"/b/{name}/", "prompt": prompt, "max_tokens": n, "autorun": 1, "ep": "wasm"})
+    r = run_node("examples/web/headless.mjs", f"{base}/web/?{q}", "--screenshot", screenshot, "--chromium", CHROMIUM,
+                 "--timeout", 150, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["error"] is None, res
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,prompt,n", [("rwkv5", '"in', 64), ("bpe", "To be, or not to be", 32)])
+def test_page_streams_the_python_greedy_text(browser, tmp_path, name, prompt, n):
+    base, bundles = browser
+    shot = tmp_path / "page.png"
+    res = run_page(base, name, prompt, n, shot)
+    m = edgeseq.load(bundles[name])
+    ids = m.tokenizer.encode(prompt)
+    assert res["promptIds"] == ids
+    want_ids = python_greedy(bundles[name], ids, n)
+    assert len(set(want_ids)) > 4
+    assert res["ids"] == want_ids
+    assert res["text"] == "".join(m.session().generate(prompt, max_tokens=n, temperature=0))
+    assert res["ep"] == "wasm"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    # the screenshot under docs/ is refreshed on demand (it holds timings, so it differs run to run)
+    if name == "rwkv5" and (os.environ.get("EDGESEQ_UPDATE_SCREENSHOT") == "1" or not SCREENSHOT.exists()):
+        shutil.copyfile(shot, SCREENSHOT)
