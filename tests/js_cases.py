@@ -76,16 +76,21 @@ class Bundles:
         self._ckpt: dict = {}
         self._cache: dict = {}
 
-    def get(self, family: str, portable: bool) -> Path:
-        key = (family, portable)
+    def get(self, family: str, portable: bool, quant: str = "f32", mobile: bool = False) -> Path:
+        key = (family, portable, quant, mobile)
         if key not in self._cache:
             d = self.root / family
             if family not in self._ckpt:
                 d.mkdir()
                 self._ckpt[family] = _checkpoint(family, d)
             ckpt, opts = self._ckpt[family]
-            out = d / f"bundle-{'portable' if portable else 'fused'}"
-            export(str(ckpt), str(out), portable=portable, **opts)
+            out = d / f"bundle-{'mobile' if mobile else 'portable' if portable else 'fused'}-{quant}"
+            if mobile:
+                from edgeseq.exporters.mobile import export_mobile
+
+                export_mobile(str(ckpt), str(out), quant=quant, **opts)
+            else:
+                export(str(ckpt), str(out), portable=portable, quant=quant, **opts)
             self._cache[key] = out
         return self._cache[key]
 

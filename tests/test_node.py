@@ -35,6 +35,19 @@ def test_node_greedy_equals_python(bundles, family, portable):
     assert node_ids(bundle) == want
 
 
+@pytest.mark.parametrize("family,portable,quant,mobile", [
+    ("mamba2", False, "int4", False),  # MatMulNBits, GatherBlockQuantized beside LinearAttention
+    ("rwkv6", True, "int8", False),  # the portable flavour's block-wise DequantizeLinear
+    ("mamba", False, "f16", False),
+    ("rwkv5_tuned", False, "f32", True),  # ORT format, step graph only, the tuned initial state
+], ids=["mamba2-int4", "rwkv6-portable-int8", "mamba-f16", "rwkv5_tuned-mobile"])
+def test_quantized_and_mobile_bundles(bundles, family, portable, quant, mobile):
+    bundle = bundles.get(family, portable, quant, mobile)
+    want = python_greedy(bundle, PROMPT, N)
+    assert len(want) == N and len(set(want)) >= 3, want
+    assert node_ids(bundle) == want
+
+
 def test_long_prompt_is_fed_in_chunks(bundles, tmp_path):
     """A prompt longer than the manifest's prefill chunk goes in slices, the state carried over, and a
     last slice of one token through the step graph (as the Python runtime does)."""
