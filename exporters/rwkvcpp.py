@@ -1,7 +1,7 @@
 """rwkv.cpp's own model container (`.bin`, magic 'ggmf'), read as a TensorSource.
 
     header:  int32 magic 0x67676d66 | int32 version (100, 101) | int32 n_vocab | int32 n_embed
-             | int32 n_layer | int32 data_type (0 f32, 1 f16, >1 quantized)
+             | int32 n_layer | int32 data_type (0 f32, 1 f16, 2 Q4_0, 3 Q4_1, 7 Q5_0, 8 Q5_1, 9 Q8_0)
     tensor:  int32 n_dims | int32 name_bytes | int32 type (0 f32, 1 f16, >1 quantized)
              | int32 dims[n_dims] (ggml order: reversed from PyTorch) | name (utf-8) | data
              ... until the end of the file
@@ -23,6 +23,29 @@ from edgeseq.errors import EdgeseqError, UnsupportedError
 MAGIC = 0x67676D66
 VERSIONS = (100, 101)
 _TYPES = {0: np.float32, 1: np.float16}
+# rwkv.cpp's quantized data types (docs/FILE_FORMAT.md there): ggml's blocks of 32, in the layout ggml has used
+# since 2023-05-27 (file version 101), which is the one GGUF still uses; version 100 files used older blocks
+_QUANT = {2: "Q4_0", 3: "Q4_1", 7: "Q5_0", 8: "Q5_1", 9: "Q8_0"}
+
+
+def _nbytes(path: str, name: str, ttype: int, shape: tuple[int, ...], version: int) -> int:
+    count = int(np.prod(shape))
+    if ttype in _TYPES:
+        return count * np.dtype(_TYPES[ttype]).itemsize
+    if ttype not in _QUANT:
+        raise UnsupportedError(f"{path}: tensor {name!r} has rwkv.cpp data type {ttype}, which edgeseq does not "
+                               f"know (known: 0 FP32, 1 FP16, " + ", ".join(f"{k} {v}" for k, v in _QUANT.items()) + ")")
+    if version != 101:
+        raise UnsupportedError(f"{path}: tensor {name!r} is quantized ({_QUANT[ttype]}) in an rwkv.cpp version-{version} "
+                               f"file, whose pre-2023-05-27 ggml blocks edgeseq does not read; re-quantize it with a "
+                               f"current rwkv.cpp or convert the original checkpoint")
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[_QUANT[ttype]]]
+    if shape[-1] % block:
+        raise EdgeseqError(f"{path}: tensor {name!r} is {_QUANT[ttype]} but its rows of {shape[-1]} do not divide into "
+                           f"blocks of {block}")
+    return count // block * size
 
 
 class RwkvCppFile:
@@ -59,12 +82,11 @@ class RwkvCppFile:
                                        f"{name_len} bytes)")
                 dims = struct.unpack(f"<{n_dims}i", f.read(4 * n_dims))
                 name = f.read(name_len).decode("utf-8", errors="replace")
-                if ttype not in _TYPES:
-                    raise UnsupportedError(f"{path}: tensor {name!r} is quantized (rwkv.cpp type {ttype}); only "
-                                           f"FP32 and FP16 files can be read: convert the original checkpoint")
                 shape = tuple(reversed(dims))  # ggml lists the fastest-varying dimension first
+                if any(d <= 0 for d in shape):
+                    raise EdgeseqError(f"{path}: damaged tensor record {name!r} (shape {shape})")
                 offset = f.tell()
-                nbytes = int(np.prod(shape)) * np.dtype(_TYPES[ttype]).itemsize
+                nbytes = _nbytes(path, name, ttype, shape, version)
                 if offset + nbytes > size:
                     raise EdgeseqError(f"{path}: truncated: tensor {name!r} needs bytes up to {offset + nbytes}, "
                                        f"the file has {size}")
@@ -97,6 +119,14 @@ class RwkvCppFile:
 
     def get(self, name: str) -> np.ndarray:
         ttype, shape, offset = self._need(name)
+        if ttype in _QUANT:  # dequantized to float32: the export then stores the model at its --quant
+            from gguf import GGMLQuantizationType, quants
+
+            qtype = GGMLQuantizationType[_QUANT[ttype]]
+            nbytes = _nbytes(self.path, name, ttype, shape, 101)
+            raw = np.fromfile(self.path, dtype=np.uint8, count=nbytes, offset=offset)
+            rows = int(np.prod(shape[:-1]))
+            return quants.dequantize(raw.reshape(rows, -1), qtype).reshape(shape).astype(np.float32, copy=False)
         count = int(np.prod(shape))
         arr = np.fromfile(self.path, dtype=_TYPES[ttype], count=count, offset=offset).reshape(shape)
         return arr.astype(np.float32, copy=False)
