@@ -336,3 +336,49 @@ def test_damaged_package_checkpoint(mqa, tmp_path):
     torch.save({"something.else": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(EdgeseqError, match=r"other\.pt.*embedder\.input_embedding"):
         export_bundle(tmp_path / "other.pt", tmp_path / "out2")
+
+
+# -- tokenizer: SentencePiece converted at export ------------------------------------------------
+
+def train_sentencepiece(prefix, vocab: int) -> str:
+    """A small Gemma-like SentencePiece model (BPE, byte fallback, no dummy prefix, digits split;
+    <pad> 0, <eos> 1, <bos> 2, <unk> 3) trained on 200 KB of tiny Shakespeare."""
+    import sentencepiece as spm
+
+    from conftest import CORPUS
+
+    text = CORPUS.read_text()[:200_000]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()), model_prefix=str(prefix), vocab_size=vocab, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
+        normalization_rule_name="identity", pad_id=0, eos_id=1, bos_id=2, unk_id=3, character_coverage=1.0,
+        minloglevel=2)
+    return str(prefix) + ".model"
+
+
+def test_sentencepiece_tokenizer_in_the_bundle(tmp_path):
+    """tokenizer.model beside the checkpoint becomes the bundle's tokenizer.json (part A's converter);
+    it encodes as sentencepiece does, the model reads those ids as HF does, and generation streams text."""
+    import shutil
+
+    import sentencepiece as spm
+
+    vocab = 400
+    ckpt = make_recurrent_gemma(tmp_path / "hf", seed=5, vocab_size=vocab, hidden_size=32, intermediate_size=96,
+                                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1)
+    shutil.copyfile(train_sentencepiece(tmp_path / "spm", vocab), ckpt / "tokenizer.model")
+    bundle = export_bundle(ckpt, tmp_path / "bundle")
+    assert (bundle / "tokenizer.json").is_file()
+    model = edgeseq.load(bundle)
+    sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    for text in ("First Citizen:\nBefore we proceed any further, hear me speak.", "  two  spaces, digits 12345",
+                 "héllo wörld — ✓ ünïcödé 日本", "ROMEO: O, she doth teach the torches to burn bright!"):
+        ids = model.tokenizer.encode(text)
+        assert ids == sp.encode(text), text
+        assert model.tokenizer.decode(ids) == sp.decode(ids) == text
+    ids = model.tokenizer.encode("KING RICHARD III:\nNow is the winter of our discontent")
+    assert len(ids) > WINDOW  # the prompt wraps the ring
+    assert max_diff(model.session().logits_all(ids), hf_logits64(ckpt, ids)) < TOL
+    s = model.session()
+    text = "".join(s.generate("ROMEO:", max_tokens=24, temperature=0))
+    assert s.stats.decode_tokens > 0 and isinstance(text, str)
