@@ -63,7 +63,8 @@ ON_FULL_HELP = "when that ring is full: stop (error) | slide (attend to the last
 def export(
     checkpoint: str = typer.Argument(..., help="model directory (HF or state-spaces layout)"),
     out: str = typer.Option(..., "-o", "--out", help="bundle directory to create"),
-    quant: str = typer.Option("f32", "--quant", "-q", help="f32 | f16"),
+    quant: str = typer.Option("f32", "--quant", "-q", help="f32 | f16 | int8 | int4 (onnx)"),
+    block_size: int = typer.Option(32, "--block-size", help="int8/int4: weights per quantization block (16-256)"),
     fmt: str = typer.Option("onnx", "--format", help="onnx (gguf comes with its own issue)"),
     portable: bool = typer.Option(False, "--portable", help="standard ONNX ops only (no com.microsoft fused ops)"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json to bundle"),
@@ -86,7 +87,7 @@ def export(
                       initial_state=initial_state)
     else:
         do_export(checkpoint, out, quant=quant, portable=portable, tokenizer=tokenizer, force=force, progress=True,
-                  initial_state=initial_state)
+                  initial_state=initial_state, block_size=block_size)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     typer.echo(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; peak RSS "
                f"{_peak_rss_mb():.0f} MB")
@@ -221,35 +222,18 @@ def bench(
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="bundle directory"),
-    text: str = typer.Option(..., "--text", help="UTF-8 text file"),
-    max_tokens: int = typer.Option(4096, "--max-tokens"),
+    model: str = typer.Argument(..., help="bundle directory or .gguf file"),
+    text: str = typer.Option(..., "--text", help="UTF-8 text file (any length: streamed in constant memory)"),
+    max_tokens: int = typer.Option(0, "--max-tokens", help="score at most this many tokens (0: the whole text)"),
     chunk: int = typer.Option(256, "--chunk", help="tokens per prefill call; the state carries between chunks"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ):
-    """Perplexity of a text, streamed through the state chunk by chunk."""
-    import numpy as np
+    """Perplexity and bits per byte of a text, streamed through the state chunk by chunk."""
+    from edgeseq.quant.evaluate import evaluate_text
 
-    try:
-        with open(text, encoding="utf-8") as f:
-            data = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgeseqError(f"{text}: cannot read as UTF-8 text ({e})") from None
-    m = _load(model, threads)
-    ids = m.tokenizer.encode(data)[: max_tokens + 1]
-    if len(ids) < 2:
-        raise EdgeseqError(f"{text}: needs at least two tokens")
-    s = m.session()
-    nll, n = 0.0, 0
-    for a in range(0, len(ids) - 1, chunk):
-        inp = ids[a:min(a + chunk, len(ids) - 1)]
-        tgt = np.asarray(ids[a + 1:a + 1 + len(inp)])
-        logits = s.logits_all(inp).astype(np.float64)
-        mx = logits.max(-1, keepdims=True)
-        logp = logits - mx - np.log(np.exp(logits - mx).sum(-1, keepdims=True))
-        nll -= float(logp[np.arange(len(inp)), tgt].sum())
-        n += len(inp)
-    typer.echo(f"tokens {n}  nll/token {nll / n:.4f}  perplexity {np.exp(nll / n):.3f}")
+    r = evaluate_text(_load(model, threads), text, chunk=chunk, max_tokens=max_tokens or None, progress=True)
+    typer.echo(f"tokens {r['tokens']}  bytes {r['bytes']}  nll/token {r['nll_per_token']:.4f}  "
+               f"perplexity {r['ppl']:.3f}  bits/byte {r['bpb']:.4f}")
 
 
 def main() -> None:

@@ -1,0 +1,97 @@
+"""`edgeseq eval` (quant/evaluate.py): perplexity and bits per byte streamed through the state, and the
+CLI's --quant/--block-size on export. The reference: the same model's logits over the whole text in
+one call, scored here with plain numpy."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeseq
+from edgeseq.errors import EdgeseqError
+from edgeseq.exporters.export import export
+from edgeseq.quant.evaluate import evaluate_text
+
+FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
+V5 = FIXTURES / "tiny-rwkv-5v2-730K-FP32.bin"
+TEXT = "Ünïcödé at the cut: ÀÉÎ — the quick brown fox\njumps over the lazy dog.\n" * 6
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "b"
+    return edgeseq.load(export(str(V5), str(out)))
+
+
+def _direct(model, data: bytes):
+    ids = list(data)  # byte-level model
+    lg = model.session().logits_all(ids[:-1]).astype(np.float64)
+    lp = lg - lg.max(-1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+    nll = -lp[np.arange(len(ids) - 1), ids[1:]].sum()
+    return len(ids) - 1, nll
+
+
+@pytest.mark.parametrize("piece,chunk", [(1 << 20, 256), (50, 7), (13, 64)])  # cuts inside characters, too
+def test_streamed_equals_whole_text(model, tmp_path, piece, chunk):
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    n, nll = _direct(model, TEXT.encode())
+    r = evaluate_text(model, str(f), chunk=chunk, piece_bytes=piece)
+    assert r["tokens"] == n and r["bytes"] == n  # byte-level: every predicted token is one byte
+    assert abs(r["nll"] - nll) < 1e-6 * nll
+    assert abs(r["ppl"] - math.exp(nll / n)) < 1e-6 * r["ppl"]
+    assert abs(r["bpb"] - nll / math.log(2) / n) < 1e-6 * r["bpb"]
+
+
+def test_max_tokens_counts_the_scored_bytes(model, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    n, nll = _direct(model, TEXT.encode()[:101])
+    r = evaluate_text(model, str(f), chunk=30, max_tokens=100, piece_bytes=40)
+    assert r["tokens"] == 100 and r["bytes"] == 100
+    assert abs(r["nll"] - nll) < 1e-6 * nll
+
+
+def test_bad_text_is_an_error(model, tmp_path):
+    with pytest.raises(EdgeseqError, match="no such text file"):
+        evaluate_text(model, str(tmp_path / "missing.txt"))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"abc\xff\xfe def")
+    with pytest.raises(EdgeseqError, match="not UTF-8"):
+        evaluate_text(model, str(bad))
+    one = tmp_path / "one.txt"
+    one.write_text("a")
+    with pytest.raises(EdgeseqError, match="at least two tokens"):
+        evaluate_text(model, str(one))
+
+
+def _cli(*args):
+    env = {**os.environ, "EDGESEQ_MODEL": ""}
+    return subprocess.run([sys.executable, "-m", "edgeseq.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_export_int4_and_eval(tmp_path):
+    out = tmp_path / "b4"
+    r = _cli("export", V5, "-o", out, "--quant", "int4", "--block-size", "64")
+    assert r.returncode == 0, r.stderr
+    m = edgeseq.load(str(out))
+    assert m.manifest["quant"]["recipe"] == "int4" and m.manifest["quant"]["block_size"] == 64
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    r = _cli("eval", out, "--text", f, "--chunk", "40")
+    assert r.returncode == 0, r.stderr
+    fields = r.stdout.split()
+    got = dict(zip(fields[0::2], fields[1::2]))
+    want = evaluate_text(m, str(f))
+    assert int(got["tokens"]) == want["tokens"] and abs(float(got["perplexity"]) - want["ppl"]) < 1e-3 * want["ppl"]
+    assert abs(float(got["bits/byte"]) - want["bpb"]) < 1e-3
+    r = _cli("export", V5, "-o", tmp_path / "bad", "--quant", "int4", "--block-size", "48")
+    assert r.returncode == 1 and "--block-size 48" in r.stderr and not (tmp_path / "bad").exists()
