@@ -1,0 +1,310 @@
+"""Zamba2: Mamba-2 layers, and `num_mem_blocks` shared transformer blocks tied cyclically over the
+hybrid layers (Zyphra; transformers' Zamba2ForCausalLM).
+
+Symbols: b batch · t tokens · d model width · L layers · U hybrid layers ("uses" of a shared block;
+use u runs block u % num_mem_blocks) · H attention heads (Hkv key/value heads) · hd = 2d / H ·
+f MLP width · r adapter (LoRA) rank · R the KV ring length (max_context, chosen per session).
+
+    e = embed(ids)                                   (b, t, d)   kept: every shared block reads it
+    x = e
+    per layer i:
+        if i is hybrid (use u, block k):
+            a = rms_norm(concat(x, e))               (b, t, 2d)
+            q/k/v = a W_k + a A_u B_u                 per-use LoRA on q, k, v when use_shared_attention_adapter
+            q, k = rope(q, k) when use_mem_rope
+            o = attention(q, k, v over the ring) W_o  (b, t, d)   scale (hd/2)^-1/2, causal, full
+            m = rms_norm(o);  [g, up] = m W_gu + m A_u B_u   (per-use LoRA on the MLP, always)
+            s = (gelu(g) * up W_down) W_linear_i      (b, t, d)
+            x = x + mamba2_i(rms_norm(x + s))        the residual skips s
+        else:
+            x = x + mamba2_i(rms_norm(x))
+    logits = head(rms_norm(x))
+
+The Mamba-2 mixer is Mamba-2's (edgeseq.families.mamba2), with the dt clamp at time_step_min on every
+token (transformers' full forward applies it; its cached one-token decode does not, and drifts).
+Attention state: one ring per hybrid layer, `past_key_values.{i}.key` / `.value`
+(b, Hkv, max_context, hd), keys stored after RoPE (kernels/attention.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from edgeseq.errors import EdgeseqError, UnsupportedError
+from edgeseq.families import register
+from edgeseq.families.base import Family, StateTensor, cfg_get
+from edgeseq.families.common import embed, norm_and_head, pick, transposed
+from edgeseq.families.mamba2 import Mamba2, Mamba2Config
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels.attention import attention, rope, token_positions
+from edgeseq.kernels.conv import causal_conv
+from edgeseq.kernels.ops import linear, rms_norm, silu, softplus, split
+
+P = "model."
+MAX_CONTEXT = 4096  # the default KV ring length recorded in the manifest; sessions may choose another
+GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
+
+
+@dataclass
+class Zamba2Config:
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    hybrid_layers: list[int]
+    num_mem_blocks: int
+    use_block: list[int]  # use u (the u-th hybrid layer) runs stored block use_block[u]
+    block_layer: list[int]  # stored block k: the checkpoint layer whose shared_transformer holds it
+    adapter_layer: list[int]  # use u: the checkpoint layer whose module holds its adapters (index u)
+    # Mamba-2 mixer
+    d_inner: int
+    n_heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+    d_conv: int
+    dt_min: float
+    # shared transformer blocks
+    attn_heads: int
+    kv_heads: int
+    attn_head_dim: int
+    ffn_dim: int
+    adapter_rank: int
+    attn_adapters: bool
+    mem_rope: bool
+    rope_theta: float
+    gelu: str  # ONNX Gelu approximate: none | tanh
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def mixer_config(self) -> Mamba2Config:
+        # the gated group norm inside the mixer uses eps 1e-5 whatever rms_norm_eps says (as transformers)
+        return Mamba2Config(self.vocab_size, self.d_model, self.n_layer, self.d_inner, self.n_heads, self.head_dim,
+                            self.n_groups, self.d_state, self.d_conv, 1e-5, self.dt_min, None, self.tie_embeddings)
+
+
+def read_zamba2_config(src) -> Zamba2Config:
+    cfg, where = src.config, f"{src.path}/config.json"
+    d = src.shape(P + "embed_tokens.weight")[1]
+    vocab = src.shape(P + "embed_tokens.weight")[0]
+    types = cfg_get(cfg, ("layers_block_type", "layer_types"), where=where)
+    hybrid = [i for i, t in enumerate(types) if t == "hybrid"]
+    if not hybrid:
+        raise UnsupportedError(f"{where}: no hybrid layer in layers_block_type; that is a plain Mamba-2 model")
+    m = f"{P}layers.0.{'mamba_decoder.' if 0 in hybrid else ''}mamba."
+    n_heads = src.shape(m + "A_log")[0]
+    d_inner = src.shape(m + "norm.weight")[0]
+    conv_dim, _, d_conv = src.shape(m + "conv1d.weight")
+    groups = int(cfg_get(cfg, ("mamba_ngroups",), 1, where))
+    heads = int(cfg_get(cfg, ("num_attention_heads",), where=where))
+    kv = int(cfg_get(cfg, ("num_key_value_heads",), heads, where))
+    att = f"{P}layers.{hybrid[0]}.shared_transformer."
+    q_rows = src.shape(att + "self_attn.q_proj.weight")[0]
+    rope_p = cfg.get("rope_parameters") or {}
+    if rope_p.get("rope_type", "default") != "default" or cfg.get("use_long_context"):
+        raise UnsupportedError(f"{where}: only the default RoPE is supported (use_long_context / rope scaling is not)")
+    act = cfg_get(cfg, ("hidden_act",), "gelu", where)
+    if act not in GELU:
+        raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported ({', '.join(GELU)})")
+    nmb = int(cfg_get(cfg, ("num_mem_blocks",), 1, where))
+    use_block, block_layer, adapter_layer = _blocks(src, hybrid, nmb)
+    return Zamba2Config(
+        vocab_size=vocab, d_model=d, n_layer=len(types), hybrid_layers=hybrid, num_mem_blocks=nmb,
+        use_block=use_block, block_layer=block_layer, adapter_layer=adapter_layer,
+        d_inner=d_inner, n_heads=n_heads, head_dim=d_inner // n_heads, n_groups=groups,
+        d_state=(conv_dim - d_inner) // (2 * groups), d_conv=d_conv,
+        dt_min=float(cfg_get(cfg, ("time_step_min",), 0.001, where)),
+        attn_heads=heads, kv_heads=kv, attn_head_dim=q_rows // heads,
+        ffn_dim=src.shape(att + "feed_forward.down_proj.weight")[1],
+        adapter_rank=int(cfg_get(cfg, ("adapter_rank",), 128, where)),
+        attn_adapters=bool(cfg.get("use_shared_attention_adapter", False)),
+        mem_rope=bool(cfg.get("use_mem_rope", False)),
+        rope_theta=float(rope_p.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        gelu=GELU[act], norm_eps=float(cfg_get(cfg, ("rms_norm_eps",), 1e-5, where)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)) or not src.has("lm_head.weight"))
+
+
+BLOCK_TENSORS = ("input_layernorm.weight", "pre_ff_layernorm.weight", "self_attn.q_proj.weight",
+                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                 "feed_forward.gate_up_proj.weight", "feed_forward.down_proj.weight")
+
+
+def _blocks(src, hybrid: list[int], nmb: int):
+    """Which stored weights each use of a shared block reads. Tied checkpoints store block k once, at
+    its first use (hybrid layer k); later uses cycle through them. transformers ties them only when
+    tie_word_embeddings is set: otherwise every hybrid layer keeps (and uses) its own block, so a
+    layer that stores different tensors gets its own stored block; identical copies are stored once."""
+    def st(i):
+        return f"{P}layers.{i}.shared_transformer."
+
+    use_block, block_layer, adapter_layer = [], [], []
+    for u, i in enumerate(hybrid):
+        first = hybrid[u % nmb]
+        own = src.has(st(i) + BLOCK_TENSORS[2])
+        if not own and not src.has(st(first) + BLOCK_TENSORS[2]):
+            raise EdgeseqError(f"{src.path}: no weights for the shared block of hybrid layer {i} "
+                               f"(looked for {st(i)}* and {st(first)}*)")
+        adapter_layer.append(i if own else first)
+        src_layer = i
+        if not own or (i != first and all(np.array_equal(src.get(st(i) + t), src.get(st(first) + t))
+                                          for t in BLOCK_TENSORS)):
+            src_layer = first
+        if src_layer not in block_layer:
+            block_layer.append(src_layer)
+        use_block.append(block_layer.index(src_layer))
+    return use_block, block_layer, adapter_layer
+
+
+def convert_mixer(src, m: str, o: str, c) -> Iterator[tuple[str, np.ndarray]]:
+    """One Mamba-2 mixer under checkpoint prefix `m` as Mamba-2's canonical names under `o`."""
+    yield o + "in_proj", transposed(src.get(m + "in_proj.weight"))
+    if src.has(m + "in_proj.bias"):
+        yield o + "in_proj_bias", src.get(m + "in_proj.bias")
+    yield o + "conv", src.get(m + "conv1d.weight").reshape(-1, 1, c.d_conv)
+    if src.has(m + "conv1d.bias"):
+        yield o + "conv_bias", src.get(m + "conv1d.bias")
+    yield o + "dt_bias", src.get(m + "dt_bias")
+    yield o + "A", -np.exp(src.get(m + "A_log"))  # the recurrence needs the (negative) rate
+    yield o + "D", np.repeat(src.get(m + "D"), c.head_dim)  # per channel: the skip needs no reshape
+    yield o + "gnorm", src.get(m + "norm.weight")
+    yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
+    if src.has(m + "out_proj.bias"):
+        yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+
+
+def mamba2_mixer(b: GraphBuilder, m2: Mamba2, h: str, o: str, conv_state: str, rec_state: str, tokens, fused):
+    """Mamba-2's mixer (the wiring of Mamba2.body, its kernels and SSD) on normed input h (b, t, d):
+    returns (out (b, t, d), new conv state, new SSD state)."""
+    c = m2.config
+    H, G, N = c.n_heads, c.n_groups, c.d_state
+    z, xbc, dt = split(b, linear(b, h, o + "in_proj", o + "in_proj_bias"), [c.d_inner, c.conv_dim, H])
+    xbc, conv = causal_conv(b, b.op("Transpose", xbc, perm=[0, 2, 1]), conv_state, o + "conv", o + "conv_bias",
+                            c.conv_dim, c.d_conv, silu=True, fused=fused)
+    xs, B, C = split(b, b.op("Transpose", xbc, perm=[0, 2, 1]), [c.d_inner, G * N, G * N])
+    dt = softplus(b, b.op("Add", dt, b.w(o + "dt_bias")))  # (b, t, H)
+    if c.dt_min > 0 or c.dt_max is not None:
+        dt = b.op("Clip", dt, b.const(c.dt_min), b.const(c.dt_max if c.dt_max is not None else np.inf))
+    dtx = b.op("Mul", xs, b.op("MatMul", dt, b.w("head_expand")))  # (b, t, di)
+    y, rec = m2._ssd(b, dtx, dt, B, C, o, rec_state, tokens, fused)  # (b, t, di)
+    y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
+    y = b.op("Mul", y, silu(b, z))
+    y = rms_norm(b, y, o + "gnorm", c.norm_eps, groups=G, width=c.d_inner)
+    return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, rec
+
+
+def lora(b: GraphBuilder, x: str, y: str, name: str) -> str:
+    """y + (x A) B when the export wrote the adapter `name` (A (in, r), B (r, out))."""
+    if not b.has_weight(name + "_a"):
+        return y
+    return b.op("Add", y, b.op("MatMul", b.op("MatMul", x, b.w(name + "_a")), b.w(name + "_b")))
+
+
+def heads(b: GraphBuilder, x: str, n: int, hd: int) -> str:
+    """(b, t, n*hd) -> (b, n, t, hd)."""
+    return b.op("Transpose", b.op("Reshape", x, b.ints([0, 0, n, hd])), perm=[0, 2, 1, 3])
+
+
+def shared_attention(b: GraphBuilder, a: str, blk: str, use: str, ring_k: str, ring_v: str, position: str,
+                     pos: str | None, heads_q: int, heads_kv: int, hd: int, scale: float, rope_theta: float):
+    """q/k/v of the normed block input a (b, t, in) with the block's weights and the use's adapters,
+    RoPE when `pos` is given, attention over the ring, o_proj. Returns (out (b, t, d), rings)."""
+    q = heads(b, lora(b, a, linear(b, a, blk + "q"), use + "q"), heads_q, hd)
+    k = heads(b, lora(b, a, linear(b, a, blk + "k"), use + "k"), heads_kv, hd)
+    v = heads(b, lora(b, a, linear(b, a, blk + "v"), use + "v"), heads_kv, hd)
+    if pos is not None:
+        q, k = rope(b, q, pos, hd, rope_theta), rope(b, k, pos, hd, rope_theta)
+    o, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, heads_q, heads_kv, hd, scale)
+    o = b.op("Reshape", b.op("Transpose", o, perm=[0, 2, 1, 3]), b.ints([0, 0, heads_q * hd]))
+    return linear(b, o, blk + "o"), nk, nv
+
+
+@register("Zamba2ForCausalLM")
+class Zamba2(Family):
+    name = "zamba2"
+    Config = Zamba2Config
+    prefill_chunk = 128  # the attention scores grow with chunk x (ring + chunk)
+    uses_position = True
+    symbolic_dims = {"max_context": MAX_CONTEXT}
+
+    @classmethod
+    def read_config(cls, src) -> Zamba2Config:
+        return read_zamba2_config(src)
+
+    def state_spec(self) -> list[StateTensor]:
+        c = self.config
+        out = []
+        for i in range(c.n_layer):
+            out.append(StateTensor(i, "conv_state", (c.d_inner + 2 * c.n_groups * c.d_state, c.d_conv - 1),
+                                   "last k-1 inputs (x, B, C) of the Mamba-2 conv"))
+            out.append(StateTensor(i, "recurrent_state", (c.n_heads, c.d_state, c.head_dim), "SSD state h (H, n, P)"))
+            if i in c.hybrid_layers:
+                for kind in ("key", "value"):
+                    out.append(StateTensor(i, kind, (c.kv_heads, "max_context", c.attn_head_dim),
+                                           f"shared-attention {kind}s, ring slot p % max_context"
+                                           + (" (after RoPE)" if kind == "key" and c.mem_rope else "")))
+        return out
+
+    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+        c = self.config
+        yield "embed", src.get(P + "embed_tokens.weight")
+        for i in range(c.n_layer):
+            hyb = i in c.hybrid_layers
+            m = f"{P}layers.{i}.{'mamba_decoder.' if hyb else ''}"
+            yield f"layers.{i}.norm", src.get(m + "input_layernorm.weight")
+            yield from convert_mixer(src, m + "mamba.", f"layers.{i}.", c)
+            if hyb:
+                yield f"layers.{i}.linear", transposed(src.get(f"{P}layers.{i}.linear.weight"))
+        for k, i in enumerate(c.block_layer):
+            s, o = f"{P}layers.{i}.shared_transformer.", f"blocks.{k}."
+            yield o + "attn_norm", src.get(s + "input_layernorm.weight")
+            for n in "qkvo":
+                yield o + n, transposed(src.get(f"{s}self_attn.{n}_proj.weight"))
+            yield o + "ffn_norm", src.get(s + "pre_ff_layernorm.weight")
+            yield o + "gate_up", transposed(src.get(s + "feed_forward.gate_up_proj.weight"))
+            yield o + "down", transposed(src.get(s + "feed_forward.down_proj.weight"))
+        # per-use adapters live in the module of the use's block, at the use's index
+        for u in range(len(c.hybrid_layers)):
+            s = f"{P}layers.{c.adapter_layer[u]}.shared_transformer."
+            lists = [("mlp", f"feed_forward.gate_up_proj_adapter_list.{u}.")]
+            if c.attn_adapters:
+                lists += [(n, f"self_attn.linear_{n}_adapter_list.{u}.") for n in "qkv"]
+            for n, a in lists:
+                yield f"uses.{u}.{n}_a", transposed(src.get(s + a + "0.weight"))
+                yield f"uses.{u}.{n}_b", transposed(src.get(s + a + "1.weight"))
+        yield "head_expand", np.kron(np.eye(c.n_heads, dtype=np.float32), np.ones((1, c.head_dim), np.float32))
+        yield "norm_f", src.get(P + "final_layernorm.weight")
+        if not c.tie_embeddings:
+            yield "lm_head", transposed(src.get(pick(src, ["lm_head.weight"], "the LM head")))
+
+    def body(self, b: GraphBuilder, ids, state, tokens, fused):
+        c = self.config
+        m2 = Mamba2(c.mixer_config())
+        e = embed(b, ids)  # (b, t, d)
+        pos = token_positions(b, state["position"], ids, 1) if c.mem_rope else None
+        scale = (c.attn_head_dim / 2) ** -0.5  # Zamba2's: the block input is two streams wide
+        x, out = e, {}
+        for i in range(c.n_layer):
+            h = x
+            if i in c.hybrid_layers:
+                u = c.hybrid_layers.index(i)
+                blk, use = f"blocks.{c.use_block[u]}.", f"uses.{u}."
+                a = rms_norm(b, b.op("Concat", x, e, axis=-1), blk + "attn_norm", c.norm_eps)  # (b, t, 2d)
+                o, out[f"present.{i}.key"], out[f"present.{i}.value"] = shared_attention(
+                    b, a, blk, use, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"],
+                    state["position"], pos, c.attn_heads, c.kv_heads, c.attn_head_dim, scale, c.rope_theta)
+                f = rms_norm(b, o, blk + "ffn_norm", c.norm_eps)
+                g, up = split(b, lora(b, f, linear(b, f, blk + "gate_up"), use + "mlp"), [c.ffn_dim, c.ffn_dim])
+                s = linear(b, b.op("Mul", b.op("Gelu", g, approximate=c.gelu), up), blk + "down")
+                h = b.op("Add", x, linear(b, s, f"layers.{i}.linear"))
+            y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mamba2_mixer(
+                b, m2, rms_norm(b, h, f"layers.{i}.norm", c.norm_eps), f"layers.{i}.",
+                state[f"past_key_values.{i}.conv_state"], state[f"past_key_values.{i}.recurrent_state"], tokens, fused)
+            x = b.op("Add", x, y)
+        return x, out
+
+    def head(self, b: GraphBuilder, hidden: str) -> str:
+        return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)
+
+    def quant_policy(self, name, shape):
+        return "f32" if name == "head_expand" else None  # an exact 0/1 expansion, not a learned matrix
