@@ -59,6 +59,39 @@ def write_manifest(directory: str, manifest: dict) -> None:
     os.replace(tmp, os.path.join(directory, MANIFEST))
 
 
+def check_structure(m: dict, path: str) -> None:
+    """What an app relies on to drive the graphs from the manifest alone (schema/edgeseq.schema.json
+    is the full contract; this is its part ONNX Runtime would otherwise trip over later): every state
+    tensor has a name, an output, a shape whose symbolic dims the manifest defines, a dtype and an
+    initial value; every graph names its file, and its inputs and outputs are input_ids, position,
+    logits or state tensors, the whole state included."""
+    state = m.get("state")
+    if not isinstance(state, list) or not state:
+        raise EdgeseqError(f"{path}: damaged manifest: no state spec")
+    for i, s in enumerate(state):
+        missing = [k for k in ("name", "output", "shape", "dtype", "init") if not isinstance(s, dict) or k not in s]
+        if missing:
+            raise EdgeseqError(f"{path}: damaged manifest: state tensor {i} lacks {', '.join(missing)}")
+        for d in s["shape"][1:]:
+            if isinstance(d, str) and not isinstance(m.get(d), int):
+                raise EdgeseqError(f"{path}: state tensor {s['name']} has dim {d!r}, which the manifest does not define")
+    ins = {s["name"] for s in state}
+    outs = {s["output"] for s in state}
+    graphs = m.get("graphs")
+    if not isinstance(graphs, dict) or "step" not in graphs:
+        raise EdgeseqError(f"{path}: damaged manifest: no step graph")
+    for kind, g in graphs.items():
+        if not isinstance(g, dict) or not isinstance(g.get("file"), str):
+            raise EdgeseqError(f"{path}: damaged manifest: graph {kind} has no file")
+        g_in, g_out = g.get("inputs") or [], g.get("outputs") or []
+        bad = [n for n in g_in if n not in ins and n not in ("input_ids", "position")]
+        bad += [n for n in g_out if n not in outs and n != "logits"]
+        lost = sorted((ins - set(g_in)) | (outs - set(g_out)))
+        if bad or lost or "input_ids" not in g_in or "logits" not in g_out:
+            raise EdgeseqError(f"{path}: damaged manifest: graph {kind}'s inputs and outputs do not match the state "
+                               f"spec ({', '.join(bad) or 'missing: ' + ', '.join(lost or ['input_ids/logits'])})")
+
+
 def read_manifest(directory: str) -> dict:
     """Read and check a bundle's manifest; every problem is an error naming the file."""
     if not os.path.exists(directory):
@@ -79,6 +112,7 @@ def read_manifest(directory: str) -> dict:
                            f"upgrade edgeseq (pip install -U edgeseq)")
     if m.get("state_spec_version", 0) > STATE_SPEC_VERSION:
         raise EdgeseqError(f"{path}: state spec version {m['state_spec_version']} is newer than this edgeseq reads")
+    check_structure(m, path)
     w = m.get("weights", {})
     wpath = os.path.join(directory, w.get("file", "weights.bin"))
     if not os.path.isfile(wpath):

@@ -95,6 +95,17 @@ class Bundles:
         return self._cache[key]
 
 
+_SHARED: Bundles | None = None
+
+
+def shared_bundles(tmp_path_factory) -> Bundles:
+    """One cache of bundles for every test module of the session (node, web, schema)."""
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = Bundles(tmp_path_factory.mktemp("js_bundles"))
+    return _SHARED
+
+
 def python_greedy(bundle: Path, prompt: list[int], n: int) -> list[int]:
     """Greedy ids from the Python runtime: prefill the prompt, then argmax and step, stopping at the
     manifest's stop tokens, the same loop examples/node/generate.mjs runs."""

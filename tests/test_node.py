@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from js_cases import CASE_IDS, CASES, Bundles, python_greedy, require_node_package, run_node
+from js_cases import CASE_IDS, CASES, python_greedy, require_node_package, run_node, shared_bundles
 
 SCRIPT = "examples/node/generate.mjs"
 PROMPT = [34, 105, 110, 32, 116, 104, 101]  # '"in the'
@@ -18,7 +18,7 @@ N = 24
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     require_node_package("onnxruntime-node")
-    return Bundles(tmp_path_factory.mktemp("node"))
+    return shared_bundles(tmp_path_factory)
 
 
 def node_ids(bundle, prompt=PROMPT, n=N) -> list[int]:
