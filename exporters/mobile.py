@@ -48,6 +48,35 @@ def fix_batch(model, batch: int = BATCH):
     return model
 
 
+def dedupe_initializers(model) -> int:
+    """Make initializers that point at the same bytes of the weights file one initializer (in place).
+
+    The bundle's graphs give a tied embedding a second name for the head (edgeseq.graph's `alias`: ONNX
+    Runtime then prepacks one and leaves the other mapped). An ORT-format file embeds every initializer,
+    so there the alias would store the matrix twice. Returns how many were merged."""
+    from onnx import TensorProto
+
+    def where(t):
+        d = {e.key: e.value for e in t.external_data}
+        return (d.get("location"), d.get("offset", "0"), d.get("length"), t.data_type, tuple(t.dims))
+
+    first: dict = {}
+    rename: dict[str, str] = {}
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            rename[t.name] = first.setdefault(where(t), t.name)
+    rename = {k: v for k, v in rename.items() if k != v}
+    if rename:
+        keep = [t for t in model.graph.initializer if t.name not in rename]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        for node in model.graph.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+    return len(rename)
+
+
 def dynamic_axes(model) -> list[str]:
     """Names of graph inputs and outputs that still have a symbolic or unknown axis."""
     out = []
@@ -101,6 +130,7 @@ def mobile_from_portable(src: str, dst: str) -> dict:
         raise EdgeseqError(f"{src}: a mobile bundle is made from the portable flavour, this is {m.get('flavour')!r}")
     step = onnx.load(os.path.join(src, m["graphs"]["step"]["file"]), load_external_data=False)
     fix_batch(step)
+    dedupe_initializers(step)
     left = dynamic_axes(step)
     if left:
         raise EdgeseqError(f"{src}: the step graph still has dynamic axes after fixing the batch: {', '.join(left)}")
