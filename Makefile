@@ -25,7 +25,20 @@ demo: $(VENV)/.base
 	$(BIN)/edgeseq run demo-model/bundle --prompt "The state of the art" --max-tokens 48 --seed 0
 
 # optional engines and other-language tests; each stamp installs what its tests need (see README)
+# llama.cpp: llama-cpp-python built without -march=native (~4 min on 2 cores; pip's cache makes a rebuild
+# fast), and llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/, the GPT-NeoX vocabulary)
+# unpacked from the same sdist into .venv/llama.cpp for the GGUF comparison tests
+LLAMACPP_VERSION := 0.3.36
 $(VENV)/.llamacpp: $(VENV)/.test
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q llama-cpp-python==$(LLAMACPP_VERSION)
+	rm -rf $(VENV)/sdist $(VENV)/llama.cpp
+	$(BIN)/pip download -q llama-cpp-python==$(LLAMACPP_VERSION) --no-deps --no-binary :all: -d $(VENV)/sdist
+	$(BIN)/python -c "import sys, tarfile; p = 'llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/'; \
+	t = tarfile.open(sys.argv[1]); keep = [p + 'convert_hf_to_gguf.py', p + 'conversion/', p + 'gguf-py/', \
+	p + 'models/ggml-vocab-gpt-neox.gguf']; \
+	ms = [m for m in t.getmembers() if m.name.startswith(tuple(keep))]; \
+	[setattr(m, 'name', m.name[len(p):]) for m in ms]; t.extractall(sys.argv[2], members=ms, filter='data')" \
+	  $(VENV)/sdist/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz $(VENV)/llama.cpp
 	touch $@
 
 $(VENV)/.web: $(VENV)/.test

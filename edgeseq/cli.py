@@ -48,11 +48,15 @@ def _peak_rss_mb() -> float:
 
 
 def _load(model: Optional[str], threads: Optional[int], device: str = "cpu", max_context: Optional[int] = None,
-          on_full: str = "stop"):
+          on_full: str = "stop", engine: Optional[str] = None):
     import edgeseq
 
+    extra = {"engine": engine} if engine else {}  # GGUF files: onnxruntime (default) or llama.cpp
     return edgeseq.load(_default_model(model), device=device, threads=threads, max_context=max_context,
-                        on_full=on_full)
+                        on_full=on_full, **extra)
+
+
+ENGINE_HELP = "onnxruntime (default) | llama.cpp (GGUF files of mamba, mamba2, rwkv7; needs llama-cpp-python)"
 
 
 MAX_CONTEXT_HELP = "KV ring length of full-attention models (Zamba); default: the bundle's"
@@ -63,9 +67,11 @@ ON_FULL_HELP = "when that ring is full: stop (error) | slide (attend to the last
 def export(
     checkpoint: str = typer.Argument(..., help="model directory (HF or state-spaces layout)"),
     out: str = typer.Option(..., "-o", "--out", help="bundle directory to create"),
-    quant: str = typer.Option("f32", "--quant", "-q", help="f32 | f16 | int8 | int4 (onnx)"),
+    quant: str = typer.Option("f32", "--quant", "-q", help="f32 | f16 | int8 | int4 (onnx); f32 | f16 | bf16 | "
+                              "q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k (gguf)"),
     block_size: int = typer.Option(32, "--block-size", help="int8/int4: weights per quantization block (16-256)"),
-    fmt: str = typer.Option("onnx", "--format", help="onnx (gguf comes with its own issue)"),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (a bundle directory) | gguf (one file; CHECKPOINT may "
+                            "also be a .gguf to turn into a bundle)"),
     portable: bool = typer.Option(False, "--portable", help="standard ONNX ops only (no com.microsoft fused ops)"),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json to bundle"),
     force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
@@ -74,13 +80,30 @@ def export(
     mobile: bool = typer.Option(False, "--mobile", help="ONNX Runtime Mobile: the portable step graph, batch 1, "
                                 "as step.ort with required_operators.config (docs/devices.md)"),
 ):
-    """Export a checkpoint to an ONNX bundle."""
-    if fmt != "onnx":
-        raise EdgeseqError(f"--format {fmt}: only onnx is available in this version")
+    """Export a checkpoint to an ONNX bundle or a GGUF file."""
+    if fmt not in ("onnx", "gguf"):
+        raise EdgeseqError(f"--format {fmt}: choose onnx or gguf")
     from edgeseq.exporters.export import export as do_export
+    from edgeseq.gguf_file import is_gguf
 
     t0 = time.perf_counter()
-    if mobile:
+    if fmt == "gguf":
+        from edgeseq.exporters.gguf_writer import export_gguf
+
+        info = export_gguf(checkpoint, out, quant=quant, tokenizer=tokenizer, force=force, progress=False)
+        why = f" (edgeseq's own architecture: {info['generic_because']})" if info["generic_because"] else ""
+        typer.echo(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, {info['architecture']}{why}; tensors "
+                   + ", ".join(f"{n} {k}" for k, n in sorted(info["types"].items())) + f") in "
+                   f"{time.perf_counter() - t0:.1f} s")
+        return
+    if os.path.isfile(checkpoint) and is_gguf(checkpoint):
+        from edgeseq.gguf_bundle import gguf_to_bundle
+
+        if quant not in ("f32", "fp32") or mobile or initial_state or tokenizer:
+            raise EdgeseqError(f"{checkpoint}: a GGUF becomes an f32 bundle with the GGUF's own tokenizer "
+                               f"(--quant, --mobile, --initial-state and --tokenizer do not apply)")
+        gguf_to_bundle(checkpoint, out, portable=portable, force=force)
+    elif mobile:
         from edgeseq.exporters.mobile import export_mobile
 
         export_mobile(checkpoint, out, quant=quant, tokenizer=tokenizer, force=force, progress=True,
@@ -108,9 +131,10 @@ def run(
     device: str = typer.Option("cpu", "--device"),
     max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
     on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
+    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
 ):
     """Generate a continuation of --prompt, streamed."""
-    m = _load(model, threads, device, max_context, on_full)
+    m = _load(model, threads, device, max_context, on_full, engine)
     s = m.session()
     typer.echo(prompt, nl=False)
     stops = [x.replace("\\n", "\n").replace("\\t", "\t") for x in stop]  # let --stop "\n\n" mean newlines
@@ -192,11 +216,12 @@ def bench(
     device: str = typer.Option("cpu", "--device"),
     max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
     on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
+    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
 ):
     """Decode and prefill tokens/s, state bytes and peak RSS."""
     import numpy as np
 
-    m = _load(model, threads, device, max_context, on_full)
+    m = _load(model, threads, device, max_context, on_full, engine)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, m.vocab_size, prompt_tokens).tolist()
     s = m.session()

@@ -92,6 +92,13 @@ def load(path, device: str = "cpu", threads: int | None = None, **options) -> Mo
     """options: low_memory, max_context (KV ring length of full-attention models; default the
     manifest's), on_full ("stop" or "slide", when a full-attention session reaches max_context)."""
     path = os.fspath(path)
-    if path.endswith(".gguf"):
-        raise EdgeseqError(f"{path}: GGUF files are not supported by this edgeseq yet; export an ONNX bundle")
+    engine = options.pop("engine", None)
+    from edgeseq.gguf_file import is_gguf
+
+    if path.endswith(".gguf") or os.path.isfile(path) and is_gguf(path):
+        from edgeseq.runtime.gguf_model import load_gguf
+
+        return load_gguf(path, device=device, threads=threads, engine=engine, **options)
+    if engine not in (None, "ort", "onnxruntime"):
+        raise EdgeseqError(f"{path}: engine {engine!r} runs GGUF files only; bundles run in ONNX Runtime")
     return Model(path, device=device, threads=threads, **options)

@@ -1,0 +1,147 @@
+"""edgeseq's GGUF files in llama.cpp (llama-cpp-python), against outside references:
+
+- Mamba and Mamba-2 HF checkpoints: edgeseq's tensor names, shapes, types and values, metadata keys,
+  types and values, tokenizer keys equal what llama.cpp's own converter (convert_hf_to_gguf.py) writes
+  for the same checkpoint; llama.cpp runs edgeseq's file to HF's greedy tokens and logits (1e-3) and
+  tokenizes text as HF's tokenizer does;
+- rwkv.cpp's RWKV-7 fixture exported to GGUF: llama.cpp reproduces rwkv.cpp's expected logits (1e-3);
+- the llama.cpp engine behind edgeseq's session API: prefill = steps, save/load state, fork.
+
+Each test skips with a reason where llama-cpp-python (or the converter, for the comparison) is absent.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgeseq
+from conftest import CORPUS, hf_logits64, load_hf, make_mamba, make_mamba2
+from edgeseq.exporters.gguf_writer import export_gguf
+from edgeseq.gguf_file import GGUFFile
+from gguf_helpers import FIXTURES, convert, llama_cpp, llama_logits, write_neox_tokenizer
+
+RWKV7 = FIXTURES / "tiny-rwkv-7v0-834K-FP32.bin"
+RWKV7_EXPECTED = np.fromfile(FIXTURES / "expected-logits-7v0-834K.bin", np.float32)
+# keys whose values legitimately differ: the converter title-cases the folder name; it names the NeoX
+# pre-tokenizer "mpt" from a table of hashes, edgeseq "gpt-2" from the tokenizer.json (llama.cpp gives
+# both the same regex: GPT-2's)
+DIFFERENT_VALUES = {"general.name", "tokenizer.ggml.pre"}
+
+
+def _compare_with_converter(ours: GGUFFile, ref: GGUFFile) -> None:
+    assert set(ours.kv) == set(ref.kv)
+    for k in ref.kv:
+        assert ours.kv_types[k] == ref.kv_types[k], k
+        if k in DIFFERENT_VALUES:
+            continue
+        a, b = ours.kv[k], ref.kv[k]
+        if isinstance(b, np.ndarray):
+            assert np.array_equal(a, b), k
+        elif isinstance(b, float):
+            assert a == pytest.approx(b, rel=1e-6), k
+        else:
+            assert a == b, k
+    assert set(ours.tensors) == set(ref.tensors)
+    for n, t in ref.tensors.items():
+        o = ours.tensors[n]
+        assert (o.shape, o.type_name) == (t.shape, t.type_name), n
+        np.testing.assert_allclose(ours.array(n), ref.array(n), rtol=1e-6, atol=1e-7, err_msg=n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_same_file_as_llama_cpp_converter_and_hf_in_llama_cpp(tmp_path, arch):
+    llama_cpp()
+    ckpt = tmp_path / "hf"
+    ckpt.mkdir()
+    n_tok = write_neox_tokenizer(ckpt)
+    vocab = 50280 if arch == "mamba" else 50288  # the converter's padding: multiples of 8 and 16
+    assert n_tok <= vocab
+    (make_mamba if arch == "mamba" else make_mamba2)(ckpt, vocab_size=vocab, bos_token_id=0, eos_token_id=0,
+                                                      pad_token_id=1)
+    ref = convert(ckpt, tmp_path / "ref.gguf")
+    ours = tmp_path / "ours.gguf"
+    info = export_gguf(str(ckpt), str(ours))
+    assert info["architecture"] == arch and info["generic_because"] is None
+    with GGUFFile(ours) as a, GGUFFile(ref) as b:
+        _compare_with_converter(a, b)
+
+    # llama.cpp tokenizes as HF's tokenizer does, and runs to HF's greedy tokens and logits
+    from tokenizers import Tokenizer
+
+    text = CORPUS.read_text()[:400]
+    hf_ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(text).ids
+    llm = llama_cpp().Llama(str(ours), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf_ids
+    prompt = hf_ids[:12]
+    got, greedy = llama_logits(ours, prompt, steps=6)
+    want = hf_logits64(ckpt, prompt + greedy)
+    assert [int(np.argmax(r)) for r in want[len(prompt) - 1:-1]] == greedy
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    # edgeseq's engine runs the converter's file (and its own) to the same logits
+    for f in (ref, ours):
+        m = edgeseq.load(f)
+        assert m.tokenizer.encode(text) == hf_ids
+        np.testing.assert_allclose(m.session().prefill(prompt), want[len(prompt) - 1], atol=1e-4)
+
+
+def test_rwkv7_fixture_in_llama_cpp(tmp_path):
+    llama_cpp()
+    out = tmp_path / "r7.gguf"
+    info = export_gguf(str(RWKV7), str(out))
+    assert info["architecture"] == "rwkv7"
+    got, _ = llama_logits(out, [34, 105, 110])
+    assert np.abs(got[-1] - RWKV7_EXPECTED).sum() < 1e-3  # rwkv.cpp's own test: sum of differences
+    np.testing.assert_allclose(got[-1], RWKV7_EXPECTED, atol=1e-5)
+    # byte-level vocabulary: llama.cpp tokenizes UTF-8 byte for byte
+    llm = llama_cpp().Llama(str(out), vocab_only=True, verbose=False)
+    text = "naïve café, 東京\n\n"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == list(text.encode())
+    # edgeseq's own engine on the same file
+    m = edgeseq.load(out)
+    np.testing.assert_allclose(m.session().prefill([34, 105, 110]), RWKV7_EXPECTED, atol=1e-5)
+
+
+def test_llama_cpp_engine_session_api(tmp_path):
+    llama_cpp()
+    ckpt = make_mamba2(tmp_path / "hf", tokenizer_vocab=256)
+    out = tmp_path / "m.gguf"
+    export_gguf(str(ckpt), str(out))
+    ids = [5, 9, 200, 31, 7, 77, 12, 150]
+    want = hf_logits64(ckpt, ids)
+    m = edgeseq.load(out, engine="llama.cpp", threads=1)
+    s = m.session()
+    np.testing.assert_allclose(s.prefill(ids[:5]), want[4], atol=1e-3)
+    t = s.fork()
+    path = tmp_path / "s.state"
+    s.save_state(str(path))
+    for i in ids[5:]:  # the fork and the original interleave: each swaps its own state in
+        a, b = s.step(i), t.step(i)
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, want[-1], atol=1e-3)
+    u = m.session()
+    u.load_state(str(path))
+    assert u.position == 5
+    np.testing.assert_allclose(u.prefill(ids[5:]), want[-1], atol=1e-3)
+    u.reset()
+    np.testing.assert_allclose(u.step(ids[0]), want[0], atol=1e-3)
+    text = "".join(m.session().generate("To be", max_tokens=8, temperature=0))
+    # the same file in edgeseq's engine gives the same tokens (greedy)
+    e = edgeseq.load(out)
+    assert "".join(e.session().generate("To be", max_tokens=8, temperature=0)) == text
+    # a state file of the ONNX engine is not one of llama.cpp's
+    e.session().save_state(str(tmp_path / "e.state"))
+    with pytest.raises(edgeseq.EdgeseqError):
+        m.session().load_state(str(tmp_path / "e.state"))
+
+
+def test_llama_cpp_refuses_what_it_does_not_run(tmp_path):
+    llama_cpp()
+    ckpt = make_mamba(tmp_path / "hf", expand=3)  # llama.cpp's mamba needs expand 2
+    out = tmp_path / "m.gguf"
+    info = export_gguf(str(ckpt), str(out))
+    assert info["architecture"] == "edgeseq-mamba" and "expand" in info["generic_because"]
+    with pytest.raises(edgeseq.EdgeseqError, match="does not run in llama.cpp"):
+        edgeseq.load(out, engine="llama.cpp")
+    want = hf_logits64(ckpt, [1, 2, 3])
+    np.testing.assert_allclose(edgeseq.load(out).session().prefill([1, 2, 3]), want[-1], atol=1e-4)
