@@ -108,7 +108,7 @@ def read_zamba2_config(src) -> Zamba2Config:
     if act not in GELU:
         raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported ({', '.join(GELU)})")
     nmb = int(cfg_get(cfg, ("num_mem_blocks",), 1, where))
-    use_block, block_layer, adapter_layer = _blocks(src, hybrid, nmb)
+    use_block, block_layer, adapter_layer = shared_blocks(src, hybrid, nmb)
     return Zamba2Config(
         vocab_size=vocab, d_model=d, n_layer=len(types), hybrid_layers=hybrid, num_mem_blocks=nmb,
         use_block=use_block, block_layer=block_layer, adapter_layer=adapter_layer,
@@ -130,25 +130,25 @@ BLOCK_TENSORS = ("input_layernorm.weight", "pre_ff_layernorm.weight", "self_attn
                  "feed_forward.gate_up_proj.weight", "feed_forward.down_proj.weight")
 
 
-def _blocks(src, hybrid: list[int], nmb: int):
+def shared_blocks(src, hybrid: list[int], nmb: int, module: str = "shared_transformer", tensors=BLOCK_TENSORS):
     """Which stored weights each use of a shared block reads. Tied checkpoints store block k once, at
     its first use (hybrid layer k); later uses cycle through them. transformers ties them only when
     tie_word_embeddings is set: otherwise every hybrid layer keeps (and uses) its own block, so a
     layer that stores different tensors gets its own stored block; identical copies are stored once."""
     def st(i):
-        return f"{P}layers.{i}.shared_transformer."
+        return f"{P}layers.{i}.{module}."
 
     use_block, block_layer, adapter_layer = [], [], []
     for u, i in enumerate(hybrid):
         first = hybrid[u % nmb]
-        own = src.has(st(i) + BLOCK_TENSORS[2])
-        if not own and not src.has(st(first) + BLOCK_TENSORS[2]):
+        own = src.has(st(i) + tensors[2])
+        if not own and not src.has(st(first) + tensors[2]):
             raise EdgeseqError(f"{src.path}: no weights for the shared block of hybrid layer {i} "
                                f"(looked for {st(i)}* and {st(first)}*)")
         adapter_layer.append(i if own else first)
         src_layer = i
         if not own or (i != first and all(np.array_equal(src.get(st(i) + t), src.get(st(first) + t))
-                                          for t in BLOCK_TENSORS)):
+                                          for t in tensors)):
             src_layer = first
         if src_layer not in block_layer:
             block_layer.append(src_layer)
@@ -193,9 +193,9 @@ def mamba2_mixer(b: GraphBuilder, m2: Mamba2, h: str, o: str, conv_state: str, r
     return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, rec
 
 
-def lora(b: GraphBuilder, x: str, y: str, name: str) -> str:
+def lora(b: GraphBuilder, x: str, y: str, name: str | None) -> str:
     """y + (x A) B when the export wrote the adapter `name` (A (in, r), B (r, out))."""
-    if not b.has_weight(name + "_a"):
+    if name is None or not b.has_weight(name + "_a"):
         return y
     return b.op("Add", y, b.op("MatMul", b.op("MatMul", x, b.w(name + "_a")), b.w(name + "_b")))
 
@@ -205,13 +205,12 @@ def heads(b: GraphBuilder, x: str, n: int, hd: int) -> str:
     return b.op("Transpose", b.op("Reshape", x, b.ints([0, 0, n, hd])), perm=[0, 2, 1, 3])
 
 
-def shared_attention(b: GraphBuilder, a: str, blk: str, use: str, ring_k: str, ring_v: str, position: str,
+def shared_attention(b: GraphBuilder, a: str, blk: str, use: str | None, ring_k: str, ring_v: str, position: str,
                      pos: str | None, heads_q: int, heads_kv: int, hd: int, scale: float, rope_theta: float):
     """q/k/v of the normed block input a (b, t, in) with the block's weights and the use's adapters,
     RoPE when `pos` is given, attention over the ring, o_proj. Returns (out (b, t, d), rings)."""
-    q = heads(b, lora(b, a, linear(b, a, blk + "q"), use + "q"), heads_q, hd)
-    k = heads(b, lora(b, a, linear(b, a, blk + "k"), use + "k"), heads_kv, hd)
-    v = heads(b, lora(b, a, linear(b, a, blk + "v"), use + "v"), heads_kv, hd)
+    q, k, v = (lora(b, a, linear(b, a, blk + n), use and use + n) for n in "qkv")
+    q, k, v = heads(b, q, heads_q, hd), heads(b, k, heads_kv, hd), heads(b, v, heads_kv, hd)
     if pos is not None:
         q, k = rope(b, q, pos, hd, rope_theta), rope(b, k, pos, hd, rope_theta)
     o, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, heads_q, heads_kv, hd, scale)

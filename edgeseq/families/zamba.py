@@ -1,0 +1,219 @@
+"""Zamba (v1): multi-head Mamba-1 layers and one shared attention block (Zyphra; transformers'
+ZambaForCausalLM).
+
+Symbols: b batch · t tokens · d model width · di = expand·d · nh Mamba heads of hd = di/nh channels
+· n state size · r dt rank (per head) · H attention heads (Hkv key/value heads) · hd_a = 2d / H.
+
+    e = embed(ids);  x = e
+    per layer i:
+        if i is hybrid:
+            a = rms_norm(concat(x, e))                       (b, t, 2d)
+            o = attention(a W_q, a W_k, a W_v over the ring) W_o    scale (hd_a/2)^-1/2, causal, no RoPE
+            m = rms_norm(o);  s = ((gelu(m W_gate) * m W_up) W_down) W_linear_i
+            x = x + mamba_i(rms_norm(x + s))                 the residual skips s
+        else:
+            x = x + mamba_i(rms_norm(x))
+    mamba_i (per head h, channels c of the head):
+        [x_in, z] = de-interleaved in_proj(h)                 transformers views in_proj's rows as (di, 2)
+        u = silu(conv(x_in));  [dt_r, B_h, C_h] = u_h X_h    each head has its own x_proj, B and C (n)
+        dt = softplus(dt_r DT_h + dt_bias)                   (b, t, di)
+        h_t = exp(dt·A) ⊙ h_{t-1} + (dt·u) ⊗ B_h             (b, di, n)
+        y = (h_t · C_h + D ⊙ u) * silu(z);  out_proj(y)
+
+State per layer: Mamba-1's conv_state (di, k-1) and recurrent_state (di, n) (heads flattened into
+channels); per hybrid layer the attention ring `key` / `value` (Hkv, max_context, hd_a).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from edgeseq.errors import UnsupportedError
+from edgeseq.families import register
+from edgeseq.families.base import Family, StateTensor, cfg_get
+from edgeseq.families.common import embed, norm_and_head, pick, transposed
+from edgeseq.families.zamba2 import GELU, MAX_CONTEXT, P, shared_attention, shared_blocks
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels import scan as ssm
+from edgeseq.kernels.conv import causal_conv
+from edgeseq.kernels.ops import linear, rms_norm, silu, softplus, split
+
+BLOCK_TENSORS = ("input_layernorm.weight", "pre_ff_layernorm.weight", "self_attn.q_proj.weight",
+                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                 "feed_forward.gate_proj.weight", "feed_forward.up_proj.weight", "feed_forward.down_proj.weight")
+
+
+@dataclass
+class ZambaConfig:
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    hybrid_layers: list[int]
+    use_block: list[int]  # hybrid use u runs stored block use_block[u] (one block when tied)
+    block_layer: list[int]  # stored block k: the checkpoint layer holding its weights
+    d_inner: int
+    n_heads: int  # Mamba heads
+    d_state: int
+    d_conv: int
+    dt_rank: int
+    attn_heads: int
+    kv_heads: int
+    attn_head_dim: int
+    ffn_dim: int
+    gelu: str
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_inner // self.n_heads
+
+
+@register("ZambaForCausalLM")
+class Zamba(Family):
+    name = "zamba"
+    Config = ZambaConfig
+    prefill_chunk = 64  # the selective scan expands every token to (di, n), and attention grows with the ring
+    uses_position = True
+    symbolic_dims = {"max_context": MAX_CONTEXT}
+
+    @classmethod
+    def read_config(cls, src) -> ZambaConfig:
+        cfg, where = src.config, f"{src.path}/config.json"
+        vocab, d = src.shape(P + "embed_tokens.weight")
+        types = cfg_get(cfg, ("layers_block_type", "layer_types"), where=where)
+        hybrid = [i for i, t in enumerate(types) if t == "hybrid"]
+        if not hybrid:
+            raise UnsupportedError(f"{where}: no hybrid layer in layers_block_type")
+        m = f"{P}layers.0.{'mamba_decoder.' if 0 in hybrid else ''}mamba."
+        nh, hd, n = src.shape(m + "A_log")
+        r = src.shape(m + "dt_proj_weight")[2]
+        heads = int(cfg_get(cfg, ("num_attention_heads",), where=where))
+        kv = int(cfg_get(cfg, ("num_key_value_heads",), heads, where))
+        act = cfg_get(cfg, ("hidden_act",), "gelu", where)
+        if act not in GELU:
+            raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported ({', '.join(GELU)})")
+        if cfg_get(cfg, ("hidden_mamba_act",), "silu", where) != "silu":
+            raise UnsupportedError(f"{where}: hidden_mamba_act {cfg['hidden_mamba_act']!r} is not supported (silu)")
+        use_block, block_layer, _ = shared_blocks(src, hybrid, 1, "shared_transf", BLOCK_TENSORS)
+        att = f"{P}layers.{block_layer[0]}.shared_transf."
+        return ZambaConfig(
+            vocab_size=vocab, d_model=d, n_layer=len(types), hybrid_layers=hybrid, use_block=use_block,
+            block_layer=block_layer, d_inner=nh * hd, n_heads=nh, d_state=n,
+            d_conv=src.shape(m + "conv1d.weight")[2], dt_rank=r, attn_heads=heads, kv_heads=kv,
+            attn_head_dim=src.shape(att + "self_attn.q_proj.weight")[0] // heads,
+            ffn_dim=src.shape(att + "feed_forward.down_proj.weight")[1], gelu=GELU[act],
+            norm_eps=float(cfg_get(cfg, ("rms_norm_eps",), 1e-5, where)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)) or not src.has("lm_head.weight"))
+
+    def state_spec(self) -> list[StateTensor]:
+        c = self.config
+        out = []
+        for i in range(c.n_layer):
+            out.append(StateTensor(i, "conv_state", (c.d_inner, c.d_conv - 1), "last k-1 inputs of the Mamba conv"))
+            out.append(StateTensor(i, "recurrent_state", (c.d_inner, c.d_state), "SSM state h (heads x head dim, n)"))
+            if i in c.hybrid_layers:
+                for kind in ("key", "value"):
+                    out.append(StateTensor(i, kind, (c.kv_heads, "max_context", c.attn_head_dim),
+                                           f"shared-attention {kind}s, ring slot p % max_context"))
+        return out
+
+    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+        c = self.config
+        yield "embed", src.get(P + "embed_tokens.weight")
+        for i in range(c.n_layer):
+            hyb = i in c.hybrid_layers
+            pre, o = f"{P}layers.{i}.{'mamba_decoder.' if hyb else ''}", f"layers.{i}."
+            m = pre + "mamba."
+            yield o + "norm", src.get(pre + "input_layernorm.weight")
+            # transformers views in_proj's output rows as (di, 2): even rows feed the conv, odd rows gate
+            w = src.get(m + "in_proj.weight")
+            yield o + "in_proj", transposed(np.concatenate([w[0::2], w[1::2]]))
+            if src.has(m + "in_proj.bias"):
+                bias = src.get(m + "in_proj.bias")
+                yield o + "in_proj_bias", np.concatenate([bias[0::2], bias[1::2]])
+            yield o + "conv", src.get(m + "conv1d.weight").reshape(c.d_inner, 1, c.d_conv)
+            if src.has(m + "conv1d.bias"):
+                yield o + "conv_bias", src.get(m + "conv1d.bias")
+            # per head x (.., hd) @ (hd, r+2n) and dt (.., r) @ (r, hd): batched MatMuls over the heads
+            yield o + "x_proj", np.ascontiguousarray(src.get(m + "x_proj_weight").transpose(0, 2, 1))
+            yield o + "dt_proj", np.ascontiguousarray(src.get(m + "dt_proj_weight").transpose(0, 2, 1))
+            yield o + "dt_bias", src.get(m + "dt_proj_bias").reshape(c.d_inner)
+            yield o + "A", -np.exp(src.get(m + "A_log")).reshape(c.d_inner, c.d_state)  # the rate, not its log
+            yield o + "D", src.get(m + "D").reshape(c.d_inner)
+            yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
+            if src.has(m + "out_proj.bias"):
+                yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+            if hyb:
+                yield o + "linear", transposed(src.get(f"{P}layers.{i}.linear.weight"))
+        for k, i in enumerate(c.block_layer):
+            s, o = f"{P}layers.{i}.shared_transf.", f"blocks.{k}."
+            yield o + "attn_norm", src.get(s + "input_layernorm.weight")
+            for n in "qkvo":
+                yield o + n, transposed(src.get(f"{s}self_attn.{n}_proj.weight"))
+            yield o + "ffn_norm", src.get(s + "pre_ff_layernorm.weight")
+            for n in ("gate", "up", "down"):
+                yield o + n, transposed(src.get(f"{s}feed_forward.{n}_proj.weight"))
+        yield "norm_f", src.get(P + "final_layernorm.weight")
+        if not c.tie_embeddings:
+            yield "lm_head", transposed(src.get(pick(src, ["lm_head.weight"], "the LM head")))
+
+    def body(self, b: GraphBuilder, ids, state, tokens, fused):
+        c = self.config
+        e = embed(b, ids)  # (b, t, d)
+        scale = (c.attn_head_dim / 2) ** -0.5
+        x, out = e, {}
+        for i in range(c.n_layer):
+            o, h = f"layers.{i}.", x
+            if i in c.hybrid_layers:
+                blk = f"blocks.{c.use_block[c.hybrid_layers.index(i)]}."
+                a = rms_norm(b, b.op("Concat", x, e, axis=-1), blk + "attn_norm", c.norm_eps)  # (b, t, 2d)
+                att, out[f"present.{i}.key"], out[f"present.{i}.value"] = shared_attention(
+                    b, a, blk, None, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"],
+                    state["position"], None, c.attn_heads, c.kv_heads, c.attn_head_dim, scale, 0.0)
+                f = rms_norm(b, att, blk + "ffn_norm", c.norm_eps)
+                g = b.op("Gelu", linear(b, f, blk + "gate"), approximate=c.gelu)
+                s = linear(b, b.op("Mul", g, linear(b, f, blk + "up")), blk + "down")
+                h = b.op("Add", x, linear(b, s, o + "linear"))
+            y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = self._mixer(
+                b, rms_norm(b, h, o + "norm", c.norm_eps), o, state[f"past_key_values.{i}.conv_state"],
+                state[f"past_key_values.{i}.recurrent_state"], tokens, fused)
+            x = b.op("Add", x, y)
+        return x, out
+
+    def _mixer(self, b: GraphBuilder, h, o, conv_state, rec_state, tokens, fused):
+        """The multi-head Mamba-1 mixer on normed input h (b, t, d): (out, conv state, SSM state)."""
+        c = self.config
+        nh, hd, n, r = c.n_heads, c.head_dim, c.d_state, c.dt_rank
+        xs, z = split(b, linear(b, h, o + "in_proj", o + "in_proj_bias"), [c.d_inner, c.d_inner])  # (b, t, di)
+        xc, conv = causal_conv(b, b.op("Transpose", xs, perm=[0, 2, 1]), conv_state, o + "conv", o + "conv_bias",
+                               c.d_inner, c.d_conv, silu=True, fused=fused)
+        xs = b.op("Transpose", xc, perm=[0, 2, 1])  # (b, t, di)
+        xh = b.op("Reshape", xs, b.ints([0, 0, nh, 1, hd]))  # (b, t, nh, 1, hd)
+        dbc = b.op("Reshape", b.op("MatMul", xh, b.w(o + "x_proj")), b.ints([0, 0, nh, r + 2 * n]))
+        dt, B, C = split(b, dbc, [r, n, n])  # (b, t, nh, r | n | n)
+        dt = b.op("MatMul", b.op("Unsqueeze", dt, b.ints([3])), b.w(o + "dt_proj"))  # (b, t, nh, 1, hd)
+        dt = softplus(b, b.op("Add", b.op("Reshape", dt, b.ints([0, 0, c.d_inner])), b.w(o + "dt_bias")))
+
+        def per_channel(v):  # (b, t, nh, n) -> (b, t, di, n): each head's B or C over its hd channels
+            v = b.op("Expand", b.op("Unsqueeze", v, b.ints([3])), b.ints([1, 1, 1, hd, 1]))
+            return b.op("Reshape", v, b.ints([0, 0, c.d_inner, n]))
+
+        a = b.op("Exp", b.op("Mul", b.op("Unsqueeze", dt, b.ints([-1])), b.w(o + "A")))  # (b, t, di, n)
+        u = b.op("Mul", b.op("Unsqueeze", b.op("Mul", dt, xs), b.ints([-1])), per_channel(B))  # (b, t, di, n)
+        cc = per_channel(C)
+        if tokens == 1:
+            sq = b.ints([1])
+            y, rec = ssm.step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), b.op("Squeeze", cc, sq),
+                              rec_state, -1)
+            y = b.op("Unsqueeze", y, sq)
+        else:
+            y, rec = ssm.scan(b, a, u, cc, rec_state, -1)  # (b, t, di)
+        y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
+        y = b.op("Mul", y, silu(b, z))
+        return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, rec
+
+    def head(self, b: GraphBuilder, hidden: str) -> str:
+        return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)
