@@ -64,6 +64,18 @@ def test_long_prompt_is_fed_in_chunks(bundles, tmp_path):
     assert node_ids(small, prompt, 8) == python_greedy(bundle, prompt, 8)
 
 
+def test_full_attention_ring_length(bundles):
+    """Zamba2's KV ring: --max-context sizes it (the manifest's default is far larger); greedy ids are
+    the Python runtime's at the same length, and a call past it stops with "context full"."""
+    bundle = bundles.get("zamba2", False)
+    assert json.loads((bundle / "edgeseq.json").read_text())["max_context"] > 64
+    r = run_node(SCRIPT, bundle, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", N, "--max-context", 32)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == python_greedy(bundle, PROMPT, N)
+    r = run_node(SCRIPT, bundle, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-tokens", 40, "--max-context", 32)
+    assert r.returncode == 1 and "context full: 32 tokens" in r.stderr, r.stderr
+
+
 def test_bad_input_is_a_clear_error(bundles, tmp_path):
     r = run_node(SCRIPT, tmp_path / "nowhere", "--prompt-ids", "1,2")
     assert r.returncode == 1 and "nowhere/edgeseq.json" in r.stderr, r.stderr
