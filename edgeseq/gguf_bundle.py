@@ -4,10 +4,12 @@ onnx` writes. Core code (no exporters, no torch), so the runtime can build a GGU
     GGUF -> gguf_file (checked reader) -> gguf_names.family_of (family, config, canonical weights)
          -> weights.bin + step/prefill/prefill_all graphs + edgeseq.json, tokenizer from the GGUF keys
 
-Weights: F32 tensors are copied; F16 tensors stay F16 where the canonical layout is a pure rename (the
-graphs widen them once at load, as in an f16 bundle); every quantized type (Q8_0, Q4_0, K-quants, ...)
-is dequantized to F32 here, so a quantized GGUF costs its F32 size in the bundle and in memory (the
-MatMulNBits repack of Q4_0/Q8_0 blocks comes with edgeseq.quant's GGUF support).
+Weights: Q4_0 and Q8_0 matrices (those the graphs multiply with, whose GGUF layout has the blocks along
+the input axis) keep their blocks: repacked for MatMulNBits / GatherBlockQuantized, never widened to
+f32. Every other tensor becomes f32: F16/BF16 and the K-quants (Q4_K, Q5_K, Q6_K, e.g. the Q6_K head of a
+llama.cpp "Q4_0" file) and the legacy Q4_1/Q5_0/Q5_1 are dequantized (edgeseq.quant.gguf_quants), so
+they cost their f32 size (4 bytes a weight) on disk and in memory; the generic architecture's (K, N)
+matrices too (their blocks run along N). The portable flavour dequantizes everything.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import tempfile
 import numpy as np
 
 from edgeseq import __version__
-from edgeseq.bundle import sha256_file, write_manifest
+from edgeseq.bundle import graph_tensors, sha256_file, write_manifest
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families.base import GRAPH_KINDS
 from edgeseq.gguf_file import GGUFFile
@@ -103,50 +105,110 @@ def _merges(merges: list[str], vocab: dict) -> list[str]:
     return out
 
 
-def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = False) -> str:
-    """Write the GGUF file `path` as the bundle directory `out` (temporary sibling, then renamed)."""
+def _repack_plan(g: GGUFFile, fam, store_table, matrices: dict, portable: bool) -> dict:
+    """{canonical weight: QuantSpec} for the Q4_0 / Q8_0 matrices whose blocks can feed MatMulNBits (or
+    GatherBlockQuantized) as they are: the GGUF tensor is the weight as (N, K), blocks along K, and the
+    graphs use it only through MatMul (transposed), a transposed-head Gemm or the embedding Gather."""
+    if portable:
+        return {}  # the portable flavour's QDQ layout differs; those weights stay dequantized
+    from edgeseq.quant.onnx_quant import QuantSpec, collect_usage
+
+    uses = collect_usage([fam.build_graph(kind, store_table, fused=True) for kind in GRAPH_KINDS])
+    specs = {}
+    for name, (src, transposed) in matrices.items():
+        t = g.tensors.get(src)
+        if t is None or t.type_name not in ("Q4_0", "Q8_0") or name not in uses or len(t.shape) != 2:
+            continue
+        u = uses[name]
+        if (transposed and u == {"matmul"}) or (not transposed and u <= {"gemm_t", "gather"}):
+            n, k = t.shape
+            specs[name] = QuantSpec(name, 4 if t.type_name == "Q4_0" else 8, 32, n, k, transposed, tuple(sorted(u)))
+    return specs
+
+
+def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = False,
+                   accuracy_level: int = 4) -> str:
+    """Write the GGUF file `path` as the bundle directory `out` (temporary sibling, then renamed).
+
+    Q4_0 and Q8_0 matrices keep their blocks: the integers and scales move into MatMulNBits'
+    layout (edgeseq.quant.gguf_quants.repack_for_matmulnbits) without passing through float; the
+    graphs are rewritten as an int4/int8 export's are (edgeseq.quant.onnx_quant.rewrite)."""
     if os.path.exists(out) and not force:
         raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    with GGUFFile(path) as g:
-        fam, weights = family_of(g)
-        tmp = tempfile.mkdtemp(prefix=".edgeseq-gguf-", dir=parent)
-        try:
-            store = WeightStore(os.path.join(tmp, "weights.bin"))
+    tmp = tempfile.mkdtemp(prefix=".edgeseq-gguf-", dir=parent)
+    try:
+        with GGUFFile(path) as g:
+            fam, weights, matrices = family_of(g)
+            wpath = os.path.join(tmp, "weights.bin")
+            store = WeightStore(wpath)
             for name, array in weights():
                 store.add(name, np.ascontiguousarray(array, dtype=np.float32))
             weights_hash = store.close()
+            table = store.table
+            specs = _repack_plan(g, fam, table, matrices, portable)
+            if specs:
+                from edgeseq.quant.gguf_quants import repack_for_matmulnbits
+                from edgeseq.quant.onnx_quant import build_table
+
+                old = table
+                src = np.memmap(wpath, dtype=np.uint8, mode="r")
+                store = WeightStore(wpath + ".q")
+                for name, info in sorted(old.items(), key=lambda kv: kv[1].offset):
+                    if name in specs:
+                        gname = matrices[name][0]
+                        t = g.tensors[gname]
+                        for suffix, a in zip((".q", ".scales", ".zp"),
+                                             repack_for_matmulnbits(g.raw(gname), t.type_name, t.shape)):
+                            store.add(name + suffix, a)
+                    else:
+                        store.add(name, np.frombuffer(src[info.offset:info.offset + info.nbytes],
+                                                      dtype=info.dtype).reshape(info.shape))
+                weights_hash = store.close()
+                del src
+                os.replace(wpath + ".q", wpath)
+                table = build_table(store, old, specs)
             tok_spec, special = _tokenizer(g, tmp)
             types = sorted({t.type_name for t in g.tensors.values()})
             arch = g.architecture
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    try:
         flavour = "portable" if portable else "fused"
-        meta = {"edgeseq.version": __version__, "edgeseq.family": fam.name, "edgeseq.quant": "f32",
+        bits = {s.bits for s in specs.values()}
+        recipe = "f32" if not bits else ("int4" if 4 in bits else "int8")
+        meta = {"edgeseq.version": __version__, "edgeseq.family": fam.name, "edgeseq.quant": recipe,
                 "edgeseq.flavour": flavour, "edgeseq.weights_sha256": weights_hash}
         graphs = {}
+        state_names = {n for s in fam.state_spec() for n in (s.input_name, s.output_name)}
         for kind in GRAPH_KINDS:
-            b = fam.build_graph(kind, store.table, fused=not portable)
+            b = fam.build_graph(kind, table, fused=not portable)
+            if specs:
+                from edgeseq.quant.onnx_quant import rewrite
+
+                rewrite(b, specs, accuracy_level, portable)
             fname = f"{kind}.onnx"
             save_model(b.to_model({**meta, "edgeseq.graph": kind}), os.path.join(tmp, fname))
             graphs[kind] = {"file": fname, "tokens": 1 if kind == "step" else None,
-                            "inputs": ["input_ids"] + [s.input_name for s in fam.state_spec()],
+                            "inputs": ["input_ids"] + (["position"] if fam.uses_position else [])
+                            + [s.input_name for s in fam.state_spec()],
                             "outputs": ["logits"] + [s.output_name for s in fam.state_spec()],
                             "logits": "all" if kind == "prefill_all" else "last"}
             if kind != "step":
                 graphs[kind]["chunk"] = fam.prefill_chunk
+            graphs[kind]["tensors"] = graph_tensors(b.inputs, b.outputs, state_names)
+        quant = {"recipe": recipe, "gguf_types": types}
+        if specs:
+            from edgeseq.quant.onnx_quant import recipe_json
+
+            quant.update(recipe_json(recipe, 32, accuracy_level, portable, specs))
         files = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp)) if f != "weights.bin"}
         write_manifest(tmp, {
             "edgeseq_version": __version__, "family": fam.name, "architecture": arch,
-            "config": fam.config_json(), "vocab_size": fam.vocab_size, "flavour": flavour,
-            "quant": {"recipe": "f32", "source_types": types},
+            "config": fam.config_json(), "vocab_size": fam.vocab_size, "flavour": flavour, "quant": quant,
             "state": [s.to_json() for s in fam.state_spec()], "state_bytes_per_sequence": fam.state_bytes(),
-            "graphs": graphs, "weights": {"file": "weights.bin", "bytes": store.nbytes, "sha256": weights_hash},
+            **fam.symbolic_dims, "graphs": graphs,
+            "weights": {"file": "weights.bin", "bytes": store.nbytes, "sha256": weights_hash},
             "tokenizer": tok_spec, "chat_template": None, "initial_state": None, **special, "files": files,
-            "source": {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "format": "gguf"},
+            "source": {"path": os.path.abspath(path), "bytes": os.path.getsize(path)},
         })
         umask = os.umask(0)
         os.umask(umask)

@@ -59,6 +59,11 @@ class ArchMap:
     def from_gguf(self, fam, g) -> Iterator[tuple[str, np.ndarray]]:
         raise NotImplementedError
 
+    def matrices(self, fam) -> dict[str, tuple[str, bool]]:
+        """{canonical matrix: (GGUF tensor, transposed)} for the matrices that are the GGUF tensor itself
+        or its transpose: their quantized blocks can move into MatMulNBits as they are."""
+        return {}
+
 
 def _u32(k, v):
     return (k, int(v), "u32")
@@ -119,6 +124,12 @@ class MambaMap(ArchMap):
                     norm_eps=float(g.get(a("attention.layer_norm_rms_epsilon"), 1e-5)),
                     # llama.cpp norms dt, B, C with the layer eps; FalconMamba's checkpoints declare 1e-6
                     mixer_rms_eps=1e-6 if rms else None, tie_embeddings="output.weight" not in g.tensors)
+
+    def matrices(self, fam):
+        out = {"embed": ("token_embd.weight", False), "lm_head": ("output.weight", True)}
+        for i in range(fam.config.n_layer):
+            out.update({f"layers.{i}.{leaf}": (f"blk.{i}.{n}", True) for leaf, n in self._MAT.items()})
+        return out
 
     def from_gguf(self, fam, g):
         c = fam.config
@@ -197,6 +208,13 @@ class Mamba2Map(ArchMap):
                     d_state=g.need(a("ssm.state_size"), int), d_conv=g.need(a("ssm.conv_kernel"), int),
                     norm_eps=float(g.get(a("attention.layer_norm_rms_epsilon"), 1e-5)),
                     tie_embeddings="output.weight" not in g.tensors)
+
+    def matrices(self, fam):
+        out = {"embed": ("token_embd.weight", False), "lm_head": ("output.weight", True)}
+        for i in range(fam.config.n_layer):
+            out[f"layers.{i}.in_proj"] = (f"blk.{i}.ssm_in.weight", True)
+            out[f"layers.{i}.out_proj"] = (f"blk.{i}.ssm_out.weight", True)
+        return out
 
     def from_gguf(self, fam, g):
         c = fam.config
@@ -297,6 +315,15 @@ class Rwkv7Map(ArchMap):
                     head_size=hs, dim_ffn=g.tensor("blk.0.channel_mix_key.weight").shape[0],
                     ln_eps=float(g.get(a("attention.layer_norm_epsilon"), 1e-5)), gn_eps=LLAMA_RWKV7_GN_EPS)
 
+    def matrices(self, fam):
+        out = {"embed": ("token_embd.weight", False), "head": ("output.weight", False)}
+        for i in range(fam.config.n_layer):
+            o, p = f"layers.{i}.", f"blk.{i}."
+            out.update({o + leaf: (f"{p}{n}.weight", True) for leaf, n in self._MAT.items()})
+            out.update({f"{o}att.{m}{j}": (f"{p}time_mix_{m}{j}.weight", True) for m in "wavg" for j in "12"
+                        if not (m == "v" and i == 0)})
+        return out
+
     def from_gguf(self, fam, g):
         c = fam.config
         C = c.n_embd
@@ -381,8 +408,8 @@ def generic_metadata(fam) -> list[tuple[str, object, str]]:
             ("edgeseq.state", json.dumps([s.to_json() for s in fam.state_spec()]), "str")]
 
 
-def generic_family(g) -> tuple[object, Callable]:
-    """(family instance, canonical weight iterator) for an `edgeseq-*` GGUF."""
+def generic_family(g) -> tuple[object, Callable, dict]:
+    """(family instance, canonical weight iterator, matrices) for an `edgeseq-*` GGUF."""
     from edgeseq.families import family_by_name
 
     v = g.need("edgeseq.format_version", int)
@@ -403,11 +430,13 @@ def generic_family(g) -> tuple[object, Callable]:
         fam = cls.from_json(cfg)
     except TypeError as e:
         raise EdgeseqError(f"{g.path}: edgeseq.config does not fit the {name} family ({e})") from None
-    return fam, lambda: ((n, g.array(n)) for n in g.tensors)
+    # canonical layouts: only (N, K) matrices (embedding, transposed heads) have their blocks along K
+    return fam, lambda: ((n, g.array(n)) for n in g.tensors), {n: (n, False) for n in g.tensors}
 
 
 def family_of(g):
-    """(family instance, canonical weight iterator factory) for any GGUF edgeseq reads."""
+    """(family instance, canonical weight iterator factory, {canonical matrix: (GGUF tensor, transposed)})
+    for any GGUF edgeseq reads."""
     arch = g.architecture
     if arch.startswith(GENERIC_PREFIX):
         return generic_family(g)
@@ -419,4 +448,4 @@ def family_of(g):
 
     cls = family_by_name(m.family, g.path)
     fam = cls(cls.Config(**m.config(g)))
-    return fam, lambda: m.from_gguf(fam, g)
+    return fam, lambda: m.from_gguf(fam, g), m.matrices(fam)

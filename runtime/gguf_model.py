@@ -63,7 +63,8 @@ def load_gguf(path: str, device: str = "cpu", threads: int | None = None, engine
     from edgeseq.runtime.model import Model
 
     d = os.path.join(_scratch(), "bundle")
-    gguf_to_bundle(path, d, portable=bool(options.pop("portable", False)))
+    gguf_to_bundle(path, d, portable=bool(options.pop("portable", False)),
+                   accuracy_level=int(options.pop("accuracy_level", 4)))
     m = Model(d, device=device, threads=threads, **options)
     m.source = path
     return m

@@ -145,3 +145,32 @@ def test_llama_cpp_refuses_what_it_does_not_run(tmp_path):
         edgeseq.load(out, engine="llama.cpp")
     want = hf_logits64(ckpt, [1, 2, 3])
     np.testing.assert_allclose(edgeseq.load(out).session().prefill([1, 2, 3]), want[-1], atol=1e-4)
+
+
+def test_llama_cpp_quantizer_files_run_in_edgeseq(tmp_path):
+    """A "Q4_0" file from llama.cpp's own quantizer mixes types (Q6_K head, F16 rows it cannot block, F32
+    norms): edgeseq reads it, repacks the Q4_0 blocks for MatMulNBits (equal to dequantizing them, at
+    accuracy_level 0) and agrees with llama.cpp running the same file."""
+    import ctypes
+
+    lc = llama_cpp()
+    ckpt = make_mamba(tmp_path / "hf", hidden_size=256, num_hidden_layers=1, state_size=16, vocab_size=256)
+    f32 = tmp_path / "f32.gguf"
+    export_gguf(str(ckpt), str(f32))
+    q = tmp_path / "q4_0.gguf"
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+    assert lc.llama_model_quantize(str(f32).encode(), str(q).encode(), ctypes.byref(params)) == 0
+    with GGUFFile(q) as g:
+        types = {t.type_name for t in g.tensors.values()}
+    assert {"Q4_0", "Q6_K", "F16", "F32"} <= types, types
+    ids = [34, 105, 110, 7, 9]
+    m = edgeseq.load(q, accuracy_level=0)
+    assert m.manifest["quant"]["recipe"] == "int4" and m.manifest["quant"]["tensors"]
+    exact = edgeseq.load(q, portable=True).session().prefill(ids)  # every tensor dequantized to f32
+    np.testing.assert_allclose(m.session().prefill(ids), exact, atol=1e-4)
+    theirs, _ = llama_logits(q, ids)
+    # llama.cpp rounds the activations to 8 bits inside its quantized dot products; edgeseq at
+    # accuracy_level 0 does not: close, not equal
+    assert np.abs(theirs[-1] - exact).max() < 0.05 * np.abs(exact).max()
+    assert int(np.argmax(theirs[-1])) == int(np.argmax(exact))

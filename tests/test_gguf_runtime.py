@@ -128,3 +128,45 @@ def test_cli(tmp_path):
     bad.write_bytes(g.read_bytes()[:5000])
     r = _cli("run", str(bad), "-p", "x")
     assert r.returncode == 1 and "bad.gguf" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("quant, bits", [("q8_0", 8), ("q4_0", 4)])
+def test_q4_0_q8_0_blocks_feed_matmulnbits(tmp_path, wide_mamba, quant, bits):
+    """Q4_0/Q8_0 matrices reach the graphs as MatMulNBits weights (no f32 copy), computing what the
+    dequantized weights compute (accuracy_level 0; the default 4 rounds activations to int8)."""
+    ckpt, ref = wide_mamba
+    g = tmp_path / f"{quant}.gguf"
+    export_gguf(str(ckpt), str(g), quant=quant)
+    m = edgeseq.load(g, accuracy_level=0)
+    q = m.manifest["quant"]
+    assert q["form"] == "matmulnbits" and {"layers.0.in_proj", "layers.0.out_proj", "layers.0.x_proj"} <= set(q["tensors"])
+    assert all(t["bits"] == bits for t in q["tensors"].values())
+    assert m.weights_bytes < 0.5 * edgeseq.load(ref.path).weights_bytes
+    ids = [34, 105, 110, 7, 9, 200]
+    exact = edgeseq.load(g, portable=True).session().prefill(ids)  # portable: every tensor dequantized
+    np.testing.assert_allclose(m.session().prefill(ids), exact, atol=1e-4)
+    np.testing.assert_allclose(edgeseq.load(g).session().prefill(ids), exact, atol=0.1 * np.abs(exact).max())
+
+
+def _hybrid_makers():
+    import test_recurrent_gemma as rg
+    import test_zamba as z1
+    import test_zamba2 as z2
+
+    return {"zamba": (z1.make_zamba, z1.CONFIGS["2heads"]), "zamba2": (z2.make_zamba2, z2.CONFIGS["2blocks-gqa-dtmin"]),
+            "recurrent_gemma": (rg.make_recurrent_gemma, rg.CONFIGS["mqa"])}
+
+
+@pytest.mark.parametrize("family", ["zamba", "zamba2", "recurrent_gemma"])
+def test_generic_architecture_for_hybrid_families(tmp_path, family):
+    """Families with attention (position input, KV rings) need no GGUF code of their own: the generic
+    architecture carries their config and state spec, and the GGUF runs as their bundle does."""
+    make, cfg = _hybrid_makers()[family]
+    ckpt = make(tmp_path / "hf", seed=1, **cfg)
+    g = tmp_path / "m.gguf"
+    assert export_gguf(str(ckpt), str(g))["architecture"] == f"edgeseq-{family}"
+    a = edgeseq.load(g).session()
+    b = edgeseq.load(export_bundle(ckpt, tmp_path / "b")).session()
+    for t in [5, 9, 100, 3, 7, 200, 1, 2]:
+        np.testing.assert_allclose(a.step(t), b.step(t), atol=1e-6)
+    assert a.position == b.position == 8
