@@ -41,7 +41,16 @@ $(VENV)/.llamacpp: $(VENV)/.test
 	  $(VENV)/sdist/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz $(VENV)/llama.cpp
 	touch $@
 
-$(VENV)/.web: $(VENV)/.test
+# Node and browser tests: the npm packages pinned in examples/package-lock.json into examples/node_modules
+# (ONNXRUNTIME_NODE_INSTALL=skip: onnxruntime-node's install script would fetch CUDA libraries from NuGet),
+# and Debian's chromium when missing and running as root; without npm or chromium those tests skip
+$(VENV)/.web: $(VENV)/.test examples/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  cd examples && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node and browser tests will skip"; fi
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  || echo "chromium not installed: the browser test will skip"; fi
 	touch $@
 
 test: $(VENV)/.test $(VENV)/.llamacpp $(VENV)/.web
