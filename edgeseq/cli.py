@@ -48,10 +48,12 @@ def _peak_rss_mb() -> float:
 
 
 def _load(model: Optional[str], threads: Optional[int], device: str = "cpu", max_context: Optional[int] = None,
-          on_full: str = "stop", engine: Optional[str] = None):
+          on_full: str = "stop", engine: Optional[str] = None, cuda_graph: bool = False):
     import edgeseq
 
     extra = {"engine": engine} if engine else {}  # GGUF files: onnxruntime (default) or llama.cpp
+    if cuda_graph:
+        extra["cuda_graph"] = True
     return edgeseq.load(_default_model(model), device=device, threads=threads, max_context=max_context,
                         on_full=on_full, **extra)
 
@@ -129,12 +131,14 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
     device: str = typer.Option("cpu", "--device"),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: decode through the step "
+                                    "graph under ONNX Runtime CUDA graphs (docs/devices.md)"),
     max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
     on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
 ):
     """Generate a continuation of --prompt, streamed."""
-    m = _load(model, threads, device, max_context, on_full, engine)
+    m = _load(model, threads, device, max_context, on_full, engine, cuda_graph)
     s = m.session()
     typer.echo(prompt, nl=False)
     stops = [x.replace("\\n", "\n").replace("\\t", "\t") for x in stop]  # let --stop "\n\n" mean newlines
@@ -214,6 +218,8 @@ def bench(
     prompt_tokens: int = typer.Option(512, "--prompt-tokens"),
     decode_tokens: int = typer.Option(128, "--decode-tokens"),
     device: str = typer.Option("cpu", "--device"),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: decode through the step "
+                                    "graph under ONNX Runtime CUDA graphs (docs/devices.md)"),
     max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
     on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
@@ -221,7 +227,7 @@ def bench(
     """Decode and prefill tokens/s, state bytes and peak RSS."""
     import numpy as np
 
-    m = _load(model, threads, device, max_context, on_full, engine)
+    m = _load(model, threads, device, max_context, on_full, engine, cuda_graph)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, m.vocab_size, prompt_tokens).tolist()
     s = m.session()

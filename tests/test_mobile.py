@@ -231,3 +231,18 @@ def test_cuda_greedy_tokens_equal_cpu(tmp_path, cuda_graph):
             tok = int(np.argmax(s.step(tok)))
         out[dev] = toks
     assert out["cuda"] == out["cpu"]
+
+
+def test_cli_export_mobile_and_the_cuda_graph_option(tmp_path):
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "edgeseq.cli"]
+    out = tmp_path / "m"
+    r = subprocess.run([*cli, "export", str(FIXTURES / "tiny-rwkv-4v0-660K-FP32.bin"), "-o", str(out), "--mobile"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert manifest(out)["flavour"] == "mobile" and (out / "step.ort").is_file()
+    r = subprocess.run([*cli, "run", str(out), "-p", "hi", "-n", "4", "--seed", "1", "--cuda-graph"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "cuda_graph needs device='cuda'" in r.stderr
