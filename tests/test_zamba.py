@@ -163,3 +163,22 @@ def test_rss_flat_from_256_to_4096_tokens(case):
     assert s.position == 4096 and np.isfinite(logits).all()
     print(f"RSS at token 256: {before:.1f} MB, at 4096: {after:.1f} MB (ring {ring / 2**20:.0f} MiB)")
     assert after - before < 0.25 * ring / 2**20 + 2, (before, after)  # far less than even a quarter ring
+
+
+@pytest.mark.parametrize("case", ["2heads"], indirect=True)
+def test_cli_max_context_and_on_full(case):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edgeseq.cli", *map(str, args)], capture_output=True, text=True,
+                              timeout=300)
+
+    bundle = case.bundle(False)
+    r = cli("run", bundle, "--prompt", "Hello", "--max-tokens", "30", "--seed", "1", "--max-context", "16")
+    assert r.returncode == 1 and "context full: 16 tokens" in r.stderr and "--on-full slide" in r.stderr, r.stderr
+    r = cli("run", bundle, "--prompt", "Hello", "--max-tokens", "30", "--seed", "1", "--max-context", "16",
+            "--on-full", "slide", "--temperature", "0")
+    assert r.returncode == 0 and "decode 30 tok" in r.stderr, r.stderr
+    r = cli("bench", bundle, "--prompt-tokens", "40", "--decode-tokens", "8", "--max-context", "64")
+    assert r.returncode == 0 and "decode" in r.stdout, r.stderr
