@@ -41,14 +41,14 @@ async function load(url) {
   let bundle = null;
   const createSession = async (kind, file) => {
     const m = bundle.manifest; // sessions are created on first use, after the manifest is read
-    weights ??= await read(m.weights.file);
-    // The graphs keep their weights in weights.bin (ONNX external data): onnxruntime-web cannot read
-    // files, so the bytes are passed under the name the graphs use for them.
-    return ort.InferenceSession.create(await read(file), {
-      executionProviders: [ep],
-      graphOptimizationLevel: "all",
-      externalData: [{ path: m.weights.file, data: weights }],
-    });
+    const options = { executionProviders: [ep], graphOptimizationLevel: "all" };
+    if (!m.weights.embedded) {
+      // The graphs keep their weights in weights.bin (ONNX external data): onnxruntime-web cannot read
+      // files, so the bytes are passed under the name the graphs use for them.
+      weights ??= await read(m.weights.file);
+      options.externalData = [{ path: m.weights.file, data: weights }];
+    }
+    return ort.InferenceSession.create(await read(file), options);
   };
   bundle = await Bundle.open(ort, read, createSession);
   const tokenizer = await loadTokenizer(bundle.manifest.tokenizer, read);
