@@ -58,7 +58,7 @@ def _load(model: Optional[str], threads: Optional[int], device: str = "cpu", max
                         on_full=on_full, **extra)
 
 
-ENGINE_HELP = "onnxruntime (default) | llama.cpp (GGUF files of mamba, mamba2, rwkv7; needs llama-cpp-python)"
+ENGINE_HELP = "onnxruntime (default) | llama.cpp (GGUF files of mamba, mamba2, rwkv6, rwkv7; needs llama-cpp-python)"
 
 
 MAX_CONTEXT_HELP = "KV ring length of full-attention models (Zamba); default: the bundle's"

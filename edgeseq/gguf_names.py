@@ -1,6 +1,6 @@
 """GGUF names and metadata per architecture: edgeseq's canonical weights <-> a GGUF file's tensors.
 
-Where llama.cpp knows the architecture (mamba, mamba2, rwkv7) the tensor names, layouts (torch's
+Where llama.cpp knows the architecture (mamba, mamba2, rwkv6, rwkv7) the tensor names, layouts (torch's
 (out, in) for matrices, squeezed/fused as llama.cpp's converter writes them) and metadata keys are
 llama.cpp's, so llama.cpp loads the file and edgeseq reads files llama.cpp's converter wrote. Every
 other family (and Mamba-1 with an expand factor other than 2, which llama.cpp refuses, or layers with
@@ -354,7 +354,129 @@ class Rwkv7Map(ArchMap):
         yield "head", g.array("output.weight")
 
 
-LLAMA_ARCHS: dict[str, ArchMap] = {m.arch: m for m in (MambaMap(), Mamba2Map(), Rwkv7Map())}
+RWKV6_LERPS = ("w", "k", "v", "r", "g")  # llama.cpp's time_mix_lerp_fused order (= edgeseq's att.maa rows)
+
+
+class Rwkv6Map(ArchMap):
+    """RWKV-6: the five static token-shift mixes fused (5, 1, 1, C) beside lerp_x; the token-shift LoRA
+    as (5·D, C) and (5, C, D), the decay LoRA as Linear weights; the channel mix's lerps are BlinkDL's
+    maa (edgeseq keeps 1 - maa); u (time_faaaa) as time_mix_first (H, N); no layer rescaling."""
+
+    arch, family = "rwkv6", "rwkv6"
+    _NORMS = {"ln1": "attn_norm", "ln2": "attn_norm_2", "att.ln_x": "time_mix_ln"}
+    _MAT = {"att.receptance": "time_mix_receptance", "att.key": "time_mix_key", "att.value": "time_mix_value",
+            "att.gate": "time_mix_gate", "att.output": "time_mix_output", "ffn.key": "channel_mix_key",
+            "ffn.value": "channel_mix_value", "ffn.receptance": "channel_mix_receptance"}
+
+    def supports(self, fam):
+        c = fam.config
+        if abs(c.ln_x_eps - LLAMA_RWKV7_GN_EPS) > 1e-12:
+            return f"llama.cpp's rwkv6 fixes ln_x's group-norm eps at 64e-5; this model uses {c.ln_x_eps}"
+        if getattr(c, "version", "6.0") != "6.0":
+            return f"llama.cpp's rwkv6 is RWKV v6.0; this model is v{c.version}"
+        return None
+
+    def metadata(self, fam, shapes):
+        c = fam.config
+        return [_u32("context_length", CONTEXT_LENGTH), _u32("embedding_length", c.n_embd),
+                _u32("block_count", c.n_layer), _f32("attention.layer_norm_epsilon", 1e-5),
+                _u32("rescale_every_n_layers", 0), _u32("wkv.head_size", c.head_size),
+                _u32("time_mix_extra_dim", c.mix_lora), _u32("time_decay_extra_dim", c.decay_lora),
+                _u32("feed_forward_length", c.dim_ffn), _u32("attention.head_count", 0)]
+
+    def to_gguf(self, fam, weights):
+        c = fam.config
+        C = c.n_embd
+        for name, a in weights:
+            if name == "embed":
+                yield "token_embd.weight", a
+            elif name in ("ln0.weight", "ln0.bias"):
+                yield "token_embd_norm." + name.split(".")[1], a
+            elif name in ("ln_out.weight", "ln_out.bias"):
+                yield "output_norm." + name.split(".")[1], a
+            elif name == "head":
+                yield "output.weight", a
+            else:
+                i, leaf = _layer(name)
+                p = f"blk.{i}."
+                base, _, kind = leaf.rpartition(".")
+                if base in self._NORMS:
+                    yield f"{p}{self._NORMS[base]}.{kind}", a
+                elif leaf in self._MAT:
+                    yield f"{p}{self._MAT[leaf]}.weight", T(a)
+                elif leaf == "att.maa_x":
+                    yield p + "time_mix_lerp_x.weight", a.reshape(C)
+                elif leaf == "att.maa":
+                    yield p + "time_mix_lerp_fused.weight", a.reshape(5, 1, 1, C)
+                elif leaf == "att.maa_w1":
+                    yield p + "time_mix_w1.weight", T(a)  # (C, 5D) -> (5D, C)
+                elif leaf == "att.maa_w2":
+                    yield p + "time_mix_w2.weight", np.ascontiguousarray(a.transpose(0, 2, 1))  # (5, C, D)
+                elif leaf == "att.decay":
+                    yield p + "time_mix_decay.weight", a.reshape(C)
+                elif leaf in ("att.decay_w1", "att.decay_w2"):
+                    yield f"{p}time_mix_{leaf[4:]}.weight", T(a)
+                elif leaf == "att.bonus":
+                    yield p + "time_mix_first.weight", a.reshape(c.n_head, c.head_size)
+                elif leaf in ("ffn.time_mix_k", "ffn.time_mix_r"):
+                    yield f"{p}channel_mix_lerp_{leaf[-1]}.weight", (1.0 - a.astype(np.float64)).astype(np.float32)
+                else:
+                    raise UnsupportedError(f"rwkv6 weight {name} has no llama.cpp tensor")
+
+    def config(self, g):
+        a = g.arch_key
+        vocab, C = g.tensor("token_embd.weight").shape
+        hs = g.need(a("wkv.head_size"), int)
+        if hs <= 0 or C % hs:
+            raise EdgeseqError(f"{g.path}: wkv.head_size {hs} does not divide the width {C}")
+        if g.get(a("rescale_every_n_layers"), 0):
+            raise UnsupportedError(f"{g.path}: rescale_every_n_layers {g.get(a('rescale_every_n_layers'))} (halved "
+                                   f"weights, an fp16 device trick) is not supported; convert with rescale 0")
+        return dict(vocab_size=vocab, n_embd=C, n_layer=g.need(a("block_count"), int), n_head=C // hs,
+                    head_size=hs, dim_ffn=g.tensor("blk.0.channel_mix_key.weight").shape[0],
+                    mix_lora=g.tensor("blk.0.time_mix_w1.weight").shape[0] // 5,
+                    decay_lora=g.tensor("blk.0.time_mix_decay_w1.weight").shape[0])
+
+    def matrices(self, fam):
+        out = {"embed": ("token_embd.weight", False), "head": ("output.weight", False)}
+        for i in range(fam.config.n_layer):
+            out.update({f"layers.{i}.{leaf}": (f"blk.{i}.{n}.weight", True) for leaf, n in self._MAT.items()})
+        return out
+
+    def from_gguf(self, fam, g):
+        c = fam.config
+        C = c.n_embd
+        yield "embed", g.array("token_embd.weight")
+        yield "ln0.weight", g.array("token_embd_norm.weight")
+        yield "ln0.bias", g.array("token_embd_norm.bias")
+        for i in range(c.n_layer):
+            p, o = f"blk.{i}.", f"layers.{i}."
+            for base in ("ln1", "ln2"):
+                for kind in ("weight", "bias"):
+                    yield f"{o}{base}.{kind}", g.array(f"{p}{self._NORMS[base]}.{kind}")
+            yield o + "att.maa_x", g.array(p + "time_mix_lerp_x.weight").reshape(C)
+            yield o + "att.maa", g.array(p + "time_mix_lerp_fused.weight").reshape(5, C)
+            yield o + "att.maa_w1", T(g.array(p + "time_mix_w1.weight"))
+            yield o + "att.maa_w2", np.ascontiguousarray(g.array(p + "time_mix_w2.weight").transpose(0, 2, 1))
+            yield o + "att.decay", g.array(p + "time_mix_decay.weight").reshape(C)
+            yield o + "att.decay_w1", T(g.array(p + "time_mix_decay_w1.weight"))
+            yield o + "att.decay_w2", T(g.array(p + "time_mix_decay_w2.weight"))
+            yield o + "att.bonus", g.array(p + "time_mix_first.weight").reshape(c.n_head, c.head_size, 1)
+            for m in ("receptance", "key", "value", "gate", "output"):
+                yield f"{o}att.{m}", T(g.array(f"{p}{self._MAT['att.' + m]}.weight"))
+            for kind in ("weight", "bias"):
+                yield f"{o}att.ln_x.{kind}", g.array(f"{p}time_mix_ln.{kind}")
+            for m in ("k", "r"):
+                maa = g.array(f"{p}channel_mix_lerp_{m}.weight").reshape(C).astype(np.float64)
+                yield f"{o}ffn.time_mix_{m}", (1.0 - maa).astype(np.float32)
+            for m in ("key", "value", "receptance"):
+                yield f"{o}ffn.{m}", T(g.array(f"{p}{self._MAT['ffn.' + m]}.weight"))
+        yield "ln_out.weight", g.array("output_norm.weight")
+        yield "ln_out.bias", g.array("output_norm.bias")
+        yield "head", g.array("output.weight")
+
+
+LLAMA_ARCHS: dict[str, ArchMap] = {m.arch: m for m in (MambaMap(), Mamba2Map(), Rwkv6Map(), Rwkv7Map())}
 BY_FAMILY: dict[str, ArchMap] = {m.family: m for m in LLAMA_ARCHS.values()}
 
 

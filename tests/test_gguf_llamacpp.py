@@ -174,3 +174,45 @@ def test_llama_cpp_quantizer_files_run_in_edgeseq(tmp_path):
     # accuracy_level 0 does not: close, not equal
     assert np.abs(theirs[-1] - exact).max() < 0.05 * np.abs(exact).max()
     assert int(np.argmax(theirs[-1])) == int(np.argmax(exact))
+
+
+@pytest.mark.slow
+def test_rwkv6_pth_in_llama_cpp(tmp_path):
+    """A random BlinkDL RWKV-6 .pth: its GGUF runs in llama.cpp (and in edgeseq) to the `rwkv` package's
+    logits at every position."""
+    llama_cpp()
+    from rwkv_builders import RwkvCase, attach_references
+
+    case = RwkvCase("a", "6.0", {}, tmp_path / "r6")
+    attach_references([case], False)
+    out = tmp_path / "r6.gguf"
+    assert export_gguf(str(case.pth), str(out))["architecture"] == "rwkv6"
+    got, _ = llama_logits(out, case.ids[:16])
+    np.testing.assert_allclose(got, case.ref[:16], atol=1e-3)
+    s = edgeseq.load(out).session()
+    np.testing.assert_allclose(np.stack([s.step(t) for t in case.ids[:16]]), case.ref[:16], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_rwkv_world_vocabulary_keys(tmp_path):
+    """The RWKV World vocabulary as llama.cpp's `rwkv` tokenizer keys: llama.cpp and edgeseq (reading
+    the GGUF back) tokenize text as the World tokenizer itself does."""
+    llama_cpp()
+    import torch
+
+    from edgeseq.tokenizer import RwkvWorldTokenizer, find_rwkv_vocab
+    from rwkv_builders import v7_state_dict
+
+    vocab = find_rwkv_vocab(str(tmp_path))
+    if vocab is None:
+        pytest.skip("the RWKV World vocabulary (rwkv package) is not installed")
+    torch.save(v7_state_dict(C=32, L=1, H=1, F=64, vocab=65536), tmp_path / "w.pth")
+    out = tmp_path / "w.gguf"
+    export_gguf(str(tmp_path / "w.pth"), str(out))
+    text = CORPUS.read_text()[:2000] + " naïve 東京 \n\n😀"
+    want = RwkvWorldTokenizer(vocab).encode(text)
+    llm = llama_cpp().Llama(str(out), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
+    m = edgeseq.load(out)
+    assert m.manifest["tokenizer"]["kind"] == "rwkv_world" and m.tokenizer.encode(text) == want
+    assert m.stop_token_ids == [0, 261]
