@@ -137,6 +137,11 @@ model = getattr(transformers, arch)(cfg).eval()
 print(sum(p.numel() for p in model.parameters()), "parameters", flush=True)
 model.save_pretrained({os.path.join(d, "hf")!r})
 del model
+import importlib.util, os, shutil
+spec = importlib.util.find_spec("mistral_common")  # Zamba2's SentencePiece model (Mistral v0.1), if installed
+if cfg.vocab_size == 32000 and spec:
+    shutil.copyfile(os.path.join(os.path.dirname(spec.origin), "data", "tokenizer.model.v1"),
+                    os.path.join({os.path.join(d, "hf")!r}, "tokenizer.model"))
 from edgeseq.exporters.export import export
 export({os.path.join(d, "hf")!r}, {os.path.join(d, "bundle")!r}, force=True)
 """
