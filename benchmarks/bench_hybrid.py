@@ -49,6 +49,16 @@ SHAPES = {
         intermediate_size=4096, num_mem_blocks=1, use_shared_attention_adapter=True, adapter_rank=128,
         use_mem_rope=True, layers_block_type=["hybrid" if i % 6 == 5 else "linear_attention" for i in range(38)],
         max_position_embeddings=4096, tie_word_embeddings=True)),
+    # Griffin 1B as the Griffin paper's appendix C lists it (as recalled, not re-checked here): d 2048,
+    # 18 layers (rec, rec, attn)…, 16 heads (MQA, head dim 128), RG-LRU width 2560, MLP 3·d, window 1024;
+    # vocabulary 32000 (Gemma's 256000 would add 0.5 G parameters to a shared 23 GB machine): 1.0 B
+    # parameters, 4.0 GB in fp32
+    "griffin-1b": ("RecurrentGemmaConfig", dict(
+        vocab_size=32000, hidden_size=2048, num_hidden_layers=18, num_attention_heads=16, num_key_value_heads=1,
+        lru_width=2560, intermediate_size=2 * 3 * 2048, attention_window_size=1024)),
+    "griffin-tiny": ("RecurrentGemmaConfig", dict(
+        vocab_size=256, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+        intermediate_size=96, attention_window_size=16)),
     # a smoke test of this script (seconds)
     "zamba2-tiny": ("Zamba2Config", dict(
         vocab_size=256, hidden_size=32, num_hidden_layers=4, mamba_d_state=8, n_mamba_heads=4, num_attention_heads=4,
@@ -106,6 +116,8 @@ def worker_hf(d: str, n: int, threads: int, max_context: int) -> dict:
     m = AutoModelForCausalLM.from_pretrained(os.path.join(d, "hf"), dtype=torch.float32).eval()
     ids = ids_for(m.config.vocab_size, 256)
     out = {"load_rss_mb": status_mb("VmRSS")}
+    if m.config.model_type == "recurrent_gemma":
+        return worker_hf_recurrent_gemma(m, ids, n, out)
     with torch.no_grad():
         r = m(torch.tensor([ids[:256 - WARM]]), use_cache=True)
         cache, tok = r.past_key_values, r.logits[0, -1].argmax()
@@ -114,6 +126,33 @@ def worker_hf(d: str, n: int, threads: int, max_context: int) -> dict:
                 t0 = time.perf_counter()
             r = m(tok.view(1, 1), past_key_values=cache, use_cache=True)
             cache, tok = r.past_key_values, r.logits[0, -1].argmax()
+    out["tps_256"] = n / (time.perf_counter() - t0)
+    out["rss_256_mb"] = status_mb("VmRSS")
+    out["peak_rss_mb"] = status_mb("VmHWM")
+    return out
+
+
+def worker_hf_recurrent_gemma(m, ids: list[int], n: int, out: dict) -> dict:
+    """RecurrentGemma keeps its recurrent state on the modules and returns no cache: it is stepped with
+    a DynamicCache of our own and explicit position_ids (without them every call is position 0, where
+    the RG-LRU resets), the module state set up once for the sequence."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=m.config)
+    m.model._setup_cache(m.config, 1, "cpu", torch.float32)
+
+    def run(toks, pos):
+        r = m(torch.tensor([toks]), position_ids=torch.arange(pos, pos + len(toks))[None], past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        return int(r.logits[0, -1].argmax())
+
+    with torch.no_grad():
+        tok, pos = run(ids[:256 - WARM], 0), 256 - WARM
+        for i in range(WARM + n):
+            if i == WARM:
+                t0 = time.perf_counter()
+            tok, pos = run([tok], pos), pos + 1
     out["tps_256"] = n / (time.perf_counter() - t0)
     out["rss_256_mb"] = status_mb("VmRSS")
     out["peak_rss_mb"] = status_mb("VmHWM")
