@@ -191,7 +191,10 @@ def collect_usage(builders: list[GraphBuilder]) -> dict[str, set[str]]:
 
 def plan(table: dict[str, WeightInfo], uses: dict[str, set[str]], quant: str, block: int, family,
          portable: bool = False) -> dict:
-    """{weight name: QuantSpec} for the weights the recipe quantizes; the rest stay as stored."""
+    """{weight name: QuantSpec} for the weights the recipe quantizes; the rest stay as stored. A row
+    length the block does not divide gets the largest power-of-two block (down to 16) that does,
+    rather than padding (a 64-wide row in blocks of 128 would store as many bytes as 128); failing
+    that, MatMulNBits pads the last block."""
     if block not in BLOCK_SIZES:
         raise EdgeseqError(f"--block-size {block}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
     bits = BITS[quant]
@@ -206,17 +209,18 @@ def plan(table: dict[str, WeightInfo], uses: dict[str, set[str]], quant: str, bl
         elif u <= {"gemm_t", "gather"}:
             n, k = info.shape
             transpose = False
-            if "gather" in u and k % block:
-                continue  # GatherBlockQuantized wants whole blocks along the row
         else:
             continue
-        if portable and k % block:
-            continue  # the QDQ form is given whole blocks only
+        blk = block
+        while blk > BLOCK_SIZES[0] and k % blk:
+            blk //= 2  # a row shorter than (or not a multiple of) the block: the largest block that fits
+        if k % blk and ("gather" in u or portable):
+            continue  # GatherBlockQuantized and the QDQ form take whole blocks only
         policy = family.quant_policy(name, (n, k)) if family is not None else None
         if policy == "f32" or min(n, k) < 16:
             continue
         b_bits = 8 if policy == "int8" else bits
-        out[name] = QuantSpec(name, b_bits, block, n, k, transpose, tuple(sorted(u)))
+        out[name] = QuantSpec(name, b_bits, blk, n, k, transpose, tuple(sorted(u)))
     return out
 
 

@@ -244,3 +244,19 @@ def test_bad_options(sources, tmp_path):
         export(str(V7), str(tmp_path / "y"), quant="q4_k")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".edgeseq-export")]
+
+
+def test_block_shrinks_to_fit_the_row(sources, tmp_path_factory):
+    """--block-size 128 on RWKV-7 rows of 64 (C) and 256 (the FFN's value): 64 where the row is 64, 128
+    where it divides; no padded blocks, so the file is smaller than at block 32 (fewer scales)."""
+    b128 = _bundle(sources, tmp_path_factory, "rwkv7", "int4", block=128)
+    m = json.loads((b128 / "edgeseq.json").read_text())
+    t = m["quant"]["tensors"]
+    assert m["quant"]["block_size"] == 128
+    assert t["layers.0.att.key"]["block_size"] == 64 and t["embed"]["block_size"] == 64
+    assert t["layers.0.ffn.value"]["shape"][1] == 256 and t["layers.0.ffn.value"]["block_size"] == 128
+    b32 = _bundle(sources, tmp_path_factory, "rwkv7", "int4")
+    assert os.path.getsize(b128 / "weights.bin") < os.path.getsize(b32 / "weights.bin")
+    lg = edgeseq.load(str(b128)).session().logits_all(IDS)
+    ref = edgeseq.load(str(_bundle(sources, tmp_path_factory, "rwkv7", "f32"))).session().logits_all(IDS)
+    assert np.abs(lg - ref).max() < V7_TOL["int4"]
