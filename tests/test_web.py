@@ -106,15 +106,51 @@ def test_rwkv_world_tokenizer(node):
 
 # -- the page in headless Chromium -----------------------------------------------------------------
 
+# every page visit of the module, by browser mode: (bundle, prompt, max tokens, extra URL parameters); each
+# mode's visits run in one browser (a launch and a wasm compile cost seconds on a busy machine)
+VISITS = {
+    "wasm": {"rwkv5": ("rwkv5", '"in', 64, {}), "bpe": ("bpe", "To be, or not to be", 32, {})},
+    "webgpu": {"rwkv5": ("rwkv5", '"in', 16, {}), "rwkv5-prefill": ("rwkv5", '"in', 4, {"graph": "prefill", "logits": 1})},
+}
+
+
+class Pages:
+    def __init__(self, base: str, bundles: dict, workdir: Path):
+        self.base, self.bundles, self.workdir = base, bundles, workdir
+        self._results: dict = {}
+
+    def result(self, ep: str, key: str) -> dict:
+        if ep not in self._results:
+            names = list(VISITS[ep])
+            urls = []
+            for name in names:
+                bundle, prompt, n, extra = VISITS[ep][name]
+                q = urllib.parse.urlencode({"bundle": f"/b/{bundle}/", "prompt": prompt, "max_tokens": n, "autorun": 1,
+                                            "ep": ep, **extra})
+                urls.append(f"{self.base}/web/?{q}")
+            shot = self.workdir / f"{ep}.png"
+            r = run_node("examples/web/headless.mjs", *urls, "--screenshot", shot, "--chromium", CHROMIUM,
+                         "--timeout", 150, *(["--webgpu"] if ep == "webgpu" else []), timeout=400)
+            assert r.returncode == 0, r.stderr[-3000:]
+            lines = r.stdout.strip().splitlines()[-len(names):]
+            shots = [shot] + [self.workdir / f"{ep}-{i}.png" for i in range(1, len(names))]
+            self._results[ep] = {n: {**json.loads(line), "screenshot": sh} for n, line, sh in zip(names, lines, shots)}
+        res = self._results[ep][key]
+        if ep == "webgpu" and res["error"] and "no WebGPU adapter" in res["error"]:
+            pytest.skip("this Chromium has no WebGPU adapter (SwiftShader)")
+        assert res["error"] is None, res
+        return res
+
+
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def pages(tmp_path_factory):
     require_node_package("onnxruntime-web")
     require_node_package("playwright-core")
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (apt-get install chromium; or set EDGESEQ_CHROMIUM)")
     d = tmp_path_factory.mktemp("web")
     bundles = {
-        # byte-level, trained (rwkv.cpp's fixture writes words): the screenshot
+        # byte-level, trained (rwkv.cpp's fixture writes words; its fused prefill graph uses LinearAttention)
         "rwkv5": export(str(FIXTURES / "tiny-rwkv-5v2-730K-FP32.bin"), str(d / "rwkv5")),
         # a tokenizer.json (byte-level BPE), random weights
         "bpe": export(str(make_mamba(d / "ckpt", seed=13, vocab_size=400, tokenizer_vocab=400)), str(d / "bpe")),
@@ -125,35 +161,48 @@ def browser(tmp_path_factory):
     finally:
         sys.path.pop(0)
     server = serve.start({f"/b/{k}/": v for k, v in bundles.items()})
-    yield f"http://127.0.0.1:{server.server_address[1]}", {k: Path(v) for k, v in bundles.items()}
+    yield Pages(f"http://127.0.0.1:{server.server_address[1]}", {k: Path(v) for k, v in bundles.items()}, d)
     server.shutdown()
 
 
-def run_page(base: str, name: str, prompt: str, n: int, screenshot: Path) -> dict:
-    q = urllib.parse.urlencode({"bundle": f"/b/{name}/", "prompt": prompt, "max_tokens": n, "autorun": 1, "ep": "wasm"})
-    r = run_node("examples/web/headless.mjs", f"{base}/web/?{q}", "--screenshot", screenshot, "--chromium", CHROMIUM,
-                 "--timeout", 150, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["error"] is None, res
-    return res
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name,prompt,n", [("rwkv5", '"in', 64), ("bpe", "To be, or not to be", 32)])
-def test_page_streams_the_python_greedy_text(browser, tmp_path, name, prompt, n):
-    base, bundles = browser
-    shot = tmp_path / "page.png"
-    res = run_page(base, name, prompt, n, shot)
-    m = edgeseq.load(bundles[name])
+@pytest.mark.parametrize("name", list(VISITS["wasm"]))
+def test_page_streams_the_python_greedy_text(pages, name):
+    res = pages.result("wasm", name)
+    bundle, prompt, n, _ = VISITS["wasm"][name]
+    m = edgeseq.load(pages.bundles[bundle])
     ids = m.tokenizer.encode(prompt)
     assert res["promptIds"] == ids
-    want_ids = python_greedy(bundles[name], ids, n)
+    want_ids = python_greedy(pages.bundles[bundle], ids, n)
     assert len(set(want_ids)) > 4
     assert res["ids"] == want_ids
     assert res["text"] == "".join(m.session().generate(prompt, max_tokens=n, temperature=0))
     assert res["ep"] == "wasm"
+    shot = res["screenshot"]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     # the screenshot under docs/ is refreshed on demand (it holds timings, so it differs run to run)
     if name == "rwkv5" and (os.environ.get("EDGESEQ_UPDATE_SCREENSHOT") == "1" or not SCREENSHOT.exists()):
         shutil.copyfile(shot, SCREENSHOT)
+
+
+@pytest.mark.slow
+def test_page_on_webgpu(pages):
+    """WebGPU through Chromium's software adapter (SwiftShader): the page decodes through the step graph
+    there and streams the Python runtime's greedy ids (RWKV-5's fused prefill graph takes the prompt)."""
+    res = pages.result("webgpu", "rwkv5")
+    assert res["ep"] == "webgpu"
+    assert res["ids"] == python_greedy(pages.bundles["rwkv5"], res["promptIds"], 16)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="onnxruntime-web 1.30 WebGPU: com.microsoft LinearAttention with per-key decay "
+                   "gives wrong logits for one-token calls (RWKV-5/6 fused prefill graphs); the page decodes through "
+                   "the step graph on WebGPU for that reason. When this passes, the workaround can go.")
+def test_fused_prefill_graph_decoding_on_webgpu(pages):
+    import numpy as np
+
+    res = pages.result("webgpu", "rwkv5-prefill")
+    s = edgeseq.load(pages.bundles["rwkv5"]).session()
+    ref = [s.prefill(res["promptIds"])] + [s.step(t) for t in res["ids"][:-1]]
+    assert np.abs(np.asarray(res["logits"][0]) - ref[0]).max() < 1e-4, "the 3-token prompt call was right so far"
+    assert np.abs(np.asarray(res["logits"][1:]) - np.stack(ref[1:])).max() < 1e-4  # one-token calls are not

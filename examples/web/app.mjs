@@ -1,7 +1,8 @@
 // The page: load a bundle with onnxruntime-web (WebGPU where the browser has an adapter, else wasm),
 // tokenize the prompt in JavaScript, stream greedy text. URL parameters: bundle (URL of the bundle
 // directory, default "bundle/"), prompt, max_tokens, ep (webgpu | wasm), graph (decode graph: prefill |
-// step), autorun=1 (generate on load; the result is left in window.edgeseqResult for tests).
+// step; default prefill on wasm, step on WebGPU), autorun=1 (generate on load; the result is left in
+// window.edgeseqResult for tests), logits=1 (the result also keeps every call's logits).
 import * as ort from "../node_modules/onnxruntime-web/dist/ort.all.min.mjs";
 import { Bundle, greedy } from "./edgeseq.mjs";
 import { loadTokenizer } from "./tokenizer.mjs";
@@ -79,7 +80,19 @@ async function generate() {
     p.textContent = promptText;
     const gen = document.createTextNode("");
     out.append(p, gen);
-    const session = await bundle.newSession(params.get("graph") || "prefill");
+    // Decode graph: on wasm the prefill graph (one session: the weights are held once); on WebGPU the
+    // step graph, because onnxruntime-web 1.30's WebGPU LinearAttention (per-key decay, as RWKV-5/6's
+    // fused prefill graphs use it) computes wrong logits for one-token calls (docs/embedding.md)
+    const session = await bundle.newSession(params.get("graph") || (ep === "webgpu" ? "step" : "prefill"));
+    if (params.get("logits") === "1") { // for checks: keep every call's logits in the result
+      result.logits = [];
+      const run = session.run.bind(session);
+      session.run = async (kind, ids) => {
+        const l = await run(kind, ids);
+        result.logits.push(Array.from(l));
+        return l;
+      };
+    }
     const stream = tokenizer.stream();
     const max = Number($("max").value) || 64;
     const t0 = performance.now();
