@@ -90,8 +90,55 @@ def _tokenizer(g: GGUFFile, tmp: str) -> tuple[dict, dict]:
         except Exception as e:  # tokenizers raises its own exception type
             raise EdgeseqError(f"{g.path}: its gpt2 vocabulary does not make a valid tokenizer ({e})") from None
         return {"kind": "hf", "file": "tokenizer.json"}, special
+    if model == "llama":
+        return _sentencepiece(g, tokens, types, tmp), special
     raise UnsupportedError(f"{g.path}: tokenizer model {model!r} is not supported yet by edgeseq's GGUF reader "
-                           f"(gpt2 and rwkv are)")
+                           f"(gpt2, llama and rwkv are)")
+
+
+def _sentencepiece(g: GGUFFile, tokens: list, types: list, tmp: str) -> dict:
+    """llama-model keys (SentencePiece pieces, scores, types) back into a SentencePiece model, then the
+    bundle's tokenizer.json as for a checkpoint's tokenizer.model. What the GGUF does not record is
+    llama.cpp's: BPE by piece score, a dummy-prefix space (tokenizer.ggml.add_space_prefix, default
+    true), spaces as U+2581, no whitespace collapsing, byte fallback when byte pieces exist."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as spm
+    except ImportError:
+        raise EdgeseqError(f"{g.path}: its SentencePiece vocabulary needs the sentencepiece package "
+                           f"(pip install sentencepiece)") from None
+    from edgeseq.tokenizer import sentencepiece_to_tokenizer_json
+
+    scores = g.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise EdgeseqError(f"{g.path}: a llama vocabulary needs one tokenizer.ggml.scores entry per token")
+    m = spm.ModelProto()
+    P = spm.ModelProto.SentencePiece
+    kind = {1: P.NORMAL, 2: P.UNKNOWN, 3: P.CONTROL, 4: P.USER_DEFINED, 5: P.UNUSED, 6: P.BYTE}
+    for t, sc, ty in zip(tokens, scores, types):
+        p = m.pieces.add()
+        p.piece, p.score, p.type = t, float(sc), kind.get(ty, P.NORMAL)
+    unk = next((i for i, ty in enumerate(types) if ty == 2), 0)
+    m.trainer_spec.model_type = spm.TrainerSpec.BPE
+    m.trainer_spec.unk_id = unk
+    m.trainer_spec.unk_piece = tokens[unk]
+    m.trainer_spec.byte_fallback = 6 in types
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    model_path = os.path.join(tmp, ".tokenizer.model")
+    with open(model_path, "wb") as f:
+        f.write(m.SerializeToString())
+    try:
+        tj = sentencepiece_to_tokenizer_json(model_path)
+    except ImportError as e:
+        raise EdgeseqError(f"{g.path}: turning its SentencePiece vocabulary into a tokenizer.json needs {e.name} "
+                           f"(the BPE merges are derived with transformers)") from None
+    finally:
+        os.remove(model_path)
+    with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(tj)
+    return {"kind": "hf", "file": "tokenizer.json"}
 
 
 def _merges(merges: list[str], vocab: dict) -> list[str]:

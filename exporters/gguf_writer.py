@@ -108,7 +108,8 @@ def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict):
         import gguf
 
         sv = gguf.SpecialVocab(os.path.dirname(os.path.abspath(file)), load_merges=False, n_vocab=vocab)
-        return _bpe_keys(file, vocab), sv
+        keys = _sentencepiece_keys(file, vocab) if file.endswith(".model") else _bpe_keys(file, vocab)
+        return keys, sv
     for key, tid in (("bos", special.get("bos_token_id")), ("eos", special.get("eos_token_id"))):
         if tid is not None and 0 <= int(tid) < vocab:
             keys.append((f"tokenizer.ggml.{key}_token_id", int(tid), "u32"))
@@ -148,6 +149,37 @@ def _bpe_keys(path: str, vocab: int) -> list[tuple[str, object, str]]:
         merges = [_inert_merge(by_id)]
     keys.append(("tokenizer.ggml.merges", [m.encode("utf-8") for m in merges], "strs"))
     return keys
+
+
+def _sentencepiece_keys(path: str, vocab: int) -> list[tuple[str, object, str]]:
+    """llama-model keys from a SentencePiece tokenizer.model: pieces, scores and types by id, padded with
+    [PAD{i}] (score -10000, UNUSED). Types as llama.cpp's converter reads them from the processor:
+    unknown, control, unused and byte pieces keep their type, everything else (user-defined included)
+    is NORMAL."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        raise EdgeseqError(f"{path}: reading a SentencePiece model needs the sentencepiece package") from None
+    m = sentencepiece_model_pb2.ModelProto()
+    try:
+        with open(path, "rb") as f:
+            m.ParseFromString(f.read())
+    except Exception as e:  # OSError or protobuf's DecodeError
+        raise EdgeseqError(f"{path}: not a SentencePiece model ({e})") from None
+    if len(m.pieces) > vocab:
+        raise EdgeseqError(f"{path}: {len(m.pieces)} pieces, more than the model's {vocab} embedding rows")
+    P = sentencepiece_model_pb2.ModelProto.SentencePiece
+    kept = {P.UNKNOWN: 2, P.CONTROL: 3, P.UNUSED: 5, P.BYTE: 6}
+    tokens = [p.piece.encode("utf-8") for p in m.pieces]
+    scores = [float(p.score) for p in m.pieces]
+    types = [kept.get(p.type, TOKEN_NORMAL) for p in m.pieces]
+    for i in range(len(tokens), vocab):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-10000.0)
+        types.append(TOKEN_UNUSED)
+    return [("tokenizer.ggml.model", "llama", "str"), ("tokenizer.ggml.pre", "default", "str"),
+            ("tokenizer.ggml.tokens", tokens, "strs"), ("tokenizer.ggml.scores", scores, "f32s"),
+            ("tokenizer.ggml.token_type", types, "i32s")]
 
 
 def _inert_merge(by_id: dict[int, str]) -> str:
@@ -191,6 +223,8 @@ def _add(w, key: str, value, kind: str) -> None:
         w.add_key_value(key, list(value), V.ARRAY, sub_type=V.STRING)
     elif kind == "i32s":
         w.add_key_value(key, list(value), V.ARRAY, sub_type=V.INT32)
+    elif kind == "f32s":
+        w.add_key_value(key, list(value), V.ARRAY, sub_type=V.FLOAT32)
     else:
         raise ValueError(kind)
 

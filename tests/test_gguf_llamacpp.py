@@ -216,3 +216,32 @@ def test_rwkv_world_vocabulary_keys(tmp_path):
     m = edgeseq.load(out)
     assert m.manifest["tokenizer"]["kind"] == "rwkv_world" and m.tokenizer.encode(text) == want
     assert m.stop_token_ids == [0, 261]
+
+
+@pytest.mark.slow
+def test_sentencepiece_vocabulary_keys(tmp_path):
+    """A SentencePiece tokenizer.model (Mistral v0.1's, as Mamba-Codestral and Zamba2 use) beside a
+    Mamba-2 checkpoint: the `llama` tokenizer keys equal llama.cpp's converter's; llama.cpp tokenizes as
+    sentencepiece does, and so does edgeseq reading the file back."""
+    import shutil
+
+    llama_cpp()
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from test_zamba2 import mistral_v1
+
+    if not mistral_v1():
+        pytest.skip("mistral-common (Mistral's SentencePiece model) is not installed")
+    ckpt = make_mamba2(tmp_path / "hf", vocab_size=32000)
+    shutil.copyfile(mistral_v1(), ckpt / "tokenizer.model")
+    ref = convert(ckpt, tmp_path / "ref.gguf")
+    ours = tmp_path / "ours.gguf"
+    export_gguf(str(ckpt), str(ours))
+    with GGUFFile(ours) as a, GGUFFile(ref) as b:
+        _compare_with_converter(a, b)
+        assert a.kv["tokenizer.ggml.model"] == "llama"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    text = CORPUS.read_text()[:1500] + " naïve 東京 😀"
+    want = sp.encode(text)
+    llm = llama_cpp().Llama(str(ours), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
+    assert edgeseq.load(ours).tokenizer.encode(text) == want  # the converter's file has the same keys
