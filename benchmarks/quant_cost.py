@@ -50,8 +50,10 @@ def _size(path: Path) -> int:
 
 
 def _logits(model, ids, chunk=512):
+    from edgeseq.quant.evaluate import _all_logits
+
     s = model.session()
-    return np.concatenate([s.logits_all(ids[a:a + chunk]) for a in range(0, len(ids), chunk)])
+    return np.concatenate([_all_logits(s, ids[a:a + chunk]) for a in range(0, len(ids), chunk)])
 
 
 def _drift(lg, ref):

@@ -92,7 +92,7 @@ def evaluate_text(model, path: str, chunk: int = 256, max_tokens: int | None = N
                     inp, tgt = inp[:max_tokens - n], tgt[:max_tokens - n]
                     done = True
                 if len(inp):
-                    nll -= float(log_softmax_at(sess.logits_all(inp), tgt).sum())
+                    nll -= float(log_softmax_at(_all_logits(sess, inp), tgt).sum())
                     n += len(inp)
                     if done:
                         break
@@ -135,3 +135,11 @@ def _token_bytes(tok, token_id: int) -> int:
     if isinstance(tok, ByteTokenizer):
         return 1
     return len(tok.decode([token_id]).encode("utf-8"))
+
+
+def _all_logits(sess, ids) -> np.ndarray:
+    """Every position's logits: the prefill_all graph where the session has it; token by token through
+    step() for engines without it (llama.cpp's session)."""
+    if hasattr(sess, "logits_all"):
+        return sess.logits_all(ids)
+    return np.stack([np.asarray(sess.step(int(t))) for t in ids])
