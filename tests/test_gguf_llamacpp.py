@@ -245,3 +245,21 @@ def test_sentencepiece_vocabulary_keys(tmp_path):
     llm = llama_cpp().Llama(str(ours), vocab_only=True, verbose=False)
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
     assert edgeseq.load(ours).tokenizer.encode(text) == want  # the converter's file has the same keys
+
+
+@pytest.mark.slow
+def test_rwkv7_pth_in_llama_cpp(tmp_path):
+    """A random BlinkDL RWKV-7 .pth whose LoRA ranks differ (a 16, v 8: llama.cpp sizes layer 0's unused
+    v LoRA at the a rank, the others at the value-residual rank): llama.cpp and edgeseq on its GGUF give
+    the `rwkv` package's logits."""
+    llama_cpp()
+    from rwkv_builders import RwkvCase, attach_references
+
+    case = RwkvCase("a", "7", {}, tmp_path / "r7")
+    attach_references([case], True)
+    out = tmp_path / "r7.gguf"
+    assert export_gguf(str(case.pth), str(out))["architecture"] == "rwkv7"
+    got, _ = llama_logits(out, case.ids[:16])
+    np.testing.assert_allclose(got, case.ref[:16], atol=1e-3)
+    s = edgeseq.load(out).session()
+    np.testing.assert_allclose(np.stack([s.step(t) for t in case.ids[:16]]), case.ref[:16], atol=1e-4)
