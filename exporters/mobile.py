@@ -1,7 +1,8 @@
 """`edgeseq export --mobile`: a bundle for ONNX Runtime Mobile (Android, iOS) and reduced builds.
 
 The mobile bundle is the portable flavour's step graph (standard ONNX ops, no loops) with every shape
-static (batch fixed to 1), converted to ONNX Runtime's ORT format:
+static (batch fixed to 1; a full-attention KV ring to the manifest's max_context), converted to ONNX
+Runtime's ORT format:
 
     edgeseq.json               the manifest: flavour "mobile", one graph (step), the state spec with
                                batch 1, tokenizer, special tokens, initial values (RWKV-4's running
@@ -38,13 +39,15 @@ GRAPH_FILE = "step.ort"
 OPS_CONFIG = "required_operators.config"
 
 
-def fix_batch(model, batch: int = BATCH):
-    """Set the symbolic `batch` axis of every graph input, output and value_info to `batch` (in place)."""
+def fix_batch(model, batch: int = BATCH, dims: dict[str, int] | None = None):
+    """Set the symbolic `batch` axis (and any other symbolic dim named in `dims`, such as a full-attention
+    KV ring's `max_context`) of every graph input, output and value_info to a size (in place)."""
+    sizes = {"batch": batch, **(dims or {})}
     values = list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info)
     for v in values:
         for dim in v.type.tensor_type.shape.dim:
-            if dim.dim_param == "batch":
-                dim.dim_value = batch  # setting the value clears the oneof's dim_param
+            if dim.dim_param in sizes:
+                dim.dim_value = sizes[dim.dim_param]  # setting the value clears the oneof's dim_param
     return model
 
 
@@ -129,7 +132,9 @@ def mobile_from_portable(src: str, dst: str) -> dict:
     if m.get("flavour") != "portable":
         raise EdgeseqError(f"{src}: a mobile bundle is made from the portable flavour, this is {m.get('flavour')!r}")
     step = onnx.load(os.path.join(src, m["graphs"]["step"]["file"]), load_external_data=False)
-    fix_batch(step)
+    # symbolic state dims (Zamba's KV ring length max_context) take the manifest's default: fixed here
+    sym = {k: int(m[k]) for k in {d for st in m["state"] for d in st["shape"][1:] if isinstance(d, str)}}
+    fix_batch(step, BATCH, sym)
     dedupe_initializers(step)
     left = dynamic_axes(step)
     if left:
@@ -147,13 +152,14 @@ def mobile_from_portable(src: str, dst: str) -> dict:
     import onnxruntime as ort
 
     graph = dict(m["graphs"]["step"], file=GRAPH_FILE, batch=BATCH)
+    sizes = {"batch": BATCH, **sym}
     if "tensors" in graph:  # dtype/shape of the graph's other inputs and outputs: batch is now 1
-        graph["tensors"] = {k: dict(t, shape=[BATCH if d == "batch" else d for d in t["shape"]])
+        graph["tensors"] = {k: dict(t, shape=[sizes.get(d, d) for d in t["shape"]])
                             for k, t in graph["tensors"].items()}
     manifest = {k: v for k, v in m.items() if k not in ("format", "format_version", "state_spec_version")}
     manifest.update(
         flavour="mobile",
-        state=[dict(s, shape=[BATCH, *s["shape"][1:]]) for s in m["state"]],
+        state=[dict(s, shape=[sizes.get(d, d) for d in s["shape"]]) for s in m["state"]],
         graphs={"step": graph},
         # the weights live inside step.ort; sha256 stays the weights' identity (that of the portable
         # bundle's weights.bin), so state files move between a mobile bundle and its portable twin

@@ -27,7 +27,8 @@ from edgeseq.exporters.mobile import export_mobile
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
 RWKV_FIXTURES = {"rwkv4": "4v0-660K", "rwkv5": "5v2-730K", "rwkv7": "7v0-834K"}
 PROMPT = [34, 105, 110]  # the bytes of '"in', as in rwkv.cpp's test
-FAMILIES = ["mamba", "mamba2", "rwkv4", "rwkv5", "rwkv6", "rwkv7"]
+FAMILIES = ["mamba", "mamba2", "rwkv4", "rwkv5", "rwkv6", "rwkv7", "zamba", "zamba2", "recurrent_gemma"]
+M, H = "mamba", "hybrid"  # Zamba's layer kinds
 
 
 def _checkpoint(family: str, d: Path) -> Path:
@@ -35,6 +36,20 @@ def _checkpoint(family: str, d: Path) -> Path:
         return make_mamba(d / "hf", seed=3, hidden_size=32, num_hidden_layers=2)
     if family == "mamba2":
         return make_mamba2(d / "hf", seed=3)
+    if family == "zamba":
+        from test_zamba import make_zamba
+
+        return make_zamba(d / "hf", seed=5, layers_block_type=[M, H, M, H])
+    if family == "zamba2":
+        from test_zamba2 import make_zamba2
+
+        return make_zamba2(d / "hf", seed=5, layers_block_type=["linear_attention", "hybrid"] * 2, num_mem_blocks=1,
+                           max_position_embeddings=256)
+    if family == "recurrent_gemma":
+        from test_recurrent_gemma import make_recurrent_gemma
+
+        return make_recurrent_gemma(d / "hf", seed=3, hidden_size=48, intermediate_size=192, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=1)
     if family == "rwkv6":
         import torch
         from rwkv_builders import v6_state_dict
@@ -61,7 +76,8 @@ def manifest(bundle) -> dict:
 def initial_state(bundle, m: dict) -> dict:
     """What an app does: each state tensor filled with its manifest `init`, then the bundle's tuned
     initial state where it has one."""
-    state = {s["name"]: np.full([1, *s["shape"][1:]], s["init"], np.float32) for s in m["state"]}
+    dims = lambda s: [m[d] if isinstance(d, str) else d for d in s["shape"][1:]]  # noqa: E731 (max_context)
+    state = {s["name"]: np.full([1, *dims(s)], s["init"], np.float32) for s in m["state"]}
     if m.get("initial_state"):
         from safetensors.numpy import load_file
 
@@ -76,8 +92,11 @@ def run_steps(bundle, ids, state=None) -> np.ndarray:
     sess = ort.InferenceSession(os.path.join(bundle, g["file"]), providers=["CPUExecutionProvider"])
     state = dict(state) if state is not None else initial_state(bundle, m)
     out = []
-    for t in ids:
-        res = sess.run(None, {"input_ids": np.array([[t]], np.int64), **state})
+    for pos, t in enumerate(ids):
+        feeds = {"input_ids": np.array([[t]], np.int64), **state}
+        if "position" in g["inputs"]:  # attention families: the token's absolute position
+            feeds["position"] = np.array([pos], np.int64)
+        res = sess.run(None, feeds)
         named = dict(zip(g["outputs"], res))
         out.append(named["logits"][0])
         state = {s["name"]: named[s["output"]] for s in m["state"]}
@@ -127,7 +146,8 @@ def test_mobile_bundle_matches_outside_reference(pair):
         ref = hf_logits64(ckpt, ids)
         got = model.session().logits_all(ids)
         assert np.abs(got - ref).max() < 1e-4 * max(1.0, float(np.abs(ref).max()))
-    else:  # RWKV-6: the portable bundle is checked against the rwkv package in test_rwkv6
+    else:  # RWKV-6, Zamba, Zamba2, RecurrentGemma: their portable bundles are checked against
+        # their references (the rwkv package, transformers) in their own test files
         ids = random_ids(256, 16, seed=9)
         ref = edgeseq.load(pair[2]).session().logits_all(ids)
         assert np.abs(model.session().logits_all(ids) - ref).max() < 1e-5 * max(1.0, float(np.abs(ref).max()))
