@@ -88,24 +88,34 @@ def attention(b: GraphBuilder, q: str, k: str, v: str, ring_k: str, ring_v: str,
     valid = b.op("And", valid, b.op("Greater", kpos, b.op("Sub", qpos, W)))  # (T, R+T)
     if g > 1:
         valid = b.op("Tile", valid, b.ints([g, 1]))  # rows ordered (group member, token) like q below
-
-    K = b.op("Concat", ring_k, k, axis=2)  # (b, Hkv, R+T, hd)
-    V = b.op("Concat", ring_v, v, axis=2)
+    # scores against the ring and against the new keys, side by side: the ring is read where it lies
+    # (no concatenated copy of it), so a runtime may update it in place (below)
     qg = b.op("Reshape", q, b.ints([0, kv_heads, -1, head_dim]))  # (b, Hkv, g*T, hd): q head = kv head*g + m
-    s = b.op("MatMul", qg, b.op("Transpose", K, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, R+T)
-    s = b.op("Mul", s, b.const(scale))
+    s_ring = b.op("MatMul", qg, b.op("Transpose", ring_k, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, R)
+    s_new = b.op("MatMul", qg, b.op("Transpose", k, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, T)
+    s = b.op("Mul", b.op("Concat", s_ring, s_new, axis=-1), b.const(scale))  # (b, Hkv, g*T, R+T)
     if softcap:
         s = b.op("Mul", b.op("Tanh", b.op("Mul", s, b.const(1.0 / softcap))), b.const(softcap))
     s = b.op("Where", valid, s, b.const(NEG))
-    o = b.op("MatMul", b.op("Softmax", s, axis=-1), V)  # (b, Hkv, g*T, hd)
+    p_ring, p_new = b.op("Split", b.op("Softmax", s, axis=-1), b.op("Concat", R, T, axis=0), axis=-1, outputs=2)
+    o = b.op("Add", b.op("MatMul", p_ring, ring_v), b.op("MatMul", p_new, v))  # (b, Hkv, g*T, hd)
     out = b.op("Reshape", o, b.ints([0, q_heads, -1, head_dim]))  # (b, Hq, T, hd)
 
-    # slot j takes the newest new token landing on it: i = d + R*floor((T-1-d)/R), d = (j - p0) mod R,
-    # when d < T; otherwise it keeps its old entry. One Gather over [ring, new] (index R + i or j).
-    d = b.op("Mod", b.op("Sub", j, p0), R, fmod=0)  # (R,)
-    last = b.op("Add", d, b.op("Mul", R, b.op("Div", b.op("Sub", b.op("Sub", T, i64([1])), d), R)))
-    idx = b.op("Where", b.op("Less", d, T), b.op("Add", R, last), j)  # (R,)
-    return out, b.op("Gather", K, idx, axis=2), b.op("Gather", V, idx, axis=2)
+    # the last m = min(T, R) new keys/values go to their slots (p0 + i) % R, distinct slots: a
+    # ScatterElements over the ring. Its indices depend (trivially: + 0) on the attention output, so
+    # it runs after every read of the old ring; a runtime may then bind the ring's input and output
+    # to one buffer, and ONNX Runtime updates m slots in place instead of copying the ring.
+    m = b.op("Min", T, R)
+    first = b.op("Sub", T, m)  # (1,)
+    i = b.op("Range", b.op("Squeeze", first, b.ints([0])), b.op("Squeeze", T, b.ints([0])), i64(1))  # (m,)
+    after = b.op("Mul", b.op("Cast", b.op("IsNaN", b.op("ReduceMax", out, keepdims=0)), to=7), i64(0))
+    slots = b.op("Add", b.op("Mod", b.op("Add", i, p0), R, fmod=0), after)  # (m,)
+    upd_k = b.op("Slice", k, first, T, b.ints([2]))  # (b, Hkv, m, hd)
+    upd_v = b.op("Slice", v, first, T, b.ints([2]))
+    idx = b.op("Expand", b.op("Reshape", slots, b.ints([1, 1, -1, 1])), b.op("Shape", upd_k))
+    new_k = b.op("ScatterElements", ring_k, idx, upd_k, axis=2)
+    new_v = b.op("ScatterElements", ring_v, idx, upd_v, axis=2)
+    return out, new_k, new_v
 
 
 # -- numpy reference ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from edgeseq.errors import EdgeseqError
 from edgeseq.runtime import statefile
 from edgeseq.runtime.sampling import Sampler, SamplingOptions
 
+IN_PLACE = ("key", "value")  # state kinds bound as input and output of the same buffer
 PREFILL_CHUNK = None  # longest prompt slice fed to the prefill graph at once; None: the bundle's choice
 
 
@@ -45,9 +46,13 @@ class Session:
         self.position = 0
         self.stats = Stats()
         dev = model.engine.device
-        # the arena: [ping, pong], each a list of OrtValues in spec order
-        self._bufs = [[ort.OrtValue.ortvalue_from_shape_and_type((1, *s.shape), np.float32, dev, 0)
-                       for s in self.spec] for _ in range(2)]
+        # the arena: [ping, pong], each a list of OrtValues in spec order. An attention ring (key/value)
+        # is one buffer in both: the graphs write a ring's new slots in place (kernels/attention.py),
+        # so a ring is neither copied per token nor held twice
+        ping = [ort.OrtValue.ortvalue_from_shape_and_type((1, *s.shape), np.float32, dev, 0) for s in self.spec]
+        self._bufs = [ping, [ov if s.kind in IN_PLACE else
+                             ort.OrtValue.ortvalue_from_shape_and_type((1, *s.shape), np.float32, dev, 0)
+                             for s, ov in zip(self.spec, ping)]]
         self._logits = np.zeros((1, model.vocab_size), np.float32)
         self._logits_ov = ort.OrtValue.ortvalue_from_numpy(self._logits)
         self._ids = np.zeros((1, 1), np.int64)
