@@ -21,6 +21,10 @@ ring holds positions p0-R .. p0-1 (the ones >= 0); slot j holds position p0-1 - 
         cap·tanh(s / cap) when `softcap` is given, then softmax in float32.
         new rings: the last min(T, R) new keys/values written at their slots; the others kept. Any
         T works, T > R included (a prefill longer than the ring), and R may be a symbolic dim.
+        In place: the ring inputs are read only by this fragment (two MatMuls, no copy), and the
+        ScatterElements that writes the new slots runs after both (its indices depend on `out`), so
+        a runtime may bind a ring's input and output to one buffer: ONNX Runtime then writes T
+        slots instead of copying the ring (edgeseq's session does; separate buffers work too).
 
     rope(b, x, pos, head_dim, base, rotary_dim=None) -> x with rotary embedding applied
         x (b, H, T, hd), pos (T,) int64 absolute positions: the rotate-half (GPT-NeoX / Llama) form
