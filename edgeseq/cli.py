@@ -195,9 +195,15 @@ def chat(
 
 @app.command()
 def inspect(model: str = typer.Argument(..., help="bundle directory")):
-    """Family, config, state spec, quantization and sizes of a bundle."""
+    """Family, config, state spec, quantization and sizes of a bundle (or a GGUF file's summary)."""
     from edgeseq.bundle import read_manifest
+    from edgeseq.gguf_file import is_gguf
 
+    if os.path.isfile(model) and is_gguf(model):
+        from edgeseq.gguf_names import summary
+
+        typer.echo(summary(model))
+        return
     m = read_manifest(model)
     typer.echo(f"bundle      {model}  (format {m['format_version']}, edgeseq {m['edgeseq_version']})")
     typer.echo(f"family      {m['family']}  ({m['architecture']})")

@@ -574,3 +574,22 @@ def family_of(g):
     cls = family_by_name(m.family, g.path)
     fam = cls(cls.Config(**m.config(g)))
     return fam, lambda: m.from_gguf(fam, g), m.matrices(fam)
+
+
+def summary(path: str) -> str:
+    """`edgeseq inspect x.gguf`: architecture, family, config, tensor types, state, vocabulary."""
+    from collections import Counter
+
+    from edgeseq.gguf_file import GGUFFile
+
+    with GGUFFile(path) as g:
+        fam, _, _ = family_of(g)
+        types = Counter(t.type_name for t in g.tensors.values())
+        runs = "llama.cpp and edgeseq" if g.architecture in LLAMA_ARCHS else "edgeseq"
+        lines = [f"gguf        {path}  (GGUF v{g.version}, {g.size / 1e6:.2f} MB, runs in {runs})",
+                 f"family      {fam.name}  ({g.architecture})",
+                 f"tensors     {len(g.tensors)}: " + ", ".join(f"{n} {t}" for t, n in sorted(types.items())),
+                 f"vocab       {fam.vocab_size}  tokenizer {g.get('tokenizer.ggml.model', 'none')}",
+                 "config      " + ", ".join(f"{k}={v}" for k, v in fam.config_json().items()),
+                 f"state       {fam.state_bytes() / 1024:.1f} KiB per sequence, {len(fam.state_spec())} tensors"]
+    return "\n".join(lines)

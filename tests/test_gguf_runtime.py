@@ -113,6 +113,8 @@ def test_cli(tmp_path):
     assert r.returncode == 0 and "mamba2" in r.stdout, r.stderr
     r = _cli("run", str(g), "-p", "To be", "-n", "6", "--temperature", "0")
     assert r.returncode == 0 and r.stdout.startswith("To be"), r.stderr
+    r = _cli("inspect", str(g))
+    assert r.returncode == 0 and "family      mamba2  (mamba2)" in r.stdout and "Q8_0" in r.stdout, r.stderr
     r = _cli("export", str(g), "-o", str(tmp_path / "b"), "--format", "onnx")
     assert r.returncode == 0, r.stderr
     want = edgeseq.load(g).session().prefill([1, 2, 3])
