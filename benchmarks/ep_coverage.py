@@ -15,12 +15,14 @@ groups of supported nodes with fixed-size inputs), fed a per-provider test of ea
   only when they are int32 (input_ids is int64).
 - QNN: the operators registered in onnxruntime/core/providers/qnn/builder/op_builder_factory.cc
   (ONNX Runtime main, read 2026-11; QNN_OPS below). Per-op limits of the QNN builders are not checked.
+- Every provider: a node with an input whose shape ONNX shape inference cannot fix (the attention
+  families' position-dependent Range/Slice) counts as unsupported, as the checker does.
 - XNNPACK: onnxruntime/core/providers/xnnpack/detail/node_support_checker.cc takes only Conv,
   ConvTranspose, QLinearConv, MaxPool, AveragePool, Softmax, Resize, Gemm and MatMul; its MatMul
   needs A of rank <= 2 and a constant 2-D B, its Gemm a constant B, its Conv a 4-D input (2-D conv).
 
-Models are tiny (the graph's structure, hence the table, does not depend on the width); the figures are
-node counts, not time: a node's cost varies by orders of magnitude (a MatMul against a Reshape).
+Models are tiny, those of tests/test_mobile.py (the graph's structure, hence the table, does not depend on
+the width; node counts grow with the layers); the figures are node counts, not time: a node's cost varies by orders of magnitude (a MatMul against a Reshape).
 """
 from __future__ import annotations
 
@@ -128,26 +130,26 @@ def analyse(model) -> dict:
         info = check_partitioning(model.graph, checker, require_fixed_input_sizes=True,
                                   max_rank=5 if ep == "CoreML" else 999)
         cpu = collections.Counter(n.op_type for n in model.graph.node if not checker.is_op_supported(n))
-        out[ep] = {"supported": info.num_supported_nodes, "partitions": info.num_partitions, "cpu_ops": cpu}
+        out[ep] = {"supported": info.num_supported_nodes, "partitions": info.num_partitions, "cpu_ops": cpu,
+                   "dynamic": info.nodes_unsupported_due_to_dynamic_input}
     return out
 
 
 def tiny_bundles(work: str) -> dict[str, str]:
-    """Portable bundles of tiny models of every family (the shapes of the tests)."""
+    """Portable bundles of tiny models of every family: the checkpoints tests/test_mobile.py uses."""
+    import pathlib
+
     sys.path.insert(0, str(ROOT / "tests"))
-    import torch
-    from conftest import make_mamba, make_mamba2
-    from rwkv_builders import v6_state_dict
+    from test_mobile import FAMILIES, _checkpoint
 
     from edgeseq.exporters.export import export
 
-    fx = ROOT / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
-    ckpts = {"mamba": make_mamba(os.path.join(work, "mamba")), "mamba2": make_mamba2(os.path.join(work, "mamba2")),
-             "rwkv4": fx / "tiny-rwkv-4v0-660K-FP32.bin", "rwkv5": fx / "tiny-rwkv-5v2-730K-FP32.bin"}
-    torch.save(v6_state_dict(C=64, L=2, H=2, F=224), os.path.join(work, "RWKV-6.pth"))
-    ckpts["rwkv6"] = os.path.join(work, "RWKV-6.pth")
-    ckpts["rwkv7"] = fx / "tiny-rwkv-7v0-834K-FP32.bin"
-    return {f: export(str(c), os.path.join(work, f"{f}-portable"), portable=True) for f, c in ckpts.items()}
+    out = {}
+    for fam in FAMILIES:
+        d = pathlib.Path(work, fam)
+        d.mkdir()
+        out[fam] = export(str(_checkpoint(fam, d)), str(d / "portable"), portable=True)
+    return out
 
 
 def fmt_ops(c: collections.Counter) -> str:
@@ -175,13 +177,14 @@ def main() -> None:
             os.makedirs(d, exist_ok=True)
             results[fam] = analyse(mobile_graph(b, d))
     if a.markdown:
-        print("| family | nodes | " + " | ".join(f"{ep}: nodes (partitions)" for ep in EPS) + " |")
-        print("|---|---|" + "---|" * len(EPS))
+        print("| family | nodes | dynamic-shape nodes | " + " | ".join(f"{ep}: nodes (partitions)" for ep in EPS) + " |")
+        print("|---|---|---|" + "---|" * len(EPS))
         for fam, r in results.items():
             cells = [f"{r[ep]['supported']} ({r[ep]['partitions']})" for ep in EPS]
-            print(f"| {fam} | {r['nodes']} | " + " | ".join(cells) + " |")
+            print(f"| {fam} | {r['nodes']} | {r['NNAPI']['dynamic']} | " + " | ".join(cells) + " |")
         print()
-        print("What falls back to the CPU provider (op type and node count):")
+        print("What falls back to the CPU provider because of its operator (op type and node count; nodes with a "
+              "dynamic-shape input fall back too):")
         print()
         print("| family | " + " | ".join(EPS) + " |")
         print("|---|" + "---|" * len(EPS))
@@ -193,7 +196,7 @@ def main() -> None:
         for ep in EPS:
             e = r[ep]
             print(f"  {ep:<8} {e['supported']:>4}/{r['nodes']} nodes in {e['partitions']} partitions; "
-                  f"CPU: {fmt_ops(e['cpu_ops'])}")
+                  f"{e['dynamic']} with a dynamic-shape input; CPU by operator: {fmt_ops(e['cpu_ops'])}")
 
 
 if __name__ == "__main__":
