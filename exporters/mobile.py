@@ -37,6 +37,8 @@ from edgeseq.errors import EdgeseqError
 BATCH = 1
 GRAPH_FILE = "step.ort"
 OPS_CONFIG = "required_operators.config"
+# an ORT-format file is one flatbuffer: 32-bit offsets, so it cannot reach 2 GiB (weights included)
+ORT_FILE_LIMIT = 2 ** 31 - 1
 
 
 def fix_batch(model, batch: int = BATCH, dims: dict[str, int] | None = None):
@@ -104,6 +106,16 @@ def to_ort(onnx_path: str, ort_path: str, fold_constants: bool = True) -> None:
         raise EdgeseqError(f"{onnx_path}: ONNX Runtime could not convert this graph to ORT format: {e}") from None
     if not os.path.isfile(ort_path):
         raise EdgeseqError(f"{onnx_path}: ONNX Runtime wrote no ORT-format file")
+    # load it back (no optimization, no prepacking: a check, not a session): ONNX Runtime has written
+    # files it then refuses ("ORT model verification failed"), and an app should never get one
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    try:
+        ort.InferenceSession(ort_path, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise EdgeseqError(f"{ort_path}: ONNX Runtime wrote an ORT-format file it cannot load back ({e}); "
+                           f"use the portable bundle (export --portable) for this model") from None
 
 
 def write_ops_config(ort_paths: list[str], config_path: str) -> None:
@@ -131,6 +143,10 @@ def mobile_from_portable(src: str, dst: str) -> dict:
     m = read_manifest(src)
     if m.get("flavour") != "portable":
         raise EdgeseqError(f"{src}: a mobile bundle is made from the portable flavour, this is {m.get('flavour')!r}")
+    if m["weights"]["bytes"] >= ORT_FILE_LIMIT:
+        raise EdgeseqError(f"{src}: the weights take {m['weights']['bytes'] / 2 ** 30:.2f} GiB; an ORT-format file "
+                           f"(weights embedded) must stay under 2 GiB: export with --quant f16, or use the "
+                           f"portable bundle (export --portable), whose weights live in weights.bin")
     step = onnx.load(os.path.join(src, m["graphs"]["step"]["file"]), load_external_data=False)
     # symbolic state dims (Zamba's KV ring length max_context) take the manifest's default: fixed here
     sym = {k: int(m[k]) for k in {d for st in m["state"] for d in st["shape"][1:] if isinstance(d, str)}}

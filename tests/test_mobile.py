@@ -266,3 +266,12 @@ def test_cli_export_mobile_and_the_cuda_graph_option(tmp_path):
     r = subprocess.run([*cli, "run", str(out), "-p", "hi", "-n", "4", "--seed", "1", "--cuda-graph"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "cuda_graph needs device='cuda'" in r.stderr
+
+
+def test_weights_over_the_ort_limit_are_refused(tmp_path, monkeypatch):
+    import edgeseq.exporters.mobile as mobile
+
+    monkeypatch.setattr(mobile, "ORT_FILE_LIMIT", 1000)  # the tiny model's weights stand for > 2 GiB
+    with pytest.raises(EdgeseqError, match="must stay under 2 GiB: export with --quant f16"):
+        export_mobile(str(FIXTURES / "tiny-rwkv-4v0-660K-FP32.bin"), str(tmp_path / "m"))
+    assert not list(tmp_path.iterdir())
