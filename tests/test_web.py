@@ -110,7 +110,8 @@ def test_rwkv_world_tokenizer(node):
 # mode's visits run in one browser (a launch and a wasm compile cost seconds on a busy machine)
 VISITS = {
     "wasm": {"rwkv5": ("rwkv5", '"in', 64, {}), "bpe": ("bpe", "To be, or not to be", 32, {})},
-    "webgpu": {"rwkv5": ("rwkv5", '"in', 16, {}), "rwkv5-prefill": ("rwkv5", '"in', 4, {"graph": "prefill", "logits": 1})},
+    "webgpu": {"rwkv5": ("rwkv5", '"in', 8, {"logits": 1}),
+               "rwkv5-optimized": ("rwkv5", '"in', 4, {"opt": "all", "logits": 1})},
 }
 
 
@@ -185,24 +186,31 @@ def test_page_streams_the_python_greedy_text(pages, name):
         shutil.copyfile(shot, SCREENSHOT)
 
 
-@pytest.mark.slow
-def test_page_on_webgpu(pages):
-    """WebGPU through Chromium's software adapter (SwiftShader): the page decodes through the step graph
-    there and streams the Python runtime's greedy ids (RWKV-5's fused prefill graph takes the prompt)."""
-    res = pages.result("webgpu", "rwkv5")
-    assert res["ep"] == "webgpu"
-    assert res["ids"] == python_greedy(pages.bundles["rwkv5"], res["promptIds"], 16)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="onnxruntime-web 1.30 WebGPU: com.microsoft LinearAttention with per-key decay "
-                   "gives wrong logits for one-token calls (RWKV-5/6 fused prefill graphs); the page decodes through "
-                   "the step graph on WebGPU for that reason. When this passes, the workaround can go.")
-def test_fused_prefill_graph_decoding_on_webgpu(pages):
+def logits_error(res: dict, bundle: Path) -> list[float]:
+    """Max abs difference of the page's logits, call by call, from the Python runtime's on the same ids."""
     import numpy as np
 
-    res = pages.result("webgpu", "rwkv5-prefill")
-    s = edgeseq.load(pages.bundles["rwkv5"]).session()
-    ref = [s.prefill(res["promptIds"])] + [s.step(t) for t in res["ids"][:-1]]
-    assert np.abs(np.asarray(res["logits"][0]) - ref[0]).max() < 1e-4, "the 3-token prompt call was right so far"
-    assert np.abs(np.asarray(res["logits"][1:]) - np.stack(ref[1:])).max() < 1e-4  # one-token calls are not
+    s = edgeseq.load(bundle).session()
+    ref = [s.prefill(res["promptIds"])] + [s.step(t) for t in res["ids"]]  # the page steps every token it emits
+    assert len(res["logits"]) == len(ref)
+    return [float(np.abs(np.asarray(a) - b).max()) for a, b in zip(res["logits"], ref)]
+
+
+@pytest.mark.slow
+def test_page_on_webgpu(pages):
+    """WebGPU through Chromium's software adapter (SwiftShader), the page's defaults (graph optimizations
+    off there): every call's logits are the Python runtime's (RWKV-5's fused prefill graph throughout)."""
+    res = pages.result("webgpu", "rwkv5")
+    assert res["ep"] == "webgpu"
+    assert max(logits_error(res, pages.bundles["rwkv5"])) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="onnxruntime-web 1.30, WebGPU provider, graph optimization level basic or "
+                   "higher: RWKV-5's fused prefill graph returns wrong wkv state (logits right on the first call, off "
+                   "by ~2 after); the page turns optimizations off on WebGPU. When this passes, that can go.")
+def test_optimized_graphs_on_webgpu(pages):
+    res = pages.result("webgpu", "rwkv5-optimized")
+    err = logits_error(res, pages.bundles["rwkv5"])
+    assert err[0] < 1e-4, "the first call (3 tokens from the initial state) was right so far"
+    assert max(err) < 1e-4

@@ -1,8 +1,9 @@
 // The page: load a bundle with onnxruntime-web (WebGPU where the browser has an adapter, else wasm),
 // tokenize the prompt in JavaScript, stream greedy text. URL parameters: bundle (URL of the bundle
 // directory, default "bundle/"), prompt, max_tokens, ep (webgpu | wasm), graph (decode graph: prefill |
-// step; default prefill on wasm, step on WebGPU), autorun=1 (generate on load; the result is left in
-// window.edgeseqResult for tests), logits=1 (the result also keeps every call's logits).
+// step), opt (ONNX Runtime graph optimization level; default all on wasm, disabled on WebGPU), autorun=1
+// (generate on load; the result is left in window.edgeseqResult for tests), logits=1 (the result also
+// keeps every call's logits).
 import * as ort from "../node_modules/onnxruntime-web/dist/ort.all.min.mjs";
 import { Bundle, greedy } from "./edgeseq.mjs";
 import { loadTokenizer } from "./tokenizer.mjs";
@@ -42,7 +43,10 @@ async function load(url) {
   let bundle = null;
   const createSession = async (kind, file) => {
     const m = bundle.manifest; // sessions are created on first use, after the manifest is read
-    const options = { executionProviders: [ep], graphOptimizationLevel: "all" };
+    // WebGPU: graph optimizations off by default (?opt= overrides): at level basic and up, onnxruntime-web
+    // 1.30's WebGPU provider returns wrong state for RWKV-5's fused prefill graph (docs/embedding.md)
+    const opt = params.get("opt") || (ep === "webgpu" ? "disabled" : "all");
+    const options = { executionProviders: [ep], graphOptimizationLevel: opt };
     if (!m.weights.embedded) {
       // The graphs keep their weights in weights.bin (ONNX external data): onnxruntime-web cannot read
       // files, so the bytes are passed under the name the graphs use for them.
@@ -80,10 +84,9 @@ async function generate() {
     p.textContent = promptText;
     const gen = document.createTextNode("");
     out.append(p, gen);
-    // Decode graph: on wasm the prefill graph (one session: the weights are held once); on WebGPU the
-    // step graph, because onnxruntime-web 1.30's WebGPU LinearAttention (per-key decay, as RWKV-5/6's
-    // fused prefill graphs use it) computes wrong logits for one-token calls (docs/embedding.md)
-    const session = await bundle.newSession(params.get("graph") || (ep === "webgpu" ? "step" : "prefill"));
+    // decode through the prefill graph: one session, so the weights are held once (?graph=step for the
+    // step graph)
+    const session = await bundle.newSession(params.get("graph") || "prefill");
     if (params.get("logits") === "1") { // for checks: keep every call's logits in the result
       result.logits = [];
       const run = session.run.bind(session);
