@@ -22,7 +22,8 @@ ORT's optimizer runs at level "basic" before saving (constant folding, redundant
 standard ops stay standard, so NNAPI, CoreML, QNN and XNNPACK can still take them (level "extended" and
 up fuse into com.microsoft ops that only the CPU provider runs). An f16 bundle keeps its f16 weights
 and their Cast nodes unfolded (ConstantFolding off): otherwise ORT would fold them into f32 weights
-and the file would be as large as an f32 one.
+and the file would be as large as an f32 one. int8 stays int8 (ORT does not fold DequantizeLinear);
+int4 cannot be stored in an ORT file (onnxruntime 1.32 writes it, then refuses to load it).
 """
 from __future__ import annotations
 
@@ -143,6 +144,9 @@ def mobile_from_portable(src: str, dst: str) -> dict:
     m = read_manifest(src)
     if m.get("flavour") != "portable":
         raise EdgeseqError(f"{src}: a mobile bundle is made from the portable flavour, this is {m.get('flavour')!r}")
+    if m["quant"]["recipe"] == "int4":  # measured with onnxruntime 1.32: the ORT file is written, then refused
+        raise EdgeseqError(f"{src}: ONNX Runtime's ORT format cannot hold int4 tensors; export the mobile bundle "
+                           f"with --quant int8 or f16")
     if m["weights"]["bytes"] >= ORT_FILE_LIMIT:
         raise EdgeseqError(f"{src}: the weights take {m['weights']['bytes'] / 2 ** 30:.2f} GiB; an ORT-format file "
                            f"(weights embedded) must stay under 2 GiB: export with --quant f16, or use the "

@@ -275,3 +275,31 @@ def test_weights_over_the_ort_limit_are_refused(tmp_path, monkeypatch):
     with pytest.raises(EdgeseqError, match="must stay under 2 GiB: export with --quant f16"):
         export_mobile(str(FIXTURES / "tiny-rwkv-4v0-660K-FP32.bin"), str(tmp_path / "m"))
     assert not list(tmp_path.iterdir())
+
+
+def test_int8_stays_int8_and_int4_is_refused(tmp_path):
+    """int8 (DequantizeLinear of int8 weights: not constant-folded by ORT) ships at int8 size with the
+    exact dequantize-then-MatMul numbers; ORT's format cannot hold int4 tensors: a clear error."""
+    ckpt = make_mamba2(tmp_path / "hf", seed=3, hidden_size=64, num_heads=16, num_hidden_layers=2, vocab_size=4096,
+                       tokenizer_vocab=4096, tie_word_embeddings=True)
+    f32 = export_mobile(str(ckpt), str(tmp_path / "m32"))
+    i8 = export_mobile(str(ckpt), str(tmp_path / "m8"), quant="int8")
+    p8 = export(str(ckpt), str(tmp_path / "p8"), portable=True, quant="int8")
+    assert os.path.getsize(Path(i8, "step.ort")) < 0.4 * os.path.getsize(Path(f32, "step.ort"))
+    ids = random_ids(4096, 12, seed=2)
+    # the portable graph at ORT's level basic: DequantizeLinear then MatMul, as written (level all may
+    # fuse it into an int8-activation kernel, other numbers)
+    m = manifest(p8)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(os.path.join(p8, "step.onnx"), so, providers=["CPUExecutionProvider"])
+    state, ref = initial_state(p8, m), []
+    for t in ids:
+        out = dict(zip(m["graphs"]["step"]["outputs"], sess.run(None, {"input_ids": np.array([[t]]), **state})))
+        ref.append(out["logits"][0])
+        state = {s["name"]: out[s["output"]] for s in m["state"]}
+    assert np.abs(run_steps(i8, ids) - np.stack(ref)).max() < 1e-5
+    assert np.abs(run_steps(i8, ids) - run_steps(f32, ids)).max() > 1e-3  # it is quantized
+    with pytest.raises(EdgeseqError, match="ORT format cannot hold int4 tensors"):
+        export_mobile(str(ckpt), str(tmp_path / "m4"), quant="int4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m32", "m8", "p8"]
