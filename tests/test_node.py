@@ -5,8 +5,12 @@ Skips with the reason when node or the npm packages are missing (`make test` ins
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
+
+import edgeseq
 
 from js_cases import CASE_IDS, CASES, python_greedy, require_node_package, run_node, shared_bundles
 
@@ -21,10 +25,22 @@ def bundles(tmp_path_factory):
     return shared_bundles(tmp_path_factory)
 
 
-def node_ids(bundle, prompt=PROMPT, n=N) -> list[int]:
-    r = run_node(SCRIPT, bundle, "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens", n)
+def node_ids(bundle, prompt=PROMPT, n=N, check_logits: bool = True) -> list[int]:
+    """Node's greedy ids; also checks every call's logits against the Python runtime's on those ids
+    (equal ids alone could hide a wrong state that argmax happens to survive)."""
+    out = Path(bundle).parent / f"{Path(bundle).name}-node-logits.json"
+    r = run_node(SCRIPT, bundle, "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens", n, "--logits-out", out)
     assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    ids = json.loads(r.stdout.strip().splitlines()[-1])
+    if check_logits:
+        got = json.loads(out.read_text())
+        s = edgeseq.load(bundle).session()
+        ref = [s.prefill(prompt)] + [s.step(t) for t in ids]
+        # the prompt may take several calls (slices, or one token at a time with a step-only bundle)
+        assert len(got) >= len(ref)
+        got = got[len(got) - len(ref):]
+        assert max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(got, ref)) < 1e-4
+    return ids
 
 
 @pytest.mark.parametrize("family,portable", CASES, ids=CASE_IDS)

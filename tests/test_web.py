@@ -109,7 +109,7 @@ def test_rwkv_world_tokenizer(node):
 # every page visit of the module, by browser mode: (bundle, prompt, max tokens, extra URL parameters); each
 # mode's visits run in one browser (a launch and a wasm compile cost seconds on a busy machine)
 VISITS = {
-    "wasm": {"rwkv5": ("rwkv5", '"in', 64, {}), "bpe": ("bpe", "To be, or not to be", 32, {})},
+    "wasm": {"rwkv5": ("rwkv5", '"in', 64, {"logits": 1}), "bpe": ("bpe", "To be, or not to be", 32, {"logits": 1})},
     "webgpu": {"rwkv5": ("rwkv5", '"in', 8, {"logits": 1}),
                "rwkv5-optimized": ("rwkv5", '"in', 4, {"opt": "all", "logits": 1})},
 }
@@ -179,6 +179,7 @@ def test_page_streams_the_python_greedy_text(pages, name):
     assert res["ids"] == want_ids
     assert res["text"] == "".join(m.session().generate(prompt, max_tokens=n, temperature=0))
     assert res["ep"] == "wasm"
+    assert max(logits_error(res, pages.bundles[bundle])) < 1e-4  # every call's logits, not just their argmax
     shot = res["screenshot"]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     # the screenshot under docs/ is refreshed on demand (it holds timings, so it differs run to run)

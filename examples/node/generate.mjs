@@ -5,7 +5,7 @@
 //   node examples/node/generate.mjs BUNDLE --prompt "Once upon a time" --max-tokens 32
 //
 // Prints the text as it streams (with --prompt) and, on its last line, the generated token ids as a
-// JSON array. The npm packages come from examples/package.json (`make test` or `npm ci` in examples/).
+// JSON array (--logits-out FILE also writes every call's logits as JSON). The npm packages come from examples/package.json (`make test` or `npm ci` in examples/).
 import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
@@ -16,12 +16,12 @@ import { loadTokenizer } from "../web/tokenizer.mjs";
 function usage(msg) {
   if (msg) process.stderr.write(`error: ${msg}\n`);
   process.stderr.write("usage: node generate.mjs BUNDLE (--prompt-ids 1,2,3 | --prompt TEXT) [--max-tokens N] " +
-    "[--threads N] [--max-context N]\n");
+    "[--threads N] [--max-context N] [--logits-out FILE]\n");
   process.exit(2);
 }
 
 function parseArgs(argv) {
-  const a = { bundle: null, promptIds: null, prompt: null, maxTokens: 16, threads: 0, dims: {} };
+  const a = { bundle: null, promptIds: null, prompt: null, maxTokens: 16, threads: 0, dims: {}, logitsOut: null };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const val = () => (i + 1 < argv.length ? argv[++i] : usage(`${k} needs a value`));
@@ -35,6 +35,7 @@ function parseArgs(argv) {
     else if (k === "--max-tokens") a.maxTokens = Number(val());
     else if (k === "--threads") a.threads = Number(val());
     else if (k === "--max-context") a.dims.max_context = Number(val());
+    else if (k === "--logits-out") a.logitsOut = val();
     else if (k === "-h" || k === "--help") usage();
     else if (k.startsWith("-")) usage(`unknown option ${k}`);
     else if (a.bundle === null) a.bundle = k;
@@ -88,12 +89,22 @@ async function main() {
   }
   if (!ids.length) throw new EdgeseqBundleError("the prompt has no tokens");
   const session = await bundle.newSession();
+  const logits = [];
+  if (args.logitsOut) { // every call's logits, for checks
+    const run = session.run.bind(session);
+    session.run = async (kind, ids) => {
+      const l = await run(kind, ids);
+      logits.push(Array.from(l));
+      return l;
+    };
+  }
   const out = [];
   for await (const t of greedy(session, ids, args.maxTokens)) {
     out.push(t);
     if (stream) process.stdout.write(stream.push(t));
   }
   if (stream) process.stdout.write(stream.flush() + "\n");
+  if (args.logitsOut) fs.writeFileSync(args.logitsOut, JSON.stringify(logits));
   process.stdout.write(JSON.stringify(out) + "\n");
 }
 
