@@ -1,8 +1,8 @@
 """Tiny bundles of every family for the JavaScript tests (tests/test_node.py, tests/test_web.py,
 tests/test_manifest_schema.py), and the Python runtime's greedy ids they are compared with.
 
-Families: Mamba, Mamba-2, RecurrentGemma and Zamba2 (HF classes, random; the last two take the
-`position` input, Zamba2's state has a `max_context` ring), RWKV-4, RWKV-5.2 and RWKV-7 from the rwkv.cpp fixtures (RWKV-5.2 state-tuned:
+Families: Mamba, Mamba-2, RecurrentGemma, Zamba and Zamba2 (HF classes, random; the last three take
+the `position` input, Zamba's and Zamba2's state has a `max_context` ring), RWKV-4, RWKV-5.2 and RWKV-7 from the rwkv.cpp fixtures (RWKV-5.2 state-tuned:
 `initial_state.safetensors`), RWKV-6 from a random BlinkDL .pth.
 Each in the flavours whose graphs differ (fused uses com.microsoft ops where the family has them).
 """
@@ -23,7 +23,7 @@ EXAMPLES = ROOT / "examples"
 FIXTURES = ROOT / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
 NODE = shutil.which("node")
 
-FAMILIES = ["mamba", "mamba2", "rwkv4", "rwkv5_tuned", "rwkv6", "rwkv7", "recurrent_gemma", "zamba2"]
+FAMILIES = ["mamba", "mamba2", "rwkv4", "rwkv5_tuned", "rwkv6", "rwkv7", "recurrent_gemma", "zamba", "zamba2"]
 # RWKV-4 and RWKV-7 use the same standard ops in both flavours (no fused op fits them): one flavour
 CASES = [(f, p) for f in FAMILIES for p in ((False,) if f in ("rwkv4", "rwkv7") else (False, True))]
 CASE_IDS = [f"{f}-{'portable' if p else 'fused'}" for f, p in CASES]
@@ -48,6 +48,10 @@ def _checkpoint(family: str, d: Path) -> tuple[Path, dict]:
         from test_recurrent_gemma import CONFIGS, make_recurrent_gemma
 
         return make_recurrent_gemma(d / "ckpt", seed=5, **CONFIGS["gqa-cap4"]), {}
+    if family == "zamba":
+        from test_zamba import CONFIGS, make_zamba
+
+        return make_zamba(d / "ckpt", seed=5, **CONFIGS["2heads"]), {}
     if family == "zamba2":  # full attention over a max_context ring, and `position`
         from test_zamba2 import CONFIGS, make_zamba2
 
