@@ -64,7 +64,8 @@ def load_gguf(path: str, device: str = "cpu", threads: int | None = None, engine
 
     d = os.path.join(_scratch(), "bundle")
     gguf_to_bundle(path, d, portable=bool(options.pop("portable", False)),
-                   accuracy_level=int(options.pop("accuracy_level", 4)))
+                   accuracy_level=int(options.pop("accuracy_level", 4)),
+                   requant8=bool(options.pop("requant8", True)))
     m = Model(d, device=device, threads=threads, **options)
     m.source = path
     return m

@@ -150,7 +150,8 @@ def test_llama_cpp_refuses_what_it_does_not_run(tmp_path):
 def test_llama_cpp_quantizer_files_run_in_edgeseq(tmp_path):
     """A "Q4_0" file from llama.cpp's own quantizer mixes types (Q6_K head, F16 rows it cannot block, F32
     norms): edgeseq reads it, repacks the Q4_0 blocks for MatMulNBits (equal to dequantizing them, at
-    accuracy_level 0) and agrees with llama.cpp running the same file."""
+    accuracy_level 0), re-quantizes the Q6_K head to 8 bits (close), and agrees with llama.cpp running
+    the same file."""
     import ctypes
 
     lc = llama_cpp()
@@ -165,10 +166,14 @@ def test_llama_cpp_quantizer_files_run_in_edgeseq(tmp_path):
         types = {t.type_name for t in g.tensors.values()}
     assert {"Q4_0", "Q6_K", "F16", "F32"} <= types, types
     ids = [34, 105, 110, 7, 9]
-    m = edgeseq.load(q, accuracy_level=0)
-    assert m.manifest["quant"]["recipe"] == "int4" and m.manifest["quant"]["tensors"]
+    m = edgeseq.load(q, accuracy_level=0, requant8=False)  # Q4_0 repacked, the rest f32
+    assert m.manifest["quant"]["recipe"] == "int4"
+    assert {t["bits"] for t in m.manifest["quant"]["tensors"].values()} == {4}
     exact = edgeseq.load(q, portable=True).session().prefill(ids)  # every tensor dequantized to f32
     np.testing.assert_allclose(m.session().prefill(ids), exact, atol=1e-4)
+    d = edgeseq.load(q, accuracy_level=0)  # the default: the Q6_K head re-quantized to 8 bits as well
+    assert d.manifest["quant"]["tensors"]["embed"]["bits"] == 8 and d.weights_bytes < m.weights_bytes
+    np.testing.assert_allclose(d.session().prefill(ids), exact, atol=0.03 * np.abs(exact).max())
     theirs, _ = llama_logits(q, ids)
     # llama.cpp rounds the activations to 8 bits inside its quantized dot products; edgeseq at
     # accuracy_level 0 does not: close, not equal
