@@ -382,3 +382,15 @@ def test_sentencepiece_tokenizer_in_the_bundle(tmp_path):
     s = model.session()
     text = "".join(s.generate("ROMEO:", max_tokens=24, temperature=0))
     assert s.stats.decode_tokens > 0 and isinstance(text, str)
+
+
+def test_gguf_round_trip(mqa, tmp_path):
+    """A GGUF file (edgeseq's own architecture name: llama.cpp has no RecurrentGemma) runs the same
+    numbers as HF, position and rings included."""
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    gguf = tmp_path / "rg.gguf"
+    export_gguf(str(mqa.ckpt), str(gguf))
+    s = edgeseq.load(gguf).session()
+    assert max_diff(s.prefill(mqa.ids[:20]), mqa.ref[19]) < TOL
+    assert max_diff(step_all(s, mqa.ids[20:]), mqa.ref[20:]) < TOL
