@@ -5,7 +5,7 @@ Symbols: b batch · t tokens · W lru width · H gate blocks (the model's head c
     gate_x, gate_a = sigmoid(blockdiag(x) + bias)          each (b, t, W); block h maps x[h] (w) -> (w)
     log_a = gate_a · c            c = -8 · softplus(a_param), per channel, fixed at export
     a = exp(log_a)
-    m = sqrt(1 - a²)               (the input normalisation; m = 1 at a reset)
+    m = sqrt(1 - a²)               (the input normalisation; m = 1 at a reset), as sqrt(-2·a·sinh(log a))
     h_t = a_t · h_{t-1} + m_t · gate_x_t · x_t          h (b, W), kept in float32
     y_t = h_t
 
@@ -40,8 +40,11 @@ def inputs(b: GraphBuilder, x: str, gx: str, ga: str, neg_c: str, keep: str) -> 
     """The recurrence's decay a and input u = m · gate_x · x, both (b, t, W). `keep` (1, t, 1) is 0 at a
     reset: there a = 0 and m = 1."""
     log_a = b.op("Mul", ga, b.w(neg_c))  # (b, t, W), <= 0
-    a = b.op("Mul", b.op("Exp", log_a), keep)
-    m = b.op("Sqrt", b.op("Sub", b.const(1.0), b.op("Exp", b.op("Mul", log_a, b.const(2.0)))))
+    e = b.op("Exp", log_a)
+    a = b.op("Mul", e, keep)
+    # 1 - a² written as -2·a·sinh(log a): the same number, without the cancellation of 1 - a² in float32
+    # when a is near 1 (there 1 - a² keeps only a few significant bits and sqrt passes the error on)
+    m = b.op("Sqrt", b.op("Mul", b.op("Mul", e, b.op("Sinh", log_a)), b.const(-2.0)))
     m = b.op("Add", b.op("Mul", m, keep), b.op("Sub", b.const(1.0), keep))
     return a, b.op("Mul", b.op("Mul", x, gx), m)
 
