@@ -215,7 +215,9 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
                 from edgeseq.quant.onnx_quant import build_table, quantize_blocks
 
                 old = table
-                src = np.memmap(wpath, dtype=np.uint8, mode="r")
+                # plain reads, not a memory map: mapped pages would count in this process's resident set
+                # until the end (the whole f32 file), read pages are freed with each array
+                src = open(wpath, "rb")
                 store = WeightStore(wpath + ".q")
                 for name, info in sorted(old.items(), key=lambda kv: kv[1].offset):
                     if name in specs:
@@ -229,10 +231,11 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
                         for suffix, a in zip((".q", ".scales", ".zp"), parts):
                             store.add(name + suffix, np.ascontiguousarray(a))
                     else:
-                        store.add(name, np.frombuffer(src[info.offset:info.offset + info.nbytes],
-                                                      dtype=info.dtype).reshape(info.shape))
+                        src.seek(info.offset)
+                        store.add(name, np.fromfile(src, dtype=info.dtype, count=info.nbytes // np.dtype(
+                            info.dtype).itemsize).reshape(info.shape))
                 weights_hash = store.close()
-                del src
+                src.close()
                 os.replace(wpath + ".q", wpath)
                 table = build_table(store, old, specs)
             tok_spec, special = _tokenizer(g, tmp)

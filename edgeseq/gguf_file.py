@@ -258,7 +258,16 @@ class GGUFFile:
         if t.type_name not in gguf_quants.TYPES:
             raise self._err(f"tensor {name!r} is {t.type_name}, which edgeseq cannot dequantize (it reads "
                             f"{', '.join(gguf_quants.TYPES)})")
-        return gguf_quants.dequantize(raw, t.type_name, t.shape)
+        # row chunks of ~1M weights: the dequantizers' temporaries stay small beside the f32 result
+        rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
+        out = np.empty((rows, t.shape[-1]), np.float32)
+        per_row = t.nbytes // rows
+        step = max(1, (1 << 20) // t.shape[-1])
+        blocks = raw.reshape(rows, per_row)
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            out[a:b] = gguf_quants.dequantize(blocks[a:b], t.type_name, (b - a, t.shape[-1]))
+        return out.reshape(t.shape)
 
 
 _REQUIRED = object()
