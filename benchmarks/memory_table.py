@@ -14,8 +14,8 @@ each quantization, a bundle is exported (fused flavour) and, in a fresh subproce
               from the bundle, which the kernel can drop and re-read under pressure, slowly)
 
 Each is measured with ONNX Runtime's default (prepacking on) and with low_memory=True (prepacking off:
-the weights are held as stored, decode is slower). Threads: 2. The mobile bundle (.ort, `export
---mobile`) is measured too where --mobile is given: ONNX Runtime loading an ORT-format file.
+the weights are held as stored, decode is slower). Threads: 2. Mobile bundles (.ort, `export --mobile`)
+are measured too where --mobile is given: ONNX Runtime loading an ORT-format file by path.
 
 Models (make_models.py / bench_rwkv.py shapes; the larger ones from the released configs):
     mamba-130m  d 768,  24 layers, d_state 16, vocab 50,280     mamba-370m  d 1024, 48 layers
@@ -136,13 +136,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out")
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MAMBA) + list(RWKV))
-    ap.add_argument("--quants", nargs="+", default=["f32", "f16"])
-    ap.add_argument("--mobile", action="store_true", help="also the mobile bundle (step.ort), f32")
+    ap.add_argument("--quants", nargs="*", default=["f32", "f16"], help="fused bundles of these quants")
+    ap.add_argument("--mobile", nargs="*", metavar="QUANT", help="also mobile bundles (step.ort) of these quants "
+                    "(none given: f32)")
     ap.add_argument("--rounds", type=int, default=1, help="measurements per configuration (median)")
     ap.add_argument("--keep", action="store_true", help="keep the bundles (they are large)")
     ap.add_argument("--json")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--from-json", nargs="+", metavar="FILE", help="measure nothing: print the table of saved runs")
     a = ap.parse_args()
+    if a.from_json:
+        rows = [r for f in a.from_json for r in json.load(open(f))]
+        order = {m: i for i, m in enumerate(DEFAULT_MODELS + [m for m in list(MAMBA) + list(RWKV)])}
+        qorder = {q: i for i, q in enumerate(["f32", "f16", "int8", "int4"])}
+        rows.sort(key=lambda r: (order[r["model"]], r["flavour"] == "mobile", qorder.get(r["quant"], 9)))
+        print(table(rows))
+        return
     from edgeseq.exporters.export import export
     from edgeseq.exporters.mobile import export_mobile
 
@@ -151,7 +160,8 @@ def main() -> None:
         d = os.path.join(a.out, name)
         os.makedirs(d, exist_ok=True)
         ckpt, tok = checkpoint(name, d)
-        configs = [(q, "fused") for q in a.quants] + ([("f32", "mobile")] if a.mobile else [])
+        mobile = (a.mobile or ["f32"]) if a.mobile is not None else []
+        configs = [(q, "fused") for q in a.quants] + [(q, "mobile") for q in mobile]
         for q, flavour in configs:
             bundle = os.path.join(d, f"bundle-{q}-{flavour}")
             t0 = time.perf_counter()
@@ -174,19 +184,24 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     if a.markdown:
-        print("| model | quant | bundle on disk | state | peak RSS (prepacked) | of which anon at end | "
-              "peak RSS (low_memory) | of which anon at end | runtime alone | decode tok/s (prepacked / low_memory) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        by = {}
-        for r in rows:
-            by.setdefault((r["model"], r["quant"], r["flavour"]), {})[r["low_memory"]] = r
-        for (name, q, flavour), pair in by.items():
-            p, lm = pair[False], pair[True]
-            label = q if flavour == "fused" else f"{q} mobile (.ort)"
-            print(f"| {name} | {label} | {p['bundle_bytes'] / MIB:.0f} MiB | {p['state'] / MIB:.2f} MiB | "
-                  f"{p['peak'] / MIB:.0f} MiB | {p['anon'] / MIB:.0f} MiB | {lm['peak'] / MIB:.0f} MiB | "
-                  f"{lm['anon'] / MIB:.0f} MiB | {p['base'] / MIB:.0f} MiB | "
-                  f"{p['decode_tps']:.1f} / {lm['decode_tps']:.1f} |")
+        print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | quant | bundle on disk | state | peak RSS (prepacked) | of which anon at end | "
+           "peak RSS (low_memory) | of which anon at end | runtime alone | decode tok/s (prepacked / low_memory) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["model"], r["quant"], r["flavour"]), {})[r["low_memory"]] = r
+    for (name, q, flavour), pair in by.items():
+        p, lm = pair[False], pair[True]
+        label = q if flavour == "fused" else f"{q} mobile (.ort)"
+        out.append(f"| {name} | {label} | {p['bundle_bytes'] / MIB:.0f} MiB | {p['state'] / MIB:.2f} MiB | "
+                   f"{p['peak'] / MIB:.0f} MiB | {p['anon'] / MIB:.0f} MiB | {lm['peak'] / MIB:.0f} MiB | "
+                   f"{lm['anon'] / MIB:.0f} MiB | {p['base'] / MIB:.0f} MiB | "
+                   f"{p['decode_tps']:.1f} / {lm['decode_tps']:.1f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
