@@ -99,9 +99,17 @@ async function main() {
     };
   }
   const out = [];
+  const t0 = performance.now();
+  let t1 = null;
   for await (const t of greedy(session, ids, args.maxTokens)) {
+    t1 ??= performance.now();
     out.push(t);
     if (stream) process.stdout.write(stream.push(t));
+  }
+  const t2 = performance.now();
+  if (t1 !== null && out.length > 1) { // timings on stderr: prompt (with session creation) and decode
+    process.stderr.write(`prompt ${ids.length} tokens in ${(t1 - t0).toFixed(0)} ms (incl. loading the graphs); ` +
+      `decode ${((out.length - 1) / ((t2 - t1) / 1000)).toFixed(1)} tok/s\n`);
   }
   if (stream) process.stdout.write(stream.flush() + "\n");
   if (args.logitsOut) fs.writeFileSync(args.logitsOut, JSON.stringify(logits));
