@@ -1,9 +1,9 @@
 // The page: load a bundle with onnxruntime-web (WebGPU where the browser has an adapter, else wasm),
 // tokenize the prompt in JavaScript, stream greedy text. URL parameters: bundle (URL of the bundle
-// directory, default "bundle/"), prompt, max_tokens, ep (webgpu | wasm), graph (decode graph: prefill |
-// step), opt (ONNX Runtime graph optimization level; default all on wasm, disabled on WebGPU), autorun=1
-// (generate on load; the result is left in window.edgeseqResult for tests), logits=1 (the result also
-// keeps every call's logits).
+// directory, default "/bundle/" as serve.py serves it), prompt, max_tokens, ep (webgpu | wasm), graph
+// (decode graph: prefill | step), opt (ONNX Runtime graph optimization level; default all on wasm,
+// disabled on WebGPU), autorun=1 (generate on load; the result is left in window.edgeseqResult for
+// tests), logits=1 (the result also keeps every call's logits).
 import * as ort from "../node_modules/onnxruntime-web/dist/ort.all.min.mjs";
 import { Bundle, greedy } from "./edgeseq.mjs";
 import { loadTokenizer } from "./tokenizer.mjs";
@@ -127,7 +127,7 @@ async function generate() {
   return result;
 }
 
-$("bundle").value = params.get("bundle") || "bundle/";
+$("bundle").value = params.get("bundle") || "/bundle/"; // where serve.py mounts it
 if (params.has("prompt")) $("prompt").value = params.get("prompt");
 if (params.has("max_tokens")) $("max").value = params.get("max_tokens");
 $("go").addEventListener("click", generate);
