@@ -11,7 +11,7 @@ token at absolute position p lives in slot p % R; keys are stored after RoPE. Be
 ring holds positions p0-R .. p0-1 (the ones >= 0); slot j holds position p0-1 - ((p0-1-j) mod R).
 
     attention(b, q, k, v, ring_k, ring_v, position, q_heads, kv_heads, head_dim, scale,
-              window=None, softcap=None) -> (out, new_ring_k, new_ring_v)
+              window=None, softcap=None, early_exit=False) -> (out, new_ring_k, new_ring_v)
 
         q (b, Hq, T, hd), k / v (b, Hkv, T, hd), rings (b, Hkv, R, hd), position (1,) int64.
         out (b, Hq, T, hd): new token i (position p = p0+i) attends causally to the absolute positions
@@ -21,6 +21,9 @@ ring holds positions p0-R .. p0-1 (the ones >= 0); slot j holds position p0-1 - 
         cap·tanh(s / cap) when `softcap` is given, then softmax in float32.
         new rings: the last min(T, R) new keys/values written at their slots; the others kept. Any
         T works, T > R included (a prefill longer than the ring), and R may be a symbolic dim.
+        early_exit: an If picks, for one token while the ring is under a third full, attention over
+        a copy of its filled slots only (decode cost then follows the tokens fed, not R); chunks and
+        fuller rings read the whole ring. Off by default (a step graph must stay free of control flow).
         In place: the ring inputs are read only by this fragment (two MatMuls, no copy), and the
         ScatterElements that writes the new slots runs after both (its indices depend on `out`), so
         a runtime may bind a ring's input and output to one buffer: ONNX Runtime then writes T
@@ -38,6 +41,8 @@ Everything is standard ONNX (opset 21): the same graph serves the fused and port
 from __future__ import annotations
 
 import numpy as np
+
+from onnx import TensorProto, helper
 
 from edgeseq.graph import GraphBuilder
 
@@ -69,9 +74,32 @@ def rope(b: GraphBuilder, x: str, pos: str, head_dim: int, base: float, rotary_d
     return b.op("Concat", y, xp, axis=-1) if xp is not None else y
 
 
+def _attend(b: GraphBuilder, ring_k, ring_v, ring_pos, qg, k, v, new_pos, W, g, scale, softcap) -> str:
+    """Scores of qg (b, Hkv, g*T, hd) against the ring's keys (b, Hkv, L, hd) at positions ring_pos (L,)
+    and against the new keys side by side (the ring is read where it lies, never concatenated), the
+    mask (valid: position >= 0, causal, within W), softmax, values: (b, Hkv, g*T, hd)."""
+    i64 = lambda v_: b.const(v_, np.int64)  # noqa: E731
+    kpos = b.op("Unsqueeze", b.op("Concat", ring_pos, new_pos, axis=0), b.ints([0]))  # (1, L+T)
+    qpos = b.op("Unsqueeze", new_pos, b.ints([1]))  # (T, 1)
+    valid = b.op("And", b.op("GreaterOrEqual", kpos, i64(0)), b.op("LessOrEqual", kpos, qpos))
+    valid = b.op("And", valid, b.op("Greater", kpos, b.op("Sub", qpos, W)))  # (T, L+T)
+    if g > 1:
+        valid = b.op("Tile", valid, b.ints([g, 1]))  # rows ordered (group member, token) like qg
+    s_ring = b.op("MatMul", qg, b.op("Transpose", ring_k, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, L)
+    s_new = b.op("MatMul", qg, b.op("Transpose", k, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, T)
+    s = b.op("Mul", b.op("Concat", s_ring, s_new, axis=-1), b.const(scale))  # (b, Hkv, g*T, L+T)
+    if softcap:
+        s = b.op("Mul", b.op("Tanh", b.op("Mul", s, b.const(1.0 / softcap))), b.const(softcap))
+    s = b.op("Where", valid, s, b.const(NEG))
+    L = b.op("Shape", ring_pos)
+    p_ring, p_new = b.op("Split", b.op("Softmax", s, axis=-1), b.op("Concat", L, b.op("Shape", new_pos), axis=0),
+                         axis=-1, outputs=2)
+    return b.op("Add", b.op("MatMul", p_ring, ring_v), b.op("MatMul", p_new, v))  # (b, Hkv, g*T, hd)
+
+
 def attention(b: GraphBuilder, q: str, k: str, v: str, ring_k: str, ring_v: str, position: str, q_heads: int,
               kv_heads: int, head_dim: int, scale: float, window: int | None = None,
-              softcap: float | None = None) -> tuple[str, str, str]:
+              softcap: float | None = None, early_exit: bool = False) -> tuple[str, str, str]:
     """Attention of T new tokens over the ring plus themselves; see the module docstring."""
     if q_heads % kv_heads:
         raise ValueError(f"{q_heads} query heads do not share {kv_heads} key/value heads evenly")
@@ -85,24 +113,32 @@ def attention(b: GraphBuilder, q: str, k: str, v: str, ring_k: str, ring_v: str,
     pm1 = b.op("Sub", p0, i64([1]))
     ring_pos = b.op("Sub", pm1, b.op("Mod", b.op("Sub", pm1, j), R, fmod=0))  # (R,) position held; < 0: empty
     new_pos = token_positions(b, position, k, 2)  # (T,)
-    kpos = b.op("Unsqueeze", b.op("Concat", ring_pos, new_pos, axis=0), b.ints([0]))  # (1, R+T)
-    qpos = b.op("Unsqueeze", new_pos, b.ints([1]))  # (T, 1)
     W = R if window is None else b.op("Min", R, i64([int(window)]))
-    valid = b.op("And", b.op("GreaterOrEqual", kpos, i64(0)), b.op("LessOrEqual", kpos, qpos))
-    valid = b.op("And", valid, b.op("Greater", kpos, b.op("Sub", qpos, W)))  # (T, R+T)
-    if g > 1:
-        valid = b.op("Tile", valid, b.ints([g, 1]))  # rows ordered (group member, token) like q below
-    # scores against the ring and against the new keys, side by side: the ring is read where it lies
-    # (no concatenated copy of it), so a runtime may update it in place (below)
     qg = b.op("Reshape", q, b.ints([0, kv_heads, -1, head_dim]))  # (b, Hkv, g*T, hd): q head = kv head*g + m
-    s_ring = b.op("MatMul", qg, b.op("Transpose", ring_k, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, R)
-    s_new = b.op("MatMul", qg, b.op("Transpose", k, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, T)
-    s = b.op("Mul", b.op("Concat", s_ring, s_new, axis=-1), b.const(scale))  # (b, Hkv, g*T, R+T)
-    if softcap:
-        s = b.op("Mul", b.op("Tanh", b.op("Mul", s, b.const(1.0 / softcap))), b.const(softcap))
-    s = b.op("Where", valid, s, b.const(NEG))
-    p_ring, p_new = b.op("Split", b.op("Softmax", s, axis=-1), b.op("Concat", R, T, axis=0), axis=-1, outputs=2)
-    o = b.op("Add", b.op("MatMul", p_ring, ring_v), b.op("MatMul", p_new, v))  # (b, Hkv, g*T, hd)
+    args = (qg, k, v, new_pos, W, g, scale, softcap)
+    if not early_exit:
+        o = _attend(b, ring_k, ring_v, ring_pos, *args)
+    else:
+        # one token (decode) while the ring is less than a third full: the ring holds positions
+        # 0..p0-1 in slots 0..p0-1, so attend to a copy of those p0 slots instead of reading all R (a
+        # copy costs two passes over what it takes: past a third the full ring is cheaper). Chunks of
+        # several tokens always take the full ring, so their activations, the large ones, are the
+        # same from the first chunk on and the process's memory does not grow with the position.
+        branches = {}
+        for name in ("short", "full"):
+            sub = b.fresh(name)
+            sb = GraphBuilder({}, name=sub, prefix=sub + "/")
+            if name == "short":
+                cut = lambda r: sb.op("Slice", r, sb.ints([0]), p0, sb.ints([2]))  # noqa: E731
+                pos = sb.op("Range", sb.const(0, np.int64), sb.op("Squeeze", p0, sb.ints([0])), sb.const(1, np.int64))
+                o_b = _attend(sb, cut(ring_k), cut(ring_v), pos, *args)
+            else:
+                o_b = _attend(sb, ring_k, ring_v, ring_pos, *args)
+            sb.output(o_b, sb.prefix + "o", TensorProto.FLOAT, None)
+            branches[name] = helper.make_graph(sb.nodes, sb.name, [], sb.outputs, list(sb.initializers.values()))
+        short = b.op("And", b.op("Equal", T, i64([1])), b.op("Less", b.op("Mul", p0, i64([3])), R))  # (1,)
+        o = b.op("If", b.op("Squeeze", short, b.ints([0])), then_branch=branches["short"],
+                 else_branch=branches["full"])
     out = b.op("Reshape", o, b.ints([0, q_heads, -1, head_dim]))  # (b, Hq, T, hd)
 
     # the last m = min(T, R) new keys/values go to their slots (p0 + i) % R, distinct slots: a

@@ -17,7 +17,7 @@ from edgeseq.kernels.attention import attention, attention_ref, rope, token_posi
 F = TensorProto.FLOAT
 
 
-def build(hq, hkv, hd, scale, window=None, softcap=None):
+def build(hq, hkv, hd, scale, window=None, softcap=None, early_exit=False):
     b = GraphBuilder({}, name="attn")
     q = b.input("q", F, [1, hq, "T", hd])
     k = b.input("k", F, [1, hkv, "T", hd])
@@ -25,7 +25,8 @@ def build(hq, hkv, hd, scale, window=None, softcap=None):
     rk = b.input("ring_k", F, [1, hkv, "R", hd])  # R symbolic: set by the arrays fed
     rv = b.input("ring_v", F, [1, hkv, "R", hd])
     pos = b.input("position", TensorProto.INT64, [1])
-    out, nk, nv = attention(b, q, k, v, rk, rv, pos, hq, hkv, hd, scale, window=window, softcap=softcap)
+    out, nk, nv = attention(b, q, k, v, rk, rv, pos, hq, hkv, hd, scale, window=window, softcap=softcap,
+                            early_exit=early_exit)
     b.output(out, "out", F, [1, hq, "T", hd])
     b.output(nk, "new_k", F, [1, hkv, "R", hd])
     b.output(nv, "new_v", F, [1, hkv, "R", hd])
@@ -59,11 +60,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("early_exit", [False, True], ids=["full-ring", "early-exit"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["separate", "inplace"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_ring_equals_full_sequence_attention(name, inplace):
+def test_ring_equals_full_sequence_attention(name, inplace, early_exit):
     """inplace: the rings' input and output bound to one buffer each (as edgeseq's session does), so
-    ONNX Runtime's ScatterElements writes the new slots into the ring it read."""
+    ONNX Runtime's ScatterElements writes the new slots into the ring it read. early_exit: while the
+    ring is less than a third full, the If branch that reads only its filled slots."""
     hq, hkv, hd, R, window, cap, calls = CASES[name]
     n = sum(calls)
     rng = np.random.default_rng(len(name))
@@ -73,7 +76,7 @@ def test_ring_equals_full_sequence_attention(name, inplace):
     scale = hd ** -0.5
     W = R if window is None else min(window, R)
     want = full_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), scale, W, cap)
-    sess = build(hq, hkv, hd, scale, window, cap)
+    sess = build(hq, hkv, hd, scale, window, cap, early_exit)
     rk = np.zeros((1, hkv, R, hd), np.float32)
     rv = np.zeros_like(rk)
     p = 0

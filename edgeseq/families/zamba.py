@@ -172,7 +172,7 @@ class Zamba(Family):
                 a = rms_norm(b, b.op("Concat", x, e, axis=-1), blk + "attn_norm", c.norm_eps)  # (b, t, 2d)
                 att, out[f"present.{i}.key"], out[f"present.{i}.value"] = shared_attention(
                     b, a, blk, None, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"],
-                    state["position"], None, c.attn_heads, c.kv_heads, c.attn_head_dim, scale, 0.0)
+                    state["position"], None, c.attn_heads, c.kv_heads, c.attn_head_dim, scale, 0.0, tokens)
                 f = rms_norm(b, att, blk + "ffn_norm", c.norm_eps)
                 g = b.op("Gelu", linear(b, f, blk + "gate"), approximate=c.gelu)
                 s = linear(b, b.op("Mul", g, linear(b, f, blk + "up")), blk + "down")

@@ -206,14 +206,18 @@ def heads(b: GraphBuilder, x: str, n: int, hd: int) -> str:
 
 
 def shared_attention(b: GraphBuilder, a: str, blk: str, use: str | None, ring_k: str, ring_v: str, position: str,
-                     pos: str | None, heads_q: int, heads_kv: int, hd: int, scale: float, rope_theta: float):
+                     pos: str | None, heads_q: int, heads_kv: int, hd: int, scale: float, rope_theta: float,
+                     tokens: int | None = None):
     """q/k/v of the normed block input a (b, t, in) with the block's weights and the use's adapters,
     RoPE when `pos` is given, attention over the ring, o_proj. Returns (out (b, t, d), rings)."""
     q, k, v = (lora(b, a, linear(b, a, blk + n), use and use + n) for n in "qkv")
     q, k, v = heads(b, q, heads_q, hd), heads(b, k, heads_kv, hd), heads(b, v, heads_kv, hd)
     if pos is not None:
         q, k = rope(b, q, pos, hd, rope_theta), rope(b, k, pos, hd, rope_theta)
-    o, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, heads_q, heads_kv, hd, scale)
+    # the prefill graphs (which also decode) read only the filled slots of a ring under a third full;
+    # the step graph stays free of control flow (mobile runtimes)
+    o, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, heads_q, heads_kv, hd, scale,
+                          early_exit=tokens != 1)
     o = b.op("Reshape", b.op("Transpose", o, perm=[0, 2, 1, 3]), b.ints([0, 0, heads_q * hd]))
     return linear(b, o, blk + "o"), nk, nv
 
@@ -291,7 +295,7 @@ class Zamba2(Family):
                 a = rms_norm(b, b.op("Concat", x, e, axis=-1), blk + "attn_norm", c.norm_eps)  # (b, t, 2d)
                 o, out[f"present.{i}.key"], out[f"present.{i}.value"] = shared_attention(
                     b, a, blk, use, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"],
-                    state["position"], pos, c.attn_heads, c.kv_heads, c.attn_head_dim, scale, c.rope_theta)
+                    state["position"], pos, c.attn_heads, c.kv_heads, c.attn_head_dim, scale, c.rope_theta, tokens)
                 f = rms_norm(b, o, blk + "ffn_norm", c.norm_eps)
                 g, up = split(b, lora(b, f, linear(b, f, blk + "gate_up"), use + "mlp"), [c.ffn_dim, c.ffn_dim])
                 s = linear(b, b.op("Mul", b.op("Gelu", g, approximate=c.gelu), up), blk + "down")
