@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--mobile", nargs="*", metavar="QUANT", help="also mobile bundles (step.ort) of these quants "
                     "(none given: f32)")
     ap.add_argument("--rounds", type=int, default=1, help="measurements per configuration (median)")
+    ap.add_argument("--skip-low-memory", action="store_true", help="measure with prepacking only")
     ap.add_argument("--keep", action="store_true", help="keep the bundles (they are large)")
     ap.add_argument("--json")
     ap.add_argument("--markdown", action="store_true")
@@ -171,7 +172,7 @@ def main() -> None:
                 export(ckpt, bundle, quant=q, tokenizer=tok, force=True)
             size = sum(os.path.getsize(os.path.join(bundle, f)) for f in os.listdir(bundle))
             log(f"{name} {q} {flavour}: exported {size / MIB:.0f} MiB in {time.perf_counter() - t0:.0f} s")
-            for low in (False, True):
+            for low in (False,) if a.skip_low_memory else (False, True):
                 runs = [measure(bundle, low) for _ in range(a.rounds)]
                 r = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
                 r.update(model=name, quant=q, flavour=flavour, low_memory=low, bundle_bytes=size)
@@ -195,12 +196,13 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         by.setdefault((r["model"], r["quant"], r["flavour"]), {})[r["low_memory"]] = r
     for (name, q, flavour), pair in by.items():
-        p, lm = pair[False], pair[True]
+        p, lm = pair[False], pair.get(True)
         label = q if flavour == "fused" else f"{q} mobile (.ort)"
+        low = (f"{lm['peak'] / MIB:.0f} MiB | {lm['anon'] / MIB:.0f} MiB", f"{lm['decode_tps']:.1f}") if lm else \
+            ("not measured | –", "–")
         out.append(f"| {name} | {label} | {p['bundle_bytes'] / MIB:.0f} MiB | {p['state'] / MIB:.2f} MiB | "
-                   f"{p['peak'] / MIB:.0f} MiB | {p['anon'] / MIB:.0f} MiB | {lm['peak'] / MIB:.0f} MiB | "
-                   f"{lm['anon'] / MIB:.0f} MiB | {p['base'] / MIB:.0f} MiB | "
-                   f"{p['decode_tps']:.1f} / {lm['decode_tps']:.1f} |")
+                   f"{p['peak'] / MIB:.0f} MiB | {p['anon'] / MIB:.0f} MiB | {low[0]} | {p['base'] / MIB:.0f} MiB | "
+                   f"{p['decode_tps']:.1f} / {low[1]} |")
     return "\n".join(out)
 
 
