@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +40,13 @@ def test_gguf_runs_like_the_bundle(tmp_path, make):
         np.testing.assert_allclose(y, x, atol=1e-5)
     np.testing.assert_allclose(y, want[-1], atol=1e-4)
     assert edgeseq.load(g).tokenizer.encode("To be, or not") == a.model.tokenizer.encode("To be, or not")
+    # the bundle a GGUF becomes keeps the manifest contract apps rely on
+    import json
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "schema" / "edgeseq.schema.json").read_text())
+    jsonschema.validate(b.model.manifest, schema)
 
 
 @pytest.mark.parametrize("version, family", [("4v0-660K", "rwkv4"), ("5v2-730K", "rwkv5")])
@@ -106,6 +114,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "edgeseq.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     ckpt = make_mamba2(tmp_path / "hf", tokenizer_vocab=256)
     g = tmp_path / "m.gguf"
