@@ -268,3 +268,26 @@ def test_rwkv7_pth_in_llama_cpp(tmp_path):
     np.testing.assert_allclose(got, case.ref[:16], atol=1e-3)
     s = edgeseq.load(out).session()
     np.testing.assert_allclose(np.stack([s.step(t) for t in case.ids[:16]]), case.ref[:16], atol=1e-4)
+
+
+def test_trained_fla_rwkv7_in_llama_cpp(tmp_path):
+    """The shipped demo model (a trained RWKV-7 in flash-linear-attention's layout, byte-level) as a
+    GGUF: llama.cpp gives the logits and the greedy text of edgeseq's bundle of the same checkpoint."""
+    llama_cpp()
+    from conftest import export_bundle
+    from gguf_helpers import REPO
+
+    demo = REPO / "edgeseq" / "demo" / "rwkv7"
+    if not (demo / "model.safetensors").is_file():
+        pytest.skip("the demo model (edgeseq/demo/rwkv7) is not in this checkout")
+    out = tmp_path / "demo.gguf"
+    assert export_gguf(str(demo), str(out))["architecture"] == "rwkv7"
+    ids = list(b"And God said, Let there be light")
+    bundle = edgeseq.load(export_bundle(demo, tmp_path / "b"))
+    s = bundle.session()
+    want = np.stack([s.step(t) for t in ids])
+    got, _ = llama_logits(out, ids)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    m = edgeseq.load(out, engine="llama.cpp", threads=1)
+    text = "".join(m.session().generate("And God said", max_tokens=40, temperature=0))
+    assert text == "".join(bundle.session().generate("And God said", max_tokens=40, temperature=0))
