@@ -1,4 +1,5 @@
-# make demo: create .venv, install edgeseq, export and run a small random-weight Mamba-2 (its text is noise)
+# make demo: create .venv, install edgeseq, export the shipped demo RWKV-7 (byte-level, trained on the KJV Bible)
+#   to an int8 ONNX bundle and a Q8_0 GGUF, generate from each on the CPU (tokens/s and peak RSS on stderr)
 # make test: create .venv, install the test extras (torch 2.13.0 CPU, transformers, pytest), run pytest
 PY ?= python3
 VENV := .venv
@@ -18,11 +19,12 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(BIN)/python examples/make_demo_model.py demo-model/checkpoint
-	rm -rf demo-model/bundle
-	$(BIN)/edgeseq export demo-model/checkpoint -o demo-model/bundle
-	$(BIN)/edgeseq inspect demo-model/bundle
-	$(BIN)/edgeseq run demo-model/bundle --prompt "The state of the art" --max-tokens 48 --seed 0
+	rm -rf demo-model && mkdir -p demo-model
+	$(BIN)/edgeseq export edgeseq/demo/rwkv7 -o demo-model/rwkv7-int8 --quant int8
+	$(BIN)/edgeseq export edgeseq/demo/rwkv7 -o demo-model/rwkv7-q8_0.gguf --format gguf --quant q8_0
+	$(BIN)/edgeseq inspect demo-model/rwkv7-int8
+	$(BIN)/edgeseq run demo-model/rwkv7-int8 --prompt "And God said" --max-tokens 200 --seed 0
+	$(BIN)/edgeseq run demo-model/rwkv7-q8_0.gguf --prompt "And God said" --max-tokens 200 --seed 0
 
 # optional engines and other-language tests; each stamp installs what its tests need (see README)
 # llama.cpp: llama-cpp-python built without -march=native (~4 min on 2 cores; pip's cache makes a rebuild

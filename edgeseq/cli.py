@@ -37,10 +37,12 @@ def _default_model(model: Optional[str]) -> str:
     env = os.environ.get(DEFAULT_MODEL_ENV)
     if env:
         return env
-    if os.path.isfile(os.path.join("demo-model", "bundle", "edgeseq.json")):
-        return os.path.join("demo-model", "bundle")
-    raise EdgeseqError(f"no MODEL given: pass a bundle directory, set {DEFAULT_MODEL_ENV}, or run 'make demo' "
-                       f"to create demo-model/bundle")
+    # the shipped demo (byte-level RWKV-7 trained on the KJV Bible), exported once into the cache folder
+    from edgeseq.exporters.demo import cache_dir, demo_bundle
+
+    typer.echo(f"no MODEL given: using the demo model (byte-level RWKV-7 trained on the King James Bible; "
+               f"bundle cached under {cache_dir()})", err=True)
+    return demo_bundle()
 
 
 def _peak_rss_mb() -> float:

@@ -82,6 +82,5 @@ def test_errors_exit_nonzero_and_write_nothing(bundle, tmp_path):
     assert r.returncode == 1 and "int3" in r.stderr
     r = cli("run", tmp_path / "nope", "--prompt", "x")
     assert r.returncode == 1 and "no such file" in r.stderr
-    r = cli("run", "--prompt", "x", cwd=tmp_path)
-    assert r.returncode == 1 and "no MODEL given" in r.stderr
+    # with no MODEL the shipped demo model runs: tests/test_demo_models.py
     assert [p for p in os.listdir(tmp_path) if p.startswith(".edgeseq-export")] == []
