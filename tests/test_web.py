@@ -108,8 +108,10 @@ def test_rwkv_world_tokenizer(node):
 
 # every page visit of the module, by browser mode: (bundle, prompt, max tokens, extra URL parameters); each
 # mode's visits run in one browser (a launch and a wasm compile cost seconds on a busy machine)
+DEMO = ROOT / "edgeseq" / "demo" / "rwkv7"  # the trained demo model (RWKV-7, byte-level, KJV), when present
 VISITS = {
-    "wasm": {"rwkv5": ("rwkv5", '"in', 64, {"logits": 1}), "bpe": ("bpe", "To be, or not to be", 32, {"logits": 1})},
+    "wasm": {"rwkv5": ("rwkv5", '"in', 64, {"logits": 1}), "bpe": ("bpe", "To be, or not to be", 32, {"logits": 1}),
+             **({"demo": ("demo", "And God said", 96, {"logits": 1})} if (DEMO / "config.json").is_file() else {})},
     "webgpu": {"rwkv5": ("rwkv5", '"in', 8, {"logits": 1}),
                "rwkv5-optimized": ("rwkv5", '"in', 4, {"opt": "all", "logits": 1})},
 }
@@ -156,6 +158,8 @@ def pages(tmp_path_factory):
         # a tokenizer.json (byte-level BPE), random weights
         "bpe": export(str(make_mamba(d / "ckpt", seed=13, vocab_size=400, tokenizer_vocab=400)), str(d / "bpe")),
     }
+    if "demo" in VISITS["wasm"]:
+        bundles["demo"] = export(str(DEMO), str(d / "demo"))
     sys.path.insert(0, str(ROOT / "examples" / "web"))
     try:
         import serve
@@ -167,8 +171,10 @@ def pages(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(VISITS["wasm"]))
+@pytest.mark.parametrize("name", ["rwkv5", "bpe", "demo"])
 def test_page_streams_the_python_greedy_text(pages, name):
+    if name not in VISITS["wasm"]:
+        pytest.skip(f"no demo model at {DEMO}")
     res = pages.result("wasm", name)
     bundle, prompt, n, _ = VISITS["wasm"][name]
     m = edgeseq.load(pages.bundles[bundle])
@@ -182,8 +188,10 @@ def test_page_streams_the_python_greedy_text(pages, name):
     assert max(logits_error(res, pages.bundles[bundle])) < 1e-4  # every call's logits, not just their argmax
     shot = res["screenshot"]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
-    # the screenshot under docs/ is refreshed on demand (it holds timings, so it differs run to run)
-    if name == "rwkv5" and (os.environ.get("EDGESEQ_UPDATE_SCREENSHOT") == "1" or not SCREENSHOT.exists()):
+    # the screenshot under docs/ (the demo model's page, else the fixture's) is refreshed on demand: it
+    # holds timings, so it differs run to run
+    if name == ("demo" if "demo" in VISITS["wasm"] else "rwkv5") and (
+            os.environ.get("EDGESEQ_UPDATE_SCREENSHOT") == "1" or not SCREENSHOT.exists()):
         shutil.copyfile(shot, SCREENSHOT)
 
 
