@@ -291,3 +291,39 @@ def test_trained_fla_rwkv7_in_llama_cpp(tmp_path):
     m = edgeseq.load(out, engine="llama.cpp", threads=1)
     text = "".join(m.session().generate("And God said", max_tokens=40, temperature=0))
     assert text == "".join(bundle.session().generate("And God said", max_tokens=40, temperature=0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["fla-rwkv7", "hf-rwkv6"])
+def test_rwkv_same_file_as_llama_cpp_converter(tmp_path, layout):
+    """RWKV-7 in flash-linear-attention's layout and RWKV-6 in the RWKV organisation's HF layout, World
+    vocabulary: edgeseq's GGUF equals llama.cpp's converter's (tensors, shapes, types, values, metadata,
+    tokenizer keys). LoRA widths are the converter's defaults for this width (it derives RWKV-6's from
+    the width alone)."""
+    import shutil
+
+    from edgeseq.tokenizer import find_rwkv_vocab
+    from rwkv_builders import v6_state_dict, v7_state_dict
+    from test_rwkv_hf_layouts import _np, fla_config, fla_layout, hf6_layout, write_dir
+
+    world = find_rwkv_vocab(str(tmp_path))
+    if world is None:
+        pytest.skip("the RWKV World vocabulary (rwkv package) is not installed")
+    C, H, L = 64, 1, 2
+    if layout == "fla-rwkv7":
+        sd = _np(v7_state_dict(C=C, L=L, H=H, F=256, D_W=32, D_A=32, D_V=32, D_G=64, vocab=65536))
+        conf = {**fla_config(C, H, L, 256, 65536), "decay_low_rank_dim": 32, "a_low_rank_dim": 32,
+                "v_low_rank_dim": 32, "gate_low_rank_dim": 64}
+        ckpt = write_dir(tmp_path / "hf", fla_layout(sd, H), conf)
+    else:
+        sd = _np(v6_state_dict(C=C, L=L, H=H, F=224, D_MIX=32, D_DECAY=64, vocab=65536))
+        conf = {"architectures": ["Rwkv6ForCausalLM"], "model_type": "rwkv6", "hidden_size": C,
+                "num_hidden_layers": L, "head_size": C // H, "head_size_divisor": 8, "attention_hidden_size": C,
+                "intermediate_size": 224, "layer_norm_epsilon": 1e-5, "vocab_size": 65536, "rescale_every": 0}
+        ckpt = write_dir(tmp_path / "hf", hf6_layout(sd), conf)
+    shutil.copyfile(world, ckpt / "rwkv_vocab_v20230424.txt")
+    ref = convert(ckpt, tmp_path / "ref.gguf")
+    ours = tmp_path / "ours.gguf"
+    export_gguf(str(ckpt), str(ours))
+    with GGUFFile(ours) as a, GGUFFile(ref) as b:
+        _compare_with_converter(a, b)
