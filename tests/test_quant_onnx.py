@@ -232,9 +232,21 @@ def test_v7_family_policy_in_manifest(sources, tmp_path_factory):
     t = m["quant"]["tensors"]
     assert "layers.0.att.w1" not in t and "layers.0.att.w2" not in t
     assert t["layers.0.att.a1"]["bits"] == 8 and t["layers.1.att.v2"]["bits"] == 8
-    assert t["layers.0.att.key"]["bits"] == 4 and t["head"]["bits"] == 4 and t["embed"]["bits"] == 4
+    assert t["layers.0.att.key"]["bits"] == 4 and t["embed"]["bits"] == 4
+    assert t["head"]["bits"] == 8 and t["head"]["uses"] == ["gemm_t"]  # the head at 8 bits, as llama.cpp's Q6_K
     assert t["embed"]["uses"] == ["gather"] and t["layers.0.att.key"]["uses"] == ["matmul"]
     assert not any(n.endswith(("x_r", "k_k", "ln1.weight", "w0")) for n in t)
+
+
+def test_tied_head_at_8_bits(sources, tmp_path_factory):
+    """Mamba's tied embedding is the head too: one 8-bit matrix read by GatherBlockQuantized and
+    MatMulNBits (as llama.cpp stores a tied token_embd at Q6_K/Q8_0); the layers' matrices 4-bit."""
+    b = _bundle(sources, tmp_path_factory, "mamba", "int4")
+    t = json.loads((b / "edgeseq.json").read_text())["quant"]["tensors"]
+    assert t["embed"]["uses"] == ["gather", "gemm_t"] and t["embed"]["bits"] == 8
+    assert t["layers.0.in_proj"]["bits"] == 4 and t["layers.0.out_proj"]["bits"] == 4
+    ops = _ops(b, "step")
+    assert ops.count("GatherBlockQuantized") == 1 and "Gemm" not in ops
 
 
 def test_bad_options(sources, tmp_path):
