@@ -263,7 +263,7 @@ class Rwkv7Map(ArchMap):
         r = {m: shapes[f"blk.0.time_mix_{m}1.weight"][0] for m in ("w", "a", "g")}  # (rank, C)
         # layer 0's v LoRA is a copy of its a LoRA (llama.cpp creates it at the iclr rank); the value-
         # residual rank is the other layers'
-        r["v"] = shapes[f"blk.1.time_mix_v1.weight"][0] if c.n_layer > 1 else r["a"]
+        r["v"] = shapes["blk.1.time_mix_v1.weight"][0] if c.n_layer > 1 else r["a"]
         return [_u32("context_length", CONTEXT_LENGTH), _u32("embedding_length", c.n_embd),
                 _u32("block_count", c.n_layer), _f32("attention.layer_norm_epsilon", getattr(c, "ln_eps", 1e-5)),
                 _u32("wkv.head_size", c.head_size), _u32("attention.decay_lora_rank", r["w"]),

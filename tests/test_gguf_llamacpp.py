@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import edgeseq
-from conftest import CORPUS, hf_logits64, load_hf, make_mamba, make_mamba2
+from conftest import CORPUS, hf_logits64, make_mamba, make_mamba2
 from edgeseq.exporters.gguf_writer import export_gguf
 from edgeseq.gguf_file import GGUFFile
 from gguf_helpers import FIXTURES, convert, llama_cpp, llama_logits, write_neox_tokenizer
