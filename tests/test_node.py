@@ -64,6 +64,19 @@ def test_quantized_and_mobile_bundles(bundles, family, portable, quant, mobile):
     assert node_ids(bundle) == want
 
 
+@pytest.mark.parametrize("name", ["rwkv7", "mamba2"])
+def test_trained_demo_models(bundles, tmp_path, name):
+    """The shipped demo models (trained on the KJV Bible): Node writes the Python runtime's text."""
+    from edgeseq import demo
+    from edgeseq.exporters.export import export
+
+    bundle = Path(export(demo.path(name), str(tmp_path / name)))
+    prompt = list(b"And God said")
+    ids = node_ids(bundle, prompt, 48)
+    assert ids == python_greedy(bundle, prompt, 48)
+    assert bytes(ids).decode("utf-8", "replace").count(" ") > 5  # words, not noise
+
+
 def test_long_prompt_is_fed_in_chunks(bundles, tmp_path):
     """A prompt longer than the manifest's prefill chunk goes in slices, the state carried over, and a
     last slice of one token through the step graph (as the Python runtime does)."""
