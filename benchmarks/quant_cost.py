@@ -1,6 +1,7 @@
 """The cost of every quantization: size, perplexity, logit drift (quality) and decode speed (speed).
 
     python benchmarks/quant_cost.py quality [--out DIR] [--eval-bytes N] [--drift-tokens 4096]
+    python benchmarks/quant_cost.py demo [--out DIR] [--eval-bytes 32768]
     python benchmarks/quant_cost.py speed CHECKPOINT [--out DIR] [--rounds 3] [--tokens 64] [--threads 2]
 
 quality: the rwkv.cpp v5.2 and v7 fixtures (../shared/fixtures/rwkv-cpp-tiny, byte-level) exported as
@@ -145,9 +146,42 @@ def _print_quality(rows, args, nbytes):
               f"{100 * d['argmax']:.2f} % |")
 
 
+def demo(args):
+    """The trained demo models (edgeseq/demo) on the first --eval-bytes of tests/data/kjv_heldout.txt:
+    ONNX f32/f16/int8/int4 and, with the GGUF writer, Q8_0/Q4_0 through edgeseq's GGUF runtime."""
+    import edgeseq
+    from edgeseq.exporters.export import export
+    from edgeseq.quant.evaluate import evaluate_text
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    held = (ROOT / "tests" / "data" / "kjv_heldout.txt").read_bytes()[:args.eval_bytes]
+    text = out / "kjv_heldout_prefix.txt"
+    text.write_bytes(held)
+    ids = list(held[:args.drift_tokens])
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    for fam in ("rwkv7", "mamba2"):
+        ck = ROOT / "edgeseq" / "demo" / fam
+        ref = base = None
+        for fmt, q in (("onnx", "f32"), ("onnx", "f16"), ("onnx", "int8"), ("onnx", "int4"), ("gguf", "q8_0"),
+                       ("gguf", "q4_0")):
+            p = out / (f"{fam}-{q}" + (".gguf" if fmt == "gguf" else ""))
+            if not p.exists():
+                export(str(ck), str(p), quant=q) if fmt == "onnx" else export_gguf(str(ck), str(p), quant=q)
+            m = edgeseq.load(str(p))
+            r = evaluate_text(m, str(text), chunk=512)
+            lg = _logits(m, ids)
+            if ref is None:
+                ref, base = lg.astype(np.float64), r["ppl"]
+            size = _size(p / "weights.bin") if fmt == "onnx" else _size(p)
+            print(json.dumps({"model": fam, "format": fmt, "quant": q, "bytes": size, "ppl": r["ppl"], "bpb": r["bpb"],
+                              "dppl": r["ppl"] / base - 1, "drift": _drift(lg, ref), "tokens": r["tokens"]}), flush=True)
+
+
 # -- speed --------------------------------------------------------------------------------------
 _WORKER = r"""
-import json, resource, sys, time
+import json, sys, time
 import edgeseq
 path, tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 m = edgeseq.load(path, threads=threads)
@@ -160,7 +194,9 @@ t0 = time.perf_counter()
 for _ in range(tokens):
     t = int(s.step(t).argmax())
 dt = time.perf_counter() - t0
-print(json.dumps({"tok_s": tokens / dt, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: after fork+exec ru_maxrss keeps the parent's peak (the parent exports the models)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"tok_s": tokens / dt, "rss_mb": hwm / 1024}))
 """
 
 
@@ -208,6 +244,10 @@ def main():
     q.add_argument("--out", default="/tmp/edgeseq-quant")
     q.add_argument("--eval-bytes", type=int, default=111_539)  # the last 10 % of tinyshakespeare
     q.add_argument("--drift-tokens", type=int, default=4096)
+    d = sub.add_parser("demo")
+    d.add_argument("--out", default="/tmp/edgeseq-quant-demo")
+    d.add_argument("--eval-bytes", type=int, default=32768)
+    d.add_argument("--drift-tokens", type=int, default=4096)
     s = sub.add_parser("speed")
     s.add_argument("checkpoint")
     s.add_argument("--out", default="/tmp/edgeseq-quant-speed")
@@ -215,7 +255,7 @@ def main():
     s.add_argument("--tokens", type=int, default=64)
     s.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    quality(args) if args.cmd == "quality" else speed(args)
+    {"quality": quality, "demo": demo, "speed": speed}[args.cmd](args)
 
 
 if __name__ == "__main__":
