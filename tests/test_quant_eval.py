@@ -95,3 +95,16 @@ def test_cli_export_int4_and_eval(tmp_path):
     assert abs(float(got["bits/byte"]) - want["bpb"]) < 1e-3
     r = _cli("export", V5, "-o", tmp_path / "bad", "--quant", "int4", "--block-size", "48")
     assert r.returncode == 1 and "--block-size 48" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_eval_of_a_gguf_equals_the_bundle(model, tmp_path):
+    """`edgeseq eval` takes a GGUF file too (edgeseq.load of a .gguf: the GGUF runtime): the f32 GGUF
+    of the same checkpoint scores the same text as its bundle."""
+    gw = pytest.importorskip("edgeseq.exporters.gguf_writer")
+    g = tmp_path / "m.gguf"
+    gw.export_gguf(str(V5), str(g), quant="f32")
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    a = evaluate_text(edgeseq.load(str(g)), str(f), chunk=64)
+    b = evaluate_text(model, str(f), chunk=64)
+    assert a["tokens"] == b["tokens"] and abs(a["nll"] - b["nll"]) < 1e-5 * b["nll"]
