@@ -74,7 +74,7 @@ def rope(b: GraphBuilder, x: str, pos: str, head_dim: int, base: float, rotary_d
     return b.op("Concat", y, xp, axis=-1) if xp is not None else y
 
 
-def _attend(b: GraphBuilder, ring_k, ring_v, ring_pos, qg, k, v, new_pos, W, g, scale, softcap) -> str:
+def _attend(b: GraphBuilder, ring_k, ring_v, ring_pos, L, qg, k, v, new_pos, T, W, g, scale, softcap) -> str:
     """Scores of qg (b, Hkv, g*T, hd) against the ring's keys (b, Hkv, L, hd) at positions ring_pos (L,)
     and against the new keys side by side (the ring is read where it lies, never concatenated), the
     mask (valid: position >= 0, causal, within W), softmax, values: (b, Hkv, g*T, hd)."""
@@ -91,9 +91,9 @@ def _attend(b: GraphBuilder, ring_k, ring_v, ring_pos, qg, k, v, new_pos, W, g, 
     if softcap:
         s = b.op("Mul", b.op("Tanh", b.op("Mul", s, b.const(1.0 / softcap))), b.const(softcap))
     s = b.op("Where", valid, s, b.const(NEG))
-    L = b.op("Shape", ring_pos)
-    p_ring, p_new = b.op("Split", b.op("Softmax", s, axis=-1), b.op("Concat", L, b.op("Shape", new_pos), axis=0),
-                         axis=-1, outputs=2)
+    # L and T come in as (1,) tensors derived from static shapes where they are static, so a graph
+    # with static shapes folds them (no Shape op of a Range's data-dependent output)
+    p_ring, p_new = b.op("Split", b.op("Softmax", s, axis=-1), b.op("Concat", L, T, axis=0), axis=-1, outputs=2)
     return b.op("Add", b.op("MatMul", p_ring, ring_v), b.op("MatMul", p_new, v))  # (b, Hkv, g*T, hd)
 
 
@@ -115,9 +115,9 @@ def attention(b: GraphBuilder, q: str, k: str, v: str, ring_k: str, ring_v: str,
     new_pos = token_positions(b, position, k, 2)  # (T,)
     W = R if window is None else b.op("Min", R, i64([int(window)]))
     qg = b.op("Reshape", q, b.ints([0, kv_heads, -1, head_dim]))  # (b, Hkv, g*T, hd): q head = kv head*g + m
-    args = (qg, k, v, new_pos, W, g, scale, softcap)
+    args = (qg, k, v, new_pos, T, W, g, scale, softcap)
     if not early_exit:
-        o = _attend(b, ring_k, ring_v, ring_pos, *args)
+        o = _attend(b, ring_k, ring_v, ring_pos, R, *args)
     else:
         # one token (decode) while the ring is less than a third full: the ring holds positions
         # 0..p0-1 in slots 0..p0-1, so attend to a copy of those p0 slots instead of reading all R (a
@@ -131,9 +131,9 @@ def attention(b: GraphBuilder, q: str, k: str, v: str, ring_k: str, ring_v: str,
             if name == "short":
                 cut = lambda r: sb.op("Slice", r, sb.ints([0]), p0, sb.ints([2]))  # noqa: E731
                 pos = sb.op("Range", sb.const(0, np.int64), sb.op("Squeeze", p0, sb.ints([0])), sb.const(1, np.int64))
-                o_b = _attend(sb, cut(ring_k), cut(ring_v), pos, *args)
+                o_b = _attend(sb, cut(ring_k), cut(ring_v), pos, p0, *args)  # p0 slots
             else:
-                o_b = _attend(sb, ring_k, ring_v, ring_pos, *args)
+                o_b = _attend(sb, ring_k, ring_v, ring_pos, R, *args)
             sb.output(o_b, sb.prefix + "o", TensorProto.FLOAT, None)
             branches[name] = helper.make_graph(sb.nodes, sb.name, [], sb.outputs, list(sb.initializers.values()))
         short = b.op("And", b.op("Equal", T, i64([1])), b.op("Less", b.op("Mul", p0, i64([3])), R))  # (1,)
@@ -152,7 +152,8 @@ def attention(b: GraphBuilder, q: str, k: str, v: str, ring_k: str, ring_v: str,
     slots = b.op("Add", b.op("Mod", b.op("Add", i, p0), R, fmod=0), after)  # (m,)
     upd_k = b.op("Slice", k, first, T, b.ints([2]))  # (b, Hkv, m, hd)
     upd_v = b.op("Slice", v, first, T, b.ints([2]))
-    idx = b.op("Expand", b.op("Reshape", slots, b.ints([1, 1, -1, 1])), b.op("Shape", upd_k))
+    upd_shape = b.op("Concat", b.op("Shape", k, start=0, end=2), m, b.ints([head_dim]), axis=0)  # (b, Hkv, m, hd)
+    idx = b.op("Expand", b.op("Reshape", slots, b.ints([1, 1, -1, 1])), upd_shape)
     new_k = b.op("ScatterElements", ring_k, idx, upd_k, axis=2)
     new_v = b.op("ScatterElements", ring_v, idx, upd_v, axis=2)
     return out, new_k, new_v
