@@ -70,8 +70,41 @@ def _special_tokens(ckpt) -> dict:
             pass  # a damaged generation_config only loses its defaults
     eos = cfg.get("eos_token_id")
     eos_list = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    return {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": eos_list[0] if eos_list else None,
-            "stop_token_ids": eos_list}
+    bos = cfg.get("bos_token_id")
+    return {"bos_token_id": bos, "eos_token_id": eos_list[0] if eos_list else None,
+            "stop_token_ids": eos_list, "add_bos": bos is not None and _adds_bos(ckpt.path, bos)}
+
+
+def _adds_bos(path: str, bos: int) -> bool:
+    """Whether the model's own tokenizer starts a sequence with BOS (Gemma, Mistral/Llama SentencePiece
+    models do; GPT-NeoX's and RWKV's do not): `add_bos_token` in tokenizer_config.json, else a BOS in the
+    post-processor template of tokenizer.json. The runtime then prepends BOS to a prompt at position 0."""
+    if not os.path.isdir(path):
+        return False
+    conf = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(conf):
+        try:
+            with open(conf) as f:
+                value = json.load(f).get("add_bos_token")
+            if isinstance(value, bool):
+                return value
+        except ValueError:
+            pass
+    tj = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tj):
+        try:
+            with open(tj) as f:
+                post = json.load(f).get("post_processor") or {}
+        except ValueError:
+            return False
+        procs = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+        for proc in procs:
+            if proc.get("type") == "TemplateProcessing":
+                first = (proc.get("single") or [{}])[0]
+                special = first.get("SpecialToken", {}).get("id")
+                ids = (proc.get("special_tokens", {}).get(special) or {}).get("ids", []) if special else []
+                return bos in ids
+    return False
 
 
 def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False, tokenizer: str | None = None,

@@ -226,6 +226,10 @@ class Session:
         then includes every token sampled except an end token. `self.stats` holds the timings."""
         tok = self.model.tokenizer
         ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        bos = self.model.manifest.get("bos_token_id")
+        if (isinstance(prompt, str) and ids and self.position == 0 and self.model.manifest.get("add_bos")
+                and bos is not None and ids[0] != bos):
+            ids = [bos] + ids  # the model's tokenizer starts a sequence with BOS (manifest add_bos)
         if not ids:
             bos = self.model.manifest.get("bos_token_id")
             if self.position == 0 and bos is None:

@@ -82,6 +82,8 @@ async function main() {
   if (args.prompt !== null) {
     const tok = await loadTokenizer(m.tokenizer, read);
     ids = tok.encode(args.prompt);
+    // the model's tokenizer starts a sequence with BOS (manifest add_bos): prepend it, as Python does
+    if (m.add_bos && m.bos_token_id != null && ids.length && ids[0] !== m.bos_token_id) ids = [m.bos_token_id, ...ids];
     stream = tok.stream();
   }
   for (const t of ids) {

@@ -76,7 +76,9 @@ async function generate() {
     $("status").textContent = "loading the bundle…";
     const { bundle, tokenizer, ep } = await load($("bundle").value);
     const promptText = $("prompt").value;
-    const ids = tokenizer.encode(promptText);
+    let ids = tokenizer.encode(promptText);
+    const man = bundle.manifest; // add_bos: the model's tokenizer starts a sequence with BOS, as in Python
+    if (man.add_bos && man.bos_token_id != null && ids.length && ids[0] !== man.bos_token_id) ids = [man.bos_token_id, ...ids];
     if (!ids.length) throw new Error("the prompt has no tokens");
     out.innerHTML = "";
     const p = document.createElement("span");
