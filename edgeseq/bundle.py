@@ -49,6 +49,36 @@ def graph_tensors(inputs, outputs, state_names) -> dict:
     return table
 
 
+def write_graphs(family, weights: dict, directory: str, meta: dict, portable: bool, qspecs=None,
+                 accuracy_level: int = 4) -> dict:
+    """Build every graph kind of `family` over the weights table, quantize them (`qspecs`, for int8/int4),
+    save them into `directory` and return the manifest's `graphs` entry. Exports from checkpoints and
+    from GGUF files share it, so both write the same graphs and describe them the same way."""
+    from edgeseq.families.base import GRAPH_KINDS
+    from edgeseq.graph import save_model
+
+    state = family.state_spec()
+    state_names = {n for s in state for n in (s.input_name, s.output_name)}
+    graphs = {}
+    for kind in GRAPH_KINDS:
+        b = family.build_graph(kind, weights, fused=not portable)
+        if qspecs:
+            from edgeseq.quant.onnx_quant import rewrite
+
+            rewrite(b, qspecs, accuracy_level, portable)
+        fname = f"{kind}.onnx"
+        save_model(b.to_model({**meta, "edgeseq.graph": kind}), os.path.join(directory, fname))
+        graphs[kind] = {"file": fname, "tokens": 1 if kind == "step" else None,
+                        "inputs": ["input_ids"] + (["position"] if family.uses_position else [])
+                        + [s.input_name for s in state],
+                        "outputs": ["logits"] + [s.output_name for s in state],
+                        "logits": "all" if kind == "prefill_all" else "last"}
+        if kind != "step":
+            graphs[kind]["chunk"] = family.prefill_chunk
+        graphs[kind]["tensors"] = graph_tensors(b.inputs, b.outputs, state_names)
+    return graphs
+
+
 def write_manifest(directory: str, manifest: dict) -> None:
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_spec_version": STATE_SPEC_VERSION,
                 **manifest}

@@ -23,12 +23,12 @@ import tempfile
 import numpy as np
 
 from edgeseq import __version__
-from edgeseq.bundle import graph_tensors, sha256_file, write_manifest
+from edgeseq.bundle import sha256_file, write_graphs, write_manifest
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families.base import GRAPH_KINDS
 from edgeseq.gguf_file import GGUFFile
 from edgeseq.gguf_names import family_of
-from edgeseq.graph import WeightStore, save_model
+from edgeseq.graph import WeightStore
 from edgeseq.tokenizer import RwkvWorldTokenizer
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 3, 4, 5
@@ -246,24 +246,7 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
         recipe = "f32" if not bits else ("int4" if 4 in bits else "int8")
         meta = {"edgeseq.version": __version__, "edgeseq.family": fam.name, "edgeseq.quant": recipe,
                 "edgeseq.flavour": flavour, "edgeseq.weights_sha256": weights_hash}
-        graphs = {}
-        state_names = {n for s in fam.state_spec() for n in (s.input_name, s.output_name)}
-        for kind in GRAPH_KINDS:
-            b = fam.build_graph(kind, table, fused=not portable)
-            if specs:
-                from edgeseq.quant.onnx_quant import rewrite
-
-                rewrite(b, specs, accuracy_level, portable)
-            fname = f"{kind}.onnx"
-            save_model(b.to_model({**meta, "edgeseq.graph": kind}), os.path.join(tmp, fname))
-            graphs[kind] = {"file": fname, "tokens": 1 if kind == "step" else None,
-                            "inputs": ["input_ids"] + (["position"] if fam.uses_position else [])
-                            + [s.input_name for s in fam.state_spec()],
-                            "outputs": ["logits"] + [s.output_name for s in fam.state_spec()],
-                            "logits": "all" if kind == "prefill_all" else "last"}
-            if kind != "step":
-                graphs[kind]["chunk"] = fam.prefill_chunk
-            graphs[kind]["tensors"] = graph_tensors(b.inputs, b.outputs, state_names)
+        graphs = write_graphs(fam, table, tmp, meta, portable, specs, accuracy_level)
         quant = {"recipe": recipe, "gguf_types": types}
         if specs:
             from edgeseq.quant.onnx_quant import recipe_json

@@ -181,23 +181,8 @@ class Checkpoint:
         return sum(os.path.getsize(f.path) for f in self.files)
 
 
-class BlinkDLFile(TorchFile):
-    """A BlinkDL RWKV `.pth` (a bare state dict: emb.weight, blocks.{i}.att.*, …); the RWKV version
-    follows from the tensors present."""
-
-    stored_by = "blinkdl"
-
-    def __init__(self, path: str):
-        super().__init__(path)
-        self.config: dict = {}
-
-    @property
-    def architecture(self) -> str:
-        from edgeseq.exporters.rwkvcpp import rwkv_version
-
-        if "emb.weight" not in self.tensors:
-            raise EdgeseqError(f"{self.path}: no emb.weight tensor; not a BlinkDL RWKV checkpoint")
-        return rwkv_version(self.tensors)
+class SingleFileSource(TorchFile):
+    """A one-file pickled checkpoint offered as a TensorSource: a missing tensor is an error naming it."""
 
     def weights_bytes(self) -> int:
         return os.path.getsize(self.path)
@@ -217,6 +202,25 @@ class BlinkDLFile(TorchFile):
         if name not in self.tensors:
             raise EdgeseqError(f"{self.path}: missing tensor {name!r}")
         return super().get(name)
+
+
+class BlinkDLFile(SingleFileSource):
+    """A BlinkDL RWKV `.pth` (a bare state dict: emb.weight, blocks.{i}.att.*, …); the RWKV version
+    follows from the tensors present."""
+
+    stored_by = "blinkdl"
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.config: dict = {}
+
+    @property
+    def architecture(self) -> str:
+        from edgeseq.exporters.rwkvcpp import rwkv_version
+
+        if "emb.weight" not in self.tensors:
+            raise EdgeseqError(f"{self.path}: no emb.weight tensor; not a BlinkDL RWKV checkpoint")
+        return rwkv_version(self.tensors)
 
 
 def open_checkpoint(path: str):

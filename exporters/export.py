@@ -12,11 +12,10 @@ import shutil
 import tempfile
 
 from edgeseq import __version__
-from edgeseq.bundle import graph_tensors, sha256_file, write_manifest
+from edgeseq.bundle import sha256_file, write_graphs, write_manifest
 from edgeseq.errors import EdgeseqError
 from edgeseq.families import family_for_architecture
-from edgeseq.families.base import GRAPH_KINDS
-from edgeseq.graph import WeightStore, save_model
+from edgeseq.graph import WeightStore
 from edgeseq.exporters.checkpoint import open_checkpoint
 from edgeseq.quant import parse_quant, quantize_tensor
 from edgeseq.tokenizer import RwkvWorldTokenizer, find_rwkv_vocab, sentencepiece_to_tokenizer_json
@@ -154,22 +153,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
         flavour = "portable" if portable else "fused"
         meta = {"edgeseq.version": __version__, "edgeseq.family": family.name, "edgeseq.quant": quant,
                 "edgeseq.flavour": flavour, "edgeseq.weights_sha256": weights_hash}
-        graphs = {}
-        state_names = {n for s in family.state_spec() for n in (s.input_name, s.output_name)}
-        for kind in GRAPH_KINDS:
-            b = family.build_graph(kind, table, fused=not portable)
-            if qspecs:
-                onnx_quant.rewrite(b, qspecs, accuracy_level, portable)
-            fname = f"{kind}.onnx"
-            save_model(b.to_model({**meta, "edgeseq.graph": kind}), os.path.join(tmp, fname))
-            graphs[kind] = {"file": fname, "tokens": 1 if kind == "step" else None,
-                            "inputs": ["input_ids"] + (["position"] if family.uses_position else [])
-                            + [s.input_name for s in family.state_spec()],
-                            "outputs": ["logits"] + [s.output_name for s in family.state_spec()],
-                            "logits": "all" if kind == "prefill_all" else "last"}
-            if kind != "step":
-                graphs[kind]["chunk"] = family.prefill_chunk
-            graphs[kind]["tensors"] = graph_tensors(b.inputs, b.outputs, state_names)
+        graphs = write_graphs(family, table, tmp, meta, portable, qspecs, accuracy_level)
         if tok_file and tok_file.endswith(".model"):
             with open(os.path.join(tmp, tok_spec["file"]), "w", encoding="utf-8") as f:
                 f.write(sentencepiece_to_tokenizer_json(tok_file))

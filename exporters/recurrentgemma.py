@@ -11,7 +11,7 @@ import json
 import os
 
 from edgeseq.errors import EdgeseqError
-from edgeseq.exporters.checkpoint import TorchFile
+from edgeseq.exporters.checkpoint import SingleFileSource
 
 MARKER = "embedder.input_embedding"
 # Gemma's SentencePiece vocabulary: <pad> 0, <eos> 1, <bos> 2
@@ -19,7 +19,7 @@ GEMMA_SPECIAL = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
 
 
 
-class GriffinFile(TorchFile):
+class GriffinFile(SingleFileSource):
     """A `recurrentgemma` package state dict, offered as a TensorSource."""
 
     def __init__(self, path: str):
@@ -38,22 +38,3 @@ class GriffinFile(TorchFile):
     @property
     def architecture(self) -> str:
         return "Griffin"
-
-    def weights_bytes(self) -> int:
-        return os.path.getsize(self.path)
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self.tensors:
-            raise EdgeseqError(f"{self.path}: missing tensor {name!r}")
-        return super().shape(name)
-
-    def get(self, name: str):
-        if name not in self.tensors:
-            raise EdgeseqError(f"{self.path}: missing tensor {name!r}")
-        return super().get(name)
