@@ -286,10 +286,9 @@ def wait_quiet(limit: float = 0.10, window: float = 1.0, max_wait: float = 45.0)
 PINNED: dict = {}  # set by pin(): the PYTHONPATH of a snapshot of edgeseq that every subprocess uses
 
 
-def pin(root: str, models: list[str]) -> dict:
-    """Snapshot the repository's HEAD (git archive, laid out as the installed package) under /tmp, and
-    re-export the benchmark bundles with it, so that every run measures one commit even while the
-    working tree changes."""
+def snapshot_head() -> tuple[str, str]:
+    """The repository's HEAD (git archive) laid out as the installed package under
+    /tmp/edgeseq-bench-src/<commit>/pkg, made once per commit: (pkg path, commit)."""
     import shutil
     import tomllib
 
@@ -312,6 +311,14 @@ def pin(root: str, models: list[str]) -> dict:
         for name, d in sorted(dirs.items()):  # "edgeseq" first, then its subpackages
             shutil.copytree(os.path.join(src, d), os.path.join(tmp, *name.split(".")), dirs_exist_ok=True)
         os.replace(tmp, pkg)
+    return pkg, commit
+
+
+def pin(root: str, models: list[str]) -> dict:
+    """Snapshot the repository's HEAD (snapshot_head) and re-export the benchmark bundles with it, so that
+    every run measures one commit even while the working tree changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    pkg, commit = snapshot_head()
     env = dict(os.environ, PYTHONPATH=pkg)
     cmd = [sys.executable, os.path.join(here, "make_models.py"), root, "--models", *models]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, cwd="/tmp")

@@ -70,17 +70,9 @@ def child(engine: str, path: str, threads: int, prompt: int, decode: int) -> dic
     s = m.session()
     t_load = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(0, 50000, prompt).tolist()
-    s.prefill(ids[:8])
-    s.step(1)
-    s.reset()
-    t0 = time.perf_counter()
-    logits = s.prefill(ids)
-    t_pre = time.perf_counter() - t0
-    tok = int(np.argmax(logits))
-    t0 = time.perf_counter()
-    for _ in range(decode):
-        tok = int(np.argmax(s.step(tok)))
-    t_dec = time.perf_counter() - t0
+    from edgeseq.runtime.session import time_session
+
+    t_pre, t_dec = time_session(s, ids, decode)
     return {"load_s": t_load, "prefill_tps": prompt / t_pre, "decode_tps": decode / t_dec,
             "peak_rss_mb": status_mb("VmHWM"), "end_rss_mb": status_mb("VmRSS")}
 

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -245,28 +244,9 @@ PINNED: dict = {}
 
 
 def snapshot() -> dict:
-    """HEAD laid out as the installed package under /tmp/edgeseq-bench-src/<commit>/pkg (as bench_decode.pin
-    does it; that function also runs make_models.py for the Mamba models, so it is not called here)."""
-    import tomllib
-
-    repo = subprocess.run(["git", "-C", HERE, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-    commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    dest = os.path.join("/tmp", "edgeseq-bench-src", commit[:12])
-    pkg = os.path.join(dest, "pkg")
-    if not os.path.isdir(pkg):
-        src = os.path.join(dest, "src")
-        os.makedirs(src, exist_ok=True)
-        arch = subprocess.run(["git", "-C", repo, "archive", "--format=tar", commit], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", src], input=arch.stdout, check=True)
-        with open(os.path.join(src, "pyproject.toml"), "rb") as f:
-            dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
-        tmp = pkg + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name, d in sorted(dirs.items()):
-            shutil.copytree(os.path.join(src, d), os.path.join(tmp, *name.split(".")), dirs_exist_ok=True)
-        os.replace(tmp, pkg)
+    """HEAD laid out as the installed package (bench_decode.snapshot_head; bench_decode.pin also runs
+    make_models.py for the Mamba models, so it is not called here)."""
+    pkg, commit = bd.snapshot_head()
     PINNED.update(PYTHONPATH=pkg, EDGESEQ_BENCH_COMMIT=commit[:12])
     return {"commit": commit[:12], "pythonpath": pkg}
 

@@ -238,18 +238,9 @@ def bench(
     m = _load(model, threads, device, max_context, on_full, engine, cuda_graph)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, m.vocab_size, prompt_tokens).tolist()
-    s = m.session()
-    s.prefill(ids[:8])  # warm up both graphs
-    s.step(1)
-    s.reset()
-    t0 = time.perf_counter()
-    logits = s.prefill(ids)
-    t_pre = time.perf_counter() - t0
-    tok = int(np.argmax(logits))
-    t0 = time.perf_counter()
-    for _ in range(decode_tokens):
-        tok = int(np.argmax(s.step(tok)))
-    t_dec = time.perf_counter() - t0
+    from edgeseq.runtime.session import time_session
+
+    t_pre, t_dec = time_session(m.session(), ids, decode_tokens)
     typer.echo(f"model       {model} ({m.family_name}, {m.manifest['quant']['recipe']}, {m.manifest['flavour']})")
     typer.echo(f"threads     {threads or 'default'}")
     typer.echo(f"prefill     {prompt_tokens / t_pre:.1f} tok/s ({prompt_tokens} tokens)")

@@ -38,6 +38,21 @@ class Stats:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
 
+def time_session(session, ids: list[int], decode_tokens: int) -> tuple[float, float]:
+    """Seconds to prefill `ids` from a fresh state and to then decode `decode_tokens` greedy tokens, after
+    warming both graphs up; any session with prefill/step/reset (ONNX Runtime's, llama.cpp's)."""
+    session.prefill(ids[:8])
+    session.step(1)
+    session.reset()
+    t0 = time.perf_counter()
+    tok = int(np.argmax(session.prefill(ids)))
+    t_pre = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        tok = int(np.argmax(session.step(tok)))
+    return t_pre, time.perf_counter() - t0
+
+
 class Session:
     def __init__(self, model):
         ort = model.engine.ort

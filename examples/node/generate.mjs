@@ -10,7 +10,7 @@ import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 
-import { Bundle, EdgeseqBundleError, greedy } from "../web/edgeseq.mjs";
+import { Bundle, EdgeseqBundleError, greedy, withBos } from "../web/edgeseq.mjs";
 import { loadTokenizer } from "../web/tokenizer.mjs";
 
 function usage(msg) {
@@ -81,9 +81,7 @@ async function main() {
   let stream = null;
   if (args.prompt !== null) {
     const tok = await loadTokenizer(m.tokenizer, read);
-    ids = tok.encode(args.prompt);
-    // the model's tokenizer starts a sequence with BOS (manifest add_bos): prepend it, as Python does
-    if (m.add_bos && m.bos_token_id != null && ids.length && ids[0] !== m.bos_token_id) ids = [m.bos_token_id, ...ids];
+    ids = withBos(m, tok.encode(args.prompt)); // as Python does at position 0
     stream = tok.stream();
   }
   for (const t of ids) {

@@ -5,7 +5,7 @@
 // disabled on WebGPU), autorun=1 (generate on load; the result is left in window.edgeseqResult for
 // tests), logits=1 (the result also keeps every call's logits).
 import * as ort from "../node_modules/onnxruntime-web/dist/ort.all.min.mjs";
-import { Bundle, greedy } from "./edgeseq.mjs";
+import { Bundle, greedy, withBos } from "./edgeseq.mjs";
 import { loadTokenizer } from "./tokenizer.mjs";
 
 const $ = (id) => document.getElementById(id);
@@ -76,9 +76,7 @@ async function generate() {
     $("status").textContent = "loading the bundle…";
     const { bundle, tokenizer, ep } = await load($("bundle").value);
     const promptText = $("prompt").value;
-    let ids = tokenizer.encode(promptText);
-    const man = bundle.manifest; // add_bos: the model's tokenizer starts a sequence with BOS, as in Python
-    if (man.add_bos && man.bos_token_id != null && ids.length && ids[0] !== man.bos_token_id) ids = [man.bos_token_id, ...ids];
+    const ids = withBos(bundle.manifest, tokenizer.encode(promptText)); // as Python does at position 0
     if (!ids.length) throw new Error("the prompt has no tokens");
     out.innerHTML = "";
     const p = document.createElement("span");

@@ -208,6 +208,13 @@ export class Session {
   }
 }
 
+// A text prompt's ids as the model expects them at the start of a sequence: bos_token_id first when the
+// manifest's add_bos says the model's own tokenizer does that (Gemma, Mistral-style SentencePiece)
+export function withBos(manifest, ids) {
+  const bos = manifest.bos_token_id;
+  return manifest.add_bos && bos != null && ids.length && ids[0] !== bos ? [bos, ...ids] : ids;
+}
+
 export function argmax(logits) {
   let best = 0;
   for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
