@@ -161,6 +161,7 @@ class LlamaCppSession:
             self.model._owner = None
         self._state = None
         self.position = 0
+        self._has_logits = False  # generate("") after a reset starts from BOS, after load_state needs text
 
     def state_bytes_copy(self) -> bytes:
         if self.model._owner is self:
@@ -181,10 +182,12 @@ class LlamaCppSession:
         self._acquire()
         self.model._set(arrays["llama_cpp.seq0"].tobytes())
         self.position = pos
+        self._has_logits = False
 
     def fork(self) -> "LlamaCppSession":
         t = LlamaCppSession(self.model)
         t._state, t.position = self.state_bytes_copy(), self.position
+        t._logits[:], t._has_logits = self._logits, self._has_logits
         return t
 
     # -- compute ---------------------------------------------------------------------------------
@@ -196,14 +199,16 @@ class LlamaCppSession:
         return self.prefill([token_id])
 
     def prefill(self, token_ids) -> np.ndarray:
-        ids = np.asarray(list(token_ids), dtype=np.int32)
+        ids = np.asarray(self._token_ids(token_ids), dtype=np.int32)
         if ids.size == 0:
             raise EdgeseqError("prefill needs at least one token")
         self._check(ids)
         self._acquire()
         self._logits[0] = self.model._decode(ids)
         self.position += int(ids.size)
+        self._has_logits = True
         return self._logits[0].copy()
 
     # the text side is edgeseq's own, the same code as the ONNX Runtime session's
     generate = Session.generate
+    _token_ids = Session._token_ids

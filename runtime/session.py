@@ -53,6 +53,20 @@ def time_session(session, ids: list[int], decode_tokens: int) -> tuple[float, fl
     return t_pre, time.perf_counter() - t0
 
 
+def encode_prompt(session, text: str) -> list[int]:
+    """`text` as token ids for `session`, BOS first at position 0 where the model's tokenizer adds one
+    (manifest add_bos). Text that is not valid Unicode (lone surrogates) is a clear error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EdgeseqError(f"the prompt is not valid UTF-8 text (character {e.start}: {text[e.start]!r})") from None
+    ids = session.model.tokenizer.encode(text)
+    bos = session.model.manifest.get("bos_token_id")
+    if ids and session.position == 0 and session.model.manifest.get("add_bos") and bos is not None and ids[0] != bos:
+        ids = [bos] + ids  # the model's tokenizer starts a sequence with BOS (manifest add_bos)
+    return ids
+
+
 class Session:
     def __init__(self, model):
         ort = model.engine.ort
@@ -91,15 +105,25 @@ class Session:
             ov.update_inplace(init[s.input_name])
         self._cur = 0
         self.position = 0
+        self._has_logits = False  # no token fed yet: generate("") starts from BOS
 
     def state(self) -> dict[str, np.ndarray]:
         """A copy of the current state, by input name."""
         return {s.input_name: ov.numpy().copy() for s, ov in zip(self.spec, self._bufs[self._cur])}
 
-    def set_state(self, arrays: dict[str, np.ndarray], position: int = 0) -> None:
+    def set_state(self, arrays: dict[str, np.ndarray], position: int = 0, logits: np.ndarray | None = None) -> None:
+        """Replace the state. `logits` (the logits after the state's last token) let generate("") continue
+        from it; without them a continuation needs some text (state files do not hold logits)."""
         for ov, s in zip(self._bufs[self._cur], self.spec):
             ov.update_inplace(np.ascontiguousarray(arrays[s.input_name], dtype=np.float32))
         self.position = position
+        self._has_logits = logits is not None
+        if logits is not None:
+            self._logits[0] = np.asarray(logits, np.float32).reshape(-1)
+
+    def last_logits(self) -> np.ndarray | None:
+        """The logits after the last token fed, or None (a fresh, reset, loaded or set state)."""
+        return self._logits[0].copy() if self._has_logits else None
 
     def save_state(self, path: str) -> None:
         statefile.save(path, self.state(), self.model.weights_sha256, self.model.family_name, self.position)
@@ -112,7 +136,7 @@ class Session:
     def fork(self) -> "Session":
         """A new session starting from a copy of this one's state."""
         t = Session(self.model)
-        t.set_state(self.state(), self.position)
+        t.set_state(self.state(), self.position, self.last_logits())
         return t
 
     # -- compute -------------------------------------------------------------------------------
@@ -151,7 +175,9 @@ class Session:
         io.synchronize_outputs()
         self._cur ^= 1
         self.position += 1
-        return self._logits_dev.numpy()[0].copy()
+        self._logits[0] = self._logits_dev.numpy()[0]
+        self._has_logits = True
+        return self._logits[0].copy()
 
     def step(self, token_id: int) -> np.ndarray:
         """Feed one token; returns the next token's logits (float32 [vocab])."""
@@ -170,11 +196,13 @@ class Session:
         self._step.run_with_iobinding(io)
         self._cur ^= 1
         self.position += 1
+        self._has_logits = True
         return self._logits[0].copy()
 
     def prefill(self, token_ids) -> np.ndarray:
-        """Feed tokens from the current state; returns the logits after the last one."""
-        ids = np.asarray(list(token_ids), dtype=np.int64)
+        """Feed tokens from the current state; returns the logits after the last one. Text is encoded
+        with the model's tokenizer (BOS first at position 0 where the model wants it)."""
+        ids = np.asarray(self._token_ids(token_ids), dtype=np.int64)
         if ids.size == 0:
             raise EdgeseqError("prefill needs at least one token")
         for t in (int(ids.min()), int(ids.max())):
@@ -198,11 +226,12 @@ class Session:
             sess.run_with_iobinding(io)
             self._cur ^= 1
             self.position += int(chunk.size)
+            self._has_logits = True
         return self._logits[0].copy()
 
     def logits_all(self, token_ids) -> np.ndarray:
         """Feed tokens and return the logits at every position (float32 [t, vocab]), for evaluation."""
-        ids = np.asarray(list(token_ids), dtype=np.int64).reshape(1, -1)
+        ids = np.asarray(self._token_ids(token_ids), dtype=np.int64).reshape(1, -1)
         if ids.size == 0:
             raise EdgeseqError("logits_all needs at least one token")
         for t in (int(ids.min()), int(ids.max())):
@@ -216,7 +245,8 @@ class Session:
             feeds["position"] = np.array([self.position], np.int64)
         feeds.update({s.input_name: ov.numpy() for s, ov in zip(self.spec, self._bufs[self._cur])})
         outs = sess.run(None, feeds)
-        self.set_state({s.input_name: o for s, o in zip(self.spec, outs[1:])}, self.position + ids.shape[1])
+        self.set_state({s.input_name: o for s, o in zip(self.spec, outs[1:])}, self.position + ids.shape[1],
+                       outs[0][0][-1])
         return outs[0][0]
 
     def _check_room(self, n: int) -> None:
@@ -225,6 +255,17 @@ class Session:
         if mc and self.position + n > mc and self.model.on_full != "slide":
             raise EdgeseqError(f"context full: {mc} tokens (at position {self.position}, {n} more asked); "
                                f"use --max-context or --on-full slide")
+
+    def _token_ids(self, tokens) -> list[int]:
+        """Token ids from ids or text; a clear error for anything else (never int()'s ValueError)."""
+        if isinstance(tokens, str):
+            return encode_prompt(self, tokens)
+        try:
+            ids = [int(t) for t in tokens]
+        except (TypeError, ValueError):
+            raise EdgeseqError(f"expected token ids (ints) or text, not {type(tokens).__name__} "
+                               f"{str(tokens)[:40]!r}") from None
+        return ids
 
     def _check_token(self, t: int) -> None:
         if not 0 <= t < self.model.vocab_size:
@@ -240,23 +281,23 @@ class Session:
         the text produced contains a `stop` string (the stop string itself is not yielded). The state
         then includes every token sampled except an end token. `self.stats` holds the timings."""
         tok = self.model.tokenizer
-        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        bos = self.model.manifest.get("bos_token_id")
-        if (isinstance(prompt, str) and ids and self.position == 0 and self.model.manifest.get("add_bos")
-                and bos is not None and ids[0] != bos):
-            ids = [bos] + ids  # the model's tokenizer starts a sequence with BOS (manifest add_bos)
+        ids = encode_prompt(self, prompt) if isinstance(prompt, str) else self._token_ids(prompt)
         if not ids:
             bos = self.model.manifest.get("bos_token_id")
-            if self.position == 0 and bos is None:
-                raise EdgeseqError("empty prompt and the model has no BOS token to start from")
-            ids = [bos] if bos is not None else []
+            if self.position == 0:  # a fresh sequence: start from BOS, the only place BOS belongs
+                if bos is None:
+                    raise EdgeseqError("empty prompt and the model has no BOS token to start from")
+                ids = [bos]
+            elif not self._has_logits:  # never BOS mid-sequence, never stale logits
+                raise EdgeseqError("empty prompt: this state was loaded or set without the logits of its last "
+                                   "token, so there is nothing to continue from; give some text")
         sampler = Sampler(SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed))
         ends = set(self.model.stop_token_ids) | set(stop_token_ids or [])
         stops = [s for s in (stop or []) if s]
         hold = max((len(s) for s in stops), default=1) - 1
         st = self.stats = Stats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
-        logits = self.prefill(ids) if ids else self._logits[0].copy()
+        logits = self.prefill(ids) if ids else self._logits[0].copy()  # else: continue where the last call stopped
         st.prompt_seconds = time.perf_counter() - t0
         history = list(ids)
         stream = tok.stream()

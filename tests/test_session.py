@@ -243,6 +243,73 @@ def test_generated_text_is_the_decoded_tokens(bpe_mamba):
     assert max(max_diff(a, b) for a, b in zip(fresh.state().values(), s.state().values())) < TOL
 
 
+# -- generate("") continues only from logits it really has --------------------------------------------
+
+@pytest.fixture
+def bos_model(byte_mamba):
+    """A private model of the byte Mamba whose manifest declares a BOS token (id 1) that it prepends."""
+    m = edgeseq.load(byte_mamba.bundle())
+    m.manifest["bos_token_id"], m.manifest["add_bos"] = 1, True
+    return m
+
+
+def test_empty_prompt_continues_where_the_last_call_stopped(bos_model):
+    s = bos_model.session()
+    list(s.generate("Hello", max_tokens=3, temperature=0))
+    ref = s.fork()
+    seen = recorder(s)
+    a = "".join(s.generate("", max_tokens=8, temperature=0))
+    assert seen and seen[0] != 1 and s.stats.prompt_tokens == 0  # no BOS mid-sequence, nothing re-fed
+    # the fork carries the logits too, so it continues identically
+    assert "".join(ref.generate("", max_tokens=8, temperature=0)) == a
+
+
+def test_empty_prompt_at_the_start_feeds_bos(bos_model):
+    s = bos_model.session()
+    seen = recorder(s)
+    list(s.generate("", max_tokens=2, temperature=0))
+    assert seen[0] == 1 and s.stats.prompt_tokens == 1
+
+
+@pytest.mark.parametrize("how", ["load_state", "set_state"])
+def test_empty_prompt_after_restoring_a_state_is_a_clear_error(bos_model, tmp_path, how):
+    s = bos_model.session()
+    list(s.generate("Hello there", max_tokens=4, temperature=0))
+    s.save_state(str(tmp_path / "s"))
+    want = "".join(s.fork().generate(" again", max_tokens=6, temperature=0))
+    t = bos_model.session()
+    list(t.generate("something else entirely", max_tokens=5, temperature=0))  # stale logits to ignore
+    if how == "load_state":
+        t.load_state(str(tmp_path / "s"))
+    else:
+        t.set_state(s.state(), s.position)
+    before, seen = t.state(), recorder(t)
+    with pytest.raises(EdgeseqError, match="nothing to continue from"):
+        list(t.generate("", max_tokens=4, temperature=0))
+    assert seen == [] and states_equal(t.state(), before)  # nothing was fed, no BOS
+    assert "".join(t.generate(" again", max_tokens=6, temperature=0)) == want  # text continues it
+
+
+def test_set_state_with_logits_continues(bos_model):
+    s = bos_model.session()
+    list(s.generate("Hello", max_tokens=3, temperature=0))
+    t = bos_model.session()
+    t.set_state(s.state(), s.position, s.last_logits())
+    assert "".join(t.generate("", max_tokens=6, temperature=0)) == "".join(s.generate("", max_tokens=6,
+                                                                                          temperature=0))
+
+
+def test_prefill_takes_text_or_ids_and_names_anything_else(bos_model):
+    s, t = bos_model.session(), bos_model.session()
+    assert np.array_equal(s.prefill("Hi"), t.prefill([1, *b"Hi"]))  # text: encoded, BOS at position 0
+    for bad in (["a", "b"], [1.5j], None):
+        with pytest.raises(EdgeseqError, match="token ids"):
+            s.prefill(bad)
+    with pytest.raises(EdgeseqError, match="not valid UTF-8"):
+        list(s.generate("bad \udc80 text", max_tokens=2))
+    assert s.position == 3
+
+
 def hf_greedy(hf, prompt_ids, n, stop_ids):
     """Greedy continuation by HF in float64 (full forward each step, no cache)."""
     ids = list(prompt_ids)
