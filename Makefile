@@ -1,22 +1,40 @@
 # make demo: create .venv, install edgeseq, export the shipped demo RWKV-7 (byte-level, trained on the KJV Bible)
 #   to an int8 ONNX bundle and a Q8_0 GGUF, generate from each on the CPU (tokens/s and peak RSS on stderr)
-# make test: create .venv, install the test extras (torch 2.13.0 CPU, transformers, pytest), run pytest
+# make test: create .venv, install the test extras (torch 2.13.0 CPU, transformers, pytest, ...), run pytest
+# make lock: resolve every dependency anew and rewrite constraints.txt (then run make test)
+# Every install takes the exact versions in constraints.txt, made for Python 3.11 (the local CPU build of
+# torch 2.13.0 exists for it alone: another Python would download gigabytes).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LOCK := constraints.txt
+
+PY_VERSION := $(shell $(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+ifneq ($(PY_VERSION),3.11)
+$(error $(PY) is Python '$(PY_VERSION)', but edgeseq's pinned installs ($(LOCK)) are made for Python 3.11: \
+  run `make PY=python3.11 ...`)
+endif
+
+# pip reads PIP_CONSTRAINT for every install below, build environments included
+export PIP_CONSTRAINT := $(CURDIR)/$(LOCK)
+PIP := $(BIN)/python -m pip install -q
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(PIP) pip setuptools
 
-$(VENV)/.base: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e .
+# edgeseq and llama-cpp-python build with the pinned build backends in .venv (no isolated build environment)
+$(VENV)/.base: $(BIN)/python pyproject.toml $(LOCK)
+	$(PIP) --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(PIP) torch==2.13.0
+	$(PIP) --no-build-isolation -e '.[test]'
 	touch $@
+
+lock:
+	$(PY) .ci/lock.py write
 
 demo: $(VENV)/.base
 	rm -rf demo-model && mkdir -p demo-model
@@ -32,9 +50,10 @@ demo: $(VENV)/.base
 # unpacked from the same sdist into .venv/llama.cpp for the GGUF comparison tests
 LLAMACPP_VERSION := 0.3.36
 $(VENV)/.llamacpp: $(VENV)/.test
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q llama-cpp-python==$(LLAMACPP_VERSION)
+	$(PIP) scikit-build-core
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) --no-build-isolation llama-cpp-python==$(LLAMACPP_VERSION)
 	rm -rf $(VENV)/sdist $(VENV)/llama.cpp
-	$(BIN)/pip download -q llama-cpp-python==$(LLAMACPP_VERSION) --no-deps --no-binary :all: -d $(VENV)/sdist
+	$(BIN)/python -m pip download -q llama-cpp-python==$(LLAMACPP_VERSION) --no-deps --no-binary :all: -d $(VENV)/sdist
 	$(BIN)/python -c "import sys, tarfile; p = 'llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp/'; \
 	t = tarfile.open(sys.argv[1]); keep = [p + 'convert_hf_to_gguf.py', p + 'conversion/', p + 'gguf-py/', \
 	p + 'models/ggml-vocab-gpt-neox.gguf']; \
@@ -55,7 +74,10 @@ $(VENV)/.web: $(VENV)/.test examples/package-lock.json
 	  || echo "chromium not installed: the browser test will skip"; fi
 	touch $@
 
+# -P: the repository root stays off sys.path, so its top-level kernels/, runtime/, ... folders never
+# shadow an installed package (transformers imports one called `kernels`); tests import edgeseq.* only
 test: $(VENV)/.test $(VENV)/.llamacpp $(VENV)/.web
-	$(BIN)/python -m pytest -q
+	$(BIN)/python .ci/lock.py check
+	$(BIN)/python -P -m pytest -q $(PYTEST_ARGS)
 
-.PHONY: demo test
+.PHONY: demo test lock

@@ -185,7 +185,7 @@ from edgeseq.exporters.export import export
 export({os.path.join(d, "hf")!r}, {os.path.join(d, "bundle")!r}, force=True)
 """
         log(f"building {shape} in {d}")
-        subprocess.run([sys.executable, "-c", code], check=True)
+        subprocess.run([sys.executable, "-P", "-c", code], check=True)
     return d
 
 

@@ -126,7 +126,7 @@ def worker(bundle: str, low_memory: bool) -> dict:
 def measure(bundle: str, low_memory: bool) -> dict:
     code = f"import sys, json; sys.path.insert(0, {HERE!r}); import memory_table as mt; " \
            f"print(json.dumps(mt.worker({bundle!r}, {low_memory!r})))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=1800)
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -13,8 +13,19 @@ import os
 import warnings
 from pathlib import Path
 
+import sys
+
 import numpy as np
 import pytest
+
+# Tests import the installed edgeseq only. `python -m pytest` puts the working directory (the repository
+# root) first on sys.path, where the top-level kernels/, runtime/, quant/ folders would answer imports meant
+# for installed packages (transformers imports one called `kernels`); `python -P -m pytest` does not.
+_ROOT = Path(__file__).resolve().parents[1]
+if any(Path(p or os.getcwd()).resolve() == _ROOT for p in sys.path):
+    raise pytest.UsageError(f"{_ROOT} is on sys.path, so its folders shadow installed packages: "
+                            f"run `make test`, `python -P -m pytest` or `.venv/bin/pytest`, not `python -m pytest`")
+os.environ["PYTHONSAFEPATH"] = "1"  # and the Python processes the tests start (`python -m edgeseq`, `-c`) likewise
 
 import torch
 import transformers
@@ -42,6 +53,16 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 CORPUS = SHARED / "corpora" / "tinyshakespeare.txt"
 
 SEQ_LEN = 64
+
+
+def load_script(path: Path):
+    """Import a script of examples/ or benchmarks/ by its path, without putting its folder on sys.path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------

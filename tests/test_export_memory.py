@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import make_demo_model  # noqa: E402  (numpy + safetensors only)
+make_demo_model = load_script(ROOT / "examples" / "make_demo_model.py")  # numpy + safetensors only
 
 CHILD = r"""
 import sys

@@ -18,7 +18,7 @@ from edgeseq.bundle import read_manifest, sha256_file
 from edgeseq.errors import EdgeseqError
 from edgeseq.exporters.export import export
 
-jsonschema = pytest.importorskip("jsonschema", reason="pip install -e '.[test]' installs jsonschema")
+import jsonschema
 SCHEMA = json.loads((ROOT / "schema" / "edgeseq.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 16: "bfloat16"}

@@ -167,7 +167,7 @@ def test_rwkv4_running_maximum_starts_where_the_manifest_says(tmp_path):
 
 
 def test_state_tuned_bundle_ships_its_initial_state(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     ckpt = FIXTURES / "tiny-rwkv-5v2-730K-FP32.bin"  # 12 layers, 8 heads of 8
     g = torch.Generator().manual_seed(0)
     torch.save({f"blocks.{i}.att.time_state": torch.randn(8, 8, 8, generator=g) * 0.3 for i in range(12)},

@@ -40,10 +40,10 @@ def test_matches_rwkv_cpp_fixture(bundles, portable):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The `rwkv` package's model on the fixture's weights, the converter's transforms undone."""
-    torch = pytest.importorskip("torch")
+    import torch
     os.environ.setdefault("RWKV_JIT_ON", "0")
     os.environ.setdefault("RWKV_CUDA_ON", "0")
-    rwkv_model = pytest.importorskip("rwkv.model")
+    from rwkv import model as rwkv_model
     f = RwkvCppFile(str(MODEL))
     sd = {}
     for k in f.keys():
@@ -97,7 +97,7 @@ def test_state_spec(bundles):
 
 @pytest.fixture(scope="module")
 def hf_case(tmp_path_factory):
-    torch = pytest.importorskip("torch")
+    import torch
     from conftest import add_noise, write_tokenizer
     from transformers import RwkvConfig, RwkvForCausalLM
 
@@ -140,7 +140,7 @@ def test_blinkdl_pth(tmp_path, dtype):
     """The fixture's weights as BlinkDL releases them (.pth, raw time_decay, (1, 1, C) mixes), in f32
     and bf16: the f32 file reproduces rwkv.cpp's logits; the bf16 one the rwkv package's fp32 model of
     the bf16-rounded weights (saved as f32, since the package applies ln0 to a bf16 embedding in bf16)."""
-    torch = pytest.importorskip("torch")
+    import torch
     f = RwkvCppFile(str(MODEL))
     sd = {}
     for k in f.keys():
@@ -159,7 +159,7 @@ def test_blinkdl_pth(tmp_path, dtype):
         assert np.abs(logits - EXPECTED).max() < 1e-3
     else:
         os.environ.setdefault("RWKV_JIT_ON", "0")
-        rwkv_model = pytest.importorskip("rwkv.model")
+        from rwkv import model as rwkv_model
         rounded = tmp_path / "rounded.pth"
         torch.save({k: v.float() for k, v in sd.items()}, rounded)
         ref, _ = rwkv_model.RWKV(model=str(rounded)[:-4], strategy="cpu fp32", verbose=False).forward(PROMPT, None)

@@ -12,7 +12,7 @@ from edgeseq import EdgeseqError
 from edgeseq.exporters.export import export
 from rwkv_builders import state_dict
 
-torch = pytest.importorskip("torch")
+import torch
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
 SMALL = {"5.2": dict(C=64, L=3, H=2, F=128), "6.0": dict(C=64, L=3, H=2, F=128),
          "7": dict(C=64, L=3, H=2, F=128)}

@@ -14,7 +14,7 @@ from edgeseq.runtime.chat import Chat
 from edgeseq.tokenizer import RwkvWorldTokenizer, find_rwkv_vocab
 
 CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpora" / "tinyshakespeare.txt"
-rwkv_tok = pytest.importorskip("rwkv.rwkv_tokenizer")
+from rwkv import rwkv_tokenizer as rwkv_tok
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_damaged_vocabulary_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def world_bundle(tmp_path_factory):
-    torch = pytest.importorskip("torch")
+    import torch
     d = tmp_path_factory.mktemp("world")
     g = torch.Generator().manual_seed(0)
     C, F, V, L = 32, 64, 65536, 2

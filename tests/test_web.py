@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, make_mamba, write_tokenizer
+from conftest import CORPUS, load_script, make_mamba, write_tokenizer
 from js_cases import FIXTURES, ROOT, python_greedy, require_node_package, run_node
 import edgeseq
 from edgeseq.exporters.export import export
@@ -71,7 +71,7 @@ def test_byte_level_bpe_tokenizer_json(node, tmp_path):
 def test_sentencepiece_converted_tokenizer_json(node, tmp_path, model_type, byte_fallback):
     """SentencePiece models as the export converts them (edgeseq.tokenizer.sentencepiece_to_tokenizer_json):
     Llama-style BPE with byte fallback, and unigram."""
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     from edgeseq.tokenizer import HFTokenizer, sentencepiece_to_tokenizer_json
 
     prefix = tmp_path / "sp"
@@ -160,11 +160,7 @@ def pages(tmp_path_factory):
     }
     if "demo" in VISITS["wasm"]:
         bundles["demo"] = export(str(DEMO), str(d / "demo"))
-    sys.path.insert(0, str(ROOT / "examples" / "web"))
-    try:
-        import serve
-    finally:
-        sys.path.pop(0)
+    serve = load_script(ROOT / "examples" / "web" / "serve.py")
     server = serve.start({f"/b/{k}/": v for k, v in bundles.items()})
     yield Pages(f"http://127.0.0.1:{server.server_address[1]}", {k: Path(v) for k, v in bundles.items()}, d)
     server.shutdown()
