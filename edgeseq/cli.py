@@ -1,20 +1,34 @@
-"""The `edgeseq` command line: export, run, chat, inspect, bench, eval."""
+"""The `edgeseq` command line: export, run, chat, inspect, bench, eval, cache.
+
+Every bad input is an `error: …` line naming the option or file, exit status 1, nothing written. Options
+take llama.cpp's spellings where they cost nothing (`-m/--model`, `--temp`, `--repeat-penalty`, `--min-p`,
+`-c/--ctx-size`, `-n -1` = until an end token, `-f/--prompt-file`), and `run MODEL PROMPT...` Ollama's.
+Checks of numbers and paths happen before a model is loaded, so a mistake costs nothing (edgeseq.cli_args).
+"""
 from __future__ import annotations
 
+import json
 import os
-import resource
 import sys
 import time
 from typing import Optional
 
 import typer
 
+from edgeseq.cli_args import (check_max_tokens, check_sampling, check_positive, on_full_option, peak_rss_mb,
+                              read_prompt, resolve_model, export_plan, stop_strings)
 from edgeseq.errors import EdgeseqError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Run recurrent language models (Mamba, RWKV, ...) with a fixed-size state.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Run recurrent language models (Mamba, RWKV, Zamba, RecurrentGemma) with a fixed-size state.")
+app.add_typer(__import__("edgeseq.cli_cache", fromlist=["app"]).app, name="cache")
 
-DEFAULT_MODEL_ENV = "EDGESEQ_MODEL"
+ENGINE_HELP = "onnxruntime (default) | llama.cpp (GGUF files of mamba, mamba2, rwkv6, rwkv7; needs llama-cpp-python)"
+MODEL_HELP = ("bundle folder, .gguf file, or a checkpoint (HF folder, .pth, .bin, .pt) exported once into the cache; "
+              "default: $EDGESEQ_MODEL, else the demo model")
+MAX_CONTEXT_HELP = "KV ring length in tokens of full-attention models (Zamba, Zamba2); default: the bundle's"
+ON_FULL_HELP = "when that ring is full: stop (an error) | slide (attend to the last max-context tokens)"
 
 
 def _version(value: bool) -> None:
@@ -26,181 +40,214 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+def _main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
                                        help="print the version and exit")) -> None:
-    """Run recurrent language models (Mamba, RWKV, ...) with a fixed-size state."""
+    """Run recurrent language models (Mamba, RWKV, Zamba, RecurrentGemma) with a fixed-size state."""
 
 
-def _default_model(model: Optional[str]) -> str:
-    if model:
-        return model
-    env = os.environ.get(DEFAULT_MODEL_ENV)
-    if env:
-        return env
-    # the shipped demo (byte-level RWKV-7 trained on the KJV Bible), exported once into the cache folder
-    from edgeseq.exporters.demo import cache_dir, demo_bundle
-
-    typer.echo(f"no MODEL given: using the demo model (byte-level RWKV-7 trained on the King James Bible; "
-               f"bundle cached under {cache_dir()})", err=True)
-    return demo_bundle()
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def _load(model: Optional[str], threads: Optional[int], device: str = "cpu", max_context: Optional[int] = None,
-          on_full: str = "stop", engine: Optional[str] = None, cuda_graph: bool = False):
+def _load(path: str, threads, device="cpu", max_context=None, on_full="stop", engine=None, cuda_graph=False):
     import edgeseq
 
     extra = {"engine": engine} if engine else {}  # GGUF files: onnxruntime (default) or llama.cpp
     if cuda_graph:
         extra["cuda_graph"] = True
-    return edgeseq.load(_default_model(model), device=device, threads=threads, max_context=max_context,
-                        on_full=on_full, **extra)
+    return edgeseq.load(path, device=device, threads=threads, max_context=max_context, on_full=on_full, **extra)
 
 
-ENGINE_HELP = "onnxruntime (default) | llama.cpp (GGUF files of mamba, mamba2, rwkv6, rwkv7; needs llama-cpp-python)"
+# -- options shared by run and chat ---------------------------------------------------------------------
+def _model_arg():
+    return typer.Argument(None, metavar="MODEL", show_default=False, help=MODEL_HELP)
 
 
-MAX_CONTEXT_HELP = "KV ring length of full-attention models (Zamba); default: the bundle's"
-ON_FULL_HELP = "when that ring is full: stop (error) | slide (attend to the last max-context tokens)"
+def _model_opt():
+    return typer.Option(None, "-m", "--model", metavar="MODEL", help="the model, as an option (llama.cpp's spelling)")
 
 
-@app.command()
-def export(
-    checkpoint: str = typer.Argument(..., help="model directory (HF or state-spaces layout)"),
-    out: str = typer.Option(..., "-o", "--out", help="bundle directory to create"),
-    quant: str = typer.Option("f32", "--quant", "-q", help="f32 | f16 | int8 | int4 (onnx); f32 | f16 | bf16 | "
-                              "q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k (gguf)"),
-    block_size: int = typer.Option(32, "--block-size", help="int8/int4: weights per quantization block (16-256)"),
-    fmt: str = typer.Option("onnx", "--format", help="onnx (a bundle directory) | gguf (one file; CHECKPOINT may "
-                            "also be a .gguf to turn into a bundle)"),
-    portable: bool = typer.Option(False, "--portable", help="standard ONNX ops only (no com.microsoft fused ops)"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer.json to bundle"),
-    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
-    initial_state: Optional[str] = typer.Option(None, "--initial-state",
-                                                help="RWKV state-tuning file: the bundle's initial state"),
-    mobile: bool = typer.Option(False, "--mobile", help="ONNX Runtime Mobile: the portable step graph, batch 1, "
-                                "as step.ort with required_operators.config (docs/devices.md)"),
-):
-    """Export a checkpoint to an ONNX bundle or a GGUF file."""
-    if fmt not in ("onnx", "gguf"):
-        raise EdgeseqError(f"--format {fmt}: choose onnx or gguf")
-    from edgeseq.exporters.export import export as do_export
-    from edgeseq.gguf_file import is_gguf
-
-    t0 = time.perf_counter()
-    if fmt == "gguf":
-        from edgeseq.exporters.gguf_writer import export_gguf
-
-        info = export_gguf(checkpoint, out, quant=quant, tokenizer=tokenizer, force=force, progress=False)
-        why = f" (edgeseq's own architecture: {info['generic_because']})" if info["generic_because"] else ""
-        typer.echo(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, {info['architecture']}{why}; tensors "
-                   + ", ".join(f"{n} {k}" for k, n in sorted(info["types"].items())) + f") in "
-                   f"{time.perf_counter() - t0:.1f} s")
-        return
-    if os.path.isfile(checkpoint) and is_gguf(checkpoint):
-        from edgeseq.gguf_bundle import gguf_to_bundle
-
-        if quant not in ("f32", "fp32") or mobile or initial_state or tokenizer:
-            raise EdgeseqError(f"{checkpoint}: a GGUF becomes an f32 bundle with the GGUF's own tokenizer "
-                               f"(--quant, --mobile, --initial-state and --tokenizer do not apply)")
-        gguf_to_bundle(checkpoint, out, portable=portable, force=force)
-    elif mobile:
-        from edgeseq.exporters.mobile import export_mobile
-
-        export_mobile(checkpoint, out, quant=quant, tokenizer=tokenizer, force=force, progress=True,
-                      initial_state=initial_state)
-    else:
-        do_export(checkpoint, out, quant=quant, portable=portable, tokenizer=tokenizer, force=force, progress=True,
-                  initial_state=initial_state, block_size=block_size)
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-    typer.echo(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; peak RSS "
-               f"{_peak_rss_mb():.0f} MB")
+def _opt(default, *names, metavar, help):
+    return typer.Option(default, *names, metavar=metavar, help=help)
 
 
-@app.command()
+TEMP = dict(metavar="T", help="sampling temperature; 0: greedy")
+TOP_K = dict(metavar="K", help="keep the K likeliest tokens; 0: off")
+TOP_P = dict(metavar="P", help="nucleus sampling, 0 < P <= 1; 1: off")
+MIN_P = dict(metavar="P", help="drop tokens less likely than P x the likeliest, 0 <= P < 1; 0: off")
+REP = dict(metavar="X", help="repetition penalty (> 0; 1: off)")
+SEED = dict(metavar="N", help="random seed; -1 or none: a random one")
+STOP = dict(metavar="TEXT", help="stop when the text contains TEXT (repeatable; \\n and \\t are escapes)")
+THREADS = dict(metavar="N", help="CPU threads (default: ONNX Runtime's choice)")
+DEVICE = dict(metavar="DEV", help="cpu | cuda (with onnxruntime-gpu)")
+
+
+@app.command(context_settings={"allow_extra_args": True})
 def run(
-    model: Optional[str] = typer.Argument(None, help="bundle directory (default: the demo model)"),
-    prompt: str = typer.Option("", "--prompt", "-p"),
-    max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
-    temperature: float = typer.Option(0.8, "--temperature", "-t"),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    stop: list[str] = typer.Option([], "--stop", help="stop string (repeatable)"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    device: str = typer.Option("cpu", "--device"),
+    ctx: typer.Context,
+    model: Optional[str] = _model_arg(),
+    model_opt: Optional[str] = _model_opt(),
+    prompt: Optional[str] = _opt(None, "--prompt", "-p", metavar="TEXT", help="the prompt; '-' reads it from stdin"),
+    prompt_file: Optional[str] = _opt(None, "--prompt-file", "-f", metavar="FILE",
+                                      help="read the prompt from a UTF-8 file ('-': stdin)"),
+    max_tokens: int = _opt(128, "--max-tokens", "-n", "--n-predict", metavar="N",
+                           help="tokens to generate; -1: until an end token (or Ctrl-C)"),
+    temperature: float = _opt(0.8, "--temperature", "--temp", "-t", **TEMP),
+    top_k: int = _opt(0, "--top-k", **TOP_K),
+    top_p: float = _opt(1.0, "--top-p", **TOP_P),
+    min_p: float = _opt(0.0, "--min-p", **MIN_P),
+    repetition_penalty: float = _opt(1.0, "--repetition-penalty", "--repeat-penalty", **REP),
+    seed: Optional[int] = _opt(None, "--seed", "-s", **SEED),
+    stop: list[str] = _opt([], "--stop", **STOP),
+    echo: Optional[bool] = typer.Option(None, "--echo/--no-echo", show_default=False,
+                                        help="print the prompt before the reply (default: for -p and PROMPT, not "
+                                             "for a file or stdin)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object (text, stop reason, speeds) at "
+                                  "the end instead of streaming"),
+    threads: Optional[int] = _opt(None, "--threads", **THREADS),
+    device: str = _opt("cpu", "--device", **DEVICE),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: decode through the step "
                                     "graph under ONNX Runtime CUDA graphs (docs/devices.md)"),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
-    on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
-    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
+    max_context: Optional[int] = _opt(None, "--max-context", "--ctx-size", "-c", metavar="N", help=MAX_CONTEXT_HELP),
+    on_full: str = _opt("stop", "--on-full", metavar="WHAT", help=ON_FULL_HELP),
+    engine: Optional[str] = _opt(None, "--engine", metavar="ENGINE", help=ENGINE_HELP),
 ):
-    """Generate a continuation of --prompt, streamed."""
-    m = _load(model, threads, device, max_context, on_full, engine, cuda_graph)
+    """Generate a continuation of a prompt, streamed; ends with prompt/decode tokens/s and peak memory.
+
+    edgeseq run [MODEL] [PROMPT]... | -m MODEL -p TEXT | -f FILE | -p - (stdin). With no prompt, a model with
+    a BOS token starts from it and the demo model from "And God said"."""
+    words = list(ctx.args)  # the words after MODEL: the prompt, as Ollama takes it
+    if model_opt is not None:  # -m MODEL: every positional word is the prompt
+        words = ([model] if model is not None else []) + words
+        model = model_opt
+    text, source = read_prompt(prompt, prompt_file, words)
+    check_max_tokens(max_tokens)
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, seed=seed, threads=threads, max_context=max_context)
+    on_full = on_full_option(on_full)
+    stops = stop_strings(stop)
+    path, is_demo = resolve_model(model)
+    if text is None:
+        text = "And God said" if is_demo else ""
+        source = "default"
+    m = _load(path, threads, device, max_context, on_full, engine, cuda_graph)
     s = m.session()
-    typer.echo(prompt, nl=False)
-    stops = [x.replace("\\n", "\n").replace("\\t", "\t") for x in stop]  # let --stop "\n\n" mean newlines
-    for piece in s.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seed=seed, stop=stops):
-        typer.echo(piece, nl=False)
+    from edgeseq.runtime.session import encode_prompt
+
+    ids = encode_prompt(s, text)
+    if not ids and m.manifest.get("bos_token_id") is None:
+        raise EdgeseqError(f"{path}: no prompt given and the model has no BOS token to start from; give one with "
+                           f"-p TEXT, -f FILE or as words after MODEL")
+    if echo is None:
+        echo = source in ("inline", "default")
+    bar = _progress_bar(len(ids), m)
+    t0 = time.perf_counter()
+    out = []
+    interrupted = False
+    try:
+        if echo and not json_out:
+            typer.echo(text, nl=False)
+        for piece in s.generate(ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, repetition_penalty=repetition_penalty,
+                                seed=None if seed in (None, -1) else seed, stop=stops,
+                                progress=bar.update if bar else None):
+            if bar:
+                bar.close()
+                bar = None
+            if json_out:
+                out.append(piece)
+            else:
+                typer.echo(piece, nl=False)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was written, report, exit 130 (as llama.cpp does)
+        interrupted = True
+    finally:
+        if bar:
+            bar.close()
     st = s.stats
-    typer.echo("")
-    typer.echo(f"[prompt {st.prompt_tokens} tok, {st.prompt_tps:.1f} tok/s | decode {st.decode_tokens} tok, "
-               f"{st.decode_tps:.1f} tok/s | peak RSS {_peak_rss_mb():.0f} MB]", err=True)
+    if json_out:
+        typer.echo(json.dumps({"model": path, "prompt": text if echo else None, "text": "".join(out),
+                               "stopped_by": "interrupted" if interrupted else st.stopped_by,
+                               "prompt_tokens": st.prompt_tokens, "prompt_tps": round(st.prompt_tps, 2),
+                               "decode_tokens": st.decode_tokens, "decode_tps": round(st.decode_tps, 2),
+                               "seconds": round(time.perf_counter() - t0, 3),
+                               "peak_rss_mb": round(peak_rss_mb())}, ensure_ascii=False))
+    else:
+        typer.echo("")
+        typer.echo(f"[prompt {st.prompt_tokens} tok, {st.prompt_tps:.1f} tok/s | decode {st.decode_tokens} tok, "
+                   f"{st.decode_tps:.1f} tok/s | peak RSS {peak_rss_mb():.0f} MB"
+                   + (" | interrupted]" if interrupted else "]"), err=True)
+    if interrupted:
+        raise typer.Exit(130)
+
+
+def _progress_bar(n: int, model):
+    """A prefill bar on stderr for prompts long enough to take a while (and only on a terminal)."""
+    if n < 4 * int(getattr(model, "prefill_chunk", 256)) or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=n, unit="tok", desc="prompt", leave=False, file=sys.stderr)
 
 
 @app.command()
 def chat(
-    model: Optional[str] = typer.Argument(None, help="bundle directory (default: the demo model)"),
-    system: str = typer.Option("", "--system", help="system prompt (models with a chat template)"),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
-    temperature: float = typer.Option(0.8, "--temperature", "-t"),
-    top_k: int = typer.Option(0, "--top-k"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    device: str = typer.Option("cpu", "--device"),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
-    on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
+    model: Optional[str] = _model_arg(),
+    model_opt: Optional[str] = _model_opt(),
+    system: Optional[str] = _opt(None, "--system", "-sys", metavar="TEXT",
+                                 help="system prompt: the template's system turn; without a template, text fed "
+                                      "before the first turn"),
+    chat_template: Optional[str] = _opt(None, "--chat-template", metavar="FILE|NAME",
+                                        help="a Jinja chat template file, or a named one (see docs/cli.md); "
+                                             "default: the model's own"),
+    max_tokens: int = _opt(256, "--max-tokens", "-n", "--n-predict", metavar="N",
+                           help="most tokens per reply; -1: until an end token (Ctrl-C stops a reply)"),
+    temperature: float = _opt(0.8, "--temperature", "--temp", "-t", **TEMP),
+    top_k: int = _opt(0, "--top-k", **TOP_K),
+    top_p: float = _opt(1.0, "--top-p", **TOP_P),
+    min_p: float = _opt(0.0, "--min-p", **MIN_P),
+    repetition_penalty: float = _opt(1.0, "--repetition-penalty", "--repeat-penalty", **REP),
+    seed: Optional[int] = _opt(None, "--seed", "-s", **SEED),
+    stop: list[str] = _opt([], "--stop", **STOP),
+    show_think: bool = typer.Option(True, "--think/--hide-think", help="show a reasoning model's <think> "
+                                    "section (dimmed on a terminal) or hide it"),
+    threads: Optional[int] = _opt(None, "--threads", **THREADS),
+    device: str = _opt("cpu", "--device", **DEVICE),
+    max_context: Optional[int] = _opt(None, "--max-context", "--ctx-size", "-c", metavar="N", help=MAX_CONTEXT_HELP),
+    on_full: str = _opt("stop", "--on-full", metavar="WHAT", help=ON_FULL_HELP),
+    engine: Optional[str] = _opt(None, "--engine", metavar="ENGINE", help=ENGINE_HELP),
 ):
     """Chat interactively; the state carries over, so each turn processes only its new tokens.
 
-    Commands: /reset, /save FILE, /load FILE, /quit. A model without a chat template continues the
-    text you type (plain continuation)."""
-    from edgeseq.runtime.chat import Chat
+    Type /help for the commands (/reset, /save FILE, /load FILE, /bye). End a line with \\ to continue
+    it, or wrap several lines in \"\"\" ... \"\"\". Ctrl-C stops a reply; Ctrl-C at an empty prompt or
+    Ctrl-D ends the chat."""
+    if model_opt is not None:
+        if model is not None:
+            raise EdgeseqError(f"give the model once: {model!r} and -m {model_opt!r}")
+        model = model_opt
+    check_max_tokens(max_tokens)
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, seed=seed, threads=threads, max_context=max_context)
+    on_full = on_full_option(on_full)
+    stops = stop_strings(stop)
+    path, _ = resolve_model(model)
+    from edgeseq.cli_chat import repl
 
-    c = Chat(_load(model, threads, device, max_context, on_full), system=system, max_tokens=max_tokens, temperature=temperature,
-             top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
-    interactive = sys.stdin.isatty()
-    typer.echo(c.banner(), err=True)
-    while True:
-        if interactive:
-            typer.echo("> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        try:
-            for piece in c.handle(line):
-                typer.echo(piece, nl=False)
-        except EdgeseqError as e:
-            typer.echo(f"error: {e}", err=True)
-        if c.done:
-            break
-        typer.echo("")
+    template = None
+    if chat_template is not None:
+        from edgeseq.chat_template import load_template_option
+
+        template = load_template_option(chat_template)
+    m = _load(path, threads, device, max_context, on_full, engine)
+    repl(m, system=system, template=template, show_think=show_think, stop=stops,
+         sampling=dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       repetition_penalty=repetition_penalty, seed=None if seed in (None, -1) else seed))
 
 
 @app.command()
-def inspect(model: str = typer.Argument(..., help="bundle directory")):
+def inspect(model: str = typer.Argument(..., metavar="MODEL", help="bundle folder or .gguf file")):
     """Family, config, state spec, quantization and sizes of a bundle (or a GGUF file's summary)."""
     from edgeseq.bundle import read_manifest
     from edgeseq.gguf_file import is_gguf
 
+    if not os.path.exists(model):
+        raise EdgeseqError(f"{model}: no such file or folder")
     if os.path.isfile(model) and is_gguf(model):
         from edgeseq.gguf_names import summary
 
@@ -209,9 +256,12 @@ def inspect(model: str = typer.Argument(..., help="bundle directory")):
     m = read_manifest(model)
     typer.echo(f"bundle      {model}  (format {m['format_version']}, edgeseq {m['edgeseq_version']})")
     typer.echo(f"family      {m['family']}  ({m['architecture']})")
-    typer.echo(f"flavour     {m['flavour']}   quant {m['quant']['recipe']}")
+    typer.echo(f"flavour     {m['flavour']}   quant {_quant_label(m)}")
     typer.echo(f"weights     {m['weights']['bytes'] / 1e6:.2f} MB  sha256 {m['weights']['sha256'][:16]}…")
     typer.echo(f"vocab       {m['vocab_size']}  tokenizer {m['tokenizer']['kind']}  eos {m.get('eos_token_id')}")
+    from edgeseq.chat_template import describe
+
+    typer.echo(f"chat        {describe(m.get('chat_template'))}")
     typer.echo("config      " + ", ".join(f"{k}={v}" for k, v in m["config"].items()))
     typer.echo("graphs      " + ", ".join(f"{k} ({g['file']})" for k, g in m["graphs"].items()))
     typer.echo(f"state       {m['state_bytes_per_sequence'] / 1024:.1f} KiB per sequence, {len(m['state'])} tensors:")
@@ -219,61 +269,209 @@ def inspect(model: str = typer.Argument(..., help="bundle directory")):
         typer.echo(f"  {s['name']:<40} {str(s['shape']):<26} {s['dtype']}  {s['doc']}")
 
 
+def _quant_label(manifest: dict) -> str:
+    """The recipe; for a bundle made from a GGUF, the GGUF's tensor types and what they run as."""
+    q = manifest["quant"]
+    if q.get("gguf_types"):
+        return f"GGUF {'/'.join(q['gguf_types'])} (runs as {q['recipe']})"
+    return q["recipe"]
+
+
 @app.command()
 def bench(
-    model: str = typer.Argument(..., help="bundle directory"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    prompt_tokens: int = typer.Option(512, "--prompt-tokens"),
-    decode_tokens: int = typer.Option(128, "--decode-tokens"),
-    device: str = typer.Option("cpu", "--device"),
+    model: str = typer.Argument(..., metavar="MODEL", help="bundle folder or .gguf file"),
+    threads: Optional[int] = _opt(None, "--threads", **THREADS),
+    prompt_tokens: int = _opt(512, "--prompt-tokens", "-p", metavar="N", help="prompt length to prefill"),
+    decode_tokens: int = _opt(128, "--decode-tokens", "-n", metavar="N", help="tokens to decode"),
+    repeat: int = _opt(3, "--repeat", "-r", metavar="N", help="timed runs; the median is reported, with min-max"),
+    json_out: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
+    device: str = _opt("cpu", "--device", **DEVICE),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: decode through the step "
                                     "graph under ONNX Runtime CUDA graphs (docs/devices.md)"),
-    max_context: Optional[int] = typer.Option(None, "--max-context", help=MAX_CONTEXT_HELP),
-    on_full: str = typer.Option("stop", "--on-full", help=ON_FULL_HELP),
-    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
+    max_context: Optional[int] = _opt(None, "--max-context", "--ctx-size", "-c", metavar="N", help=MAX_CONTEXT_HELP),
+    on_full: str = _opt("stop", "--on-full", metavar="WHAT", help=ON_FULL_HELP),
+    engine: Optional[str] = _opt(None, "--engine", metavar="ENGINE", help=ENGINE_HELP),
 ):
-    """Decode and prefill tokens/s, state bytes and peak RSS."""
+    """Prefill and decode tokens/s (median of --repeat runs), state bytes and peak RSS."""
     import numpy as np
 
-    m = _load(model, threads, device, max_context, on_full, engine, cuda_graph)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, m.vocab_size, prompt_tokens).tolist()
+    for name, v in (("--prompt-tokens", prompt_tokens), ("--decode-tokens", decode_tokens), ("--repeat", repeat)):
+        check_positive(name, v)
+    check_sampling(threads=threads, max_context=max_context)
+    on_full = on_full_option(on_full)
+    path, _ = resolve_model(model, default=False)
+    m = _load(path, threads, device, max_context, on_full, engine, cuda_graph)
+    ids = np.random.default_rng(0).integers(0, m.vocab_size, prompt_tokens).tolist()
     from edgeseq.runtime.session import time_session
 
-    t_pre, t_dec = time_session(m.session(), ids, decode_tokens)
-    typer.echo(f"model       {model} ({m.family_name}, {m.manifest['quant']['recipe']}, {m.manifest['flavour']})")
+    s = m.session()
+    runs = [time_session(s, ids, decode_tokens) for _ in range(repeat)]
+    pre = sorted(prompt_tokens / a for a, _ in runs)
+    dec = sorted(decode_tokens / b for _, b in runs)
+    manifest = getattr(m, "manifest", {})
+    quant = _quant_label(manifest) if "quant" in manifest else "GGUF (llama.cpp engine)"
+    r = {"model": path, "family": m.family_name, "quant": quant, "flavour": manifest.get("flavour"),
+         "engine": engine or "onnxruntime", "threads": threads, "repeat": repeat,
+         "prompt_tokens": prompt_tokens, "prefill_tps": _spread(pre), "decode_tokens": decode_tokens,
+         "decode_tps": _spread(dec), "state_bytes": m.state_bytes, "weights_mb": round(m.weights_bytes / 1e6, 2),
+         "peak_rss_mb": round(peak_rss_mb())}
+    if json_out:
+        typer.echo(json.dumps(r))
+        return
+    typer.echo(f"model       {path} ({r['family']}, {quant}, {r['flavour'] or r['engine']})")
     typer.echo(f"threads     {threads or 'default'}")
-    typer.echo(f"prefill     {prompt_tokens / t_pre:.1f} tok/s ({prompt_tokens} tokens)")
-    typer.echo(f"decode      {decode_tokens / t_dec:.1f} tok/s ({decode_tokens} tokens)")
+    for key, what, n in (("prefill_tps", "prefill", prompt_tokens), ("decode_tps", "decode", decode_tokens)):
+        x = r[key]
+        typer.echo(f"{what:<11} {x['median']:.1f} tok/s ({n} tokens; median of {repeat}, {x['min']:.1f}-"
+                   f"{x['max']:.1f})")
     typer.echo(f"state       {m.state_bytes} bytes per sequence")
     typer.echo(f"weights     {m.weights_bytes / 1e6:.1f} MB")
-    typer.echo(f"peak RSS    {_peak_rss_mb():.0f} MB")
+    typer.echo(f"peak RSS    {r['peak_rss_mb']} MB")
+
+
+def _spread(xs: list[float]) -> dict:
+    mid = xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+    return {"median": round(mid, 2), "min": round(xs[0], 2), "max": round(xs[-1], 2)}
 
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="bundle directory or .gguf file"),
-    text: str = typer.Option(..., "--text", help="UTF-8 text file (any length: streamed in constant memory)"),
-    max_tokens: int = typer.Option(0, "--max-tokens", help="score at most this many tokens (0: the whole text)"),
-    chunk: int = typer.Option(256, "--chunk", help="tokens per prefill call; the state carries between chunks"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
+    model: str = typer.Argument(..., metavar="MODEL", help="bundle folder or .gguf file"),
+    text: str = _opt(..., "--text", metavar="FILE", help="UTF-8 text file, streamed in constant memory (a "
+                     "full-attention model stops at --max-context unless --on-full slide)"),
+    max_tokens: int = _opt(0, "--max-tokens", "-n", metavar="N", help="score at most N tokens (0: the whole text)"),
+    chunk: int = _opt(256, "--chunk", metavar="N", help="tokens per prefill call; the state carries between chunks"),
+    threads: Optional[int] = _opt(None, "--threads", **THREADS),
+    max_context: Optional[int] = _opt(None, "--max-context", "--ctx-size", "-c", metavar="N", help=MAX_CONTEXT_HELP),
+    on_full: str = _opt("stop", "--on-full", metavar="WHAT", help=ON_FULL_HELP),
+    json_out: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ):
     """Perplexity and bits per byte of a text, streamed through the state chunk by chunk."""
     from edgeseq.quant.evaluate import evaluate_text
 
-    r = evaluate_text(_load(model, threads), text, chunk=chunk, max_tokens=max_tokens or None, progress=True)
+    if max_tokens < 0:
+        raise EdgeseqError(f"--max-tokens {max_tokens}: give 0 (the whole text) or a positive number of tokens")
+    check_positive("--chunk", chunk)
+    check_sampling(threads=threads, max_context=max_context)
+    on_full = on_full_option(on_full)
+    if not os.path.isfile(text):
+        raise EdgeseqError(f"--text {text}: no such file")
+    path, _ = resolve_model(model, default=False)
+    # the bar counts the file's bytes: shown only when the whole file is scored
+    r = evaluate_text(_load(path, threads, max_context=max_context, on_full=on_full), text, chunk=chunk,
+                      max_tokens=max_tokens or None, progress=not max_tokens)
+    if json_out:
+        typer.echo(json.dumps(r))
+        return
     typer.echo(f"tokens {r['tokens']}  bytes {r['bytes']}  nll/token {r['nll_per_token']:.4f}  "
                f"perplexity {r['ppl']:.3f}  bits/byte {r['bpb']:.4f}")
 
 
-def main() -> None:
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="HF or state-spaces model folder, BlinkDL "
+                                     ".pth, rwkv.cpp .bin, recurrentgemma .pt, or a .gguf (to make a bundle of)"),
+    out: str = _opt(..., "-o", "--out", metavar="OUT", help="the bundle folder to create, or a .gguf file"),
+    quant: str = _opt("f32", "--quant", "-q", metavar="Q", help="f32 | f16 | int8 | int4 (onnx); f32 | f16 | bf16 | "
+                      "q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k (gguf); llama.cpp's names too "
+                      "(Q4_K_M, Q5_K_M, Q8_0, any case)"),
+    block_size: Optional[int] = _opt(None, "--block-size", metavar="N",
+                                     help="int8/int4 ONNX bundles: weights per quantization block (16-256; "
+                                          "default 32)"),
+    fmt: Optional[str] = _opt(None, "--format", metavar="FMT", help="onnx (a bundle folder) | gguf (one file); "
+                              "default: gguf when OUT ends in .gguf, else onnx"),
+    portable: bool = typer.Option(False, "--portable", help="standard ONNX ops only (no com.microsoft fused ops)"),
+    tokenizer: Optional[str] = _opt(None, "--tokenizer", metavar="FILE", help="tokenizer.json to bundle"),
+    chat_template: Optional[str] = _opt(None, "--chat-template", metavar="FILE|NAME",
+                                        help="the chat template to carry (default: the checkpoint's own)"),
+    force: bool = typer.Option(False, "--force", help="replace OUT if it exists"),
+    initial_state: Optional[str] = _opt(None, "--initial-state", metavar="FILE",
+                                        help="RWKV state-tuning file: the bundle's initial state"),
+    mobile: bool = typer.Option(False, "--mobile", help="ONNX Runtime Mobile: the portable step graph, batch 1, "
+                                "as step.ort with required_operators.config (docs/devices.md)"),
+):
+    """Export a checkpoint to an ONNX bundle or a GGUF file (the format follows OUT's name)."""
+    from edgeseq.gguf_file import is_gguf
+
+    plan = export_plan(checkpoint, out, quant, fmt, block_size, mobile=mobile, initial_state=initial_state,
+                       tokenizer=tokenizer, force=force)
+    fmt, quant = plan["format"], plan["quant"]
+    if plan.get("note"):
+        typer.echo(plan["note"], err=True)
+    template = None
+    if chat_template is not None:
+        from edgeseq.chat_template import load_template_option
+
+        template = load_template_option(chat_template)
+    t0 = time.perf_counter()
     try:
-        app()
+        if fmt == "gguf":
+            from edgeseq.exporters.gguf_writer import export_gguf
+
+            info = export_gguf(checkpoint, out, quant=quant, tokenizer=tokenizer, force=force, progress=False)
+            why = f" (edgeseq's own architecture: {info['generic_because']})" if info["generic_because"] else ""
+            typer.echo(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, {info['architecture']}{why}; tensors "
+                       + ", ".join(f"{n} {k}" for k, n in sorted(info["types"].items())) + f") in "
+                       f"{time.perf_counter() - t0:.1f} s")
+            return
+        if os.path.isfile(checkpoint) and is_gguf(checkpoint):
+            from edgeseq.gguf_bundle import gguf_to_bundle
+
+            gguf_to_bundle(checkpoint, out, portable=portable, force=force, chat_template=template)
+        else:
+            from edgeseq.chat_template import checkpoint_template
+
+            template = template or checkpoint_template(checkpoint)
+            extra = {"chat_template": template} if template else {}
+            if mobile:
+                from edgeseq.exporters.mobile import export_mobile
+
+                export_mobile(checkpoint, out, quant=quant, tokenizer=tokenizer, force=force, progress=True,
+                              initial_state=initial_state, **extra)
+            else:
+                from edgeseq.exporters.export import export as do_export
+
+                do_export(checkpoint, out, quant=quant, portable=portable, tokenizer=tokenizer, force=force,
+                          progress=True, initial_state=initial_state, block_size=block_size or 32, **extra)
+    except OSError as e:  # a folder that cannot hold the output (/proc, a full disk): named, nothing left
+        raise EdgeseqError(f"{out}: cannot write ({e.strerror or e})") from None
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    typer.echo(f"wrote {out} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; peak RSS "
+               f"{peak_rss_mb():.0f} MB")
+
+
+def main() -> None:
+    try:  # typer >= 0.2x carries its own click; older ones use click itself
+        from typer._click import exceptions as cx
+    except ImportError:
+        from click import exceptions as cx
+
+    try:
+        code = app(prog_name="edgeseq", standalone_mode=False)
     except EdgeseqError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        _fail(str(e))
+    except cx.NoArgsIsHelpError as e:  # bare `edgeseq` / `edgeseq cache`: the help, status 0
+        typer.echo(e.ctx.get_help() if e.ctx else "")
+        sys.exit(0)
+    except cx.UsageError as e:  # a mistyped option or value: one line, and where to look
+        cmd = e.ctx.command_path if e.ctx else "edgeseq"
+        _fail(f"{e.format_message()} (see {cmd} -h)")
+    except cx.ClickException as e:
+        _fail(e.format_message())
+    except (KeyboardInterrupt, typer.Abort, getattr(cx, "Abort", typer.Abort)):
+        typer.echo("", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # `edgeseq run ... | head`: stop quietly
+        sys.stderr.close()
+        sys.exit(0)
+    except OSError as e:  # a safety net: a file problem is still a line naming the file, not a traceback
+        _fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

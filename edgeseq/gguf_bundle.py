@@ -189,7 +189,7 @@ def _repack_plan(g: GGUFFile, fam, store_table, matrices: dict, portable: bool, 
 
 
 def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = False,
-                   accuracy_level: int = 4, requant8: bool = True) -> str:
+                   accuracy_level: int = 4, requant8: bool = True, chat_template=None) -> str:
     """Write the GGUF file `path` as the bundle directory `out` (temporary sibling, then renamed).
 
     Q4_0 and Q8_0 matrices keep their blocks: the integers and scales move into MatMulNBits'

@@ -198,7 +198,7 @@ class LlamaCppSession:
     def step(self, token_id: int) -> np.ndarray:
         return self.prefill([token_id])
 
-    def prefill(self, token_ids) -> np.ndarray:
+    def prefill(self, token_ids, progress=None) -> np.ndarray:
         ids = np.asarray(self._token_ids(token_ids), dtype=np.int32)
         if ids.size == 0:
             raise EdgeseqError("prefill needs at least one token")
@@ -207,6 +207,8 @@ class LlamaCppSession:
         self._logits[0] = self.model._decode(ids)
         self.position += int(ids.size)
         self._has_logits = True
+        if progress:
+            progress(int(ids.size))
         return self._logits[0].copy()
 
     # the text side is edgeseq's own, the same code as the ONNX Runtime session's

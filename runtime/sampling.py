@@ -13,6 +13,7 @@ class SamplingOptions:
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off (CTRL-style: divide positive logits, multiply negative)
     seed: int | None = None
+    min_p: float = 0.0  # 0: off; else drop tokens less likely than min_p x the likeliest (llama.cpp's min-p)
 
 
 class Sampler:
@@ -37,6 +38,9 @@ class Sampler:
         x = x - np.max(x)
         p = np.exp(x)
         p /= p.sum()
+        if o.min_p > 0.0:
+            p[p < o.min_p * p.max()] = 0.0
+            p /= p.sum()
         if o.top_p < 1.0:
             order = np.argsort(-p)
             cum = np.cumsum(p[order])

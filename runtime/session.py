@@ -6,6 +6,7 @@ roles swap. Nothing is allocated per token; the state never changes size.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -199,9 +200,10 @@ class Session:
         self._has_logits = True
         return self._logits[0].copy()
 
-    def prefill(self, token_ids) -> np.ndarray:
+    def prefill(self, token_ids, progress=None) -> np.ndarray:
         """Feed tokens from the current state; returns the logits after the last one. Text is encoded
-        with the model's tokenizer (BOS first at position 0 where the model wants it)."""
+        with the model's tokenizer (BOS first at position 0 where the model wants it). `progress(n)`, if
+        given, is called after each slice of n tokens fed."""
         ids = np.asarray(self._token_ids(token_ids), dtype=np.int64)
         if ids.size == 0:
             raise EdgeseqError("prefill needs at least one token")
@@ -211,7 +213,10 @@ class Session:
         if ids.size == 1 or "prefill" not in self.model.manifest["graphs"]:  # mobile bundles: step graph only
             for t in ids[:-1]:
                 self.step(int(t))
-            return self.step(int(ids[-1]))
+            out = self.step(int(ids[-1]))
+            if progress:
+                progress(int(ids.size))
+            return out
         ort = self.model.engine.ort
         sess = self.model.engine.session("prefill")
         step = PREFILL_CHUNK or self.model.prefill_chunk
@@ -219,6 +224,8 @@ class Session:
             chunk = ids[a:a + step]
             if chunk.size == 1:
                 self.step(int(chunk[0]))
+                if progress:
+                    progress(1)
                 continue
             self._pos[0] = self.position
             io = self._bind(sess, self._cur, ort.OrtValue.ortvalue_from_numpy(chunk.reshape(1, -1)))
@@ -227,6 +234,8 @@ class Session:
             self._cur ^= 1
             self.position += int(chunk.size)
             self._has_logits = True
+            if progress:
+                progress(int(chunk.size))
         return self._logits[0].copy()
 
     def logits_all(self, token_ids) -> np.ndarray:
@@ -274,12 +283,14 @@ class Session:
     # -- text ----------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: list[str] | None = None, stop_token_ids: list[int] | None = None) -> Iterator[str]:
+                 stop: list[str] | None = None, stop_token_ids: list[int] | None = None, min_p: float = 0.0,
+                 progress=None) -> Iterator[str]:
         """Continue from the current state with `prompt`, yielding text pieces as they complete.
 
         Stops at max_tokens, at an end token (the manifest's stop tokens plus `stop_token_ids`), or when
         the text produced contains a `stop` string (the stop string itself is not yielded). The state
-        then includes every token sampled except an end token. `self.stats` holds the timings."""
+        then includes every token sampled except an end token. `self.stats` holds the timings. max_tokens
+        None or negative: until an end token or stop string. `progress` goes to prefill."""
         tok = self.model.tokenizer
         ids = encode_prompt(self, prompt) if isinstance(prompt, str) else self._token_ids(prompt)
         if not ids:
@@ -291,20 +302,20 @@ class Session:
             elif not self._has_logits:  # never BOS mid-sequence, never stale logits
                 raise EdgeseqError("empty prompt: this state was loaded or set without the logits of its last "
                                    "token, so there is nothing to continue from; give some text")
-        sampler = Sampler(SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed))
+        sampler = Sampler(SamplingOptions(temperature, top_k, top_p, repetition_penalty, seed, min_p))
         ends = set(self.model.stop_token_ids) | set(stop_token_ids or [])
         stops = [s for s in (stop or []) if s]
         hold = max((len(s) for s in stops), default=1) - 1
         st = self.stats = Stats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
-        logits = self.prefill(ids) if ids else self._logits[0].copy()  # else: continue where the last call stopped
+        logits = self.prefill(ids, progress) if ids else self._logits[0].copy()  # else: continue where the last call stopped
         st.prompt_seconds = time.perf_counter() - t0
         history = list(ids)
         stream = tok.stream()
         pending = ""
         t0 = time.perf_counter()
         st.stopped_by = "max_tokens"
-        for _ in range(max_tokens):
+        for _ in range(max_tokens if max_tokens is not None and max_tokens >= 0 else sys.maxsize):
             nxt = sampler(logits, history)
             if nxt in ends:
                 st.stopped_by = "end_token"

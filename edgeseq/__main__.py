@@ -1,0 +1,4 @@
+"""`python -m edgeseq`: the same as the `edgeseq` command."""
+from edgeseq.cli import main
+
+main()
