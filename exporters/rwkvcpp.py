@@ -9,7 +9,9 @@
 Tensors come back as float32 in PyTorch's dimension order, *as stored*: rwkv.cpp's converter stores
 some parameters already transformed for its kernels (`time_*` squeezed; RWKV-4 `time_decay` as
 -exp(w); RWKV-5 `time_decay` as exp(-exp(w)) and `time_first` as exp(u); RWKV-6 LoRA matrices
-transposed). Undoing those belongs to the RWKV families, which know each version's layout.
+in the (out, in) layout of its ggml_mul_mat: time_maa_w1, time_decay_w1 and time_decay_w2 transposed,
+time_maa_w2 (5, D, C) -> (5, C, D)). Undoing those belongs to the RWKV families, which know each
+version's layout.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.exporters.rwkvcpp import RwkvCppFile
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
-MODELS = {"4v0": (128, 4), "5v2": (64, 12), "7v0": (64, 12)}  # n_embed, n_layer (from the file names' models)
+MODELS = {"4v0": (128, 4), "5v2": (64, 12), "6v0": (64, 12), "7v0": (64, 12)}  # n_embed, n_layer (from the file names' models)
 
 
 def fixture(tag: str) -> Path:
@@ -155,33 +155,52 @@ def test_fp16_file_exports_and_matches_its_rounded_weights(tmp_path):
     assert 0 < np.abs(a - expected).max() < 5e-2  # and the FP16 model stays close to the FP32 one
 
 
-def test_rwkv6_file_written_the_rwkv_cpp_way_matches_its_pth(tmp_path):
-    """There is no rwkv.cpp v6 fixture; this writes a v6 .pth through the transforms rwkv.cpp's
-    converter applies to v6 (time_* squeezed, time_faaaa unsqueezed, time_maa_w1 and time_decay_w1
-    transposed, time_maa_w2 permuted (5, D, C) -> (5, C, D)) and checks that edgeseq reads it back to
-    the model of the .pth."""
-    torch = pytest.importorskip("torch")
-    import edgeseq
-    from edgeseq.exporters.export import export
-    from rwkv_builders import v6_state_dict
-
-    sd = v6_state_dict(C=64, L=3, H=2)
-    torch.save(sd, tmp_path / "m.pth")
-    converted = {}
+def rwkv_cpp_v6(sd: dict) -> dict:
+    """A BlinkDL v6.0 state dict as rwkv.cpp's converter stores it (python/convert_pytorch_to_ggml.py,
+    its v6.0 branch): time_* squeezed; time_faaaa unsqueezed to (H, N, 1); time_decay reshaped (H, N, 1);
+    every matrix whose name contains '.time_maa_w1' or '.time_decay_w' transposed to the (out, in) layout
+    its ggml_mul_mat reads (rwkv_graph.inc, rwkv_att_v6): time_maa_w1, time_decay_w1 *and* time_decay_w2;
+    time_maa_w2 (5, D, C) -> (5, C, D)."""
+    H = sd["blocks.0.att.time_faaaa"].shape[0]
+    out = {}
     for k, t in sd.items():
         a = t.float().numpy()
         if ".time_" in k:
             a = a.squeeze()
-        if k.endswith(".time_faaaa"):
+        if ".time_faaaa" in k:
             a = a[..., None]
-        if k.endswith((".time_maa_w1", ".time_decay_w1")):
+        if ".time_maa_w1" in k or ".time_decay_w" in k:
             a = a.T
-        if k.endswith(".time_maa_w2"):
+        if ".time_maa_w2" in k:
             a = a.transpose(0, 2, 1)
-        converted[k] = np.ascontiguousarray(a)
+        if ".time_decay" in k and "_w" not in k:
+            a = a.reshape(H, -1, 1)
+        out[k] = np.ascontiguousarray(a)
+    return out
+
+
+def test_rwkv6_file_written_the_rwkv_cpp_way_matches_its_pth(tmp_path):
+    """A v6 .pth with a non-square decay LoRA (C 64, D_d 16; real models: C 2048, D_d 64) written through
+    rwkv.cpp's converter rules: edgeseq reads back the .pth's model. The real rwkv.cpp v6 fixture
+    (test_rwkv6_rwkvcpp.py) proves the values against rwkv.cpp's logits, but its decay LoRA is square
+    (64 x 64), so only this file shows that both decay matrices come back in their shapes."""
+    torch = pytest.importorskip("torch")
+    import edgeseq
+    from edgeseq.exporters.export import export
+    from edgeseq.families.rwkv6 import Rwkv6
+    from rwkv_builders import v6_state_dict
+
+    sd = v6_state_dict(C=64, L=3, H=2, D_MIX=8, D_DECAY=16)
+    torch.save(sd, tmp_path / "m.pth")
+    converted = rwkv_cpp_v6(sd)
+    assert converted["blocks.0.att.time_decay_w1"].shape == (16, 64)  # stored (out, in)
+    assert converted["blocks.0.att.time_decay_w2"].shape == (64, 16)
+    assert converted["blocks.0.att.time_maa_w2"].shape == (5, 64, 8)
     V, C = converted["emb.weight"].shape
     write_container(tmp_path / "m.bin", {"file_version": 101, "n_vocab": V, "n_embed": C, "n_layer": 3},
                     converted, fp16=False)
+    cfg = Rwkv6.read_config(RwkvCppFile(str(tmp_path / "m.bin")))
+    assert (cfg.mix_lora, cfg.decay_lora, cfg.n_head, cfg.head_size) == (8, 16, 2, 32)
     ids = np.random.default_rng(0).integers(0, V, 24).tolist()
     a = edgeseq.load(export(str(tmp_path / "m.bin"), str(tmp_path / "a"))).session().logits_all(ids)
     b = edgeseq.load(export(str(tmp_path / "m.pth"), str(tmp_path / "b"))).session().logits_all(ids)

@@ -183,11 +183,15 @@ class Rwkv6(Family):
 
 class _RwkvCppAsBlinkDL:
     """An rwkv.cpp v6 file seen as the BlinkDL .pth it was converted from. rwkv.cpp's converter
-    squeezed the time_* tensors (the family reshapes them anyway), unsqueezed time_faaaa (likewise),
-    transposed time_maa_w1 and time_decay_w1, and permuted time_maa_w2 (5, D, C) -> (5, C, D): those
-    three are turned back here."""
+    (python/convert_pytorch_to_ggml.py, its v6.0 branch) squeezed the time_* tensors and reshaped
+    time_decay (H, N, 1) and time_faaaa (H, N, 1) (the family reshapes all of them anyway), and turned
+    the LoRA matrices into the (out, in) layout its ggml_mul_mat calls read (rwkv_graph.inc,
+    rwkv_att_v6): time_maa_w1 (C, 5·D_m) -> (5·D_m, C), time_maa_w2 (5, D_m, C) -> (5, C, D_m), and
+    *both* decay LoRA matrices, because its test `'.time_decay_w' in k` matches time_decay_w1
+    (C, D_d) -> (D_d, C) and time_decay_w2 (D_d, C) -> (C, D_d). Those four are turned back here."""
 
     stored_by = "blinkdl"
+    _TRANSPOSED = (".time_maa_w1", ".time_decay_w1", ".time_decay_w2")  # 2-D, stored (out, in)
 
     def __init__(self, src):
         self.src, self.path, self.config = src, src.path, src.config
@@ -199,19 +203,20 @@ class _RwkvCppAsBlinkDL:
         return self.src.has(name)
 
     def shape(self, name):
-        return tuple(self.get(name).shape) if self._undone(name) else self.src.shape(name)
+        shape = self.src.shape(name)
+        if name.endswith(self._TRANSPOSED):
+            return shape[::-1]
+        if name.endswith(".time_maa_w2"):
+            return (shape[0], shape[2], shape[1])
+        return shape
 
     def get(self, name):
         a = self.src.get(name)
-        if name.endswith((".time_maa_w1", ".time_decay_w1")):
+        if name.endswith(self._TRANSPOSED):
             return np.ascontiguousarray(a.T)
         if name.endswith(".time_maa_w2"):
             return np.ascontiguousarray(a.transpose(0, 2, 1))
         return a
-
-    @staticmethod
-    def _undone(name):
-        return name.endswith((".time_maa_w1", ".time_decay_w1", ".time_maa_w2"))
 
 
 def _as_blinkdl(src):
