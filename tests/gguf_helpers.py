@@ -33,8 +33,11 @@ def llama_cpp():
 def convert(ckpt: Path, out: Path, outtype: str = "f32") -> Path:
     """llama.cpp's own converter on an HF checkpoint directory."""
     d = converter_dir()
+    # the converter imports packages beside it (conversion/, gguf-py/): its own folder goes on sys.path,
+    # which the suite's PYTHONSAFEPATH would prevent (that guard is for the repository root)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     r = subprocess.run([sys.executable, str(d / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", outtype,
-                        "--outfile", str(out)], capture_output=True, text=True, timeout=600)
+                        "--outfile", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
