@@ -2,11 +2,22 @@
 
 `WeightStore` streams tensors into one external-data file (`weights.bin`) as the exporter produces
 them; every graph of a bundle (step, prefill, prefill_all) points into that one file, so the weights
-exist once on disk however many graphs there are. `GraphBuilder` is a thin layer over
-`onnx.helper`: `b.op("MatMul", x, b.w("layers.0.in_proj"))` returns the output's name.
+exist once on disk however many graphs there are. `GraphBuilder` collects nodes; every
+tensor it hands out is a `Value`, the ONNX name of the tensor (a `str`) that also knows its builder, so
+graph code reads like the math it builds:
+
+    with b.scope("layers.3.att"):
+        k = k * (1 + (a - 1) * b.w("layers.3.k_a"))     # Mul, Sub, Mul, Add, Mul nodes
+        y = (x @ b.w("layers.3.out")).reshape(0, 0, -1)   # MatMul, Reshape
+
+Python numbers become float32 constants; `b.ints([...])` makes int64 ones. Nodes are named by their
+scope (`/layers.3.att/Mul_12`), so a profile or a failing node points at the model's code.
+`b.recur(step, carry, xs, tokens)` builds a recurrence from its one-token `step` function: called
+directly in the one-token graph (no loop), or as the body of a standard ONNX Scan otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -27,6 +38,10 @@ _NP_TO_ONNX = {
     np.dtype(np.int8): TensorProto.INT8,
 }
 ONNX_TYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT64: "int64"}
+# element types by name, for Cast and graph inputs: `x.cast("float32")`, never a raw `to=1`
+DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+          "int64": TensorProto.INT64, "int32": TensorProto.INT32, "int8": TensorProto.INT8,
+          "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL}
 
 
 def onnx_type(dtype) -> int:
@@ -82,15 +97,100 @@ class WeightStore:
         return self._pos
 
 
+class Value(str):
+    """A tensor of a graph under construction: its ONNX name, plus the builder that emits its ops.
+
+    Arithmetic and the methods below append nodes to the builder and return new Values. A Value is a
+    `str`, so it can stand wherever an ONNX name is expected; `==` and hashing stay those of the name.
+    Of two operands, the op goes to the innermost builder (a Scan body rather than its parent graph)."""
+
+    __slots__ = ("b",)
+
+    def __new__(cls, name: str, builder: "GraphBuilder"):
+        v = super().__new__(cls, name)
+        v.b = builder
+        return v
+
+    def _binary(self, op: str, other, reverse: bool = False) -> "Value":
+        b = _inner(self, other)
+        o = other if isinstance(other, str) else b.const(other)
+        return b.op(op, o, self) if reverse else b.op(op, self, o)
+
+    def __add__(self, o): return self._binary("Add", o)
+    def __radd__(self, o): return self._binary("Add", o, reverse=True)
+    def __sub__(self, o): return self._binary("Sub", o)
+    def __rsub__(self, o): return self._binary("Sub", o, reverse=True)
+    def __mul__(self, o): return self._binary("Mul", o)
+    def __rmul__(self, o): return self._binary("Mul", o, reverse=True)
+    def __truediv__(self, o): return self._binary("Div", o)
+    def __rtruediv__(self, o): return self._binary("Div", o, reverse=True)
+    def __matmul__(self, o): return self._binary("MatMul", o)
+    def __rmatmul__(self, o): return self._binary("MatMul", o, reverse=True)
+    def __pow__(self, o): return self._binary("Pow", o)
+    def __neg__(self): return self.b.op("Neg", self)
+
+    def __mod__(self, o):  # str's %-formatting of a tensor's name would be a silent surprise
+        raise TypeError("a graph Value does not take %; call b.op('Mod', ...)")
+
+    # elementwise functions
+    def exp(self): return self.b.op("Exp", self)
+    def log(self): return self.b.op("Log", self)
+    def sqrt(self): return self.b.op("Sqrt", self)
+    def tanh(self): return self.b.op("Tanh", self)
+    def sigmoid(self): return self.b.op("Sigmoid", self)
+    def relu(self): return self.b.op("Relu", self)
+    def softplus(self): return self.b.op("Softplus", self)
+    def silu(self): return self * self.sigmoid()
+    def abs(self): return self.b.op("Abs", self)
+    def maximum(self, o): return self._binary("Max", o)
+    def minimum(self, o): return self._binary("Min", o)
+
+    # shapes
+    def reshape(self, *shape: int) -> "Value":
+        """Reshape to `shape` (ONNX semantics: 0 keeps that axis, -1 is inferred)."""
+        return self.b.op("Reshape", self, self.b.ints(shape))
+
+    def transpose(self, *perm: int) -> "Value":
+        return self.b.op("Transpose", self, perm=list(perm))
+
+    def squeeze(self, *axes: int) -> "Value":
+        return self.b.op("Squeeze", self, self.b.ints(axes))
+
+    def unsqueeze(self, *axes: int) -> "Value":
+        return self.b.op("Unsqueeze", self, self.b.ints(axes))
+
+    def split(self, sizes, axis: int = -1) -> list["Value"]:
+        outs = self.b.op("Split", self, self.b.ints(sizes), axis=axis, outputs=len(sizes))
+        return outs if isinstance(outs, list) else [outs]
+
+    def cast(self, dtype: str) -> "Value":
+        return self.b.op("Cast", self, to=DTYPES[dtype])
+
+    # reductions (over the given axes, kept unless keepdims=False)
+    def sum(self, *axes: int, keepdims: bool = True) -> "Value":
+        return self.b.op("ReduceSum", self, self.b.ints(axes), keepdims=int(keepdims))
+
+    def mean(self, *axes: int, keepdims: bool = True) -> "Value":
+        return self.b.op("ReduceMean", self, self.b.ints(axes), keepdims=int(keepdims))
+
+
+def _inner(*values) -> "GraphBuilder":
+    """The builder of the innermost graph among the operands (a Scan body sees its parent's values)."""
+    builders = [v.b for v in values if isinstance(v, Value)]
+    return max(builders, key=lambda b: b.depth)
+
+
 class GraphBuilder:
-    """Collects nodes, inputs, outputs and initializers; each op returns its output name(s)."""
+    """Collects nodes, inputs, outputs and initializers; every op returns its output Value(s)."""
 
     def __init__(self, weights: dict[str, WeightInfo], weights_file: str = "weights.bin", name: str = "graph",
-                 prefix: str = ""):
+                 prefix: str = "", parent: "GraphBuilder | None" = None):
         self.weights = weights
         self.prefix = prefix  # subgraphs (Scan bodies) prefix their names: names are unique model-wide
         self.weights_file = weights_file
         self.name = name
+        self.parent = parent
+        self.depth = parent.depth + 1 if parent else 0
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
@@ -98,12 +198,28 @@ class GraphBuilder:
         self._consts: dict[tuple, str] = {}
         self._casts: dict[str, str] = {}
         self._n = 0
+        self._nodes_named = 0
+        self._scope: list[str] = list(parent._scope) if parent else []
         self.uses_ms_domain = False
 
     # -- names -------------------------------------------------------------------------------
     def fresh(self, hint: str = "t") -> str:
         self._n += 1
         return f"{self.prefix}{hint}_{self._n}"
+
+    @contextlib.contextmanager
+    def scope(self, name: str):
+        """Name every node built inside after its place in the model: `/layers.3.att/MatMul_7`."""
+        self._scope.append(name)
+        try:
+            yield self
+        finally:
+            self._scope.pop()
+
+    def _node_name(self, op_type: str) -> str:
+        self._nodes_named += 1
+        leaf = f"{self.prefix}{op_type}_{self._nodes_named}"
+        return "/" + "/".join([*self._scope, leaf]) if self._scope else leaf
 
     # -- values ------------------------------------------------------------------------------
     def w(self, name: str, alias: str | None = None) -> str:
@@ -132,7 +248,7 @@ class GraphBuilder:
             if info.dtype == "float16":
                 self._casts[key] = self.op("Cast", key, to=TensorProto.FLOAT)
                 return self._casts[key]
-        return key
+        return Value(key, self)
 
     def has_weight(self, name: str) -> bool:
         return name in self.weights
@@ -145,29 +261,74 @@ class GraphBuilder:
             name = self.fresh("const")
             self.initializers[name] = numpy_helper.from_array(arr, name)
             self._consts[key] = name
-        return self._consts[key]
+        return Value(self._consts[key], self)
 
     def ints(self, values) -> str:
         return self.const(list(values), np.int64)
 
     # -- nodes -------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str | None, outputs: int | list[str] = 1, domain: str = "", **attrs):
+        """Append one node; returns its output Value, or a list of them when it has several.
+        For arithmetic, prefer the Value operators; call op() by name for the rest (contrib ops, Scan)."""
         if isinstance(outputs, int):
             outs = [self.fresh(op_type.lower()) for _ in range(outputs)]
         else:
             outs = list(outputs)
-        ins = ["" if i is None else i for i in inputs]
-        self.nodes.append(helper.make_node(op_type, ins, outs, domain=domain or None, **attrs))
+        ins = ["" if i is None else str(i) for i in inputs]
+        self.nodes.append(helper.make_node(op_type, ins, [str(o) for o in outs], name=self._node_name(op_type),
+                                           domain=domain or None, **attrs))
         if domain == MS_DOMAIN:
             self.uses_ms_domain = True
+        outs = [Value(o, self) for o in outs]
         return outs[0] if len(outs) == 1 else outs
 
-    def input(self, name: str, elem_type: int, shape: list) -> str:
-        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
-        return name
+    def recur(self, step, carry: list[str], xs: list[str], one_token: bool, squeeze_time: bool = False,
+              name: str = "recurrence"):
+        """A recurrence from its one-token function `step(*carry, *x_t) -> (new_carry, ys)`.
 
-    def output(self, value: str, name: str, elem_type: int, shape: list) -> str:
+        Several tokens: xs carry the time axis at position 1 and `step` becomes the body of a standard
+        ONNX Scan; the ys come back with the time axis at position 1. One token: `step` is called
+        directly (the step graph has no loop) on xs as given, or, with `squeeze_time`, on xs without
+        their time axis of 1, the ys getting it back. Returns (final carry, ys), both lists."""
+        if not one_token:
+            return self.scan(step, carry, xs, name)
+        if squeeze_time:
+            axis = self.ints([1])
+            xs = [self.op("Squeeze", x, axis) for x in xs]
+        new_carry, ys = step(*carry, *xs)
+        if squeeze_time:
+            ys = [self.op("Unsqueeze", y, axis) for y in ys]
+        return list(new_carry), list(ys)
+
+    def scan(self, step, carry: list[str], xs: list[str], name: str = "scan"):
+        """ONNX Scan over axis 1 of xs whose body is `step` (see recur)."""
+        body_name = self.fresh(name + "_body")
+        body = GraphBuilder({}, name=body_name, prefix=body_name + "/", parent=self)
+        f = TensorProto.FLOAT
+        c_in = [body.input(f"c{i}_in", f, None) for i in range(len(carry))]
+        x_in = [body.input(f"x{i}_t", f, None) for i in range(len(xs))]
+        new_carry, ys = step(*c_in, *x_in)
+        seen = set()
+        for v in [*new_carry, *ys]:
+            # a body output must be a value the body computes, and each only once
+            if v in seen or v in c_in or v in x_in or not (isinstance(v, Value) and v.b is body):
+                v = body.op("Identity", v)
+            seen.add(v)
+            body.outputs.append(helper.make_tensor_value_info(str(v), f, None))
+        graph = helper.make_graph(body.nodes, body.name, body.inputs, body.outputs, list(body.initializers.values()))
+        outs = self.op("Scan", *carry, *xs, outputs=len(new_carry) + len(ys), body=graph, num_scan_inputs=len(xs),
+                       scan_input_axes=[1] * len(xs), scan_output_axes=[1] * len(ys))
+        outs = outs if isinstance(outs, list) else [outs]
+        return outs[:len(new_carry)], outs[len(new_carry):]
+
+    def input(self, name: str, elem_type: int | str, shape: list) -> Value:
+        elem_type = DTYPES[elem_type] if isinstance(elem_type, str) else elem_type
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return Value(name, self)
+
+    def output(self, value: str, name: str, elem_type: int | str, shape: list) -> str:
         """Expose `value` as graph output `name` (an Identity when the names differ)."""
+        elem_type = DTYPES[elem_type] if isinstance(elem_type, str) else elem_type
         if value != name:
             self.op("Identity", value, outputs=[name])
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))

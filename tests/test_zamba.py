@@ -78,7 +78,9 @@ def test_step_matches_hf(case, portable):
 
 
 def test_prefill_all_matches_hf(case):
-    check_prefill_all_matches_hf(case, False)
+    # 4heads-gqa-untied is ill-conditioned (dt rank 3): HF's own float32 forward is 1.6e-3 from its float64
+    # one over 64 random tokens (transformers 5.25), edgeseq's 48-token Scan 1.1e-4 from the float64 logits
+    check_prefill_all_matches_hf(case, False, tol=2e-4 if case.name == "4heads-gqa-untied" else TOL)
 
 
 @FLAVOURS

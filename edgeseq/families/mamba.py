@@ -143,16 +143,9 @@ class Mamba(Family):
         Plain ops for one token, a standard Scan for any number. ONNX Runtime's LinearAttention fits
         Mamba-1 only as one head per channel (d_k = n, d_v = 1), and measured slower that way than
         the Scan for both decode and prefill (docs/benchmarks.md), so both flavours use the Scan."""
-        log_a = b.op("Mul", b.op("Unsqueeze", dt, b.ints([-1])), b.w(o + "A"))  # (b, t, di, n)
-        dtx = b.op("Mul", dt, xs)  # (b, t, di)
-        a = b.op("Exp", log_a)  # (b, t, di, n)
-        u = b.op("Mul", b.op("Unsqueeze", dtx, b.ints([-1])), b.op("Unsqueeze", B, b.ints([2])))  # (b, t, di, n)
-        cc = b.op("Unsqueeze", C, b.ints([2]))  # (b, t, 1, n)
-        if tokens == 1:
-            sq = b.ints([1])
-            y, h = ssm.step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), b.op("Squeeze", cc, sq), h, -1)
-            return b.op("Unsqueeze", y, sq), h
-        return ssm.scan(b, a, u, cc, h, -1)
+        a = (dt.unsqueeze(-1) * b.w(o + "A")).exp()  # (b, t, di, n)
+        u = (dt * xs).unsqueeze(-1) * B.unsqueeze(2)  # (b, t, di, n)
+        return ssm.selective_scan(h, a=a, u=u, c=C.unsqueeze(2), reduce_axis=-1, one_token=tokens == 1)
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)

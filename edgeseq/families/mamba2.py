@@ -162,24 +162,17 @@ class Mamba2(Family):
         """SSD over dt·x (b, t, di); returns (y (b, t, di), new state (b, H, n, P))."""
         c = self.config
         H, N = c.n_heads, c.d_state
-        log_a = b.op("Mul", dt, b.w(o + "A"))  # (b, t, H)
+        log_a = dt * b.w(o + "A")  # (b, t, H)
         Bh = self._heads(b, B)  # (b, t, H*n)
         if fused:
             # q = C per group: LinearAttention shares each query head across H/G state heads
-            return ssm.linear_attention(b, C, Bh, dtx, h, log_a,
-                                        c.n_groups, H)
-        Bh = b.op("Reshape", Bh, b.ints([0, 0, H, N, 1]))
-        Ch = b.op("Reshape", self._heads(b, C), b.ints([0, 0, H, N, 1]))  # (b, t, H, n, 1)
-        a = b.op("Unsqueeze", b.op("Exp", log_a), b.ints([-1, -2]))  # (b, t, H, 1, 1)
-        dtx = b.op("Reshape", dtx, b.ints([0, 0, H, 1, c.head_dim]))
-        u = b.op("Mul", Bh, dtx)  # (b, t, H, n, P)
-        if tokens == 1:
-            sq = b.ints([1])
-            y, h = ssm.step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), b.op("Squeeze", Ch, sq), h, -2)
-            y = b.op("Unsqueeze", y, sq)
-        else:
-            y, h = ssm.scan(b, a, u, Ch, h, -2)
-        return b.op("Reshape", y, b.ints([0, 0, c.d_inner])), h
+            return ssm.linear_attention(C, Bh, dtx, state=h, log_decay=log_a, q_heads=c.n_groups, kv_heads=H)
+        Bh = Bh.reshape(0, 0, H, N, 1)
+        Ch = self._heads(b, C).reshape(0, 0, H, N, 1)  # (b, t, H, n, 1)
+        a = log_a.exp().unsqueeze(-1, -2)  # (b, t, H, 1, 1)
+        u = Bh * dtx.reshape(0, 0, H, 1, c.head_dim)  # (b, t, H, n, P)
+        y, h = ssm.selective_scan(h, a=a, u=u, c=Ch, reduce_axis=-2, one_token=tokens == 1)
+        return y.reshape(0, 0, c.d_inner), h
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)

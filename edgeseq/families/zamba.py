@@ -201,16 +201,10 @@ class Zamba(Family):
             v = b.op("Expand", b.op("Unsqueeze", v, b.ints([3])), b.ints([1, 1, 1, hd, 1]))
             return b.op("Reshape", v, b.ints([0, 0, c.d_inner, n]))
 
-        a = b.op("Exp", b.op("Mul", b.op("Unsqueeze", dt, b.ints([-1])), b.w(o + "A")))  # (b, t, di, n)
-        u = b.op("Mul", b.op("Unsqueeze", b.op("Mul", dt, xs), b.ints([-1])), per_channel(B))  # (b, t, di, n)
-        cc = per_channel(C)
-        if tokens == 1:
-            sq = b.ints([1])
-            y, rec = ssm.step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), b.op("Squeeze", cc, sq),
-                              rec_state, -1)
-            y = b.op("Unsqueeze", y, sq)
-        else:
-            y, rec = ssm.scan(b, a, u, cc, rec_state, -1)  # (b, t, di)
+        a = (dt.unsqueeze(-1) * b.w(o + "A")).exp()  # (b, t, di, n)
+        u = (dt * xs).unsqueeze(-1) * per_channel(B)  # (b, t, di, n)
+        y, rec = ssm.selective_scan(rec_state, a=a, u=u, c=per_channel(C), reduce_axis=-1,
+                                    one_token=tokens == 1)  # (b, t, di)
         y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
         y = b.op("Mul", y, silu(b, z))
         return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, rec
