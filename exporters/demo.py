@@ -14,17 +14,12 @@ import tempfile
 
 from edgeseq import __version__
 from edgeseq import demo
+from edgeseq.cache import cache_dir  # noqa: F401 (re-exported: the CLI names it)
 from edgeseq.errors import EdgeseqError
 
 MANIFEST = "edgeseq.json"
 
 
-def cache_dir() -> str:
-    root = os.environ.get("EDGESEQ_CACHE")
-    if root:
-        return root
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "edgeseq")
 
 
 def _digest(folder: str) -> str:

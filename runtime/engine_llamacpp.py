@@ -213,4 +213,5 @@ class LlamaCppSession:
 
     # the text side is edgeseq's own, the same code as the ONNX Runtime session's
     generate = Session.generate
+    _decode = Session._decode
     _token_ids = Session._token_ids

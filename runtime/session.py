@@ -308,13 +308,20 @@ class Session:
         hold = max((len(s) for s in stops), default=1) - 1
         st = self.stats = Stats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
-        logits = self.prefill(ids, progress) if ids else self._logits[0].copy()  # else: continue where the last call stopped
+        # no ids: continue from the logits after the last token fed
+        logits = self.prefill(ids, progress) if ids else self._logits[0].copy()
         st.prompt_seconds = time.perf_counter() - t0
         history = list(ids)
         stream = tok.stream()
-        pending = ""
         t0 = time.perf_counter()
         st.stopped_by = "max_tokens"
+        try:
+            yield from self._decode(logits, sampler, history, ends, stops, hold, stream, st, max_tokens)
+        finally:  # also when the caller stops early (closes this generator): the timings stay right
+            st.decode_seconds = time.perf_counter() - t0
+
+    def _decode(self, logits, sampler, history, ends, stops, hold, stream, st, max_tokens) -> Iterator[str]:
+        pending = ""
         for _ in range(max_tokens if max_tokens is not None and max_tokens >= 0 else sys.maxsize):
             nxt = sampler(logits, history)
             if nxt in ends:
@@ -326,6 +333,7 @@ class Session:
             pending += stream.push(nxt)
             cut = min((pending.find(s) for s in stops if s in pending), default=-1)
             if cut >= 0:
+                st.extra["stop"] = next(s for s in stops if pending.find(s) == cut)  # the one that matched
                 pending = pending[:cut]
                 st.stopped_by = "stop_string"
                 break
@@ -334,6 +342,5 @@ class Session:
                 pending = pending[len(pending) - hold:]
         if st.stopped_by != "stop_string":
             pending += stream.flush()
-        st.decode_seconds = time.perf_counter() - t0
         if pending:
             yield pending

@@ -1,0 +1,113 @@
+"""`edgeseq chat` through a real pseudo-terminal (pexpect): line editing and history, Ctrl-C mid-reply
+keeps the session, /save and /load (and their errors), multi-line input, Ctrl-C and Ctrl-D to end."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect", reason="pexpect is not installed (the test extra)")
+
+LEFT, UP, CTRL_C, CTRL_D = "\x1b[D", "\x1b[A", "\x03", "\x04"
+STATS = re.compile(rb"\[(\d+) tok, [\d.]+ tok/s \| prompt (\d+) tok.*?position (\d+).*?\]( \[stopped\])?")
+
+
+def spawn(bundle, tmp_path, *args):
+    env = {**os.environ, "EDGESEQ_MODEL": "", "EDGESEQ_CACHE": str(tmp_path / "cache"), "TERM": "xterm",
+           "NO_COLOR": "1"}
+    # greedy decoding of a random model never reaches its end token: -n -1 replies until Ctrl-C
+    return pexpect.spawn(sys.executable, ["-m", "edgeseq", "chat", str(bundle), "--temp", "0", *args], env=env,
+                         timeout=60, dimensions=(40, 200), cwd=str(tmp_path))
+
+
+def settle():
+    """Let readline take the terminal over after it prints the prompt: keys typed before that arrive in
+    the terminal's cooked mode, which no user types fast enough to meet."""
+    time.sleep(0.2)
+
+
+def stopped_reply(p, last_line: bytes):
+    p.expect_exact(last_line + b"\r\n")  # readline's echo of the last input line
+    p.expect(rb"\S")  # the reply streams
+    p.sendintr()
+    p.expect(STATS)
+    m = p.match
+    assert m.group(4), "the reply should be marked [stopped]"
+    p.expect_exact(b"> ")
+    return m
+
+
+def test_chat_in_a_terminal(byte_mamba, tmp_path):
+    p = spawn(byte_mamba.bundle(), tmp_path, "-n", "-1")
+    p.expect_exact(b"/help for commands")
+    p.expect_exact(b"> ")
+    # editing: the cursor moves left and a character goes in the middle
+    p.send(f"/save ab{LEFT}X\r")
+    p.expect(rb"\[saved state at position 0 to aXb\]")
+    p.expect_exact(b"> ")
+    # history: the last line comes back with the up arrow, and can be edited
+    p.send(f"{UP}\x7fc\r")
+    p.expect(rb"\[saved state at position 0 to aXc\]")
+    assert (tmp_path / "aXb").is_file() and (tmp_path / "aXc").is_file()
+    # Ctrl-C mid-reply stops only the reply; the conversation and the program go on
+    p.expect_exact(b"> ")
+    p.send("Hello\r")
+    m = stopped_reply(p, b"Hello")
+    first = int(m.group(3))
+    assert int(m.group(2)) == 5 and first > 5
+    p.send("/save s1\r")
+    p.expect(rb"\[saved state at position (\d+) to s1\]")
+    assert int(p.match.group(1)) == first  # nothing lost, nothing extra
+    p.expect_exact(b"> ")
+    # a multi-line block is one turn (one prompt of 1 + 7 tokens: a newline, then "one\ntwo")
+    p.send('"""\rone\rtwo"""\r')
+    m = stopped_reply(p, b'two"""')
+    assert int(m.group(2)) == 8
+    # a trailing backslash continues the line
+    p.send("a\\\rb\r")
+    m = stopped_reply(p, b". b")
+    assert int(m.group(2)) == 4
+    # errors are error: lines, the state stays
+    p.send("/save /nonexistent/dir/x.state\r")
+    p.expect(rb"error: /nonexistent/dir/x.state: cannot save")
+    p.expect_exact(b"> ")
+    p.send("/load missing.state\r")
+    p.expect(rb"error: missing.state")
+    p.expect_exact(b"> ")
+    p.send("/load s1\r")
+    p.expect(rb"\[loaded state at position (\d+) from s1\]")
+    assert int(p.match.group(1)) == first
+    p.expect_exact(b"> ")
+    p.send("/help\r")
+    p.expect_exact(b"/reset")
+    # Ctrl-C with text typed clears the line (the chat goes on); Ctrl-D at the prompt ends it
+    p.expect_exact(b"> ")
+    settle()
+    p.send("some text")
+    settle()
+    p.sendcontrol("c")
+    p.expect_exact(b"> ")
+    p.send("/save s2\r")
+    p.expect(rb"\[saved state at position (\d+) to s2\]")
+    assert int(p.match.group(1)) == first  # /load put the state back
+    p.expect_exact(b"> ")
+    settle()
+    p.send(CTRL_D)
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0, p.before
+    assert (tmp_path / "cache" / "chat_history").is_file()  # history is kept for the next chat
+
+
+def test_ctrl_c_at_an_empty_prompt_ends_cleanly(byte_mamba, tmp_path):
+    p = spawn(byte_mamba.bundle(), tmp_path)
+    p.expect_exact(b"> ")
+    settle()
+    p.sendintr()
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0 and b"Traceback" not in p.before
+    assert p.before.endswith(b"\r\n")
