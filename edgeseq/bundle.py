@@ -18,7 +18,7 @@ import os
 from edgeseq.errors import EdgeseqError
 
 FORMAT = "edgeseq-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chat_template may be the checkpoint's Jinja template ({"jinja": ...}); 1 still reads
 STATE_SPEC_VERSION = 1
 MANIFEST = "edgeseq.json"
 
@@ -80,7 +80,11 @@ def write_graphs(family, weights: dict, directory: str, meta: dict, portable: bo
 
 
 def write_manifest(directory: str, manifest: dict) -> None:
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_spec_version": STATE_SPEC_VERSION,
+    # format 2 only where it matters: a bundle whose chat template is Jinja; the rest stay readable by
+    # format-1 readers (the Node and web drivers of an older edgeseq)
+    ct = manifest.get("chat_template")
+    version = 2 if isinstance(ct, dict) and "jinja" in ct else 1
+    manifest = {"format": FORMAT, "format_version": version, "state_spec_version": STATE_SPEC_VERSION,
                 **manifest}
     tmp = os.path.join(directory, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
@@ -129,17 +133,18 @@ def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
         raise EdgeseqError(f"{directory}: not an edgeseq bundle (no {MANIFEST}); create one with 'edgeseq export'")
-    try:
-        with open(path) as f:
-            m = json.load(f)
-    except ValueError as e:
-        raise EdgeseqError(f"{path}: damaged manifest ({e})") from None
+    from edgeseq import integrity, manifest_check, safe_io  # reliability checks (docs/reliability.md)
+
+    m = safe_io.load_json_file(path, "manifest", 64 << 20)
+    if not isinstance(m, dict):
+        raise EdgeseqError(f"{path}: damaged manifest (not a JSON object)")
     if m.get("format") != FORMAT:
         raise EdgeseqError(f"{path}: not an edgeseq bundle manifest (format {m.get('format')!r})")
     version = m.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise EdgeseqError(f"{path}: bundle format {version} is newer than this edgeseq reads ({FORMAT_VERSION}); "
                            f"upgrade edgeseq (pip install -U edgeseq)")
+    manifest_check.check_manifest(m, directory)
     if m.get("state_spec_version", 0) > STATE_SPEC_VERSION:
         raise EdgeseqError(f"{path}: state spec version {m['state_spec_version']} is newer than this edgeseq reads")
     check_structure(m, path)
@@ -153,4 +158,5 @@ def read_manifest(directory: str) -> dict:
     for g in m.get("graphs", {}).values():
         if not os.path.isfile(os.path.join(directory, g["file"])):
             raise EdgeseqError(f"{os.path.join(directory, g['file'])}: missing (a graph of the bundle)")
+    integrity.check_at_load(directory, m)
     return m

@@ -18,7 +18,6 @@ import codecs
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -29,6 +28,9 @@ from edgeseq.families.base import GRAPH_KINDS
 from edgeseq.gguf_file import GGUFFile
 from edgeseq.gguf_names import family_of
 from edgeseq.graph import WeightStore
+from edgeseq import safe_io
+from edgeseq.integrity import sample_entry
+from edgeseq.weight_check import check_weights
 from edgeseq.tokenizer import RwkvWorldTokenizer
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 3, 4, 5
@@ -199,15 +201,17 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
         raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".edgeseq-gguf-", dir=parent)
+    tmp = safe_io.temp_dir(parent, ".edgeseq-gguf-")
     try:
         with GGUFFile(path) as g:
             fam, weights, matrices = family_of(g)
             wpath = os.path.join(tmp, "weights.bin")
             store = WeightStore(wpath)
-            for name, array in weights():
-                store.add(name, np.ascontiguousarray(array, dtype=np.float32))
+            with safe_io.converting(path):
+                for name, array in weights():
+                    store.add(name, np.ascontiguousarray(array, dtype=np.float32))
             weights_hash = store.close()
+            check_weights(fam, store.table, path)  # shapes against the config (docs/reliability.md)
             table = store.table
             specs = _repack_plan(g, fam, table, matrices, portable, requant8)
             if specs:
@@ -239,6 +243,10 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
                 os.replace(wpath + ".q", wpath)
                 table = build_table(store, old, specs)
             tok_spec, special = _tokenizer(g, tmp)
+            if chat_template is None:  # the GGUF's own tokenizer.chat_template, carried verbatim
+                from edgeseq.chat_template import gguf_template
+
+                chat_template = gguf_template(g, g.get("tokenizer.ggml.tokens", None, list))
             types = sorted({t.type_name for t in g.tensors.values()})
             arch = g.architecture
         flavour = "portable" if portable else "fused"
@@ -258,8 +266,9 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
             "config": fam.config_json(), "vocab_size": fam.vocab_size, "flavour": flavour, "quant": quant,
             "state": [s.to_json() for s in fam.state_spec()], "state_bytes_per_sequence": fam.state_bytes(),
             **fam.symbolic_dims, "graphs": graphs,
-            "weights": {"file": "weights.bin", "bytes": store.nbytes, "sha256": weights_hash},
-            "tokenizer": tok_spec, "chat_template": None, "initial_state": None, **special, "files": files,
+            "weights": {"file": "weights.bin", "bytes": store.nbytes, "sha256": weights_hash,
+                        **sample_entry(os.path.join(tmp, "weights.bin"))},
+            "tokenizer": tok_spec, "chat_template": chat_template or None, "initial_state": None, **special, "files": files,
             "source": {"path": os.path.abspath(path), "bytes": os.path.getsize(path)},
         })
         umask = os.umask(0)

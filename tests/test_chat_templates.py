@@ -1,0 +1,233 @@
+"""Chat templates: edgeseq renders a checkpoint's Jinja chat template to the same text as transformers'
+apply_chat_template, reads it from where checkpoints and GGUF files keep it, carries it in the bundle
+manifest (format 2), and chats with it; bundles with the older plain-string templates still chat."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edgeseq import EdgeseqError
+from edgeseq.chat_template import CHATML, checkpoint_template, from_spec, load_template_option, render_jinja
+
+# The published templates (facts about the models, as their tokenizer_config.json / chat_template.jinja
+# hold them). recurrentgemma-2b-it: Gemma's template (no system role; roles must alternate).
+GEMMA_IT = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+# LiquidAI LFM2.5 (LFM2's ChatML-like format; macros, namespaces, {% generation %}, tojson, strftime_now)
+LFM2 = r'''{{- bos_token -}}
+{%- set preserve_thinking = preserve_thinking | default(false) -%}
+{%- macro parse_content(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- else -%}
+        {%- set _ns = namespace(result="") -%}
+        {%- for item in content -%}
+            {%- if item["type"] == "text" -%}
+                {%- set _ns.result = _ns.result + item["text"] -%}
+            {%- else -%}
+                {%- set _ns.result = _ns.result + item | tojson -%}
+            {%- endif -%}
+        {%- endfor -%}
+        {{- _ns.result -}}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set ns = namespace(system_prompt="", last_user_index=-1) -%}
+{%- if messages[0]["role"] == "system" -%}
+    {%- if messages[0].get("content") -%}
+        {%- set ns.system_prompt = parse_content(messages[0]["content"]) -%}
+    {%- endif -%}
+    {%- set messages = messages[1:] -%}
+{%- endif -%}
+{%- if tools -%}
+    {%- set ns.system_prompt = ns.system_prompt + ("\n\n" if ns.system_prompt else "") + "List of tools: " + (tools | tojson) -%}
+{%- endif -%}
+{%- if ns.system_prompt -%}
+    {{- "<|im_start|>system\n" + ns.system_prompt + "<|im_end|>\n" -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- if message["role"] == "user" -%}
+        {%- set ns.last_user_index = loop.index0 -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- for message in messages -%}
+    {{- "<|im_start|>" + message.role + "\n" -}}
+    {%- if message.role == "assistant" -%}
+        {%- generation -%}
+        {%- if message.content is defined -%}
+            {%- set content = parse_content(message.content) -%}
+            {%- if not (preserve_thinking or loop.index0 > ns.last_user_index) -%}
+                {%- if "</think>" in content -%}
+                    {%- set content = content.split("</think>")[-1] | trim -%}
+                {%- endif -%}
+            {%- endif -%}
+            {{- content -}}
+        {%- endif -%}
+        {{- "<|im_end|>\n" -}}
+        {%- endgeneration -%}
+    {%- else %}
+        {%- if message.get("content") -%}
+            {{- parse_content(message["content"]) -}}
+        {%- endif -%}
+        {{- "<|im_end|>\n" -}}
+    {%- endif %}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- "<|im_start|>assistant\n" -}}
+{%- endif -%}
+'''
+TEMPLATES = {"recurrentgemma-it": (GEMMA_IT, "<bos>", "<eos>"), "lfm2": (LFM2, "<|startoftext|>", "<|im_end|>"),
+             "chatml": (CHATML, "<s>", "</s>")}
+CONVERSATIONS = {
+    "one turn": [{"role": "user", "content": "Hello there"}],
+    "three turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello! \n"},
+                    {"role": "user", "content": "What is 2+2? ünïcödé"}],
+    "system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    "thinking": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>hm</think> b"},
+                 {"role": "user", "content": "c"}],
+}
+
+
+def hf_tokenizer(template: str, bos: str, eos: str):
+    """A small tokenizer carrying the template and its special tokens, as a checkpoint's files hold them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", bos, eos, "<|im_start|>", "a", "b"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
+                                   chat_template=template)
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    pytest.importorskip("transformers")
+    return {name: hf_tokenizer(*t) for name, t in TEMPLATES.items()}
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_renders_as_transformers_does(tokenizers, name, tmp_path):
+    tok = tokenizers[name]
+    tok.save_pretrained(tmp_path)  # the files a checkpoint carries: what edgeseq export reads
+    spec = checkpoint_template(str(tmp_path))
+    assert spec["jinja"] == TEMPLATES[name][0]
+    assert spec["special_tokens"]["bos_token"] == TEMPLATES[name][1]
+    for what, messages in CONVERSATIONS.items():
+        for gen in (True, False):
+            try:
+                want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+            except Exception as e:  # the template refuses it (raise_exception): so must edgeseq, saying why
+                with pytest.raises(EdgeseqError, match="chat template: ") as ours:
+                    render_jinja(spec["jinja"], messages, gen, spec["special_tokens"])
+                assert str(e) in str(ours.value)
+                continue
+            assert render_jinja(spec["jinja"], messages, gen, spec["special_tokens"]) == want, (name, what, gen)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    if name == "lfm2":
+        want = tok.apply_chat_template(CONVERSATIONS["one turn"], tools=tools, tokenize=False,
+                                       add_generation_prompt=True)
+        assert render_jinja(spec["jinja"], CONVERSATIONS["one turn"], True, spec["special_tokens"], tools=tools) == want
+
+
+def test_raise_exception_is_an_error_naming_the_template():
+    with pytest.raises(EdgeseqError, match="System role not supported"):
+        render_jinja(GEMMA_IT, CONVERSATIONS["system"], True, {"bos_token": "<bos>"})
+
+
+def test_the_sandbox_holds(tmp_path):
+    bad = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(Exception):
+        render_jinja(bad, [], True)
+    (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %")
+    with pytest.raises(EdgeseqError, match="t.jinja:1: not a Jinja template"):
+        load_template_option(str(tmp_path / "t.jinja"))
+
+
+def test_named_templates_in_tokenizer_config(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>",
+        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": CHATML}]}))
+    spec = checkpoint_template(str(tmp_path))
+    assert spec["jinja"] == CHATML and spec["special_tokens"] == {"bos_token": "<s>", "eos_token": "</s>"}
+    assert load_template_option(str(tmp_path / "tokenizer_config.json"))["jinja"] == CHATML
+    assert load_template_option("chatml")["jinja"] == CHATML and load_template_option("none") == {}
+
+
+# -- in bundles and chats ----------------------------------------------------------------------------------
+def _bundle_with(byte_mamba, tmp_path, template, version):
+    b = tmp_path / "bundle"
+    shutil.copytree(byte_mamba.bundle(), b)
+    m = json.loads((b / "edgeseq.json").read_text())
+    m["chat_template"], m["format_version"] = template, version
+    (b / "edgeseq.json").write_text(json.dumps(m))
+    return b
+
+
+def _fed(chat) -> list[str]:
+    prompts = []
+    gen = chat.session.generate
+
+    def recording(prompt, **kw):
+        prompts.append(prompt)
+        return gen(prompt, **kw)
+
+    chat.session.generate = recording
+    return prompts
+
+
+def test_chat_feeds_only_what_the_template_adds(byte_mamba, tmp_path):
+    import edgeseq
+    from edgeseq.runtime.chat import Chat
+
+    spec = {"jinja": GEMMA_IT, "special_tokens": {"bos_token": "<bos>"}, "source": "tokenizer_config.json"}
+    b = _bundle_with(byte_mamba, tmp_path, spec, 2)
+    c = Chat(edgeseq.load(b), max_tokens=3, temperature=0)
+    fed = _fed(c)
+    first = "".join(c.handle("Hi"))
+    "".join(c.handle("Again"))
+    assert fed[0] == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    # the reply ended at max_tokens: its closing comes first, then the new turn, nothing fed twice
+    assert fed[1] == "<end_of_turn>\n<start_of_turn>user\nAgain<end_of_turn>\n<start_of_turn>model\n"
+    assert c.messages[1] == {"role": "assistant", "content": first}
+    assert c.consumed == render_jinja(GEMMA_IT, c.messages, False, {"bos_token": "<bos>"})[:len(c.consumed)]
+
+
+def test_an_old_bundle_with_a_plain_template_still_chats(byte_mamba, tmp_path):
+    import edgeseq
+    from edgeseq.chat_template import WORLD
+    from edgeseq.runtime.chat import Chat
+
+    b = _bundle_with(byte_mamba, tmp_path, WORLD, 1)
+    c = Chat(edgeseq.load(b), system="Be kind.", max_tokens=3, temperature=0)
+    fed = _fed(c)
+    "".join(c.handle("Hi"))
+    assert fed[0] == "System: Be kind.\n\nUser: Hi\n\nAssistant:"
+    assert c.mode == "chat template plain"
+
+
+def test_gguf_to_bundle_keeps_the_template(byte_mamba, tmp_path):
+    from edgeseq.bundle import read_manifest
+    from edgeseq.exporters.gguf_writer import export_gguf
+    from edgeseq.gguf_bundle import gguf_to_bundle
+
+    plain = tmp_path / "plain.gguf"
+    export_gguf(str(byte_mamba.ckpt), str(plain), quant="f32")
+    with_t = tmp_path / "chat.gguf"
+    r = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(plain), str(with_t),
+                        "--chat-template", GEMMA_IT, "--force"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    gguf_to_bundle(str(with_t), str(tmp_path / "b"))
+    m = read_manifest(str(tmp_path / "b"))
+    assert m["format_version"] == 2 and m["chat_template"]["jinja"] == GEMMA_IT
+    assert m["chat_template"]["source"] == "GGUF tokenizer.chat_template"
+    t = from_spec(m["chat_template"])
+    assert "<end_of_turn>" in t.stop
