@@ -13,72 +13,53 @@ A reset (the first token of a sequence, absolute position 0) drops h_{t-1} and u
 first token of a call can sit at position 0, so the graphs pass `keep`: (1, t, 1), 0 at a reset, else 1.
 
 Graph pieces: `gates` (both block-diagonal gates as one batched MatMul), `step` (one token, plain
-ops), `scan` (any number of tokens: a standard ONNX Scan whose body is the step). `rglru_ref` is the
+ops), `recurrence` (the step over a call's tokens: a standard ONNX Scan whose body is the step). `rglru_ref` is the
 numpy reference.
 """
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper
 
-from edgeseq.graph import GraphBuilder
+from edgeseq.graph import Value
 
 
-def gates(b: GraphBuilder, x: str, weight: str, bias: str, heads: int, width: int) -> tuple[str, str]:
+def gates(x: Value, *, weight: Value, bias: Value, heads: int, width: int) -> tuple[Value, Value]:
     """x (b, t, W); weight (H, 1, w, 2w) = [input gate | a gate] per block; bias (H, 2w).
     Returns sigmoid gates (gate_x, gate_a), each (b, t, W)."""
     w = width // heads
-    xh = b.op("Transpose", b.op("Reshape", x, b.ints([0, 0, heads, w])), perm=[2, 0, 1, 3])  # (H, b, t, w)
-    g = b.op("Transpose", b.op("MatMul", xh, b.w(weight)), perm=[1, 2, 0, 3])  # (b, t, H, 2w)
-    g = b.op("Sigmoid", b.op("Add", g, b.w(bias)))
-    gx, ga = (b.op("Reshape", v, b.ints([0, 0, width]))
-              for v in b.op("Split", g, b.ints([w, w]), axis=-1, outputs=2))
+    xh = x.reshape(0, 0, heads, w).transpose(2, 0, 1, 3)  # (H, b, t, w)
+    g = ((xh @ weight).transpose(1, 2, 0, 3) + bias).sigmoid()  # (b, t, H, 2w)
+    gx, ga = (v.reshape(0, 0, width) for v in g.split([w, w], axis=-1))
     return gx, ga  # (b, t, W) each
 
 
-def inputs(b: GraphBuilder, x: str, gx: str, ga: str, neg_c: str, keep: str) -> tuple[str, str]:
+def inputs(x: Value, *, gx: Value, ga: Value, neg_c: Value, keep: Value) -> tuple[Value, Value]:
     """The recurrence's decay a and input u = m · gate_x · x, both (b, t, W). `keep` (1, t, 1) is 0 at a
     reset: there a = 0 and m = 1."""
-    log_a = b.op("Mul", ga, b.w(neg_c))  # (b, t, W), <= 0
-    e = b.op("Exp", log_a)
-    a = b.op("Mul", e, keep)
+    log_a = ga * neg_c  # (b, t, W), <= 0
+    e = log_a.exp()
+    a = e * keep
     # 1 - a² written as -2·a·sinh(log a): the same number, without the cancellation of 1 - a² in float32
     # when a is near 1 (there 1 - a² keeps only a few significant bits and sqrt passes the error on)
-    m = b.op("Sqrt", b.op("Mul", b.op("Mul", e, b.op("Sinh", log_a)), b.const(-2.0)))
-    m = b.op("Add", b.op("Mul", m, keep), b.op("Sub", b.const(1.0), keep))
-    return a, b.op("Mul", b.op("Mul", x, gx), m)
+    m = (e * x.b.op("Sinh", log_a) * -2.0).sqrt()
+    m = m * keep + (1.0 - keep)
+    return a, x * gx * m
 
 
-def step(b: GraphBuilder, a: str, u: str, h: str, names: tuple[str, str] | None = None) -> tuple[str, str]:
-    """One token: a, u, h (b, W). Returns (y, new h), named `names` if given (y is h)."""
-    y_name, h_name = names or (None, None)
-    h_new = b.op("Add", b.op("Mul", a, h), u, outputs=[h_name] if h_name else 1)
-    y = b.op("Identity", h_new, outputs=[y_name]) if y_name else h_new
-    return y, h_new
+def step(h: Value, *, a: Value, u: Value) -> tuple[Value, Value]:
+    """One token: a, u, h (b, W). Returns (y, new h); y is h."""
+    h = a * h + u
+    return h, h
 
 
-def scan(b: GraphBuilder, a: str, u: str, h: str) -> tuple[str, str]:
-    """a, u (b, t, W), h (b, W). Returns (y (b, t, W), final h)."""
-    name = b.fresh("rglru_body")
-    body = GraphBuilder({}, name=name, prefix=name + "/")
-    f = TensorProto.FLOAT
-    hb, ab, ub = (body.input(n, f, None) for n in ("h_in", "a_t", "u_t"))
-    step(body, ab, ub, hb, names=("y_t", "h_out"))
-    body.output("h_out", "h_out", f, None)
-    body.output("y_t", "y_t", f, None)
-    graph = helper.make_graph(body.nodes, body.name, body.inputs, body.outputs, list(body.initializers.values()))
-    h_final, y = b.op("Scan", h, a, u, outputs=2, body=graph, num_scan_inputs=2,
-                      scan_input_axes=[1, 1], scan_output_axes=[1])
-    return y, h_final
+def recurrence(h: Value, *, a: Value, u: Value, one_token: bool) -> tuple[Value, Value]:
+    """a, u (b, t, W), h (b, W): the step over a call's tokens. Returns (y (b, t, W), new h (b, W))."""
+    def body(h, a, u):
+        y, h = step(h, a=a, u=u)
+        return [h], [y]
 
-
-def recurrence(b: GraphBuilder, a: str, u: str, h: str, tokens: int | None) -> tuple[str, str]:
-    """The step when the graph has one token, else the Scan. Returns (y (b, t, W), new h (b, W))."""
-    if tokens == 1:
-        sq = b.ints([1])
-        y, h = step(b, b.op("Squeeze", a, sq), b.op("Squeeze", u, sq), h)
-        return b.op("Unsqueeze", y, sq), h
-    return scan(b, a, u, h)
+    (h,), (y,) = h.b.recur(body, [h], [a, u], one_token, squeeze_time=True, name="rglru")
+    return y, h
 
 
 # -- export-time transforms and the numpy reference ------------------------------------------------

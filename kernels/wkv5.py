@@ -10,8 +10,8 @@ S is kept (b, H, N, N), ONNX Runtime LinearAttention's (H, d_k, d_v) layout, so 
 one state layout.
 
 Three ways to build it:
-- `step`: one token, plain ops (the step graph; also the Scan body).
-- `scan`: any number of tokens, a standard ONNX Scan whose body is `step` (portable prefill).
+- `step`: one token, plain ops; `wkv` runs it over a call's tokens (the step itself for one token, a
+  standard ONNX Scan whose body is `step` otherwise: the portable prefill).
 - `linear_attention`: com.microsoft LinearAttention, gated rule, per-key decay log(w). That op reads
   the state *after* the token's update (o_t = q_t · S'_t), while RWKV reads it *before*. Feeding the
   op the previous token's k and v (k'_t = k_{t-1}, v'_t = v_{t-1}; k'_0 = 0 with decay 1) makes its
@@ -22,36 +22,25 @@ Three ways to build it:
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper
 
-from edgeseq.graph import MS_DOMAIN, GraphBuilder
-
-
-def step(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, w: str,
-         names: tuple[str, str] | None = None) -> tuple[str, str]:
-    """One token: r, k, v (b, H, N); s (b, H, N, N); u, w (H, N, 1) values. Returns (out (b, H, N), new s)."""
-    y_name, s_name = names or (None, None)
-    kv = b.op("Mul", b.op("Unsqueeze", k, b.ints([-1])), b.op("Unsqueeze", v, b.ints([-2])))  # (b, H, N, N)
-    both = b.op("Add", b.op("Mul", u, kv), s)
-    y = b.op("ReduceSum", b.op("Mul", b.op("Unsqueeze", r, b.ints([-1])), both), b.ints([-2]), keepdims=0,
-             outputs=[y_name] if y_name else 1)
-    s_new = b.op("Add", kv, b.op("Mul", w, s), outputs=[s_name] if s_name else 1)
-    return y, s_new
+from edgeseq.graph import MS_DOMAIN, GraphBuilder, Value
 
 
-def scan(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, w: str) -> tuple[str, str]:
-    """r, k, v (b, t, H, N); u, w are values of the outer graph (the body reads them by name)."""
-    name = b.fresh("wkv5_body")
-    body = GraphBuilder({}, name=name, prefix=name + "/")  # names unique model-wide (SSA across bodies)
-    f = TensorProto.FLOAT
-    sb, rb, kb, vb = (body.input(n, f, None) for n in ("s_in", "r_t", "k_t", "v_t"))
-    step(body, rb, kb, vb, sb, u, w, names=("y_t", "s_out"))
-    body.output("s_out", "s_out", f, None)
-    body.output("y_t", "y_t", f, None)
-    graph = helper.make_graph(body.nodes, body.name, body.inputs, body.outputs, list(body.initializers.values()))
-    s_final, y = b.op("Scan", s, r, k, v, outputs=2, body=graph, num_scan_inputs=3,
-                      scan_input_axes=[1, 1, 1], scan_output_axes=[1])
-    return y, s_final
+def step(s: Value, *, r: Value, k: Value, v: Value, u: Value, w: Value) -> tuple[Value, Value]:
+    """One token: r, k, v (b, H, N); s (b, H, N, N); u, w broadcast to (H, N, 1). Returns (out (b, H, N), new s)."""
+    kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # (b, H, N, N)
+    y = (r.unsqueeze(-1) * (u * kv + s)).sum(-2, keepdims=False)
+    return y, kv + w * s
+
+
+def wkv(s: Value, *, r: Value, k: Value, v: Value, u: Value, w: Value, one_token: bool) -> tuple[Value, Value]:
+    """r, k, v (b, t, H, N), or (b, H, N) for one token; u, w values of the outer graph (per-token w: wkv6)."""
+    def body(s, r, k, v):
+        y, s = step(s, r=r, k=k, v=v, u=u, w=w)
+        return [s], [y]
+
+    (s,), (y,) = s.b.recur(body, [s], [r, k, v], one_token, name="wkv5")
+    return y, s
 
 
 def linear_attention(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, log_w: str, w_last: str,

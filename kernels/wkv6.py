@@ -9,7 +9,7 @@ S is (b, H, N, N) (key × value), as in kernels/wkv5.py. The one-token update is
 broadcasts, so a per-token (b, H, N, 1) decay fits as is); what changes is that w becomes a scanned
 input of the Scan, and LinearAttention gets the per-token log-decay instead of a fixed one.
 
-- `scan`: standard ONNX Scan over r, k, v and w (portable prefill).
+- `wkv`: v5.2's step over a call's tokens, w scanned with r, k and v (the portable prefill).
 - `linear_attention`: com.microsoft LinearAttention (gated rule, per-key decay), with the same
   one-token shift as wkv5.linear_attention: the op sees k, v and log w of the previous token, so its
   state after token t is RWKV's S_{t-1}; the bonus is added outside and the last token's update is
@@ -19,27 +19,20 @@ input of the Scan, and LinearAttention gets the per-token log-decay instead of a
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper
 
-from edgeseq.graph import GraphBuilder
+from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels import wkv5
-from edgeseq.kernels.wkv5 import step  # noqa: F401  (the one-token update is v5.2's)
 
 
-def scan(b: GraphBuilder, r: str, k: str, v: str, w: str, s: str, u: str) -> tuple[str, str]:
-    """r, k, v (b, t, H, N); w (b, t, H, N, 1); s (b, H, N, N); u (H, N, 1) a value of the outer graph.
-    Returns (out (b, t, H, N), new s)."""
-    name = b.fresh("wkv6_body")
-    body = GraphBuilder({}, name=name, prefix=name + "/")
-    f = TensorProto.FLOAT
-    sb, rb, kb, vb, wb = (body.input(n, f, None) for n in ("s_in", "r_t", "k_t", "v_t", "w_t"))
-    step(body, rb, kb, vb, sb, u, wb, names=("y_t", "s_out"))
-    body.output("s_out", "s_out", f, None)
-    body.output("y_t", "y_t", f, None)
-    graph = helper.make_graph(body.nodes, body.name, body.inputs, body.outputs, list(body.initializers.values()))
-    s_final, y = b.op("Scan", s, r, k, v, w, outputs=2, body=graph, num_scan_inputs=4,
-                      scan_input_axes=[1, 1, 1, 1], scan_output_axes=[1])
-    return y, s_final
+def wkv(s: Value, *, r: Value, k: Value, v: Value, w: Value, u: Value, one_token: bool) -> tuple[Value, Value]:
+    """r, k, v (b, t, H, N); w (b, t, H, N, 1), the per-token decay; s (b, H, N, N); u (H, N, 1) a value
+    of the outer graph. For one token the time axis is absent. Returns (out (b, t, H, N), new s)."""
+    def body(s, r, k, v, w):
+        y, s = wkv5.step(s, r=r, k=k, v=v, u=u, w=w)
+        return [s], [y]
+
+    (s,), (y,) = s.b.recur(body, [s], [r, k, v, w], one_token, name="wkv6")
+    return y, s
 
 
 def linear_attention(b: GraphBuilder, r: str, k: str, v: str, log_w: str, s: str, u: str,

@@ -7,17 +7,16 @@ RWKV-7 feeds a = -kk, b = kk·iclr (kk the normalized key; iclr the in-context l
 a bᵀ term removes part of what the state held along kk before v kᵀ writes the new value. Rows of S
 are value channels, columns key channels: the reference's (H, N, N) layout, kept as the state.
 
-`step` is one token with plain ops (no loop); `scan` is any number of tokens as a standard ONNX Scan
-whose body is `step`. Inputs come shaped for broadcasting against S (b, H, N, N): columns
+`step` is one token with plain ops (no loop); `wkv` runs it over a call's tokens (a standard ONNX Scan
+whose body is `step` when there are several). Inputs come shaped for broadcasting against S (b, H, N, N): columns
 (b, [t,] H, N, 1) for a, v, r and rows (b, [t,] H, 1, N) for w, b, k; `column`/`row` reshape
 (b, t, H·N) tensors into those.
 """
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto, helper
 
-from edgeseq.graph import GraphBuilder
+from edgeseq.graph import GraphBuilder, Value
 
 
 def column(b: GraphBuilder, x: str, heads: int, size: int, time_axis: bool) -> str:
@@ -30,31 +29,21 @@ def row(b: GraphBuilder, x: str, heads: int, size: int, time_axis: bool) -> str:
     return b.op("Reshape", x, b.ints([0, 0, heads, 1, size] if time_axis else [-1, heads, 1, size]))
 
 
-def step(b: GraphBuilder, S: str, r: str, w: str, k: str, v: str, a: str, bb: str,
-         names: tuple[str, str] | None = None) -> tuple[str, str]:
+def step(S: Value, *, r: Value, w: Value, k: Value, v: Value, a: Value, bb: Value) -> tuple[Value, Value]:
     """One token. S (b, H, N, N); r, v, a columns; w, k, bb rows. Returns (y (b, H, N, 1), new S)."""
-    y_name, s_name = names or (None, None)
-    decayed = b.op("Mul", S, w)  # S · diag(w): each key column scaled by its decay
-    removed = b.op("Mul", b.op("MatMul", S, a), bb)  # (S a) bᵀ
-    written = b.op("Mul", v, k)  # v kᵀ
-    s_new = b.op("Add", b.op("Add", decayed, removed), written, outputs=[s_name] if s_name else 1)
-    y = b.op("MatMul", s_new, r, outputs=[y_name] if y_name else 1)
-    return y, s_new
+    S = S * w + (S @ a) * bb + v * k  # S·diag(w) + (S a) bbᵀ + v kᵀ
+    return S @ r, S
 
 
-def scan(b: GraphBuilder, S: str, r: str, w: str, k: str, v: str, a: str, bb: str) -> tuple[str, str]:
-    """Inputs with the time axis at position 1. Returns (y (b, t, H, N, 1), final S)."""
-    name = b.fresh("wkv7_body")
-    body = GraphBuilder({}, name=name, prefix=name + "/")  # names unique model-wide (SSA across bodies)
-    f = TensorProto.FLOAT
-    sb, rb, wb, kb, vb, ab, bbb = (body.input(n, f, None) for n in ("s_in", "r_t", "w_t", "k_t", "v_t", "a_t", "b_t"))
-    step(body, sb, rb, wb, kb, vb, ab, bbb, names=("y_t", "s_out"))
-    body.output("s_out", "s_out", f, None)
-    body.output("y_t", "y_t", f, None)
-    graph = helper.make_graph(body.nodes, body.name, body.inputs, body.outputs, list(body.initializers.values()))
-    s_final, y = b.op("Scan", S, r, w, k, v, a, bb, outputs=2, body=graph, num_scan_inputs=6,
-                      scan_input_axes=[1] * 6, scan_output_axes=[1])
-    return y, s_final
+def wkv(S: Value, *, r: Value, w: Value, k: Value, v: Value, a: Value, bb: Value, one_token: bool):
+    """Inputs as `step` takes them, with the time axis at position 1 unless one_token.
+    Returns (y (b, [t,] H, N, 1), final S)."""
+    def body(S, r, w, k, v, a, bb):
+        y, S = step(S, r=r, w=w, k=k, v=v, a=a, bb=bb)
+        return [S], [y]
+
+    (S,), (y,) = S.b.recur(body, [S], [r, w, k, v, a, bb], one_token, name="wkv7")
+    return y, S
 
 
 def wkv7_ref(S: np.ndarray, r, w, k, v, a, bb):

@@ -11,11 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import edgeseq
-from edgeseq.graph import OPSET, GraphBuilder
-from edgeseq.kernels import wkv6
 from rwkv_builders import (FLAVOURS, VOCAB, build_cases, check_matches_package, check_save_load_fork,
                            check_state_shapes, tol)
 
@@ -152,43 +149,3 @@ def test_rwkv6_rejects_a_source_it_does_not_read():
 
     with pytest.raises(UnsupportedError):
         Rwkv6.read_config(Src())
-
-
-def test_wkv6_scan_matches_reference():
-    """The Scan fragment (per-token decay) against the numpy reference, and the reference against the
-    update written out per head."""
-    import onnxruntime as ort
-
-    rng = np.random.default_rng(2)
-    b, t, h, n = 2, 5, 3, 4
-    r, k, v = (rng.standard_normal((b, t, h, n)).astype(np.float32) for _ in range(3))
-    w = rng.uniform(0.1, 1.0, (b, t, h, n)).astype(np.float32)
-    u = rng.standard_normal((h, n, 1)).astype(np.float32)
-    S0 = rng.standard_normal((b, h, n, n)).astype(np.float32)
-    y_ref, S_ref = wkv6.wkv6_ref(r, k, v, w, S0, u)
-    S = S0.astype(np.float64).copy()
-    for bi in range(b):
-        for ti in range(t):
-            for hi in range(h):
-                a = np.outer(k[bi, ti, hi], v[bi, ti, hi])
-                assert np.allclose(r[bi, ti, hi] @ (u[hi] * a + S[bi, hi]), y_ref[bi, ti, hi], atol=1e-4)
-                S[bi, hi] = a + w[bi, ti, hi][:, None] * S[bi, hi]
-    assert np.allclose(S, S_ref, atol=1e-4)
-
-    g = GraphBuilder({}, name="wkv6_test")
-    f = TensorProto.FLOAT
-    ins = {nm: g.input(nm, f, [b, t, h, n]) for nm in ("r", "k", "v")}
-    w_in = g.input("w", f, [b, t, h, n, 1])
-    s_in = g.input("S", f, [b, h, n, n])
-    u_c = g.const(u)
-    y, s_out = wkv6.scan(g, ins["r"], ins["k"], ins["v"], w_in, s_in, u_c)
-    g.output(y, "y", f, [b, t, h, n])
-    g.output(s_out, "S_out", f, [b, h, n, n])
-    model = helper.make_model(helper.make_graph(g.nodes, "wkv6_test", g.inputs, g.outputs,
-                                                list(g.initializers.values())),
-                              opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 10
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y_got, S_got = sess.run(["y", "S_out"], {"r": r, "k": k, "v": v, "w": w[..., None], "S": S0})
-    assert np.abs(y_got - y_ref).max() < 1e-4
-    assert np.abs(S_got - S_ref).max() < 1e-4

@@ -12,13 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import edgeseq
 from edgeseq.exporters.export import export
 from edgeseq.exporters.rwkvcpp import RwkvCppFile
-from edgeseq.graph import OPSET, GraphBuilder
-from edgeseq.kernels import wkv7
 from rwkv_builders import FLAVOURS, RwkvCase, attach_references, check_matches_package, check_save_load_fork, \
     check_state_shapes
 
@@ -198,45 +195,3 @@ def test_state_spec(bundles):
     assert np.isfinite(logits).all() and s.position == 300
     assert {k: v.shape for k, v in s.state().items()} == want
     assert m.state_bytes == sum(v.nbytes for v in s.state().values())
-
-
-def test_wkv7_kernel_matches_reference():
-    """The Scan fragment against the numpy reference, and the reference against the rwkv package's
-    update written out per head: S = S·w + (S a) bᵀ + v kᵀ, y = S r."""
-    rng = np.random.default_rng(1)
-    b, t, h, n = 2, 5, 3, 4
-    r, k, v, a, bb = (rng.standard_normal((b, t, h, n)).astype(np.float32) for _ in range(5))
-    w = rng.uniform(0.5, 1.0, (b, t, h, n)).astype(np.float32)
-    S0 = rng.standard_normal((b, h, n, n)).astype(np.float32)
-    y_ref, S_ref = wkv7.wkv7_ref(S0, r, w, k, v, a, bb)
-    S = S0.astype(np.float64).copy()
-    for bi in range(b):
-        for ti in range(t):
-            for hi in range(h):
-                ab = np.outer(a[bi, ti, hi], bb[bi, ti, hi])
-                S[bi, hi] = S[bi, hi] * w[bi, ti, hi][None, :] + S[bi, hi] @ ab + np.outer(v[bi, ti, hi], k[bi, ti, hi])
-                assert np.allclose(S[bi, hi] @ r[bi, ti, hi], y_ref[bi, ti, hi], atol=1e-4)
-    assert np.allclose(S, S_ref, atol=1e-4)
-
-    import onnxruntime as ort
-
-    g = GraphBuilder({}, name="wkv7_test")
-    f = TensorProto.FLOAT
-    names = ("r", "w", "k", "v", "a", "b")
-    ins = {nm: g.input(nm, f, [b, t, h * n]) for nm in names}
-    s_in = g.input("S", f, [b, h, n, n])
-    col = lambda x: wkv7.column(g, x, h, n, True)  # noqa: E731
-    row = lambda x: wkv7.row(g, x, h, n, True)  # noqa: E731
-    y, s_out = wkv7.scan(g, s_in, col(ins["r"]), row(ins["w"]), row(ins["k"]), col(ins["v"]), col(ins["a"]),
-                         row(ins["b"]))
-    g.output(g.op("Reshape", y, g.ints([0, 0, h * n])), "y", f, [b, t, h * n])
-    g.output(s_out, "S_out", f, [b, h, n, n])
-    model = helper.make_model(helper.make_graph(g.nodes, "wkv7_test", g.inputs, g.outputs,
-                                                list(g.initializers.values())),
-                              opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 10
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {nm: x.reshape(b, t, h * n) for nm, x in zip(names, (r, w, k, v, a, bb))}
-    y_got, S_got = sess.run(["y", "S_out"], {**feeds, "S": S0})
-    assert np.abs(y_got - y_ref.reshape(b, t, h * n)).max() < 1e-4
-    assert np.abs(S_got - S_ref).max() < 1e-4

@@ -277,10 +277,11 @@ class RecurrentGemma(Family):
                     b, b.op("Transpose", u, perm=[0, 2, 1]), state[f"past_key_values.{i}.conv_state"], o + "conv",
                     o + "conv_bias", c.lru_width, c.conv_width, silu=False, fused=fused)
                 u = b.op("Transpose", u, perm=[0, 2, 1])  # (b, t, W)
-                gx, ga = rglru.gates(b, u, o + "gate_w", o + "gate_b", c.n_heads, c.lru_width)
-                a, u = rglru.inputs(b, u, gx, ga, o + "neg_c", keep)
+                gx, ga = rglru.gates(u, weight=b.w(o + "gate_w"), bias=b.w(o + "gate_b"), heads=c.n_heads,
+                                     width=c.lru_width)
+                a, u = rglru.inputs(u, gx=gx, ga=ga, neg_c=b.w(o + "neg_c"), keep=keep)
                 u, out[f"present.{i}.recurrent_state"] = rglru.recurrence(
-                    b, a, u, state[f"past_key_values.{i}.recurrent_state"], tokens)
+                    state[f"past_key_values.{i}.recurrent_state"], a=a, u=u, one_token=tokens == 1)
                 t_out = linear(b, b.op("Mul", u, y), o + "linear_out", o + "linear_out_bias")
             else:
                 t_out, out[f"present.{i}.key"], out[f"present.{i}.value"] = self._attention(

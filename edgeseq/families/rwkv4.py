@@ -113,19 +113,14 @@ class Rwkv4(Family):
             o, s = f"layers.{i}.", f"past_key_values.{i}."
             xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", self.config.norm_eps)
             shifted, out[f"present.{i}.shift_att"] = token_shift(b, xx, state[s + "shift_att"], tokens)
-            r = b.op("Sigmoid", b.op("MatMul", lerp(b, xx, shifted, o + "att.time_mix_r"), b.w(o + "att.receptance")))
-            k = b.op("MatMul", lerp(b, xx, shifted, o + "att.time_mix_k"), b.w(o + "att.key"))
-            v = b.op("MatMul", lerp(b, xx, shifted, o + "att.time_mix_v"), b.w(o + "att.value"))
-            u, w = b.w(o + "att.time_first"), b.w(o + "att.time_decay")
-            aa, bb, pp = (state[s + n] for n in ("aa", "bb", "pp"))
-            if tokens == 1:
-                sq = b.ints([1])
-                wkv, aa, bb, pp = wkv4.step(b, b.op("Squeeze", k, sq), b.op("Squeeze", v, sq), aa, bb, pp, u, w)
-                wkv = b.op("Unsqueeze", wkv, sq)
-            else:
-                wkv, aa, bb, pp = wkv4.scan(b, k, v, aa, bb, pp, u, w)
-            out[f"present.{i}.aa"], out[f"present.{i}.bb"], out[f"present.{i}.pp"] = aa, bb, pp
-            x = b.op("Add", x, b.op("MatMul", b.op("Mul", r, wkv), b.w(o + "att.output")))
+            r = (lerp(b, xx, shifted, o + "att.time_mix_r") @ b.w(o + "att.receptance")).sigmoid()
+            k = lerp(b, xx, shifted, o + "att.time_mix_k") @ b.w(o + "att.key")
+            v = lerp(b, xx, shifted, o + "att.time_mix_v") @ b.w(o + "att.value")
+            wkv, *new_state = wkv4.wkv(state[s + "aa"], state[s + "bb"], state[s + "pp"], k=k, v=v,
+                                       u=b.w(o + "att.time_first"), w=b.w(o + "att.time_decay"),
+                                       one_token=tokens == 1)
+            out[f"present.{i}.aa"], out[f"present.{i}.bb"], out[f"present.{i}.pp"] = new_state
+            x = x + (r * wkv) @ b.w(o + "att.output")
             x, out[f"present.{i}.shift_ffn"] = channel_mix(b, x, state[s + "shift_ffn"], o, tokens)
         return x, out
 

@@ -184,25 +184,21 @@ class Rwkv5(Family):
         xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", LN_EPS)
         shifted, new_prev = token_shift(b, xx, prev, tokens)
         mats = (("r", "receptance"), ("k", "key"), ("v", "value")) + ((("g", "gate"),) if c.gate else ())
-        r, k, v, *g = (b.op("MatMul", lerp(b, xx, shifted, f"{o}att.time_mix_{m}"), b.w(f"{o}att.{name}"))
-                       for m, name in mats)
+        r, k, v, *g = (lerp(b, xx, shifted, f"{o}att.time_mix_{m}") @ b.w(f"{o}att.{name}") for m, name in mats)
         u, w = b.w(o + "att.bonus"), b.w(o + "att.decay")
-        if tokens == 1:
-            # step graph: plain ops in both flavours
-            heads = b.ints([-1, H, N])  # (b, 1, C) -> (b, H, N)
-            y, s = wkv5.step(b, *(b.op("Reshape", z, heads) for z in (r, k, v)), s, u, w)
-            y = b.op("Reshape", y, b.ints([-1, 1, C]))
-        elif fused:
-            log_w = b.op("Add", b.op("Mul", k, b.const(0.0)), b.w(o + "att.log_decay"))  # (b, t, H*N)
+        if fused and tokens != 1:
+            log_w = k * 0.0 + b.w(o + "att.log_decay")  # (b, t, H*N): the constant decay, per token
             y, s = wkv5.linear_attention(b, r, k, v, s, u, log_w, w, H, N)
-        else:
-            heads = b.ints([0, 0, H, N])
-            y, s = wkv5.scan(b, *(b.op("Reshape", z, heads) for z in (r, k, v)), s, u, w)
-            y = b.op("Reshape", y, b.ints([0, 0, C]))
+        else:  # plain ops in both flavours: the step itself for one token, a Scan of it for several
+            one = tokens == 1
+            heads = (-1, H, N) if one else (0, 0, H, N)  # (b, t, C) -> (b, [t,] H, N)
+            y, s = wkv5.wkv(s, r=r.reshape(*heads), k=k.reshape(*heads), v=v.reshape(*heads), u=u, w=w,
+                            one_token=one)
+            y = y.reshape(*((-1, 1, C) if one else (0, 0, C)))
         y = group_norm(b, y, H, C, o + "att.ln_x.weight", o + "att.ln_x.bias", c.ln_x_eps)
         if g:  # v5.1/v5.2: silu gate; v5.0 has none
-            y = b.op("Mul", y, silu(b, g[0]))
-        y = b.op("MatMul", y, b.w(o + "att.output"))
+            y = y * g[0].silu()
+        y = y @ b.w(o + "att.output")
         return b.op("Add", x, y), new_prev, s
 
     def head(self, b: GraphBuilder, hidden: str) -> str:

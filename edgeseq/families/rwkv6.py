@@ -150,27 +150,21 @@ class Rwkv6(Family):
                      b.op("Mul", b.op("Unsqueeze", sx, b.ints([2])), mix))
         xw, xk, xv, xr, xg = b.op("Split", mixed, b.ints([1] * 5), axis=2, outputs=5)
         xw, xk, xv, xr, xg = (b.op("Squeeze", z, b.ints([2])) for z in (xw, xk, xv, xr, xg))
-        r, k, v, g = (b.op("MatMul", z, b.w(f"{o}att.{name}"))
+        r, k, v, g = (z @ b.w(f"{o}att.{name}")
                       for z, name in ((xr, "receptance"), (xk, "key"), (xv, "value"), (xg, "gate")))
-        d = b.op("Add", b.w(o + "att.decay"), b.op("MatMul", b.op("Tanh", b.op("MatMul", xw, b.w(o + "att.decay_w1"))),
-                                                     b.w(o + "att.decay_w2")))
-        log_w = b.op("Neg", b.op("Exp", d))  # (b, t, C): log of the decay w = exp(-exp(d))
+        d = b.w(o + "att.decay") + (xw @ b.w(o + "att.decay_w1")).tanh() @ b.w(o + "att.decay_w2")
+        log_w = -d.exp()  # (b, t, C): log of the decay w = exp(-exp(d))
         u = b.w(o + "att.bonus")
-        if tokens == 1:
-            heads = b.ints([-1, H, N])  # (b, 1, C) -> (b, H, N)
-            w = b.op("Exp", b.op("Reshape", log_w, b.ints([-1, H, N, 1])))
-            y, s = wkv6.step(b, *(b.op("Reshape", z, heads) for z in (r, k, v)), s, u, w)
-            y = b.op("Reshape", y, b.ints([-1, 1, C]))
-        elif fused:
+        if fused and tokens != 1:
             y, s = wkv6.linear_attention(b, r, k, v, log_w, s, u, H, N)
-        else:
-            heads = b.ints([0, 0, H, N])
-            w = b.op("Exp", b.op("Reshape", log_w, b.ints([0, 0, H, N, 1])))
-            y, s = wkv6.scan(b, *(b.op("Reshape", z, heads) for z in (r, k, v)), w, s, u)
-            y = b.op("Reshape", y, b.ints([0, 0, C]))
+        else:  # plain ops in both flavours: the step itself for one token, a Scan of it for several
+            one = tokens == 1
+            heads = (-1, H, N) if one else (0, 0, H, N)  # (b, t, C) -> (b, [t,] H, N)
+            y, s = wkv6.wkv(s, r=r.reshape(*heads), k=k.reshape(*heads), v=v.reshape(*heads),
+                            w=log_w.reshape(*heads, 1).exp(), u=u, one_token=one)
+            y = y.reshape(*((-1, 1, C) if one else (0, 0, C)))
         y = group_norm(b, y, H, C, o + "att.ln_x.weight", o + "att.ln_x.bias", c.ln_x_eps)
-        y = b.op("MatMul", b.op("Mul", y, silu(b, g)), b.w(o + "att.output"))
-        return b.op("Add", x, y), new_prev, s
+        return x + (y * g.silu()) @ b.w(o + "att.output"), new_prev, s
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return head(b, hidden, self.config.vocab_size)

@@ -248,36 +248,30 @@ class Rwkv7(Family):
         c = self.config
         H, N, C = c.n_head, c.head_size, c.n_embd
         o = f"layers.{i}.att."
-        mm = lambda x, w: b.op("MatMul", x, b.w(o + w))  # noqa: E731
-        d = b.op("Sub", shifted, xx)
-        xr, xw, xk, xv, xa, xg = (b.op("Add", xx, b.op("Mul", d, b.w(f"{o}x_{m}"))) for m in MIXES)
-        r, k, v = mm(xr, "receptance"), mm(xk, "key"), mm(xv, "value")
-        w = b.op("Sigmoid", b.op("Add", b.w(o + "w0"), mm(b.op("Tanh", mm(xw, "w1")), "w2")))
-        w = b.op("Exp", b.op("Mul", w, b.const(-math.exp(-0.5))))
-        a = b.op("Sigmoid", b.op("Add", b.w(o + "a0"), mm(mm(xa, "a1"), "a2")))
-        g = mm(b.op("Sigmoid", mm(xg, "g1")), "g2")
-        kk = b.op("Reshape", b.op("Mul", k, b.w(o + "k_k")), b.ints([0, 0, H, N]))
-        norm = b.op("Max", b.op("ReduceL2", kk, b.ints([-1]), keepdims=1), b.const(1e-12))  # F.normalize
-        kk = b.op("Reshape", b.op("Div", kk, norm), b.ints([0, 0, C]))
-        k = b.op("Mul", k, b.op("Add", b.const(1.0), b.op("Mul", b.op("Sub", a, b.const(1.0)), b.w(o + "k_a"))))
+        W = lambda name: b.w(o + name)  # noqa: E731
+        d = shifted - xx
+        xr, xw, xk, xv, xa, xg = (xx + d * W(f"x_{m}") for m in MIXES)
+        r, k, v = xr @ W("receptance"), xk @ W("key"), xv @ W("value")
+        w = (W("w0") + (xw @ W("w1")).tanh() @ W("w2")).sigmoid()
+        w = (w * -math.exp(-0.5)).exp()  # the decay, in (exp(-e^-0.5), 1)
+        a = (W("a0") + xa @ W("a1") @ W("a2")).sigmoid()  # the in-context learning rate
+        g = (xg @ W("g1")).sigmoid() @ W("g2")
+        kk = (k * W("k_k")).reshape(0, 0, H, N)
+        kk = (kk / b.op("ReduceL2", kk, b.ints([-1]), keepdims=1).maximum(1e-12)).reshape(0, 0, C)  # F.normalize
+        k = k * (1.0 + (a - 1.0) * W("k_a"))
         if i == 0:
             v_first = v
         else:
-            gate = b.op("Sigmoid", b.op("Add", b.w(o + "v0"), mm(mm(xv, "v1"), "v2")))
-            v = b.op("Add", v, b.op("Mul", b.op("Sub", v_first, v), gate))
-        neg_kk, kk_a = b.op("Neg", kk), b.op("Mul", kk, a)
-        timed = tokens != 1
-        col = lambda x: wkv7.column(b, x, H, N, timed)  # noqa: E731
-        row = lambda x: wkv7.row(b, x, H, N, timed)  # noqa: E731
-        args = (S, col(r), row(w), row(k), col(v), col(neg_kk), row(kk_a))
-        y, S = wkv7.scan(b, *args) if timed else wkv7.step(b, *args)
-        y = b.op("Reshape", y, b.ints([0, 0, C] if timed else [-1, 1, C]))  # (b, t, C)
+            v = v + (v_first - v) * (W("v0") + xv @ W("v1") @ W("v2")).sigmoid()
+        one = tokens == 1
+        col = lambda x: wkv7.column(b, x, H, N, not one)  # noqa: E731
+        row = lambda x: wkv7.row(b, x, H, N, not one)  # noqa: E731
+        y, S = wkv7.wkv(S, r=col(r), w=row(w), k=row(k), v=col(v), a=col(-kk), bb=row(kk * a), one_token=one)
+        y = y.reshape(*((-1, 1, C) if one else (0, 0, C)))  # (b, t, C)
         y = group_norm(b, y, H, C, o + "ln_x.weight", o + "ln_x.bias", c.gn_eps)
-        rk = b.op("ReduceSum", b.op("Reshape", b.op("Mul", b.op("Mul", r, k), b.w(o + "r_k")), b.ints([0, 0, H, N])),
-                  b.ints([-1]), keepdims=1)  # (b, t, H, 1)
-        bonus = b.op("Reshape", b.op("Mul", rk, b.op("Reshape", v, b.ints([0, 0, H, N]))), b.ints([0, 0, C]))
-        y = b.op("Mul", b.op("Add", y, bonus), g)
-        return mm(y, "output"), v_first, S
+        rk = (r * k * W("r_k")).reshape(0, 0, H, N).sum(-1)  # (b, t, H, 1)
+        y = (y + (rk * v.reshape(0, 0, H, N)).reshape(0, 0, C)) * g
+        return y @ W("output"), v_first, S
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return head(b, hidden, self.config.vocab_size, self.config.ln_eps)
