@@ -96,9 +96,26 @@ def load(path, device: str = "cpu", threads: int | None = None, **options) -> Mo
     from edgeseq.gguf_file import is_gguf
 
     if path.endswith(".gguf") or os.path.isfile(path) and is_gguf(path):
-        from edgeseq.runtime.gguf_model import load_gguf
+        from edgeseq.runtime.gguf_model import engine_name, load_gguf
 
+        if engine_name(engine) == "onnxruntime" and options.pop("cache", True) and os.path.isfile(path):
+            return _cached_gguf(path, device, threads, **options)
         return load_gguf(path, device=device, threads=threads, engine=engine, **options)
     if engine not in (None, "ort", "onnxruntime"):
         raise EdgeseqError(f"{path}: engine {engine!r} runs GGUF files only; bundles run in ONNX Runtime")
     return Model(path, device=device, threads=threads, **options)
+
+
+def _cached_gguf(path: str, device: str, threads: int | None, **options) -> Model:
+    """A GGUF for ONNX Runtime: converted to a bundle once, kept in the cache folder keyed by the file's
+    identity (edgeseq.cache) and reused by every later load; `cache=False` converts into a temporary
+    folder removed at exit instead (edgeseq.runtime.gguf_model)."""
+    from edgeseq.cache import cached_bundle, file_identity
+    from edgeseq.gguf_bundle import gguf_to_bundle
+
+    conv = {"portable": bool(options.pop("portable", False)), "accuracy_level": int(options.pop("accuracy_level", 4)),
+            "requant8": bool(options.pop("requant8", True))}
+    d, made = cached_bundle("gguf", path, [file_identity(path), conv], lambda out: gguf_to_bundle(path, out, **conv))
+    m = Model(d, device=device, threads=threads, **options)
+    m.source, m.converted_now = path, made
+    return m

@@ -75,6 +75,10 @@ CASES = [
     ("out-in-proc", "export {ckpt} -o /proc/edgeseq-out", None, "/proc/edgeseq-out"),
     ("tokenizer-missing", "export {ckpt} -o {tmp}/out --tokenizer {tmp}/tok.json", None, "tok.json"),
     ("chat-template-missing", "export {ckpt} -o {tmp}/out --chat-template {tmp}/t.jinja", None, "t.jinja"),
+    # the cache
+    ("cache-rm-unknown", "cache rm nothing-here", {"EDGESEQ_CACHE": "{tmp}/cache"}, "nothing-here: not in the cache"),
+    ("cache-rm-nothing", "cache rm", {"EDGESEQ_CACHE": "{tmp}/cache"}, "--all"),
+    ("cache-max-size-bad", "cache --max-size lots", {"EDGESEQ_CACHE": "{tmp}/cache"}, "not a size"),
 ]
 
 
@@ -106,6 +110,7 @@ def _argv(spec, places) -> list[str]:
 DRIVER = r"""
 import json, os, sys
 import edgeseq.cli, edgeseq.cli_args, edgeseq.gguf_file, edgeseq.exporters.cache, numpy  # imported once
+import edgeseq.runtime.model, edgeseq.exporters.export, edgeseq.cache, jinja2  # (what some cases reach)
 out = []
 for argv, env, cwd, log in json.load(sys.stdin):
     pid = os.fork()
@@ -134,7 +139,8 @@ print(json.dumps(out))
 def results(places, tmp_path_factory):
     logs = tmp_path_factory.mktemp("cli_error_logs")
     before = (_listing(places["tmp"]), _listing(places["bundle"]))
-    jobs = [[_argv(c[1], places), {"EDGESEQ_MODEL": "", **(c[2] or {})}, str(places["tmp"]), str(logs / c[0])]
+    jobs = [[_argv(c[1], places), {"EDGESEQ_MODEL": "", **{k: v.format(**places) for k, v in (c[2] or {}).items()}},
+             str(places["tmp"]), str(logs / c[0])]
             for c in CASES]
     r = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(jobs).encode("utf-8", "surrogateescape"),
                        capture_output=True, timeout=300)
