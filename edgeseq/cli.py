@@ -440,6 +440,14 @@ def export(
                f"{peak_rss_mb():.0f} MB")
 
 
+@app.command()
+def verify(model: str = typer.Argument(..., metavar="MODEL", help="bundle folder or .gguf file")):
+    """Check a model against its manifest: every file's size and full sha256, graphs' external data."""
+    from edgeseq.integrity import verify as verify_model
+
+    typer.echo(verify_model(model))
+
+
 def main() -> None:
     try:  # typer >= 0.2x carries its own click; older ones use click itself
         from typer._click import exceptions as cx

@@ -38,6 +38,36 @@ TYPE_NAMES = {0: "u8", 1: "i8", 2: "u16", 3: "i16", 4: "u32", 5: "i32", 6: "f32"
               9: "array", 10: "u64", 11: "i64", 12: "f64"}
 
 
+# value types of the metadata keys edgeseq reads (by the key's last part: llama.cpp's and edgeseq's own
+# keys); a key of another type is a damaged file, refused at parse time rather than where it is used
+_INTS = (0, 1, 2, 3, 4, 5, 10, 11)
+_NUMBERS = _INTS + (6, 12)
+_INT_SUFFIXES = ("block_count", "_count", "_length", "_size", "_kernel", "_rank", "_token_id", "_dim", "alignment",
+                 "_layers", "_version", "file_type", "head_count_kv")
+_BOOL_KEYS = ("add_space_prefix", "add_bos_token", "add_eos_token", "dt_b_c_rms")
+_STR_KEYS = ("general.architecture", "general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "edgeseq.family",
+             "edgeseq.config", "edgeseq.state", "tokenizer.chat_template")
+_ARRAYS = {"tokenizer.ggml.tokens": (STRING,), "tokenizer.ggml.merges": (STRING,),
+           "tokenizer.ggml.token_type": _INTS, "tokenizer.ggml.scores": _NUMBERS}
+MAX_INT_VALUE = 1 << 40
+
+
+def expected_type(key: str):
+    """(what, accepted GGUF value types, accepted array element types or None) for a known key, else None."""
+    last = key.rsplit(".", 1)[-1]
+    if key in _ARRAYS:
+        return "an array", (ARRAY,), _ARRAYS[key]
+    if key in _STR_KEYS:
+        return "a string", (STRING,), None
+    if last in _BOOL_KEYS:
+        return "a bool", (7,), None
+    if "epsilon" in last or last.endswith(("_eps", "scale")):
+        return "a number", _NUMBERS, None
+    if last.endswith(_INT_SUFFIXES):
+        return "an integer", _INTS, None
+    return None
+
+
 def ggml_types() -> dict[int, tuple[str, int, int]]:
     """ggml type id -> (name, block size in elements, bytes per block), from the gguf package's table."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -167,6 +197,7 @@ class GGUFFile:
                 raise self._err(f"metadata key {key} appears twice")
             self.kv[key] = value
             self.kv_types[key] = (vtype, struct.unpack_from("<I", self._mm, at)[0]) if vtype == ARRAY else (vtype,)
+            self._check_type(key, value, n_tensors)
         align = self.kv.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0 or align & (align - 1) or align > 1 << 20:
             raise self._err(f"general.alignment {align!r} is not a power of two")
@@ -206,6 +237,35 @@ class GGUFFile:
                 raise self._err(f"truncated: tensor {name!r} needs bytes {start}..{start + nbytes}, the file has "
                                 f"{self.size}")
             self.tensors[name] = TensorInfo(name, shape, gtype, tname, start, nbytes)
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (a0, z0, n0), (a1, z1, n1) in zip(spans, spans[1:]):
+            if a1 < z0:
+                raise self._err(f"tensors {n0!r} and {n1!r} overlap (bytes {a1}..{min(z0, z1)} of the file)")
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id"):
+            tokens = self.kv.get("tokenizer.ggml.tokens")
+            if key in self.kv and isinstance(tokens, list) and self.kv[key] >= len(tokens):
+                raise self._err(f"metadata {key} is {self.kv[key]}, but the vocabulary has {len(tokens)} tokens")
+
+    def _check_type(self, key: str, value, n_tensors: int) -> None:
+        """A known key has its type, counts are non-negative and bounded by what the file holds (a
+        block_count beyond the tensor count would make every per-layer loop run that long)."""
+        want = expected_type(key)
+        if want is None:
+            return
+        what, vtypes, etypes = want
+        got = self.kv_types[key]
+        if got[0] not in vtypes or etypes is not None and got[1] not in etypes:
+            shown = TYPE_NAMES.get(got[0], got[0]) + (f" of {TYPE_NAMES.get(got[1], got[1])}" if len(got) > 1 else "")
+            raise self._err(f"metadata {key} is {shown}, expected {what}"
+                            + (f" of {'/'.join(TYPE_NAMES[t] for t in etypes)}" if etypes else ""))
+        if what == "an integer":
+            hi = n_tensors if key.endswith(".block_count") else MAX_INT_VALUE
+            if not 0 <= value <= hi:
+                raise self._err(f"metadata {key} is {value}, expected 0 to {hi}"
+                                + (" (at most one layer per tensor of the file)" if hi == n_tensors else ""))
+        if what == "a number" and not np.isfinite(value):
+            raise self._err(f"metadata {key} is {value}, expected a finite number")
 
     # -- access --------------------------------------------------------------------------------
     @property

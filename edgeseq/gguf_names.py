@@ -562,9 +562,13 @@ def generic_family(g) -> tuple[object, Callable, dict]:
 def family_of(g):
     """(family instance, canonical weight iterator factory, {canonical matrix: (GGUF tensor, transposed)})
     for any GGUF edgeseq reads."""
+    from edgeseq.safe_io import check_config
+
     arch = g.architecture
     if arch.startswith(GENERIC_PREFIX):
-        return generic_family(g)
+        fam, weights, matrices = generic_family(g)
+        check_config(fam.config, g.path, max_layers=len(g.tensors))
+        return fam, weights, matrices
     m = LLAMA_ARCHS.get(arch)
     if m is None:
         known = sorted(LLAMA_ARCHS) + [GENERIC_PREFIX + "<family>"]
@@ -572,7 +576,13 @@ def family_of(g):
     from edgeseq.families import family_by_name
 
     cls = family_by_name(m.family, g.path)
-    fam = cls(cls.Config(**m.config(g)))
+    try:  # the metadata and tensor shapes are the file's: what does not add up is the file's fault
+        config = cls.Config(**m.config(g))
+    except (ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
+        raise EdgeseqError(f"{g.path}: its metadata does not describe a {arch} model ({type(e).__name__}: "
+                           f"{str(e)[:200]})") from None
+    check_config(config, g.path, max_layers=len(g.tensors))  # before anything loops over n_layer
+    fam = cls(config)
     return fam, lambda: m.from_gguf(fam, g), m.matrices(fam)
 
 

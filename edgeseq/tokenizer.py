@@ -8,6 +8,9 @@ import codecs
 import os
 
 from edgeseq.errors import EdgeseqError
+from edgeseq.safe_io import foreign_error  # native-library errors and panics, named (docs/reliability.md)
+
+MAX_VOCAB_LINE = 4096
 
 
 class ByteTokenizer:
@@ -33,6 +36,7 @@ class RwkvWorldTokenizer:
     END_OF_TURN = 261  # "\n\n"
 
     def __init__(self, path: str):
+        self.path = path
         self.id_to_bytes: dict[int, bytes] = {}
         try:
             with open(path, encoding="utf-8") as f:
@@ -40,18 +44,23 @@ class RwkvWorldTokenizer:
                     line = line.rstrip("\n")
                     if not line:
                         continue
+                    if len(line) > MAX_VOCAB_LINE:  # the longest real entry is ~300 characters
+                        raise EdgeseqError(f"{path}:{n}: a vocabulary line of {len(line)} characters (at most "
+                                           f"{MAX_VOCAB_LINE} expected)")
                     try:
                         idx = int(line[:line.index(" ")])
                         tok = ast.literal_eval(line[line.index(" "):line.rindex(" ")].strip())
                         tok = tok.encode("utf-8") if isinstance(tok, str) else tok
                         length = int(line[line.rindex(" "):])
-                    except (ValueError, SyntaxError):
+                    except (ValueError, SyntaxError, MemoryError, RecursionError):
                         raise EdgeseqError(f"{path}:{n}: not a vocabulary line: {line[:60]!r}") from None
                     if not isinstance(tok, bytes) or len(tok) != length:
                         raise EdgeseqError(f"{path}:{n}: entry {idx} does not have the length it declares")
                     self.id_to_bytes[idx] = tok
         except OSError as e:
             raise EdgeseqError(f"{path}: cannot read the RWKV vocabulary ({e.strerror})") from None
+        except UnicodeDecodeError as e:  # raised by the line iterator, outside the per-line parse
+            raise EdgeseqError(f"{path}: the RWKV vocabulary is not UTF-8 ({e.reason} near byte {e.start})") from None
         self.bytes_to_id = {v: k for k, v in self.id_to_bytes.items()}
         self.lengths = sorted({len(b) for b in self.bytes_to_id}, reverse=True)
 
@@ -66,7 +75,7 @@ class RwkvWorldTokenizer:
                     i += n
                     break
             else:  # every single byte is in the vocabulary, so this cannot happen with the real file
-                raise EdgeseqError(f"byte {src[i]:#x} is not in the RWKV vocabulary")
+                raise EdgeseqError(f"{self.path}: byte {src[i]:#x} is not in the RWKV vocabulary")
         return out
 
     def decode(self, ids) -> str:
@@ -82,16 +91,24 @@ class HFTokenizer:
     def __init__(self, path: str):
         from tokenizers import Tokenizer
 
+        self.path = path
         try:
             self._tok = Tokenizer.from_file(path)
-        except Exception as e:  # the Rust library reports parse errors as plain Exception
-            raise EdgeseqError(f"{path}: cannot read this tokenizer.json ({e})") from None
+        except BaseException as e:  # the Rust library reports parse errors as plain Exception (or panics)
+            raise foreign_error(e, path, "reading this tokenizer.json") from None
+        self.encode("edgeseq: ÿ ✓ 😀\n")  # a normalizer or pre-tokenizer that panics is found at load
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except BaseException as e:  # a Rust panic (PanicException) is a BaseException
+            raise foreign_error(e, self.path, "encoding with this tokenizer.json") from None
 
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        try:
+            return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        except BaseException as e:
+            raise foreign_error(e, self.path, "decoding with this tokenizer.json") from None
 
     def stream(self) -> "TextStream":
         return _DiffStream(self)

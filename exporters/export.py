@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
-from edgeseq import __version__
+from edgeseq import __version__, integrity, safe_io
 from edgeseq.bundle import sha256_file, write_graphs, write_manifest
 from edgeseq.errors import EdgeseqError
 from edgeseq.families import family_for_architecture
 from edgeseq.graph import WeightStore
 from edgeseq.exporters.checkpoint import open_checkpoint
 from edgeseq.quant import parse_quant, quantize_tensor
+from edgeseq.weight_check import check_weights
 from edgeseq.tokenizer import RwkvWorldTokenizer, find_rwkv_vocab, sentencepiece_to_tokenizer_json
 
 
@@ -117,8 +117,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
     if os.path.exists(out) and not force:
         raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
     ckpt = open_checkpoint(checkpoint)
-    fam_cls = family_for_architecture(ckpt.architecture, f"{checkpoint}/config.json")
-    family = fam_cls(fam_cls.read_config(ckpt))
+    family = read_family(ckpt, checkpoint)
     init_arrays = None
     if initial_state:
         if not os.path.isfile(initial_state):
@@ -132,7 +131,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
 
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".edgeseq-export-", dir=parent)
+    tmp = safe_io.temp_dir(parent, ".edgeseq-export-")
     try:
         store = WeightStore(os.path.join(tmp, "weights.bin"))
         items = family.convert(ckpt)
@@ -140,9 +139,11 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             from tqdm import tqdm
 
             items = tqdm(items, desc="weights", unit="tensor", leave=False, disable=None)
-        for name, array in items:
-            store.add(name, quantize_tensor(name, array, quant))
+        with safe_io.converting(checkpoint):
+            for name, array in items:
+                store.add(name, quantize_tensor(name, array, quant))
         weights_hash = store.close()
+        check_weights(family, store.table, checkpoint)
         table, qspecs = store.table, {}
         if quant in ("int8", "int4"):
             from edgeseq.quant import onnx_quant
@@ -180,7 +181,8 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             "state_bytes_per_sequence": family.state_bytes(),
             **family.symbolic_dims,  # e.g. max_context: the default length of a full-attention KV ring
             "graphs": graphs,
-            "weights": {"file": "weights.bin", "bytes": store.nbytes, "sha256": weights_hash},
+            "weights": {"file": "weights.bin", "bytes": store.nbytes, "sha256": weights_hash,
+                        **integrity.sample_entry(os.path.join(tmp, "weights.bin"))},
             "tokenizer": tok_spec,
             "chat_template": chat_template,
             "initial_state": init_spec,
@@ -188,13 +190,32 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             "files": files,
             "source": {"path": os.path.abspath(checkpoint), "bytes": ckpt.weights_bytes()},
         })
+        integrity.verify_bundle(tmp, full=True)  # what was written reads back as the manifest says
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is as readable as any new folder
+        safe_io.fsync_tree(tmp)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk: a clear error, and the temporary folder is gone
+            raise safe_io.disk_error(e, out) from None
         raise
     return out
+
+
+def read_family(ckpt, checkpoint: str):
+    """The family and its config from a checkpoint; the config's reading is the first use of untrusted
+    fields (config.json, the tensor table), so anything that does not fit is an error naming the file."""
+    where = f"{checkpoint}/config.json" if os.path.isdir(checkpoint) else checkpoint
+    fam_cls = family_for_architecture(ckpt.architecture, where)
+    try:
+        config = fam_cls.read_config(ckpt)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise EdgeseqError(f"{where}: does not describe a {fam_cls.name} model ({type(e).__name__}: "
+                           f"{str(e)[:200]})") from None
+    safe_io.check_config(config, where, max_layers=len(ckpt.keys()))
+    return fam_cls(config)
+

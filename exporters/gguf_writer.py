@@ -20,7 +20,6 @@ from edgeseq import __version__
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.exporters.checkpoint import open_checkpoint
 from edgeseq.exporters.export import _special_tokens, _tokenizer_source
-from edgeseq.families import family_for_architecture
 from edgeseq.gguf_names import GENERIC_PREFIX, arch_for, generic_metadata, keep_f32
 from edgeseq.tokenizer import RwkvWorldTokenizer
 
@@ -244,8 +243,10 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
     if os.path.exists(out) and not force:
         raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
     ckpt = open_checkpoint(checkpoint)
-    fam_cls = family_for_architecture(ckpt.architecture, f"{checkpoint}/config.json")
-    fam = fam_cls(fam_cls.read_config(ckpt))
+    from edgeseq import safe_io
+    from edgeseq.exporters.export import read_family
+
+    fam = read_family(ckpt, checkpoint)  # config checked against the file (docs/reliability.md)
     amap, why_generic = arch_for(fam)
     arch = amap.arch if amap else GENERIC_PREFIX + fam.name
     generic = amap is None
@@ -258,12 +259,13 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
     weights = fam.convert(ckpt)
     items = weights if generic else amap.to_gguf(fam, weights)
     tensors: list[tuple[str, np.ndarray]] = []
-    for name, a in items:
-        if len(name.encode()) >= 64:
-            raise UnsupportedError(f"tensor name {name!r} is longer than GGUF's 63 bytes")
-        if name in ("token_embd.weight", "output.weight") and a.shape[0] != vocab:
-            a = _pad_rows(a, vocab)  # llama.cpp checks the rows against the (padded) token count
-        tensors.append((name, a))
+    with safe_io.converting(checkpoint):
+        for name, a in items:
+            if len(name.encode()) >= 64:
+                raise UnsupportedError(f"tensor name {name!r} is longer than GGUF's 63 bytes")
+            if name in ("token_embd.weight", "output.weight") and a.shape[0] != vocab:
+                a = _pad_rows(a, vocab)  # llama.cpp checks the rows against the (padded) token count
+            tensors.append((name, a))
     shapes = {n: a.shape for n, a in tensors}
     tied = "output.weight" not in shapes
 
@@ -298,10 +300,13 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=progress)
         w.close()
+        safe_io.fsync_tree(tmp)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a full disk: named, and the partial file is gone
+            raise safe_io.disk_error(e, out) from None
         raise
     return {"architecture": arch, "family": fam.name, "types": used, "generic_because": why_generic,
             "vocab": vocab}

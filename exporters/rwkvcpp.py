@@ -31,7 +31,9 @@ _QUANT = {2: "Q4_0", 3: "Q4_1", 7: "Q5_0", 8: "Q5_1", 9: "Q8_0"}
 
 
 def _nbytes(path: str, name: str, ttype: int, shape: tuple[int, ...], version: int) -> int:
-    count = int(np.prod(shape))
+    count = 1
+    for d in shape:  # Python integers: np.prod would wrap around (65536**4 == 0 in int64)
+        count *= d
     if ttype in _TYPES:
         return count * np.dtype(_TYPES[ttype]).itemsize
     if ttype not in _QUANT:
@@ -71,6 +73,9 @@ class RwkvCppFile:
             if version not in VERSIONS:
                 raise UnsupportedError(f"{path}: rwkv.cpp file version {version} is not supported "
                                        f"(supported: {', '.join(map(str, VERSIONS))})")
+            if min(n_vocab, n_embed, n_layer) <= 0 or n_layer > size // 12:
+                raise EdgeseqError(f"{path}: damaged header (n_vocab {n_vocab}, n_embed {n_embed}, n_layer {n_layer} "
+                                   f"in a file of {size} bytes)")
             self.config = {"n_vocab": n_vocab, "n_embed": n_embed, "n_layer": n_layer, "data_type": data_type,
                            "file_version": version}
             pos = 24
@@ -82,11 +87,21 @@ class RwkvCppFile:
                 if not 0 < n_dims <= 4 or not 0 < name_len < 1024:
                     raise EdgeseqError(f"{path}: damaged tensor record at byte {pos} ({n_dims} dims, name of "
                                        f"{name_len} bytes)")
-                dims = struct.unpack(f"<{n_dims}i", f.read(4 * n_dims))
-                name = f.read(name_len).decode("utf-8", errors="replace")
+                rest = f.read(4 * n_dims + name_len)
+                if len(rest) < 4 * n_dims + name_len:
+                    raise EdgeseqError(f"{path}: truncated tensor record at byte {pos} (its dims and name need "
+                                       f"{4 * n_dims + name_len} bytes, {len(rest)} remain)")
+                dims = struct.unpack_from(f"<{n_dims}i", rest)
+                try:
+                    name = rest[4 * n_dims:].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise EdgeseqError(f"{path}: damaged tensor record at byte {pos} (its name is not UTF-8: "
+                                       f"{rest[4 * n_dims:][:40]!r})") from None
                 shape = tuple(reversed(dims))  # ggml lists the fastest-varying dimension first
                 if any(d <= 0 for d in shape):
                     raise EdgeseqError(f"{path}: damaged tensor record {name!r} (shape {shape})")
+                if name in self.meta:
+                    raise EdgeseqError(f"{path}: tensor {name!r} appears twice (at byte {pos})")
                 offset = f.tell()
                 nbytes = _nbytes(path, name, ttype, shape, version)
                 if offset + nbytes > size:
@@ -129,7 +144,7 @@ class RwkvCppFile:
             raw = np.fromfile(self.path, dtype=np.uint8, count=nbytes, offset=offset)
             rows = int(np.prod(shape[:-1]))
             return quants.dequantize(raw.reshape(rows, -1), qtype).reshape(shape).astype(np.float32, copy=False)
-        count = int(np.prod(shape))
+        count = _nbytes(self.path, name, ttype, shape, 101) // np.dtype(_TYPES[ttype]).itemsize
         arr = np.fromfile(self.path, dtype=_TYPES[ttype], count=count, offset=offset).reshape(shape)
         return arr.astype(np.float32, copy=False)
 

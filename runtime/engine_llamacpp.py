@@ -130,7 +130,7 @@ def _saved_length(path: str) -> int:
             (n,) = struct.unpack_from("<I", head, len(statefile.MAGIC))
             tensors = json.loads(f.read(min(n, 1 << 20)))["tensors"]
         return int(tensors[0]["shape"][0]) if tensors and tensors[0]["name"] == "llama_cpp.seq0" else -1
-    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError):
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError, RecursionError):
         return -1  # statefile.load then names the problem
 
 

@@ -28,7 +28,9 @@ def engine_name(engine: str | None) -> str:
 
 
 def _scratch() -> str:
-    d = tempfile.mkdtemp(prefix="edgeseq-gguf-")
+    from edgeseq.safe_io import temp_dir
+
+    d = temp_dir(tempfile.gettempdir(), "edgeseq-gguf-")  # and those of killed processes removed
     atexit.register(shutil.rmtree, d, ignore_errors=True)
     return d
 

@@ -15,29 +15,40 @@ import struct
 
 import numpy as np
 
+from edgeseq import safe_io
 from edgeseq.errors import EdgeseqError
+from edgeseq.safe_io import atomic_file
 
 MAGIC = b"EDGESEQ-STATE\n"
 VERSION = 1
 
 
+MAX_POSITION = 1 << 62
+
+
 def save(path: str, arrays: dict[str, np.ndarray], weights_sha256: str, family: str, position: int) -> None:
+    """Written all or nothing (safe_io.atomic_file): a save killed midway leaves the old file or none."""
     header = {"version": VERSION, "weights_sha256": weights_sha256, "family": family, "position": int(position),
               "tensors": [{"name": n, "shape": list(a.shape), "dtype": a.dtype.name} for n, a in arrays.items()]}
     hb = json.dumps(header).encode()
     h = hashlib.sha256()
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         for chunk in (MAGIC, struct.pack("<I", len(hb)), hb, *(np.ascontiguousarray(a).data for a in arrays.values())):
             f.write(chunk)
             h.update(chunk)
         f.write(h.digest())
-    os.replace(tmp, path)
 
 
 def load(path: str, expected: dict[str, tuple[tuple[int, ...], str]], weights_sha256: str, family: str):
-    """Read a state file and check it against the model; returns ({name: array}, position)."""
+    """Read a state file and check it against the model; returns ({name: array}, position).
+
+    The checksum finds damage; every header field is also checked for its type and range, since a
+    file can be edited and its checksum recomputed (a negative or fractional position, version -1)."""
     try:
+        size = os.path.getsize(path)
+        limit = len(MAGIC) + 4 + (1 << 24) + 32 + sum(_nbytes(s, d) for s, d in expected.values())
+        if size > limit:
+            raise EdgeseqError(f"{path}: state file of {size} bytes is larger than this model's state could be")
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
@@ -47,33 +58,50 @@ def load(path: str, expected: dict[str, tuple[tuple[int, ...], str]], weights_sh
     body, digest = data[:-32], data[-32:]
     if len(data) < len(MAGIC) + 4 + 32 or hashlib.sha256(body).digest() != digest:
         raise EdgeseqError(f"{path}: state file is damaged or truncated (checksum mismatch)")
-    try:
-        (n,) = struct.unpack_from("<I", body, len(MAGIC))
-        header = json.loads(body[len(MAGIC) + 4:len(MAGIC) + 4 + n])
-        version, tensors = int(header["version"]), list(header["tensors"])
-        position = int(header["position"])
-    except (struct.error, ValueError, KeyError, TypeError):
-        raise EdgeseqError(f"{path}: damaged state file header") from None
+    (n,) = struct.unpack_from("<I", body, len(MAGIC))
+    if len(MAGIC) + 4 + n > len(body):
+        raise EdgeseqError(f"{path}: damaged state file header (declares {n} bytes, the file has {len(body)})")
+    header = safe_io.loads(body[len(MAGIC) + 4:len(MAGIC) + 4 + n], path, "state file header")
+    where = f"{path}: damaged state file header"
+    safe_io.need(header, dict, where, "the header")
+    version = safe_io.need_int(header.get("version"), where, "version", 1, 1 << 16)
     if version > VERSION:
         raise EdgeseqError(f"{path}: state file version {version} is newer than this edgeseq reads ({VERSION})")
     if header.get("weights_sha256") != weights_sha256 or header.get("family") != family:
         raise EdgeseqError(f"{path}: this state belongs to another model ({header.get('family')}, weights "
                            f"{str(header.get('weights_sha256'))[:12]}…; this model is {family}, weights "
                            f"{weights_sha256[:12]}…)")
+    position = safe_io.need_int(header.get("position"), where, "position", 0, MAX_POSITION)
+    tensors = safe_io.need(header.get("tensors"), list, where, "tensors")
     payload = body[len(MAGIC) + 4 + n:]
     out, pos = {}, 0
-    try:
-        for t in tensors:
-            shape, dtype = tuple(int(d) for d in t["shape"]), np.dtype(t["dtype"])
-            if t["name"] not in expected or expected[t["name"]] != (shape, dtype.name):
-                raise EdgeseqError(f"{path}: tensor {t['name']} {shape} {dtype.name} does not match this model's state")
-            count = int(np.prod(shape))
-            out[t["name"]] = np.frombuffer(payload, dtype, count=count, offset=pos).reshape(shape)
-            pos += count * dtype.itemsize
-    except (KeyError, TypeError, ValueError):
-        raise EdgeseqError(f"{path}: damaged state file header") from None
+    for i, t in enumerate(tensors):
+        safe_io.need(t, dict, where, f"tensors[{i}]")
+        name = safe_io.need_str(t.get("name"), where, f"tensors[{i}].name", 256)
+        shape = safe_io.need_shape(t.get("shape"), where, f"tensors[{i}].shape")
+        dtype = safe_io.need_str(t.get("dtype"), where, f"tensors[{i}].dtype", 16)
+        if name not in expected or expected[name] != (shape, dtype):
+            raise EdgeseqError(f"{path}: tensor {name} {shape} {dtype} does not match this model's state")
+        if name in out:
+            raise EdgeseqError(f"{path}: tensor {name} appears twice")
+        nbytes = _nbytes(shape, dtype)
+        if pos + nbytes > len(payload):
+            raise EdgeseqError(f"{path}: state file is truncated inside tensor {name}")
+        out[name] = np.frombuffer(payload, np.dtype(dtype), count=nbytes // np.dtype(dtype).itemsize,
+                                  offset=pos).reshape(shape)
+        pos += nbytes
     missing = set(expected) - set(out)
     if missing or pos != len(payload):
         raise EdgeseqError(f"{path}: state file does not match this model's state (lacks "
                            f"{', '.join(sorted(missing)) or 'nothing'}, {len(payload) - pos} extra bytes)")
+    for name, a in out.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise EdgeseqError(f"{path}: tensor {name} holds NaN or infinite values")
     return out, position
+
+
+def _nbytes(shape, dtype: str) -> int:
+    n = np.dtype(dtype).itemsize
+    for d in shape:
+        n *= int(d)
+    return n

@@ -1,0 +1,298 @@
+"""Bounded reading and crash-safe writing, shared by every reader and writer of edgeseq's files.
+
+Readers: JSON headers are checked for absurd nesting before `json.loads` (whose C scanner would raise
+RecursionError); a value read from a file is checked for its type and range before it is used
+(`need_int`, `need_str`, ...), so a hostile field gives an EdgeseqError naming the file, never a
+traceback or a huge allocation; a path named inside a file stays inside its folder (`inside`). Configs
+read from any file (config.json, a GGUF's metadata, a manifest) pass `check_config`: every integer of a
+family's config is a non-negative count no larger than the file could describe.
+
+Writers: `atomic_file` writes a temporary sibling, fsyncs it and renames it over the target, so a killed
+process leaves the old file or the new one, never half of one; `disk_error` turns a full disk into an
+EdgeseqError naming the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import math
+import os
+import re
+import tempfile
+
+import numpy as np
+
+from edgeseq.errors import EdgeseqError
+
+MAX_JSON_DEPTH = 64  # manifests, headers and configs nest a few levels; 64 is far beyond any real file
+MAX_DIM = 1 << 40  # no tensor dimension of a real model comes near 2**40
+MAX_COUNT = 1 << 31  # layers, heads, widths, vocabularies: far below this in any real model
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON text (strings skipped), without parsing it."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    if b"[" not in data and b"{" not in data:
+        return 0
+    bare = np.frombuffer(_STRING.sub(b'""', data), np.uint8)
+    step = np.zeros(len(bare), np.int64)
+    step[(bare == ord("[")) | (bare == ord("{"))] = 1
+    step[(bare == ord("]")) | (bare == ord("}"))] = -1
+    return int(np.cumsum(step).max(initial=0))
+
+
+def loads(data: bytes | str, where: str, what: str = "JSON", max_depth: int = MAX_JSON_DEPTH):
+    """json.loads with the nesting bounded first; any problem is an EdgeseqError naming `where`."""
+    try:
+        depth = json_depth(data)
+    except (ValueError, MemoryError):
+        depth = max_depth + 1
+    if depth > max_depth:
+        raise EdgeseqError(f"{where}: damaged {what}: nested {depth} levels deep (at most {max_depth} expected)")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError, MemoryError) as e:  # UnicodeDecodeError is a ValueError
+        raise EdgeseqError(f"{where}: damaged {what} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_json_file(path: str, what: str = "JSON", max_bytes: int = 1 << 30):
+    """A JSON file read whole (at most `max_bytes`) through `loads`."""
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise EdgeseqError(f"{path}: {what} of {size} bytes is larger than the {max_bytes} edgeseq reads")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise EdgeseqError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    return loads(data, path, what)
+
+
+# -- typed fields --------------------------------------------------------------------------------
+
+def need_int(v, where: str, what: str, lo: int = 0, hi: int = MAX_COUNT) -> int:
+    """An integer (not a bool, not a float) in [lo, hi], or an error naming the field."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise EdgeseqError(f"{where}: {what} is {_show(v)}, expected an integer")
+    if not lo <= int(v) <= hi:
+        raise EdgeseqError(f"{where}: {what} is {int(v)}, expected {lo} to {hi}")
+    return int(v)
+
+
+def need_float(v, where: str, what: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """A finite number in [lo, hi] (integers allowed, bools and strings not)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise EdgeseqError(f"{where}: {what} is {_show(v)}, expected a number")
+    f = float(v)
+    if not math.isfinite(f) or not lo <= f <= hi:
+        raise EdgeseqError(f"{where}: {what} is {f}, expected a finite number from {lo} to {hi}")
+    return f
+
+
+def need_str(v, where: str, what: str, max_len: int = 1 << 20) -> str:
+    if not isinstance(v, str):
+        raise EdgeseqError(f"{where}: {what} is {_show(v)}, expected a string")
+    if len(v) > max_len:
+        raise EdgeseqError(f"{where}: {what} is a string of {len(v)} characters (at most {max_len} expected)")
+    return v
+
+
+def need(v, kind: type | tuple, where: str, what: str):
+    if not isinstance(v, kind) or isinstance(v, bool) and kind in (int, (int,)):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise EdgeseqError(f"{where}: {what} is {_show(v)}, expected {_article(names)}")
+    return v
+
+
+def need_shape(v, where: str, what: str, max_dims: int = 8) -> tuple[int, ...]:
+    """A list of non-negative integer dimensions."""
+    if not isinstance(v, (list, tuple)) or len(v) > max_dims:
+        raise EdgeseqError(f"{where}: {what} is {_show(v)}, expected a list of at most {max_dims} dimensions")
+    return tuple(need_int(d, where, f"{what}[{i}]", 0, MAX_DIM) for i, d in enumerate(v))
+
+
+def _show(v) -> str:
+    s = repr(v)
+    return f"{s[:60]}… ({type(v).__name__})" if len(s) > 60 else f"{s} ({type(v).__name__})"
+
+
+def _article(names: str) -> str:
+    return ("an " if names[:1] in "aeiou" else "a ") + names
+
+
+# -- paths inside files --------------------------------------------------------------------------
+
+def inside(folder: str, name, where: str, what: str = "file") -> str:
+    """`folder/name` for a relative `name` that stays inside `folder` (symbolic links resolved), else an
+    error: a file must not point an export or a load at files outside its own folder."""
+    name = need_str(name, where, what, 4096)
+    if not name or os.path.isabs(name) or "\0" in name:
+        raise EdgeseqError(f"{where}: {what} {name!r} is not a relative path inside {folder}")
+    root = os.path.realpath(folder)
+    full = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, full]) != root:
+        raise EdgeseqError(f"{where}: {what} {name!r} points outside {folder}; refused")
+    return os.path.join(folder, name)
+
+
+# -- configs -------------------------------------------------------------------------------------
+
+def check_config(config, where: str, max_layers: int | None = None) -> None:
+    """Every field of a family's config dataclass has the type its annotation names, integers are
+    counts from 0 to 2**31 (layers at most `max_layers`: what the file holds), floats are finite. Run
+    before anything loops over the config's counts or allocates by them."""
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        what = f"config {f.name}"
+        if v is None and "None" in ann:
+            continue
+        if ann.startswith("bool"):
+            need(v, (bool, np.bool_), where, what)
+        elif ann.startswith("int"):
+            hi = max_layers if max_layers is not None and f.name in ("n_layer", "num_layers", "n_layers") else MAX_COUNT
+            need_int(v, where, what, 0, hi)
+        elif ann.startswith("float"):
+            need_float(v, where, what)
+        elif ann.startswith("str"):
+            need_str(v, where, what, 1 << 16)
+        elif ann.startswith(("tuple", "list")) and isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+                    need_int(x, where, f"{what}[{i}]", 0, MAX_COUNT)
+                elif isinstance(x, float):
+                    need_float(x, where, f"{what}[{i}]")
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_error(e: OSError, path: str) -> EdgeseqError:
+    """A write that failed, as an error for people (a full disk named as such)."""
+    if e.errno in _FULL:
+        return EdgeseqError(f"{path}: the disk is full ({e.strerror}); nothing was written")
+    return EdgeseqError(f"{path}: cannot write ({e.strerror or e}); nothing was written")
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file under `path` (or the file `path`) and the folders, before a rename publishes them."""
+    if os.path.isfile(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb"):
+    """Write `path` all or nothing: a private temporary sibling, fsynced, renamed over `path` when the
+    block ends without error; removed otherwise (a full disk then is an EdgeseqError naming `path`)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it, not mkstemp's private 0600
+    except OSError as e:
+        raise disk_error(e, path) from None
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise disk_error(e, path) from None
+        raise
+
+
+@contextlib.contextmanager
+def converting(where: str):
+    """A family's conversion of a file's tensors: a tensor whose shape or dtype does not fit the config
+    (a reshape that cannot be made, an index past a table) is an error naming the file."""
+    try:
+        yield
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise EdgeseqError(f"{where}: a tensor does not fit the config ({type(e).__name__}: "
+                           f"{str(e)[:200]})") from None
+
+
+def temp_dir(parent: str, prefix: str) -> str:
+    """A private temporary folder `{prefix}{pid}-XXXX` in `parent`, after removing those of the same
+    prefix whose process is gone (a killed export or load cannot clean up after itself)."""
+    sweep_stale(parent, prefix)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+
+
+def sweep_stale(parent: str, prefix: str) -> list[str]:
+    import shutil
+
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdecimal() or _alive(int(pid)):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def foreign_error(e: BaseException, where: str, doing: str) -> BaseException:
+    """An error raised by a native library (tokenizers' Rust code) as an EdgeseqError naming the file. A
+    Rust panic arrives as pyo3's PanicException, which derives from BaseException, so `except Exception`
+    misses it; interrupts and exits pass through unchanged."""
+    if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        return e
+    if isinstance(e, Exception) or type(e).__name__ == "PanicException":
+        return EdgeseqError(f"{where}: {doing} failed ({type(e).__name__}: {str(e)[:300]})")
+    return e

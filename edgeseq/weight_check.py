@@ -1,0 +1,76 @@
+"""Weights checked against the config before a bundle is written: a tensor of the wrong shape (a norm's
+bias at half its width, a projection of the wrong size) must be an error naming the file at export, not
+an ONNX Runtime failure at run time (or, worse, a broadcast that runs and gives wrong numbers).
+
+Families do not yet keep a table of every weight's expected shape (the architecture issue's tensor
+tables; when those exist, check against them here). Until then the check is the graph's own: the
+portable step graph is built over the weights' shapes (no data is read) and ONNX shape inference runs in
+strict mode, which refuses every MatMul, Add, Mul, Concat or Reshape whose operands do not fit; the
+operators whose inference does not look at their parameters (LayerNormalization's scale and bias,
+Gather's table) are checked here, and the embedding must have one row per vocabulary entry.
+"""
+from __future__ import annotations
+
+from edgeseq.errors import EdgeseqError
+
+
+def check_weights(family, table: dict, where: str) -> None:
+    """`table`: {canonical name: WeightInfo (shape, dtype)} as streamed into weights.bin."""
+    import onnx
+
+    embed = table.get("embed")
+    if embed is not None and embed.shape[:1] != (family.vocab_size,) and len(embed.shape) == 2:
+        raise EdgeseqError(f"{where}: the embedding is {embed.shape}, but the vocabulary has {family.vocab_size} "
+                           f"tokens")
+    for name in ("head", "lm_head"):
+        t = table.get(name)
+        if t is not None and family.vocab_size not in t.shape:
+            raise EdgeseqError(f"{where}: the LM head is {t.shape}, but the vocabulary has {family.vocab_size} "
+                               f"tokens")
+    try:
+        model = family.build_graph("step", table, fused=False).to_model({})
+    except (KeyError, ValueError, IndexError, TypeError) as e:
+        raise EdgeseqError(f"{where}: the weights do not fit the {family.name} config ({type(e).__name__}: "
+                           f"{str(e)[:300]})") from None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as e:  # onnx's InferenceError / ValidationError: a tensor does not fit its operator
+        first = str(e).split("\n")[0][:400]
+        raise EdgeseqError(f"{where}: the weights' shapes do not fit the {family.name} config ({first})") from None
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+              for vi in [*inferred.graph.value_info, *inferred.graph.input]}
+    for out in inferred.graph.output:  # the state comes out as the state spec declares it
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in out.type.tensor_type.shape.dim]
+        shapes.setdefault(out.name, dims)
+    for s in family.state_spec():
+        got = shapes.get(s.output_name)
+        want = [None, *s.resolve(family.symbolic_dims).shape]
+        if got and len(got) == len(want) and any(g is not None and g != w for g, w in zip(got[1:], want[1:])):
+            raise EdgeseqError(f"{where}: the weights make state {s.output_name} {tuple(got[1:])}, the "
+                               f"{family.name} config declares {tuple(want[1:])}")
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    inits = {t.name for t in model.graph.initializer}
+    for node in inferred.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in inits and node.input[0] in shapes:
+            # a weight with more axes than a matrix would broadcast the activations over its extra axes
+            a, w = shapes[node.input[0]], shapes[node.input[1]]
+            extra = w[:-2]
+            lead = a[:-2][-len(extra):] if extra else []
+            if extra and (len(w) > len(a) or any(d != 1 and d != x for d, x in zip(extra, lead))):
+                raise EdgeseqError(f"{where}: weight {node.input[1]!r} is {tuple(w)}, which does not fit its input "
+                                   f"{tuple(a)} (the {family.name} config)")
+        if node.op_type != "LayerNormalization" or not node.input[0] in shapes:
+            continue
+        x = shapes[node.input[0]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        want = x[axis:]
+        for param in node.input[1:]:
+            got = shapes.get(param)
+            if param and got is not None and None not in want and len(got) and got != want[-len(got):]:
+                raise EdgeseqError(f"{where}: weight {_weight_name(param, table)} is {tuple(got)}, its layer norm "
+                                   f"needs {tuple(want)} (the {family.name} config)")
+
+
+def _weight_name(onnx_name: str, table: dict) -> str:
+    return repr(onnx_name) if onnx_name in table else repr(onnx_name)
