@@ -147,7 +147,10 @@ class Value(str):
 
     # shapes
     def reshape(self, *shape: int) -> "Value":
-        """Reshape to `shape` (ONNX semantics: 0 keeps that axis, -1 is inferred)."""
+        """Reshape to `shape` (ONNX semantics: 0 keeps that axis, -1 is inferred), or to the shape held by
+        an int64 tensor: `x.reshape(shape_value)`."""
+        if len(shape) == 1 and isinstance(shape[0], str):
+            return self.b.op("Reshape", self, shape[0])
         return self.b.op("Reshape", self, self.b.ints(shape))
 
     def transpose(self, *perm: int) -> "Value":
@@ -162,6 +165,24 @@ class Value(str):
     def split(self, sizes, axis: int = -1) -> list["Value"]:
         outs = self.b.op("Split", self, self.b.ints(sizes), axis=axis, outputs=len(sizes))
         return outs if isinstance(outs, list) else [outs]
+
+    def gather(self, index, axis: int = 0) -> "Value":
+        """Entries at `index` along `axis`: an int drops the axis (x[:, -1]), a list of ints or an int64
+        tensor keeps it (x[:, [-1]]; an embedding lookup `table.gather(ids)`)."""
+        if isinstance(index, str):
+            idx = index
+        elif isinstance(index, int):
+            idx = self.b.const(index, np.int64)
+        else:
+            idx = self.b.ints(index)
+        return self.b.op("Gather", self, idx, axis=axis)
+
+    def slice(self, start, end=None, axis: int = 0) -> "Value":
+        """x[start:end] along one axis; start and end are ints or (1,) int64 tensors, end None the end."""
+        def bound(v):
+            return v if isinstance(v, str) else self.b.ints([v])
+        end = np.iinfo(np.int64).max if end is None else end
+        return self.b.op("Slice", self, bound(start), bound(end), self.b.ints([axis]))
 
     def cast(self, dtype: str) -> "Value":
         return self.b.op("Cast", self, to=DTYPES[dtype])
@@ -320,6 +341,29 @@ class GraphBuilder:
                        scan_input_axes=[1] * len(xs), scan_output_axes=[1] * len(ys))
         outs = outs if isinstance(outs, list) else [outs]
         return outs[:len(new_carry)], outs[len(new_carry):]
+
+    def concat(self, *values: str, axis: int) -> Value:
+        return self.op("Concat", *values, axis=axis)
+
+    def if_(self, cond: str, then_fn, else_fn, args=(), name: str = "if"):
+        """ONNX If: `then_fn(*args)` where the bool scalar `cond` holds, else `else_fn(*args)`. Each branch
+        is a subgraph built by calling its function on `args` rebound to that subgraph, so the branch's
+        ops land in it (it reads the values themselves from this graph by name). Both branches return a
+        Value or a list of them (float32); returns the If's output(s)."""
+        branches = []
+        for fn in (then_fn, else_fn):
+            sub_name = self.fresh(fn.__name__ if fn.__name__.isidentifier() else name)
+            sub = GraphBuilder({}, name=sub_name, prefix=sub_name + "/", parent=self)
+            outs = fn(*(Value(a, sub) for a in args))
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            for i, v in enumerate(outs):
+                sub.output(v, sub.prefix + ("o" if len(outs) == 1 else f"o{i}"), TensorProto.FLOAT, None)
+            self.uses_ms_domain |= sub.uses_ms_domain
+            branches.append(helper.make_graph(sub.nodes, sub.name, [], sub.outputs, list(sub.initializers.values())))
+        if len(branches[0].output) != len(branches[1].output):
+            raise ValueError(f"{name}: the branches of an If return {len(branches[0].output)} and "
+                             f"{len(branches[1].output)} values")
+        return self.op("If", cond, outputs=len(branches[0].output), then_branch=branches[0], else_branch=branches[1])
 
     def input(self, name: str, elem_type: int | str, shape: list) -> Value:
         elem_type = DTYPES[elem_type] if isinstance(elem_type, str) else elem_type

@@ -7,23 +7,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeseq.graph import MS_DOMAIN, GraphBuilder
+from edgeseq.graph import MS_DOMAIN, GraphBuilder, Value
 
 
-def causal_conv(b: GraphBuilder, x: str, state: str, weight: str, bias: str | None, channels: int, k: int,
-                silu: bool, fused: bool) -> tuple[str, str]:
-    """x: (b, channels, t), state: (b, channels, k-1), weight (channels, 1, k). Returns (y, new_state)."""
+def causal_conv(b: GraphBuilder, x: Value, state: Value, weight: str, bias: str | None, channels: int, k: int,
+                silu: bool, fused: bool) -> tuple[Value, Value]:
+    """x: (b, channels, t), state: (b, channels, k-1); weight (channels, 1, k) and the optional bias
+    named in the weight store. Returns (y, new_state)."""
     bias_in = b.w(bias) if bias is not None and b.has_weight(bias) else None
     if fused:
         y, new_state = b.op("CausalConvWithState", x, b.w(weight), bias_in, state, outputs=2, domain=MS_DOMAIN,
                             activation="silu" if silu else "none")
         return y, new_state
-    full = b.op("Concat", state, x, axis=2)  # (b, channels, k-1+t)
+    full = b.concat(state, x, axis=2)  # (b, channels, k-1+t)
     y = b.op("Conv", full, b.w(weight), bias_in, group=channels, kernel_shape=[k])  # (b, channels, t)
-    new_state = b.op("Slice", full, b.ints([-(k - 1)]), b.ints([np.iinfo(np.int64).max]), b.ints([2]))
-    if silu:
-        y = b.op("Mul", y, b.op("Sigmoid", y))
-    return y, new_state
+    new_state = full.slice(-(k - 1), None, axis=2)  # the last k-1 inputs
+    return (y.silu() if silu else y), new_state
 
 
 def causal_conv_ref(x: np.ndarray, state: np.ndarray, weight: np.ndarray, bias: np.ndarray | None):

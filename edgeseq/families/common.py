@@ -4,16 +4,16 @@ from __future__ import annotations
 import numpy as np
 
 from edgeseq.errors import EdgeseqError
-from edgeseq.graph import GraphBuilder
+from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.ops import linear, linear_t, rms_norm
 
 
-def embed(b: GraphBuilder, ids: str) -> str:
+def embed(b: GraphBuilder, ids: Value) -> Value:
     """(b, t) token ids -> (b, t, d) rows of the embedding."""
-    return b.op("Gather", b.w("embed"), ids, axis=0)
+    return b.w("embed").gather(ids)
 
 
-def norm_and_head(b: GraphBuilder, hidden: str, eps: float, vocab: int) -> str:
+def norm_and_head(b: GraphBuilder, hidden: Value, eps: float, vocab: int) -> Value:
     """Final RMS norm and LM head. An untied head is stored as `lm_head` (d, vocab); a tied one reuses
     `embed` (vocab, d) through Gemm(transB=1), so the matrix exists once."""
     h = rms_norm(b, hidden, "norm_f", eps)

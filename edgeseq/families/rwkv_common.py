@@ -9,47 +9,43 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeseq.graph import GraphBuilder
+from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.ops import layer_norm, linear_t
 
 LN_EPS = 1e-5
 
 
-def embed_ln0(b: GraphBuilder, ids: str, eps: float = LN_EPS) -> str:
+def embed_ln0(b: GraphBuilder, ids: Value, eps: float = LN_EPS) -> Value:
     """(b, t) ids -> (b, t, C): embedding rows through blocks.0.ln0 (stored as `ln0`)."""
-    x = b.op("Gather", b.w("embed"), ids, axis=0)
-    return layer_norm(b, x, "ln0.weight", "ln0.bias", eps)
+    return layer_norm(b, b.w("embed").gather(ids), "ln0.weight", "ln0.bias", eps)
 
 
-def token_shift(b: GraphBuilder, xx: str, prev: str, tokens: int | None) -> tuple[str, str]:
+def token_shift(b: GraphBuilder, xx: Value, prev: Value, tokens: int | None) -> tuple[Value, Value]:
     """xx (b, t, C) and the previous token's xx (b, C) -> (shifted (b, t, C), new prev (b, C))."""
-    prev3 = b.op("Unsqueeze", prev, b.ints([1]))  # (b, 1, C)
+    prev3 = prev.unsqueeze(1)  # (b, 1, C)
     if tokens == 1:
-        return prev3, b.op("Squeeze", xx, b.ints([1]))
-    both = b.op("Concat", prev3, xx, axis=1)  # (b, t+1, C)
-    shifted = b.op("Slice", both, b.ints([0]), b.ints([-1]), b.ints([1]))  # (b, t, C)
-    last = b.op("Gather", xx, b.const(-1, np.int64), axis=1)  # (b, C): a scalar index drops the axis
-    return shifted, last
+        return prev3, xx.squeeze(1)
+    shifted = b.concat(prev3, xx, axis=1).slice(0, -1, axis=1)  # (b, t+1, C) -> (b, t, C)
+    return shifted, xx.gather(-1, axis=1)  # (b, C): a scalar index drops the axis
 
 
-def lerp(b: GraphBuilder, xx: str, shifted: str, mix: str) -> str:
+def lerp(b: GraphBuilder, xx: Value, shifted: Value, mix: str) -> Value:
     """xx * mix + shifted * (1 - mix) = shifted + (xx - shifted) * mix."""
-    return b.op("Add", shifted, b.op("Mul", b.op("Sub", xx, shifted), b.w(mix)))
+    return shifted + (xx - shifted) * b.w(mix)
 
 
-def channel_mix(b: GraphBuilder, x: str, prev: str, o: str, tokens: int | None) -> tuple[str, str]:
+def channel_mix(b: GraphBuilder, x: Value, prev: Value, o: str, tokens: int | None) -> tuple[Value, Value]:
     """RWKV-4/5/6 FFN: r = sigmoid(Wr xr), k = relu(Wk xk)^2, x + r * (Wv k). Returns (x, new prev)."""
     xx = layer_norm(b, x, o + "ln2.weight", o + "ln2.bias", LN_EPS)
     shifted, new_prev = token_shift(b, xx, prev, tokens)
     xk = lerp(b, xx, shifted, o + "ffn.time_mix_k")
     xr = lerp(b, xx, shifted, o + "ffn.time_mix_r")
-    r = b.op("Sigmoid", b.op("MatMul", xr, b.w(o + "ffn.receptance")))
-    k = b.op("Relu", b.op("MatMul", xk, b.w(o + "ffn.key")))
-    kv = b.op("MatMul", b.op("Mul", k, k), b.w(o + "ffn.value"))
-    return b.op("Add", x, b.op("Mul", r, kv)), new_prev
+    r = (xr @ b.w(o + "ffn.receptance")).sigmoid()
+    k = (xk @ b.w(o + "ffn.key")).relu()
+    return x + r * ((k * k) @ b.w(o + "ffn.value")), new_prev
 
 
-def head(b: GraphBuilder, hidden: str, vocab: int, eps: float = LN_EPS) -> str:
+def head(b: GraphBuilder, hidden: Value, vocab: int, eps: float = LN_EPS) -> Value:
     """ln_out and the head (stored (vocab, C) as in the checkpoint: Gemm(transB=1))."""
     h = layer_norm(b, hidden, "ln_out.weight", "ln_out.bias", eps)
     return linear_t(b, h, "head", vocab)
