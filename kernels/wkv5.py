@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeseq.graph import MS_DOMAIN, GraphBuilder, Value
+from edgeseq.graph import MS_DOMAIN, Value
 
 
 def step(s: Value, *, r: Value, k: Value, v: Value, u: Value, w: Value) -> tuple[Value, Value]:
@@ -43,35 +43,31 @@ def wkv(s: Value, *, r: Value, k: Value, v: Value, u: Value, w: Value, one_token
     return y, s
 
 
-def linear_attention(b: GraphBuilder, r: str, k: str, v: str, s: str, u: str, log_w: str, w_last: str,
-                     heads: int, size: int) -> tuple[str, str]:
-    """Packed r, k, v and log_w (b, t, H*N); s (b, H, N, N); u (H, N, 1); w_last, the last token's
-    decay, broadcastable to (b, H, N, 1). Returns (out (b, t, H*N), new s). RWKV-5 passes its constant
-    decay expanded over the tokens; RWKV-6 its per-token one.
+def linear_attention(r: Value, k: Value, v: Value, *, state: Value, bonus: Value, log_decay: Value,
+                     decay_last: Value, heads: int, size: int) -> tuple[Value, Value]:
+    """Packed r, k, v and log_decay (b, t, H*N); state (b, H, N, N); bonus u (H, N, 1); decay_last, the
+    last token's decay w, broadcastable to (b, H, N, 1). Returns (out (b, t, H*N), new state). RWKV-5
+    passes its constant decay expanded over the tokens; RWKV-6 its per-token one.
 
     LinearAttention reads the state after adding the current token; RWKV reads it before. So the op is
     fed the previous token's k, v and log w (zeros first: decay 1 keeps the incoming state), which makes
     its output r·S_{t-1}; the bonus r·(u ⊙ k)ᵀv is added outside, and the last token's update is applied
     to the state the op returns."""
-    zero_row = b.op("Mul", b.op("Gather", k, b.ints([0]), axis=1), b.const(0.0))  # (b, 1, H*N) zeros
+    b = r.b
+    zero_row = k.gather([0], axis=1) * 0.0  # (b, 1, H*N) zeros
 
     def shift(x):  # (b, t, H*N) -> previous token's row, zeros first
-        return b.op("Slice", b.op("Concat", zero_row, x, axis=1), b.ints([0]), b.ints([-1]), b.ints([1]))
+        return b.concat(zero_row, x, axis=1).slice(0, -1, axis=1)
 
-    out, s_mid = b.op("LinearAttention", r, shift(k), shift(v), s, shift(log_w), outputs=2, domain=MS_DOMAIN,
-                      update_rule="gated", q_num_heads=heads, kv_num_heads=heads, scale=1.0)
+    out, s_mid = b.op("LinearAttention", r, shift(k), shift(v), state, shift(log_decay), outputs=2,
+                      domain=MS_DOMAIN, update_rule="gated", q_num_heads=heads, kv_num_heads=heads, scale=1.0)
     # bonus: r_t·(u ⊙ k_t)ᵀ v_t = (sum_n r u k over the head) * v_t
-    hd = b.ints([0, 0, heads, size])
-    ruk = b.op("Mul", b.op("Mul", r, k), b.op("Reshape", u, b.ints([heads * size])))
-    coef = b.op("ReduceSum", b.op("Reshape", ruk, hd), b.ints([-1]), keepdims=1)  # (b, t, H, 1)
-    bonus = b.op("Reshape", b.op("Mul", coef, b.op("Reshape", v, hd)), b.ints([0, 0, heads * size]))
-    out = b.op("Add", out, bonus)
+    coef = (r * k * bonus.reshape(heads * size)).reshape(0, 0, heads, size).sum(-1)  # (b, t, H, 1)
+    out = out + (coef * v.reshape(0, 0, heads, size)).reshape(0, 0, heads * size)
     # the op's state is S_{T-1} (RWKV's state before the last token): apply the last token's update
-    last = b.ints([-1])
-    k_last = b.op("Reshape", b.op("Gather", k, last, axis=1), b.ints([0, heads, size, 1]))
-    v_last = b.op("Reshape", b.op("Gather", v, last, axis=1), b.ints([0, heads, 1, size]))
-    s_new = b.op("Add", b.op("Mul", k_last, v_last), b.op("Mul", w_last, s_mid))
-    return out, s_new
+    k_last = k.gather([-1], axis=1).reshape(0, heads, size, 1)
+    v_last = v.gather([-1], axis=1).reshape(0, heads, 1, size)
+    return out, k_last * v_last + decay_last * s_mid
 
 
 def wkv5_ref(r: np.ndarray, k: np.ndarray, v: np.ndarray, s: np.ndarray, u: np.ndarray, w: np.ndarray):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeseq.graph import GraphBuilder, Value
+from edgeseq.graph import Value
 from edgeseq.kernels import wkv5
 
 
@@ -35,12 +35,13 @@ def wkv(s: Value, *, r: Value, k: Value, v: Value, w: Value, u: Value, one_token
     return y, s
 
 
-def linear_attention(b: GraphBuilder, r: str, k: str, v: str, log_w: str, s: str, u: str,
-                     heads: int, size: int) -> tuple[str, str]:
-    """Packed r, k, v, log_w (b, t, H*N); s (b, H, N, N); u (H, N, 1): wkv5's LinearAttention with the
-    per-token decay. Returns (out (b, t, H*N), new s)."""
-    w_last = b.op("Reshape", b.op("Exp", b.op("Gather", log_w, b.ints([-1]), axis=1)), b.ints([0, heads, size, 1]))
-    return wkv5.linear_attention(b, r, k, v, s, u, log_w, w_last, heads, size)
+def linear_attention(r: Value, k: Value, v: Value, *, state: Value, bonus: Value, log_decay: Value, heads: int,
+                     size: int) -> tuple[Value, Value]:
+    """Packed r, k, v, log_decay (b, t, H*N); state (b, H, N, N); bonus u (H, N, 1): wkv5's
+    LinearAttention with the per-token decay. Returns (out (b, t, H*N), new state)."""
+    decay_last = log_decay.gather([-1], axis=1).exp().reshape(0, heads, size, 1)
+    return wkv5.linear_attention(r, k, v, state=state, bonus=bonus, log_decay=log_decay, decay_last=decay_last,
+                                 heads=heads, size=size)
 
 
 def wkv6_ref(r: np.ndarray, k: np.ndarray, v: np.ndarray, w: np.ndarray, s: np.ndarray, u: np.ndarray):

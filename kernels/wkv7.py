@@ -19,14 +19,14 @@ import numpy as np
 from edgeseq.graph import GraphBuilder, Value
 
 
-def column(b: GraphBuilder, x: str, heads: int, size: int, time_axis: bool) -> str:
+def column(b: GraphBuilder, x: Value, heads: int, size: int, time_axis: bool) -> Value:
     """(b, t, H·N) -> (b, t, H, N, 1), or (b, H, N, 1) when t = 1 and no time axis is wanted."""
-    return b.op("Reshape", x, b.ints([0, 0, heads, size, 1] if time_axis else [-1, heads, size, 1]))
+    return x.reshape(0, 0, heads, size, 1) if time_axis else x.reshape(-1, heads, size, 1)
 
 
-def row(b: GraphBuilder, x: str, heads: int, size: int, time_axis: bool) -> str:
+def row(b: GraphBuilder, x: Value, heads: int, size: int, time_axis: bool) -> Value:
     """(b, t, H·N) -> (b, t, H, 1, N), or (b, H, 1, N) when t = 1 and no time axis is wanted."""
-    return b.op("Reshape", x, b.ints([0, 0, heads, 1, size] if time_axis else [-1, heads, 1, size]))
+    return x.reshape(0, 0, heads, 1, size) if time_axis else x.reshape(-1, heads, 1, size)
 
 
 def step(S: Value, *, r: Value, w: Value, k: Value, v: Value, a: Value, bb: Value) -> tuple[Value, Value]:

@@ -188,7 +188,7 @@ class Rwkv5(Family):
         u, w = b.w(o + "att.bonus"), b.w(o + "att.decay")
         if fused and tokens != 1:
             log_w = k * 0.0 + b.w(o + "att.log_decay")  # (b, t, H*N): the constant decay, per token
-            y, s = wkv5.linear_attention(b, r, k, v, s, u, log_w, w, H, N)
+            y, s = wkv5.linear_attention(r, k, v, state=s, bonus=u, log_decay=log_w, decay_last=w, heads=H, size=N)
         else:  # plain ops in both flavours: the step itself for one token, a Scan of it for several
             one = tokens == 1
             heads = (-1, H, N) if one else (0, 0, H, N)  # (b, t, C) -> (b, [t,] H, N)

@@ -156,7 +156,7 @@ class Rwkv6(Family):
         log_w = -d.exp()  # (b, t, C): log of the decay w = exp(-exp(d))
         u = b.w(o + "att.bonus")
         if fused and tokens != 1:
-            y, s = wkv6.linear_attention(b, r, k, v, log_w, s, u, H, N)
+            y, s = wkv6.linear_attention(r, k, v, state=s, bonus=u, log_decay=log_w, heads=H, size=N)
         else:  # plain ops in both flavours: the step itself for one token, a Scan of it for several
             one = tokens == 1
             heads = (-1, H, N) if one else (0, 0, H, N)  # (b, t, C) -> (b, [t,] H, N)
