@@ -42,64 +42,57 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnx import TensorProto, helper
-
-from edgeseq.graph import GraphBuilder
+from edgeseq.graph import GraphBuilder, Value
 
 NEG = -1e30  # masked score: finite so that a fully masked row (never built here) could not make NaN
 
 
-def token_positions(b: GraphBuilder, position: str, x: str, axis: int) -> str:
+def token_positions(b: GraphBuilder, position: Value, x: Value, axis: int) -> Value:
     """(T,) int64 absolute positions of the T tokens along `axis` of x: position + arange(T)."""
-    p0 = b.op("Squeeze", position, b.ints([0]))  # scalar
-    t = b.op("Squeeze", b.op("Shape", x, start=axis, end=axis + 1), b.ints([0]))
-    return b.op("Range", p0, b.op("Add", p0, t), b.const(1, np.int64))
+    p0 = position.squeeze(0)  # scalar
+    t = b.op("Shape", x, start=axis, end=axis + 1).squeeze(0)
+    return b.op("Range", p0, p0 + t, b.const(1, np.int64))
 
 
-def rope(b: GraphBuilder, x: str, pos: str, head_dim: int, base: float, rotary_dim: int | None = None) -> str:
+def rope(b: GraphBuilder, x: Value, pos: Value, head_dim: int, base: float, rotary_dim: int | None = None) -> Value:
     """Rotary embedding (rotate-half form) of x (b, H, T, hd) at positions pos (T,)."""
     rd = rotary_dim or head_dim
     # as transformers computes it: inv_freq in float32 from an integer arange
     inv_freq = (1.0 / (base ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd))).astype(np.float32)
-    ang = b.op("Mul", b.op("Unsqueeze", b.op("Cast", pos, to=1), b.ints([1])), b.const(inv_freq))  # (T, rd/2)
-    ang = b.op("Concat", ang, ang, axis=-1)  # (T, rd)
+    ang = pos.cast("float32").unsqueeze(1) * b.const(inv_freq)  # (T, rd/2)
+    ang = b.concat(ang, ang, axis=-1)  # (T, rd)
     cos, sin = b.op("Cos", ang), b.op("Sin", ang)
-    if rd < head_dim:
-        xr, xp = b.op("Split", x, b.ints([rd, head_dim - rd]), axis=-1, outputs=2)
-    else:
-        xr, xp = x, None
-    x1, x2 = b.op("Split", xr, b.ints([rd // 2, rd // 2]), axis=-1, outputs=2)
-    rot = b.op("Concat", b.op("Neg", x2), x1, axis=-1)  # rotate_half
-    y = b.op("Add", b.op("Mul", xr, cos), b.op("Mul", rot, sin))
-    return b.op("Concat", y, xp, axis=-1) if xp is not None else y
+    xr, xp = x.split([rd, head_dim - rd], axis=-1) if rd < head_dim else (x, None)
+    x1, x2 = xr.split([rd // 2, rd // 2], axis=-1)
+    y = xr * cos + b.concat(-x2, x1, axis=-1) * sin  # rotate_half
+    return b.concat(y, xp, axis=-1) if xp is not None else y
 
 
-def _attend(b: GraphBuilder, ring_k, ring_v, ring_pos, L, qg, k, v, new_pos, T, W, g, scale, softcap) -> str:
+def _attend(b: GraphBuilder, ring_k, ring_v, ring_pos, L, qg, k, v, new_pos, T, W, g, scale, softcap) -> Value:
     """Scores of qg (b, Hkv, g*T, hd) against the ring's keys (b, Hkv, L, hd) at positions ring_pos (L,)
     and against the new keys side by side (the ring is read where it lies, never concatenated), the
     mask (valid: position >= 0, causal, within W), softmax, values: (b, Hkv, g*T, hd)."""
-    i64 = lambda v_: b.const(v_, np.int64)  # noqa: E731
-    kpos = b.op("Unsqueeze", b.op("Concat", ring_pos, new_pos, axis=0), b.ints([0]))  # (1, L+T)
-    qpos = b.op("Unsqueeze", new_pos, b.ints([1]))  # (T, 1)
-    valid = b.op("And", b.op("GreaterOrEqual", kpos, i64(0)), b.op("LessOrEqual", kpos, qpos))
-    valid = b.op("And", valid, b.op("Greater", kpos, b.op("Sub", qpos, W)))  # (T, L+T)
+    kpos = b.concat(ring_pos, new_pos, axis=0).unsqueeze(0)  # (1, L+T)
+    qpos = new_pos.unsqueeze(1)  # (T, 1)
+    valid = b.op("And", b.op("GreaterOrEqual", kpos, b.const(0, np.int64)), b.op("LessOrEqual", kpos, qpos))
+    valid = b.op("And", valid, b.op("Greater", kpos, qpos - W))  # (T, L+T)
     if g > 1:
         valid = b.op("Tile", valid, b.ints([g, 1]))  # rows ordered (group member, token) like qg
-    s_ring = b.op("MatMul", qg, b.op("Transpose", ring_k, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, L)
-    s_new = b.op("MatMul", qg, b.op("Transpose", k, perm=[0, 1, 3, 2]))  # (b, Hkv, g*T, T)
-    s = b.op("Mul", b.op("Concat", s_ring, s_new, axis=-1), b.const(scale))  # (b, Hkv, g*T, L+T)
+    s_ring = qg @ ring_k.transpose(0, 1, 3, 2)  # (b, Hkv, g*T, L)
+    s_new = qg @ k.transpose(0, 1, 3, 2)  # (b, Hkv, g*T, T)
+    s = b.concat(s_ring, s_new, axis=-1) * scale  # (b, Hkv, g*T, L+T)
     if softcap:
-        s = b.op("Mul", b.op("Tanh", b.op("Mul", s, b.const(1.0 / softcap))), b.const(softcap))
+        s = (s * (1.0 / softcap)).tanh() * softcap
     s = b.op("Where", valid, s, b.const(NEG))
     # L and T come in as (1,) tensors derived from static shapes where they are static, so a graph
     # with static shapes folds them (no Shape op of a Range's data-dependent output)
-    p_ring, p_new = b.op("Split", b.op("Softmax", s, axis=-1), b.op("Concat", L, T, axis=0), axis=-1, outputs=2)
-    return b.op("Add", b.op("MatMul", p_ring, ring_v), b.op("MatMul", p_new, v))  # (b, Hkv, g*T, hd)
+    p_ring, p_new = b.op("Split", b.op("Softmax", s, axis=-1), b.concat(L, T, axis=0), axis=-1, outputs=2)
+    return p_ring @ ring_v + p_new @ v  # (b, Hkv, g*T, hd)
 
 
-def attention(b: GraphBuilder, q: str, k: str, v: str, ring_k: str, ring_v: str, position: str, q_heads: int,
-              kv_heads: int, head_dim: int, scale: float, window: int | None = None,
-              softcap: float | None = None, early_exit: bool = False) -> tuple[str, str, str]:
+def attention(b: GraphBuilder, q: Value, k: Value, v: Value, ring_k: Value, ring_v: Value, position: Value,
+              q_heads: int, kv_heads: int, head_dim: int, scale: float, *, window: int | None = None,
+              softcap: float | None = None, early_exit: bool = False) -> tuple[Value, Value, Value]:
     """Attention of T new tokens over the ring plus themselves; see the module docstring."""
     if q_heads % kv_heads:
         raise ValueError(f"{q_heads} query heads do not share {kv_heads} key/value heads evenly")
@@ -107,53 +100,47 @@ def attention(b: GraphBuilder, q: str, k: str, v: str, ring_k: str, ring_v: str,
     i64 = lambda v_: b.const(v_, np.int64)  # noqa: E731
     R = b.op("Shape", ring_k, start=2, end=3)  # (1,)
     T = b.op("Shape", k, start=2, end=3)  # (1,)
-    Rs = b.op("Squeeze", R, b.ints([0]))
-    j = b.op("Range", i64(0), Rs, i64(1))  # (R,) slot index
+    j = b.op("Range", i64(0), R.squeeze(0), i64(1))  # (R,) slot index
     p0 = position  # (1,)
-    pm1 = b.op("Sub", p0, i64([1]))
-    ring_pos = b.op("Sub", pm1, b.op("Mod", b.op("Sub", pm1, j), R, fmod=0))  # (R,) position held; < 0: empty
+    pm1 = p0 - i64([1])
+    ring_pos = pm1 - b.op("Mod", pm1 - j, R, fmod=0)  # (R,) position held; < 0: empty
     new_pos = token_positions(b, position, k, 2)  # (T,)
-    W = R if window is None else b.op("Min", R, i64([int(window)]))
-    qg = b.op("Reshape", q, b.ints([0, kv_heads, -1, head_dim]))  # (b, Hkv, g*T, hd): q head = kv head*g + m
-    args = (qg, k, v, new_pos, T, W, g, scale, softcap)
+    W = R if window is None else R.minimum(i64([int(window)]))
+    qg = q.reshape(0, kv_heads, -1, head_dim)  # (b, Hkv, g*T, hd): q head = kv head*g + m
     if not early_exit:
-        o = _attend(b, ring_k, ring_v, ring_pos, R, *args)
+        o = _attend(b, ring_k, ring_v, ring_pos, R, qg, k, v, new_pos, T, W, g, scale, softcap)
     else:
         # one token (decode) while the ring is less than a third full: the ring holds positions
         # 0..p0-1 in slots 0..p0-1, so attend to a copy of those p0 slots instead of reading all R (a
         # copy costs two passes over what it takes: past a third the full ring is cheaper). Chunks of
         # several tokens always take the full ring, so their activations, the large ones, are the
         # same from the first chunk on and the process's memory does not grow with the position.
-        branches = {}
-        for name in ("short", "full"):
-            sub = b.fresh(name)
-            sb = GraphBuilder({}, name=sub, prefix=sub + "/")
-            if name == "short":
-                cut = lambda r: sb.op("Slice", r, sb.ints([0]), p0, sb.ints([2]))  # noqa: E731
-                pos = sb.op("Range", sb.const(0, np.int64), sb.op("Squeeze", p0, sb.ints([0])), sb.const(1, np.int64))
-                o_b = _attend(sb, cut(ring_k), cut(ring_v), pos, p0, *args)  # p0 slots
-            else:
-                o_b = _attend(sb, ring_k, ring_v, ring_pos, R, *args)
-            sb.output(o_b, sb.prefix + "o", TensorProto.FLOAT, None)
-            branches[name] = helper.make_graph(sb.nodes, sb.name, [], sb.outputs, list(sb.initializers.values()))
-        short = b.op("And", b.op("Equal", T, i64([1])), b.op("Less", b.op("Mul", p0, i64([3])), R))  # (1,)
-        o = b.op("If", b.op("Squeeze", short, b.ints([0])), then_branch=branches["short"],
-                 else_branch=branches["full"])
-    out = b.op("Reshape", o, b.ints([0, q_heads, -1, head_dim]))  # (b, Hq, T, hd)
+        def short(ring_k, ring_v, ring_pos, R, p0, *rest):  # the p0 filled slots
+            sb = p0.b
+            pos = sb.op("Range", sb.const(0, np.int64), p0.squeeze(0), sb.const(1, np.int64))
+            return _attend(sb, ring_k.slice(0, p0, axis=2), ring_v.slice(0, p0, axis=2), pos, p0, *rest,
+                           g, scale, softcap)
+
+        def full(ring_k, ring_v, ring_pos, R, p0, *rest):
+            return _attend(p0.b, ring_k, ring_v, ring_pos, R, *rest, g, scale, softcap)
+
+        short_now = b.op("And", b.op("Equal", T, i64([1])), b.op("Less", p0 * i64([3]), R))  # (1,)
+        o = b.if_(short_now.squeeze(0), short, full, args=(ring_k, ring_v, ring_pos, R, p0, qg, k, v, new_pos, T, W))
+    out = o.reshape(0, q_heads, -1, head_dim)  # (b, Hq, T, hd)
 
     # the last m = min(T, R) new keys/values go to their slots (p0 + i) % R, distinct slots: a
     # ScatterElements over the ring. Its indices depend (trivially: + 0) on the attention output, so
     # it runs after every read of the old ring; a runtime may then bind the ring's input and output
     # to one buffer, and ONNX Runtime updates m slots in place instead of copying the ring.
-    m = b.op("Min", T, R)
-    first = b.op("Sub", T, m)  # (1,)
-    i = b.op("Range", b.op("Squeeze", first, b.ints([0])), b.op("Squeeze", T, b.ints([0])), i64(1))  # (m,)
-    after = b.op("Mul", b.op("Cast", b.op("IsNaN", b.op("ReduceMax", out, keepdims=0)), to=7), i64(0))
-    slots = b.op("Add", b.op("Mod", b.op("Add", i, p0), R, fmod=0), after)  # (m,)
-    upd_k = b.op("Slice", k, first, T, b.ints([2]))  # (b, Hkv, m, hd)
-    upd_v = b.op("Slice", v, first, T, b.ints([2]))
-    upd_shape = b.op("Concat", b.op("Shape", k, start=0, end=2), m, b.ints([head_dim]), axis=0)  # (b, Hkv, m, hd)
-    idx = b.op("Expand", b.op("Reshape", slots, b.ints([1, 1, -1, 1])), upd_shape)
+    m = T.minimum(R)
+    first = T - m  # (1,)
+    i = b.op("Range", first.squeeze(0), T.squeeze(0), i64(1))  # (m,)
+    after = b.op("IsNaN", b.op("ReduceMax", out, keepdims=0)).cast("int64") * i64(0)
+    slots = b.op("Mod", i + p0, R, fmod=0) + after  # (m,)
+    upd_k = k.slice(first, T, axis=2)  # (b, Hkv, m, hd)
+    upd_v = v.slice(first, T, axis=2)
+    upd_shape = b.concat(b.op("Shape", k, start=0, end=2), m, b.ints([head_dim]), axis=0)  # (b, Hkv, m, hd)
+    idx = b.op("Expand", slots.reshape(1, 1, -1, 1), upd_shape)
     new_k = b.op("ScatterElements", ring_k, idx, upd_k, axis=2)
     new_v = b.op("ScatterElements", ring_v, idx, upd_v, axis=2)
     return out, new_k, new_v
