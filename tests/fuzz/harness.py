@@ -40,6 +40,7 @@ def _worker(conn, mem_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
     sys.path.insert(0, TESTS)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["RUST_BACKTRACE"] = "0"  # a panic is one line, not a native backtrace
     from edgeseq.errors import EdgeseqError
     from fuzz.targets import READERS
 
