@@ -184,6 +184,11 @@ class Value(str):
         end = np.iinfo(np.int64).max if end is None else end
         return self.b.op("Slice", self, bound(start), bound(end), self.b.ints([axis]))
 
+    def dims(self, start: int | None = None, end: int | None = None) -> "Value":
+        """The sizes of axes start..end-1 (all by default) as an int64 tensor (ONNX Shape)."""
+        bounds = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+        return self.b.op("Shape", self, **bounds)
+
     def cast(self, dtype: str) -> "Value":
         return self.b.op("Cast", self, to=DTYPES[dtype])
 
@@ -344,6 +349,12 @@ class GraphBuilder:
 
     def concat(self, *values: str, axis: int) -> Value:
         return self.op("Concat", *values, axis=axis)
+
+    def arange(self, start, limit, delta=1) -> Value:
+        """int64 start, start + delta, ... below limit (ONNX Range); ints or int64 scalar tensors."""
+        def scalar(v):
+            return v if isinstance(v, str) else self.const(v, np.int64)
+        return self.op("Range", scalar(start), scalar(limit), scalar(delta))
 
     def if_(self, cond: str, then_fn, else_fn, args=(), name: str = "if"):
         """ONNX If: `then_fn(*args)` where the bool scalar `cond` holds, else `else_fn(*args)`. Each branch

@@ -50,8 +50,8 @@ NEG = -1e30  # masked score: finite so that a fully masked row (never built here
 def token_positions(b: GraphBuilder, position: Value, x: Value, axis: int) -> Value:
     """(T,) int64 absolute positions of the T tokens along `axis` of x: position + arange(T)."""
     p0 = position.squeeze(0)  # scalar
-    t = b.op("Shape", x, start=axis, end=axis + 1).squeeze(0)
-    return b.op("Range", p0, p0 + t, b.const(1, np.int64))
+    t = x.dims(axis, axis + 1).squeeze(0)
+    return b.arange(p0, p0 + t)
 
 
 def rope(b: GraphBuilder, x: Value, pos: Value, head_dim: int, base: float, rotary_dim: int | None = None) -> Value:
@@ -98,9 +98,9 @@ def attention(b: GraphBuilder, q: Value, k: Value, v: Value, ring_k: Value, ring
         raise ValueError(f"{q_heads} query heads do not share {kv_heads} key/value heads evenly")
     g = q_heads // kv_heads
     i64 = lambda v_: b.const(v_, np.int64)  # noqa: E731
-    R = b.op("Shape", ring_k, start=2, end=3)  # (1,)
-    T = b.op("Shape", k, start=2, end=3)  # (1,)
-    j = b.op("Range", i64(0), R.squeeze(0), i64(1))  # (R,) slot index
+    R = ring_k.dims(2, 3)  # (1,)
+    T = k.dims(2, 3)  # (1,)
+    j = b.arange(0, R.squeeze(0))  # (R,) slot index
     p0 = position  # (1,)
     pm1 = p0 - i64([1])
     ring_pos = pm1 - b.op("Mod", pm1 - j, R, fmod=0)  # (R,) position held; < 0: empty
@@ -117,7 +117,7 @@ def attention(b: GraphBuilder, q: Value, k: Value, v: Value, ring_k: Value, ring
         # same from the first chunk on and the process's memory does not grow with the position.
         def short(ring_k, ring_v, ring_pos, R, p0, *rest):  # the p0 filled slots
             sb = p0.b
-            pos = sb.op("Range", sb.const(0, np.int64), p0.squeeze(0), sb.const(1, np.int64))
+            pos = sb.arange(0, p0.squeeze(0))
             return _attend(sb, ring_k.slice(0, p0, axis=2), ring_v.slice(0, p0, axis=2), pos, p0, *rest,
                            g, scale, softcap)
 
@@ -134,12 +134,12 @@ def attention(b: GraphBuilder, q: Value, k: Value, v: Value, ring_k: Value, ring
     # to one buffer, and ONNX Runtime updates m slots in place instead of copying the ring.
     m = T.minimum(R)
     first = T - m  # (1,)
-    i = b.op("Range", first.squeeze(0), T.squeeze(0), i64(1))  # (m,)
+    i = b.arange(first.squeeze(0), T.squeeze(0))  # (m,)
     after = b.op("IsNaN", b.op("ReduceMax", out, keepdims=0)).cast("int64") * i64(0)
     slots = b.op("Mod", i + p0, R, fmod=0) + after  # (m,)
     upd_k = k.slice(first, T, axis=2)  # (b, Hkv, m, hd)
     upd_v = v.slice(first, T, axis=2)
-    upd_shape = b.concat(b.op("Shape", k, start=0, end=2), m, b.ints([head_dim]), axis=0)  # (b, Hkv, m, hd)
+    upd_shape = b.concat(k.dims(0, 2), m, b.ints([head_dim]), axis=0)  # (b, Hkv, m, hd)
     idx = b.op("Expand", slots.reshape(1, 1, -1, 1), upd_shape)
     new_k = b.op("ScatterElements", ring_k, idx, upd_k, axis=2)
     new_v = b.op("ScatterElements", ring_v, idx, upd_v, axis=2)

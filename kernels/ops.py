@@ -21,7 +21,7 @@ def linear_t(b: GraphBuilder, x: Value, weight: str, out_features: int) -> Value
     """x @ W^T for a weight kept [out, in] (a tied embedding used as the LM head): (b, t, d) -> (b, t, out)."""
     in_features = b.weights[weight].shape[1]
     y = b.op("Gemm", x.reshape(-1, in_features), b.w(weight, alias=weight + ".T"), transB=1)  # (b*t, out)
-    return y.reshape(b.concat(b.op("Shape", x, end=2), b.ints([out_features]), axis=0))
+    return y.reshape(b.concat(x.dims(end=2), b.ints([out_features]), axis=0))
 
 
 def rms_norm(b: GraphBuilder, x: Value, weight: str | None, eps: float, groups: int = 1, width: int = 0) -> Value:
