@@ -72,7 +72,7 @@ def test_chat_in_a_terminal(byte_mamba, tmp_path):
     assert int(m.group(2)) == 4
     # errors are error: lines, the state stays
     p.send("/save /nonexistent/dir/x.state\r")
-    p.expect(rb"error: /nonexistent/dir/x.state: cannot save")
+    p.expect(rb"error: /nonexistent/dir/x.state: cannot (save|write)")
     p.expect_exact(b"> ")
     p.send("/load missing.state\r")
     p.expect(rb"error: missing.state")
@@ -111,3 +111,35 @@ def test_ctrl_c_at_an_empty_prompt_ends_cleanly(byte_mamba, tmp_path):
     p.close()
     assert p.exitstatus == 0 and b"Traceback" not in p.before
     assert p.before.endswith(b"\r\n")
+
+
+# -- what the terminal shows, without a terminal ------------------------------------------------------------
+def test_think_sections_dimmed_or_hidden():
+    from edgeseq.cli_chat import DIM, RESET, _ThinkFilter
+
+    pieces = ["Sure. <th", "ink>let me", " see</thi", "nk> 42"]
+    shown = _ThinkFilter(show=True, color=False)
+    assert "".join(shown.feed(p) for p in pieces) + shown.flush() == "Sure. <think>let me see</think> 42"
+    hidden = _ThinkFilter(show=False, color=False)
+    assert "".join(hidden.feed(p) for p in pieces) + hidden.flush() == "Sure.  42"
+    dim = _ThinkFilter(show=True, color=True)
+    out = "".join(dim.feed(p) for p in pieces) + dim.flush()
+    assert out.startswith("Sure. ") and DIM in out and out.endswith(RESET + " 42")
+
+
+def test_a_full_context_stops_the_reply_and_keeps_the_chat(byte_mamba, capsys):
+    """A full-attention model's KV ring full (here: a ring of 12 tokens on the byte Mamba): an error line
+    naming the ways on, the conversation kept, /reset starting over."""
+    import edgeseq
+    from edgeseq.cli_chat import _one
+    from edgeseq.runtime.chat import Chat
+
+    m = edgeseq.load(byte_mamba.bundle())
+    m.max_context = 12
+    c = Chat(m, max_tokens=-1, temperature=0)
+    _one(c, "Hello", show_think=True, color=False, interactive=False)
+    err = capsys.readouterr().err
+    assert "error: context full: 12 tokens" in err and "/reset" in err and "--on-full slide" in err
+    assert c.session.position == 12 and not c.done
+    _one(c, "/reset", show_think=True, color=False, interactive=False)
+    assert c.session.position == 0
