@@ -10,8 +10,8 @@ Symbols (Dao & Gu 2024): b batch · t tokens · d model width · di inner width 
                 y_t = C_t · h_t + D · x_t                               (b, H, P)
                 x += out_proj( group_rms_norm(y · silu(z)) )
 
-The state (b, H, n, P) is the layout of ONNX Runtime's LinearAttention (d_k = n, d_v = P), which
-the fused flavour uses directly: gated rule, per-head decay g = dt·A, k = B, v = dt·x, q = C.
+The mixer (its weights, state and graph) is edgeseq.mixers.mamba2, shared with Zamba2; this file is
+the model around it: config, embedding, the layer stack, the head.
 """
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
 from edgeseq.families.common import embed, find_prefix, head_is_embedding, norm_and_head, pick, transposed
 from edgeseq.graph import GraphBuilder
-from edgeseq.kernels import scan as ssm
-from edgeseq.kernels.conv import causal_conv
-from edgeseq.kernels.ops import linear, rms_norm, silu, softplus, split
+from edgeseq.kernels.ops import rms_norm
+from edgeseq.mixers.mamba2 import Mamba2Mixer
 
 EMBED_SUFFIXES = ["embeddings.weight", "embedding.weight"]
 
@@ -52,6 +51,10 @@ class Mamba2Config:
     def conv_dim(self) -> int:
         return self.d_inner + 2 * self.n_groups * self.d_state
 
+    def mixer(self) -> Mamba2Mixer:
+        return Mamba2Mixer(self.d_inner, self.n_heads, self.head_dim, self.n_groups, self.d_state, self.d_conv,
+                           self.norm_eps, self.dt_min, self.dt_max)
+
 
 @register("Mamba2ForCausalLM", "Mamba2LMHeadModel")
 class Mamba2(Family):
@@ -68,7 +71,7 @@ class Mamba2(Family):
         layers = sum(1 for k in src.keys() if k.endswith(".mixer.A_log"))
         n_heads = src.shape(m + "A_log")[0]
         d_inner = src.shape(m + "norm.weight")[0]
-        conv_dim, _, d_conv = src.shape(m + "conv1d.weight")
+        conv_dim, _, d_conv = src.shape(m + "conv1d.weight")  # (di + 2·G·n, 1, k)
         groups = int(cfg_get({**ssm_cfg, **cfg}, ("n_groups", "ngroups"), 1, where))
         d_state = (conv_dim - d_inner) // (2 * groups)
         in_rows = src.shape(m + "in_proj.weight")[0]
@@ -88,91 +91,35 @@ class Mamba2(Family):
             dt_min=lo, dt_max=None if hi == float("inf") else hi, tie_embeddings=head_is_embedding(src, p))
 
     def state_spec(self) -> list[StateTensor]:
-        c = self.config
-        out = []
-        for i in range(c.n_layer):
-            out.append(StateTensor(i, "conv_state", (c.conv_dim, c.d_conv - 1), "last k-1 inputs (x, B, C) of the conv"))
-            out.append(StateTensor(i, "recurrent_state", (c.n_heads, c.d_state, c.head_dim), "SSD state h (H, n, P)"))
-        return out
+        mixer = self.config.mixer()
+        return [t for i in range(self.config.n_layer) for t in mixer.state_spec(i)]
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
         c = self.config
         p = find_prefix(src, EMBED_SUFFIXES)
         yield "embed", src.get(pick(src, [p + s for s in EMBED_SUFFIXES], "the embedding"))
+        mixer = c.mixer()
         for i in range(c.n_layer):
-            m, o = f"{p}layers.{i}.mixer.", f"layers.{i}."
-            yield o + "norm", src.get(f"{p}layers.{i}.norm.weight")
-            yield o + "in_proj", transposed(src.get(m + "in_proj.weight"))
-            if src.has(m + "in_proj.bias"):
-                yield o + "in_proj_bias", src.get(m + "in_proj.bias")
-            yield o + "conv", src.get(m + "conv1d.weight").reshape(c.conv_dim, 1, c.d_conv)
-            if src.has(m + "conv1d.bias"):
-                yield o + "conv_bias", src.get(m + "conv1d.bias")
-            yield o + "dt_bias", src.get(m + "dt_bias")
-            # the recurrence needs the (negative) rate; the checkpoint keeps its log
-            yield o + "A", -np.exp(src.get(m + "A_log"))
-            # D per channel (each head's value repeated over its P channels) so the skip needs no reshape
-            yield o + "D", np.repeat(src.get(m + "D"), c.head_dim)
-            yield o + "gnorm", src.get(m + "norm.weight")
-            yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
-            if src.has(m + "out_proj.bias"):
-                yield o + "out_proj_bias", src.get(m + "out_proj.bias")
-        # dt (b, t, H) @ head_expand (H, di) repeats each head's step over its P channels: one small
-        # MatMul instead of reshaping x to heads and back in every layer
-        yield "head_expand", np.kron(np.eye(c.n_heads, dtype=np.float32), np.ones((1, c.head_dim), np.float32))
+            yield f"layers.{i}.norm", src.get(f"{p}layers.{i}.norm.weight")
+            yield from mixer.convert(src, f"{p}layers.{i}.mixer.", f"layers.{i}.")
+        yield "head_expand", mixer.head_expand()
         yield "norm_f", src.get(pick(src, [p + "norm_f.weight"], "the final norm"))
         if not c.tie_embeddings:
             yield "lm_head", transposed(src.get("lm_head.weight"))
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
-        H, G, N = c.n_heads, c.n_groups, c.d_state
+        mixer = c.mixer()
         x = embed(b, ids)  # (b, t, d)
         out = {}
         for i in range(c.n_layer):
-            o = f"layers.{i}."
-            h = rms_norm(b, x, o + "norm", c.norm_eps)
-            z, xbc, dt = split(b, linear(b, h, o + "in_proj", o + "in_proj_bias"), [c.d_inner, c.conv_dim, H])
-            xbc, out[f"present.{i}.conv_state"] = causal_conv(
-                b, b.op("Transpose", xbc, perm=[0, 2, 1]), state[f"past_key_values.{i}.conv_state"], o + "conv",
-                o + "conv_bias", c.conv_dim, c.d_conv, silu=True, fused=fused)
-            xs, B, C = split(b, b.op("Transpose", xbc, perm=[0, 2, 1]), [c.d_inner, G * N, G * N])
-            dt = softplus(b, b.op("Add", dt, b.w(o + "dt_bias")))  # (b, t, H)
-            if c.dt_min > 0 or c.dt_max is not None:
-                dt = b.op("Clip", dt, b.const(c.dt_min), b.const(c.dt_max if c.dt_max is not None else np.inf))
-            dtx = b.op("Mul", xs, b.op("MatMul", dt, b.w("head_expand")))  # (b, t, di): dt·x per channel
-            y, out[f"present.{i}.recurrent_state"] = self._ssd(
-                b, dtx, dt, B, C, o, state[f"past_key_values.{i}.recurrent_state"], tokens, fused)  # (b, t, di)
-            y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
-            y = b.op("Mul", y, silu(b, z))  # (b, t, di)
-            y = rms_norm(b, y, o + "gnorm", c.norm_eps, groups=G, width=c.d_inner)
-            x = b.op("Add", x, linear(b, y, o + "out_proj", o + "out_proj_bias"))
+            o, p = f"layers.{i}.", f"past_key_values.{i}."
+            with b.scope(f"layers.{i}"):
+                y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
+                    b, rms_norm(b, x, o + "norm", c.norm_eps), o, state[p + "conv_state"],
+                    state[p + "recurrent_state"], tokens == 1, fused)
+                x = x + y
         return x, out
-
-    def _heads(self, b, v):
-        """(b, t, G*n) -> (b, t, H*n): each group's B or C repeated for its H/G heads."""
-        c = self.config
-        G, N, r = c.n_groups, c.d_state, c.n_heads // c.n_groups
-        if G == 1:
-            return b.op("Tile", v, b.ints([1, 1, r]))
-        v = b.op("Unsqueeze", b.op("Reshape", v, b.ints([0, 0, G, N])), b.ints([3]))  # (b, t, G, 1, n)
-        return b.op("Reshape", b.op("Expand", v, b.ints([1, 1, 1, r, 1])), b.ints([0, 0, c.n_heads * N]))
-
-    def _ssd(self, b, dtx, dt, B, C, o, h, tokens, fused):
-        """SSD over dt·x (b, t, di); returns (y (b, t, di), new state (b, H, n, P))."""
-        c = self.config
-        H, N = c.n_heads, c.d_state
-        log_a = dt * b.w(o + "A")  # (b, t, H)
-        Bh = self._heads(b, B)  # (b, t, H*n)
-        if fused:
-            # q = C per group: LinearAttention shares each query head across H/G state heads
-            return ssm.linear_attention(C, Bh, dtx, state=h, log_decay=log_a, q_heads=c.n_groups, kv_heads=H)
-        Bh = Bh.reshape(0, 0, H, N, 1)
-        Ch = self._heads(b, C).reshape(0, 0, H, N, 1)  # (b, t, H, n, 1)
-        a = log_a.exp().unsqueeze(-1, -2)  # (b, t, H, 1, 1)
-        u = Bh * dtx.reshape(0, 0, H, 1, c.head_dim)  # (b, t, H, n, P)
-        y, h = ssm.selective_scan(h, a=a, u=u, c=Ch, reduce_axis=-2, one_token=tokens == 1)
-        return y.reshape(0, 0, c.d_inner), h
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)

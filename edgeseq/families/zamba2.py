@@ -20,7 +20,7 @@ f MLP width · r adapter (LoRA) rank · R the KV ring length (max_context, chose
             x = x + mamba2_i(rms_norm(x))
     logits = head(rms_norm(x))
 
-The Mamba-2 mixer is Mamba-2's (edgeseq.families.mamba2), with the dt clamp at time_step_min on every
+The Mamba-2 mixer is edgeseq.mixers.mamba2, with the dt clamp at time_step_min on every
 token (transformers' full forward applies it; its cached one-token decode does not, and drifts).
 Attention state: one ring per hybrid layer, `past_key_values.{i}.key` / `.value`
 (b, Hkv, max_context, hd), keys stored after RoPE (kernels/attention.py).
@@ -36,11 +36,10 @@ from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
 from edgeseq.families.common import embed, norm_and_head, pick, transposed
-from edgeseq.families.mamba2 import Mamba2, Mamba2Config
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels.attention import attention, rope, token_positions
-from edgeseq.kernels.conv import causal_conv
-from edgeseq.kernels.ops import linear, rms_norm, silu, softplus, split
+from edgeseq.kernels.ops import linear, rms_norm, split
+from edgeseq.mixers.mamba2 import Mamba2Mixer
 
 P = "model."
 MAX_CONTEXT = 4096  # the default KV ring length recorded in the manifest; sessions may choose another
@@ -78,10 +77,10 @@ class Zamba2Config:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
 
-    def mixer_config(self) -> Mamba2Config:
+    def mixer(self) -> Mamba2Mixer:
         # the gated group norm inside the mixer uses eps 1e-5 whatever rms_norm_eps says (as transformers)
-        return Mamba2Config(self.vocab_size, self.d_model, self.n_layer, self.d_inner, self.n_heads, self.head_dim,
-                            self.n_groups, self.d_state, self.d_conv, 1e-5, self.dt_min, None, self.tie_embeddings)
+        return Mamba2Mixer(self.d_inner, self.n_heads, self.head_dim, self.n_groups, self.d_state, self.d_conv,
+                           1e-5, self.dt_min, None)
 
 
 def read_zamba2_config(src) -> Zamba2Config:
@@ -156,43 +155,6 @@ def shared_blocks(src, hybrid: list[int], nmb: int, module: str = "shared_transf
     return use_block, block_layer, adapter_layer
 
 
-def convert_mixer(src, m: str, o: str, c) -> Iterator[tuple[str, np.ndarray]]:
-    """One Mamba-2 mixer under checkpoint prefix `m` as Mamba-2's canonical names under `o`."""
-    yield o + "in_proj", transposed(src.get(m + "in_proj.weight"))
-    if src.has(m + "in_proj.bias"):
-        yield o + "in_proj_bias", src.get(m + "in_proj.bias")
-    yield o + "conv", src.get(m + "conv1d.weight").reshape(-1, 1, c.d_conv)
-    if src.has(m + "conv1d.bias"):
-        yield o + "conv_bias", src.get(m + "conv1d.bias")
-    yield o + "dt_bias", src.get(m + "dt_bias")
-    yield o + "A", -np.exp(src.get(m + "A_log"))  # the recurrence needs the (negative) rate
-    yield o + "D", np.repeat(src.get(m + "D"), c.head_dim)  # per channel: the skip needs no reshape
-    yield o + "gnorm", src.get(m + "norm.weight")
-    yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
-    if src.has(m + "out_proj.bias"):
-        yield o + "out_proj_bias", src.get(m + "out_proj.bias")
-
-
-def mamba2_mixer(b: GraphBuilder, m2: Mamba2, h: str, o: str, conv_state: str, rec_state: str, tokens, fused):
-    """Mamba-2's mixer (the wiring of Mamba2.body, its kernels and SSD) on normed input h (b, t, d):
-    returns (out (b, t, d), new conv state, new SSD state)."""
-    c = m2.config
-    H, G, N = c.n_heads, c.n_groups, c.d_state
-    z, xbc, dt = split(b, linear(b, h, o + "in_proj", o + "in_proj_bias"), [c.d_inner, c.conv_dim, H])
-    xbc, conv = causal_conv(b, b.op("Transpose", xbc, perm=[0, 2, 1]), conv_state, o + "conv", o + "conv_bias",
-                            c.conv_dim, c.d_conv, silu=True, fused=fused)
-    xs, B, C = split(b, b.op("Transpose", xbc, perm=[0, 2, 1]), [c.d_inner, G * N, G * N])
-    dt = softplus(b, b.op("Add", dt, b.w(o + "dt_bias")))  # (b, t, H)
-    if c.dt_min > 0 or c.dt_max is not None:
-        dt = b.op("Clip", dt, b.const(c.dt_min), b.const(c.dt_max if c.dt_max is not None else np.inf))
-    dtx = b.op("Mul", xs, b.op("MatMul", dt, b.w("head_expand")))  # (b, t, di)
-    y, rec = m2._ssd(b, dtx, dt, B, C, o, rec_state, tokens, fused)  # (b, t, di)
-    y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
-    y = b.op("Mul", y, silu(b, z))
-    y = rms_norm(b, y, o + "gnorm", c.norm_eps, groups=G, width=c.d_inner)
-    return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, rec
-
-
 def lora(b: GraphBuilder, x: str, y: str, name: str | None) -> str:
     """y + (x A) B when the export wrote the adapter `name` (A (in, r), B (r, out))."""
     if name is None or not b.has_weight(name + "_a"):
@@ -237,10 +199,9 @@ class Zamba2(Family):
     def state_spec(self) -> list[StateTensor]:
         c = self.config
         out = []
+        mixer = c.mixer()
         for i in range(c.n_layer):
-            out.append(StateTensor(i, "conv_state", (c.d_inner + 2 * c.n_groups * c.d_state, c.d_conv - 1),
-                                   "last k-1 inputs (x, B, C) of the Mamba-2 conv"))
-            out.append(StateTensor(i, "recurrent_state", (c.n_heads, c.d_state, c.head_dim), "SSD state h (H, n, P)"))
+            out += mixer.state_spec(i)
             if i in c.hybrid_layers:
                 for kind in ("key", "value"):
                     out.append(StateTensor(i, kind, (c.kv_heads, "max_context", c.attn_head_dim),
@@ -250,12 +211,13 @@ class Zamba2(Family):
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
         c = self.config
+        mixer = c.mixer()
         yield "embed", src.get(P + "embed_tokens.weight")
         for i in range(c.n_layer):
             hyb = i in c.hybrid_layers
             m = f"{P}layers.{i}.{'mamba_decoder.' if hyb else ''}"
             yield f"layers.{i}.norm", src.get(m + "input_layernorm.weight")
-            yield from convert_mixer(src, m + "mamba.", f"layers.{i}.", c)
+            yield from mixer.convert(src, m + "mamba.", f"layers.{i}.")
             if hyb:
                 yield f"layers.{i}.linear", transposed(src.get(f"{P}layers.{i}.linear.weight"))
         for k, i in enumerate(c.block_layer):
@@ -275,14 +237,14 @@ class Zamba2(Family):
             for n, a in lists:
                 yield f"uses.{u}.{n}_a", transposed(src.get(s + a + "0.weight"))
                 yield f"uses.{u}.{n}_b", transposed(src.get(s + a + "1.weight"))
-        yield "head_expand", np.kron(np.eye(c.n_heads, dtype=np.float32), np.ones((1, c.head_dim), np.float32))
+        yield "head_expand", mixer.head_expand()
         yield "norm_f", src.get(P + "final_layernorm.weight")
         if not c.tie_embeddings:
             yield "lm_head", transposed(src.get(pick(src, ["lm_head.weight"], "the LM head")))
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
-        m2 = Mamba2(c.mixer_config())
+        mixer = c.mixer()
         e = embed(b, ids)  # (b, t, d)
         pos = token_positions(b, state["position"], ids, 1) if c.mem_rope else None
         scale = (c.attn_head_dim / 2) ** -0.5  # Zamba2's: the block input is two streams wide
@@ -300,9 +262,10 @@ class Zamba2(Family):
                 g, up = split(b, lora(b, f, linear(b, f, blk + "gate_up"), use + "mlp"), [c.ffn_dim, c.ffn_dim])
                 s = linear(b, b.op("Mul", b.op("Gelu", g, approximate=c.gelu), up), blk + "down")
                 h = b.op("Add", x, linear(b, s, f"layers.{i}.linear"))
-            y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mamba2_mixer(
-                b, m2, rms_norm(b, h, f"layers.{i}.norm", c.norm_eps), f"layers.{i}.",
-                state[f"past_key_values.{i}.conv_state"], state[f"past_key_values.{i}.recurrent_state"], tokens, fused)
+            y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
+                b, rms_norm(b, h, f"layers.{i}.norm", c.norm_eps), f"layers.{i}.",
+                state[f"past_key_values.{i}.conv_state"], state[f"past_key_values.{i}.recurrent_state"], tokens == 1,
+                fused)
             x = b.op("Add", x, y)
         return x, out
 

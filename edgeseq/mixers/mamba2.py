@@ -1,0 +1,113 @@
+"""Mamba-2's mixer: SSD (state-space duality) with a scalar decay per head (Dao & Gu 2024).
+
+Symbols: b batch · t tokens · d model width · di inner width · H heads · P head dim (di = H·P) ·
+G groups (B and C are shared by H/G heads) · n state size · k conv width.
+
+    [z, xBC, dt] = in_proj(h)
+    xBC = silu(conv(xBC));  [x, B, C] = split(xBC)             x (b, t, H, P), B, C (b, t, G, n)
+    dt = softplus(dt + dt_bias), clipped to [dt_min, dt_max]   (b, t, H)
+    s_t = exp(dt·A) · s_{t-1} + B_t ⊗ (dt·x_t)                 s (b, H, n, P)
+    y_t = C_t · s_t + D · x_t                                  (b, H, P)
+    out = out_proj( group_rms_norm(y · silu(z)) )
+
+The state (b, H, n, P) is the layout of ONNX Runtime's LinearAttention (d_k = n, d_v = P), which the
+fused flavour uses directly: gated rule, per-head decay g = dt·A, k = B, v = dt·x, q = C.
+Used by Mamba2 and Zamba2 (and the Mamba-2 hybrids to come).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from edgeseq.families.common import transposed
+from edgeseq.graph import GraphBuilder, Value
+from edgeseq.kernels import scan as ssm
+from edgeseq.kernels.conv import causal_conv
+from edgeseq.kernels.ops import linear, rms_norm, softplus, split
+from edgeseq.state import StateTensor
+
+
+@dataclass(frozen=True)
+class Mamba2Mixer:
+    d_inner: int
+    n_heads: int
+    head_dim: int
+    n_groups: int
+    d_state: int
+    d_conv: int
+    norm_eps: float = 1e-5  # the gated group norm's
+    dt_min: float = 0.0  # time_step_limit; (0, None) means no clipping
+    dt_max: float | None = None
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+    def state_spec(self, layer: int) -> list[StateTensor]:
+        return [StateTensor(layer, "conv_state", (self.conv_dim, self.d_conv - 1),
+                            "last k-1 inputs (x, B, C) of the Mamba-2 conv"),
+                StateTensor(layer, "recurrent_state", (self.n_heads, self.d_state, self.head_dim),
+                            "SSD state h (H, n, P)")]
+
+    def convert(self, src, m: str, o: str) -> Iterator[tuple[str, np.ndarray]]:
+        """The mixer's tensors under checkpoint prefix `m` (HF `…mixer.` / `…mamba.`) as canonical names under `o`."""
+        yield o + "in_proj", transposed(src.get(m + "in_proj.weight"))
+        if src.has(m + "in_proj.bias"):
+            yield o + "in_proj_bias", src.get(m + "in_proj.bias")
+        yield o + "conv", src.get(m + "conv1d.weight").reshape(self.conv_dim, 1, self.d_conv)
+        if src.has(m + "conv1d.bias"):
+            yield o + "conv_bias", src.get(m + "conv1d.bias")
+        yield o + "dt_bias", src.get(m + "dt_bias")
+        yield o + "A", -np.exp(src.get(m + "A_log"))  # the recurrence needs the (negative) rate, not its log
+        yield o + "D", np.repeat(src.get(m + "D"), self.head_dim)  # per channel: the skip needs no reshape
+        yield o + "gnorm", src.get(m + "norm.weight")
+        yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
+        if src.has(m + "out_proj.bias"):
+            yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+
+    def head_expand(self) -> np.ndarray:
+        """(H, di): dt (b, t, H) @ head_expand repeats each head's step over its P channels (one small
+        MatMul instead of reshaping x to heads and back in every layer). One per model: `head_expand`."""
+        return np.kron(np.eye(self.n_heads, dtype=np.float32), np.ones((1, self.head_dim), np.float32))
+
+    def __call__(self, b: GraphBuilder, h: Value, o: str, conv_state: Value, state: Value, one_token: bool,
+                 fused: bool) -> tuple[Value, Value, Value]:
+        """The mixer on normed input h (b, t, d). Returns (out (b, t, d), new conv state, new SSD state)."""
+        G, N = self.n_groups, self.d_state
+        z, xbc, dt = split(b, linear(b, h, o + "in_proj", o + "in_proj_bias"), [self.d_inner, self.conv_dim, self.n_heads])
+        xbc, conv = causal_conv(b, xbc.transpose(0, 2, 1), conv_state, o + "conv", o + "conv_bias", self.conv_dim,
+                                self.d_conv, silu=True, fused=fused)
+        xs, B, C = split(b, xbc.transpose(0, 2, 1), [self.d_inner, G * N, G * N])
+        dt = softplus(b, dt + b.w(o + "dt_bias"))  # (b, t, H)
+        if self.dt_min > 0 or self.dt_max is not None:
+            dt = b.op("Clip", dt, b.const(self.dt_min), b.const(self.dt_max if self.dt_max is not None else np.inf))
+        dtx = xs * (dt @ b.w("head_expand"))  # (b, t, di): dt·x per channel
+        y, state = self._ssd(b, dtx, dt, B, C, o, state, one_token, fused)  # (b, t, di)
+        y = (y + xs * b.w(o + "D")) * z.silu()
+        y = rms_norm(b, y, o + "gnorm", self.norm_eps, groups=G, width=self.d_inner)
+        return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, state
+
+    def _groups_to_heads(self, b: GraphBuilder, v: Value) -> Value:
+        """(b, t, G*n) -> (b, t, H*n): each group's B or C repeated for its H/G heads."""
+        G, N, r = self.n_groups, self.d_state, self.n_heads // self.n_groups
+        if G == 1:
+            return b.op("Tile", v, b.ints([1, 1, r]))
+        v = v.reshape(0, 0, G, N).unsqueeze(3)  # (b, t, G, 1, n)
+        return b.op("Expand", v, b.ints([1, 1, 1, r, 1])).reshape(0, 0, self.n_heads * N)
+
+    def _ssd(self, b, dtx, dt, B, C, o, state, one_token, fused):
+        """SSD over dt·x (b, t, di); returns (y (b, t, di), new state (b, H, n, P))."""
+        H, N = self.n_heads, self.d_state
+        log_a = dt * b.w(o + "A")  # (b, t, H)
+        Bh = self._groups_to_heads(b, B)  # (b, t, H*n)
+        if fused:
+            # q = C per group: LinearAttention shares each query head across H/G state heads
+            return ssm.linear_attention(C, Bh, dtx, state=state, log_decay=log_a, q_heads=self.n_groups,
+                                        kv_heads=H)
+        Ch = self._groups_to_heads(b, C).reshape(0, 0, H, N, 1)  # (b, t, H, n, 1)
+        a = log_a.exp().unsqueeze(-1, -2)  # (b, t, H, 1, 1)
+        u = Bh.reshape(0, 0, H, N, 1) * dtx.reshape(0, 0, H, 1, self.head_dim)  # (b, t, H, n, P)
+        y, state = ssm.selective_scan(state, a=a, u=u, c=Ch, reduce_axis=-2, one_token=one_token)
+        return y.reshape(0, 0, self.d_inner), state
