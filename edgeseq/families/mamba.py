@@ -24,9 +24,8 @@ from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
 from edgeseq.families.common import embed, find_prefix, head_is_embedding, norm_and_head, pick, transposed
 from edgeseq.graph import GraphBuilder
-from edgeseq.kernels import scan as ssm
-from edgeseq.kernels.conv import causal_conv
-from edgeseq.kernels.ops import linear, rms_norm, silu, softplus, split
+from edgeseq.kernels.ops import rms_norm
+from edgeseq.mixers.mamba1 import Mamba1Mixer
 
 EMBED_SUFFIXES = ["embeddings.weight", "embedding.weight"]
 
@@ -43,6 +42,9 @@ class MambaConfig:
     norm_eps: float = 1e-5
     mixer_rms_eps: float | None = None  # FalconMamba's norms on dt, B, C; None for Mamba
     tie_embeddings: bool = True
+
+    def mixer(self) -> Mamba1Mixer:
+        return Mamba1Mixer(self.d_inner, self.d_state, self.d_conv, self.dt_rank, rms_eps=self.mixer_rms_eps)
 
 
 @register("MambaForCausalLM", "FalconMambaForCausalLM", "MambaLMHeadModel")
@@ -80,72 +82,34 @@ class Mamba(Family):
         )
 
     def state_spec(self) -> list[StateTensor]:
-        c = self.config
-        out = []
-        for i in range(c.n_layer):
-            out.append(StateTensor(i, "conv_state", (c.d_inner, c.d_conv - 1), "last k-1 inputs of the causal conv"))
-            out.append(StateTensor(i, "recurrent_state", (c.d_inner, c.d_state), "SSM state h (di, n)"))
-        return out
+        mixer = self.config.mixer()
+        return [t for i in range(self.config.n_layer) for t in mixer.state_spec(i)]
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
         c = self.config
         p = find_prefix(src, EMBED_SUFFIXES)
+        mixer = c.mixer()
         yield "embed", src.get(pick(src, [p + s for s in EMBED_SUFFIXES], "the embedding"))
         for i in range(c.n_layer):
-            m, o = f"{p}layers.{i}.mixer.", f"layers.{i}."
-            yield o + "norm", src.get(f"{p}layers.{i}.norm.weight")
-            yield o + "in_proj", transposed(src.get(m + "in_proj.weight"))
-            if src.has(m + "in_proj.bias"):
-                yield o + "in_proj_bias", src.get(m + "in_proj.bias")
-            yield o + "conv", src.get(m + "conv1d.weight").reshape(c.d_inner, 1, c.d_conv)
-            if src.has(m + "conv1d.bias"):
-                yield o + "conv_bias", src.get(m + "conv1d.bias")
-            yield o + "x_proj", transposed(src.get(m + "x_proj.weight"))
-            yield o + "dt_proj", transposed(src.get(m + "dt_proj.weight"))
-            yield o + "dt_bias", src.get(m + "dt_proj.bias")
-            # the recurrence needs the (negative) rate itself; the checkpoint keeps its log
-            yield o + "A", -np.exp(src.get(m + "A_log"))
-            yield o + "D", src.get(m + "D")
-            yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
-            if src.has(m + "out_proj.bias"):
-                yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+            yield f"layers.{i}.norm", src.get(f"{p}layers.{i}.norm.weight")
+            yield from mixer.convert(src, f"{p}layers.{i}.mixer.", f"layers.{i}.")
         yield "norm_f", src.get(pick(src, [p + "norm_f.weight"], "the final norm"))
         if not c.tie_embeddings:
             yield "lm_head", transposed(src.get("lm_head.weight"))
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
+        mixer = c.mixer()
         x = embed(b, ids)  # (b, t, d)
         out = {}
         for i in range(c.n_layer):
-            o = f"layers.{i}."
-            h = rms_norm(b, x, o + "norm", c.norm_eps)
-            xs, z = split(b, linear(b, h, o + "in_proj", o + "in_proj_bias"), [c.d_inner, c.d_inner])  # (b, t, di)
-            xc, out[f"present.{i}.conv_state"] = causal_conv(
-                b, b.op("Transpose", xs, perm=[0, 2, 1]), state[f"past_key_values.{i}.conv_state"], o + "conv",
-                o + "conv_bias", c.d_inner, c.d_conv, silu=True, fused=fused)
-            xs = b.op("Transpose", xc, perm=[0, 2, 1])  # (b, t, di)
-            dt, B, C = split(b, linear(b, xs, o + "x_proj"), [c.dt_rank, c.d_state, c.d_state])
-            if c.mixer_rms_eps is not None:
-                dt, B, C = (rms_norm(b, v, None, c.mixer_rms_eps) for v in (dt, B, C))
-            dt = softplus(b, linear(b, dt, o + "dt_proj", o + "dt_bias"))  # (b, t, di)
-            y, out[f"present.{i}.recurrent_state"] = self._ssm(b, xs, dt, B, C, o,
-                                                               state[f"past_key_values.{i}.recurrent_state"],
-                                                               tokens)
-            y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
-            y = b.op("Mul", y, silu(b, z))
-            x = b.op("Add", x, linear(b, y, o + "out_proj", o + "out_proj_bias"))
+            o, p = f"layers.{i}.", f"past_key_values.{i}."
+            with b.scope(f"layers.{i}"):
+                y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
+                    b, rms_norm(b, x, o + "norm", c.norm_eps), o, state[p + "conv_state"],
+                    state[p + "recurrent_state"], tokens == 1, fused)
+                x = x + y
         return x, out
-
-    def _ssm(self, b, xs, dt, B, C, o, h, tokens):
-        """The selective scan over (b, t, di) inputs; returns (y (b, t, di), new state (b, di, n)).
-
-        Plain ops for one token, a standard Scan for any number. ONNX Runtime's LinearAttention fits
-        Mamba-1 only as one head per channel (d_k = n, d_v = 1), and measured slower that way than
-        the Scan for both decode and prefill (docs/benchmarks.md), so both flavours use the Scan."""
-        a = (dt.unsqueeze(-1) * b.w(o + "A")).exp()  # (b, t, di, n)
-        u = (dt * xs).unsqueeze(-1) * B.unsqueeze(2)  # (b, t, di, n)
-        return ssm.selective_scan(h, a=a, u=u, c=C.unsqueeze(2), reduce_axis=-1, one_token=tokens == 1)
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)

@@ -36,9 +36,8 @@ from edgeseq.families.base import Family, StateTensor, cfg_get
 from edgeseq.families.common import embed, norm_and_head, pick, transposed
 from edgeseq.families.zamba2 import GELU, MAX_CONTEXT, P, shared_attention, shared_blocks
 from edgeseq.graph import GraphBuilder
-from edgeseq.kernels import scan as ssm
-from edgeseq.kernels.conv import causal_conv
-from edgeseq.kernels.ops import linear, rms_norm, silu, softplus, split
+from edgeseq.kernels.ops import linear, rms_norm
+from edgeseq.mixers.mamba1 import Mamba1Mixer
 
 BLOCK_TENSORS = ("input_layernorm.weight", "pre_ff_layernorm.weight", "self_attn.q_proj.weight",
                  "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
@@ -66,9 +65,8 @@ class ZambaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_inner // self.n_heads
+    def mixer(self) -> Mamba1Mixer:
+        return Mamba1Mixer(self.d_inner, self.d_state, self.d_conv, self.dt_rank, n_heads=self.n_heads)
 
 
 @register("ZambaForCausalLM")
@@ -110,10 +108,9 @@ class Zamba(Family):
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
-        out = []
+        out, mixer = [], c.mixer()
         for i in range(c.n_layer):
-            out.append(StateTensor(i, "conv_state", (c.d_inner, c.d_conv - 1), "last k-1 inputs of the Mamba conv"))
-            out.append(StateTensor(i, "recurrent_state", (c.d_inner, c.d_state), "SSM state h (heads x head dim, n)"))
+            out += mixer.state_spec(i)
             if i in c.hybrid_layers:
                 for kind in ("key", "value"):
                     out.append(StateTensor(i, kind, (c.kv_heads, "max_context", c.attn_head_dim),
@@ -122,30 +119,14 @@ class Zamba(Family):
 
     def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
         c = self.config
+        mixer = c.mixer()
         yield "embed", src.get(P + "embed_tokens.weight")
         for i in range(c.n_layer):
             hyb = i in c.hybrid_layers
             pre, o = f"{P}layers.{i}.{'mamba_decoder.' if hyb else ''}", f"layers.{i}."
             m = pre + "mamba."
             yield o + "norm", src.get(pre + "input_layernorm.weight")
-            # transformers views in_proj's output rows as (di, 2): even rows feed the conv, odd rows gate
-            w = src.get(m + "in_proj.weight")
-            yield o + "in_proj", transposed(np.concatenate([w[0::2], w[1::2]]))
-            if src.has(m + "in_proj.bias"):
-                bias = src.get(m + "in_proj.bias")
-                yield o + "in_proj_bias", np.concatenate([bias[0::2], bias[1::2]])
-            yield o + "conv", src.get(m + "conv1d.weight").reshape(c.d_inner, 1, c.d_conv)
-            if src.has(m + "conv1d.bias"):
-                yield o + "conv_bias", src.get(m + "conv1d.bias")
-            # per head x (.., hd) @ (hd, r+2n) and dt (.., r) @ (r, hd): batched MatMuls over the heads
-            yield o + "x_proj", np.ascontiguousarray(src.get(m + "x_proj_weight").transpose(0, 2, 1))
-            yield o + "dt_proj", np.ascontiguousarray(src.get(m + "dt_proj_weight").transpose(0, 2, 1))
-            yield o + "dt_bias", src.get(m + "dt_proj_bias").reshape(c.d_inner)
-            yield o + "A", -np.exp(src.get(m + "A_log")).reshape(c.d_inner, c.d_state)  # the rate, not its log
-            yield o + "D", src.get(m + "D").reshape(c.d_inner)
-            yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
-            if src.has(m + "out_proj.bias"):
-                yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+            yield from mixer.convert_zamba(src, m, o)
             if hyb:
                 yield o + "linear", transposed(src.get(f"{P}layers.{i}.linear.weight"))
         for k, i in enumerate(c.block_layer):
@@ -162,6 +143,7 @@ class Zamba(Family):
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
+        mixer = c.mixer()
         e = embed(b, ids)  # (b, t, d)
         scale = (c.attn_head_dim / 2) ** -0.5
         x, out = e, {}
@@ -177,37 +159,11 @@ class Zamba(Family):
                 g = b.op("Gelu", linear(b, f, blk + "gate"), approximate=c.gelu)
                 s = linear(b, b.op("Mul", g, linear(b, f, blk + "up")), blk + "down")
                 h = b.op("Add", x, linear(b, s, o + "linear"))
-            y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = self._mixer(
+            y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
                 b, rms_norm(b, h, o + "norm", c.norm_eps), o, state[f"past_key_values.{i}.conv_state"],
-                state[f"past_key_values.{i}.recurrent_state"], tokens, fused)
+                state[f"past_key_values.{i}.recurrent_state"], tokens == 1, fused)
             x = b.op("Add", x, y)
         return x, out
-
-    def _mixer(self, b: GraphBuilder, h, o, conv_state, rec_state, tokens, fused):
-        """The multi-head Mamba-1 mixer on normed input h (b, t, d): (out, conv state, SSM state)."""
-        c = self.config
-        nh, hd, n, r = c.n_heads, c.head_dim, c.d_state, c.dt_rank
-        xs, z = split(b, linear(b, h, o + "in_proj", o + "in_proj_bias"), [c.d_inner, c.d_inner])  # (b, t, di)
-        xc, conv = causal_conv(b, b.op("Transpose", xs, perm=[0, 2, 1]), conv_state, o + "conv", o + "conv_bias",
-                               c.d_inner, c.d_conv, silu=True, fused=fused)
-        xs = b.op("Transpose", xc, perm=[0, 2, 1])  # (b, t, di)
-        xh = b.op("Reshape", xs, b.ints([0, 0, nh, 1, hd]))  # (b, t, nh, 1, hd)
-        dbc = b.op("Reshape", b.op("MatMul", xh, b.w(o + "x_proj")), b.ints([0, 0, nh, r + 2 * n]))
-        dt, B, C = split(b, dbc, [r, n, n])  # (b, t, nh, r | n | n)
-        dt = b.op("MatMul", b.op("Unsqueeze", dt, b.ints([3])), b.w(o + "dt_proj"))  # (b, t, nh, 1, hd)
-        dt = softplus(b, b.op("Add", b.op("Reshape", dt, b.ints([0, 0, c.d_inner])), b.w(o + "dt_bias")))
-
-        def per_channel(v):  # (b, t, nh, n) -> (b, t, di, n): each head's B or C over its hd channels
-            v = b.op("Expand", b.op("Unsqueeze", v, b.ints([3])), b.ints([1, 1, 1, hd, 1]))
-            return b.op("Reshape", v, b.ints([0, 0, c.d_inner, n]))
-
-        a = (dt.unsqueeze(-1) * b.w(o + "A")).exp()  # (b, t, di, n)
-        u = (dt * xs).unsqueeze(-1) * per_channel(B)  # (b, t, di, n)
-        y, rec = ssm.selective_scan(rec_state, a=a, u=u, c=per_channel(C), reduce_axis=-1,
-                                    one_token=tokens == 1)  # (b, t, di)
-        y = b.op("Add", y, b.op("Mul", xs, b.w(o + "D")))
-        y = b.op("Mul", y, silu(b, z))
-        return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, rec
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)

@@ -1,0 +1,122 @@
+"""Mamba-1's mixer: the selective state-space layer (Gu & Dao 2023, Algorithm 2), with the variants
+the families use: FalconMamba's weightless RMS norms on dt, B and C, and Zamba's heads (x_proj and
+dt_proj per head of hd = di / nh channels; one head is Mamba itself).
+
+Symbols: b batch · t tokens · d model width · di inner width · nh heads (hd = di/nh) · n state size ·
+r dt rank · k conv width.
+
+    [x, z] = in_proj(h);  x = silu(conv(x))                     (b, t, di)
+    [dt, B, C] = x_proj(x)            (per head)                dt (b, t, nh, r), B, C (b, t, nh, n)
+    dt = softplus(dt_proj(dt) + dt_bias)   (per head)           (b, t, di)
+    s_t = exp(dt·A) ⊙ s_{t-1} + (dt·x_t) ⊗ B_t                  s (b, di, n)
+    y_t = s_t · C_t + D ⊙ x_t                                   (b, di)
+    out = out_proj(y · silu(z))
+
+ONNX Runtime's LinearAttention fits Mamba-1 only as one head per channel (d_k = n, d_v = 1), and
+measured slower that way than the Scan for both decode and prefill (docs/benchmarks.md), so both
+flavours use the Scan. Used by Mamba, FalconMamba and Zamba.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from edgeseq.families.common import transposed
+from edgeseq.graph import GraphBuilder, Value
+from edgeseq.kernels import scan as ssm
+from edgeseq.kernels.conv import causal_conv
+from edgeseq.kernels.ops import linear, rms_norm, softplus, split
+from edgeseq.state import StateTensor
+
+
+@dataclass(frozen=True)
+class Mamba1Mixer:
+    d_inner: int
+    d_state: int
+    d_conv: int
+    dt_rank: int
+    n_heads: int = 1  # Zamba's Mamba heads; 1 for Mamba
+    rms_eps: float | None = None  # FalconMamba's norms on dt, B, C; None for Mamba
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_inner // self.n_heads
+
+    def state_spec(self, layer: int) -> list[StateTensor]:
+        return [StateTensor(layer, "conv_state", (self.d_inner, self.d_conv - 1), "last k-1 inputs of the causal conv"),
+                StateTensor(layer, "recurrent_state", (self.d_inner, self.d_state), "SSM state h (di, n)")]
+
+    # -- checkpoint layouts ----------------------------------------------------------------------
+    def convert(self, src, m: str, o: str) -> Iterator[tuple[str, np.ndarray]]:
+        """HF MambaForCausalLM / FalconMamba / state-spaces: the mixer under `m` (`…layers.{i}.mixer.`)."""
+        yield o + "in_proj", transposed(src.get(m + "in_proj.weight"))
+        if src.has(m + "in_proj.bias"):
+            yield o + "in_proj_bias", src.get(m + "in_proj.bias")
+        yield from self._conv(src, m, o)
+        yield o + "x_proj", transposed(src.get(m + "x_proj.weight"))
+        yield o + "dt_proj", transposed(src.get(m + "dt_proj.weight"))
+        yield o + "dt_bias", src.get(m + "dt_proj.bias")
+        yield from self._rest(src, m, o)
+
+    def convert_zamba(self, src, m: str, o: str) -> Iterator[tuple[str, np.ndarray]]:
+        """transformers' ZambaForCausalLM: the mixer under `m` (`…mamba.`), per-head projections."""
+        # transformers views in_proj's output rows as (di, 2): even rows feed the conv, odd rows gate
+        w = src.get(m + "in_proj.weight")
+        yield o + "in_proj", transposed(np.concatenate([w[0::2], w[1::2]]))
+        if src.has(m + "in_proj.bias"):
+            bias = src.get(m + "in_proj.bias")
+            yield o + "in_proj_bias", np.concatenate([bias[0::2], bias[1::2]])
+        yield from self._conv(src, m, o)
+        # per head x (.., hd) @ (hd, r+2n) and dt (.., r) @ (r, hd): batched MatMuls over the heads
+        yield o + "x_proj", np.ascontiguousarray(src.get(m + "x_proj_weight").transpose(0, 2, 1))
+        yield o + "dt_proj", np.ascontiguousarray(src.get(m + "dt_proj_weight").transpose(0, 2, 1))
+        yield o + "dt_bias", src.get(m + "dt_proj_bias").reshape(self.d_inner)
+        yield from self._rest(src, m, o)
+
+    def _conv(self, src, m, o):
+        yield o + "conv", src.get(m + "conv1d.weight").reshape(self.d_inner, 1, self.d_conv)
+        if src.has(m + "conv1d.bias"):
+            yield o + "conv_bias", src.get(m + "conv1d.bias")
+
+    def _rest(self, src, m, o):
+        # the recurrence needs the (negative) rate itself; the checkpoint keeps its log
+        yield o + "A", -np.exp(src.get(m + "A_log")).reshape(self.d_inner, self.d_state)
+        yield o + "D", src.get(m + "D").reshape(self.d_inner)
+        yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
+        if src.has(m + "out_proj.bias"):
+            yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+
+    # -- graph -----------------------------------------------------------------------------------
+    def __call__(self, b: GraphBuilder, h: Value, o: str, conv_state: Value, state: Value, one_token: bool,
+                 fused: bool) -> tuple[Value, Value, Value]:
+        """The mixer on normed input h (b, t, d). Returns (out (b, t, d), new conv state, new SSM state)."""
+        di, n, r = self.d_inner, self.d_state, self.dt_rank
+        xs, z = split(b, linear(b, h, o + "in_proj", o + "in_proj_bias"), [di, di])  # (b, t, di)
+        xc, conv = causal_conv(b, xs.transpose(0, 2, 1), conv_state, o + "conv", o + "conv_bias", di,
+                               self.d_conv, silu=True, fused=fused)
+        xs = xc.transpose(0, 2, 1)  # (b, t, di)
+        if self.n_heads == 1:
+            dt, B, C = split(b, linear(b, xs, o + "x_proj"), [r, n, n])
+            if self.rms_eps is not None:
+                dt, B, C = (rms_norm(b, v, None, self.rms_eps) for v in (dt, B, C))
+            dt = softplus(b, linear(b, dt, o + "dt_proj", o + "dt_bias"))  # (b, t, di)
+            B, C = B.unsqueeze(2), C.unsqueeze(2)  # (b, t, 1, n): shared by every channel
+        else:
+            nh, hd = self.n_heads, self.head_dim
+            dbc = (xs.reshape(0, 0, nh, 1, hd) @ b.w(o + "x_proj")).reshape(0, 0, nh, r + 2 * n)
+            dt, B, C = split(b, dbc, [r, n, n])  # (b, t, nh, r | n | n)
+            dt = dt.unsqueeze(3) @ b.w(o + "dt_proj")  # (b, t, nh, 1, hd)
+            dt = softplus(b, dt.reshape(0, 0, di) + b.w(o + "dt_bias"))
+            B, C = self._per_channel(b, B), self._per_channel(b, C)
+        a = (dt.unsqueeze(-1) * b.w(o + "A")).exp()  # (b, t, di, n)
+        u = (dt * xs).unsqueeze(-1) * B  # (b, t, di, n)
+        y, state = ssm.selective_scan(state, a=a, u=u, c=C, reduce_axis=-1, one_token=one_token)  # (b, t, di)
+        y = (y + xs * b.w(o + "D")) * z.silu()
+        return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, state
+
+    def _per_channel(self, b: GraphBuilder, v: Value) -> Value:
+        """(b, t, nh, n) -> (b, t, di, n): each head's B or C over its hd channels."""
+        v = b.op("Expand", v.unsqueeze(3), b.ints([1, 1, 1, self.head_dim, 1]))
+        return v.reshape(0, 0, self.d_inner, self.d_state)
