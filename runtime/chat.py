@@ -54,6 +54,7 @@ class Chat:
     def reset_conversation(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.consumed: str | None = ""  # the text the state has seen (None: unknown, after /load of a bare state)
+        self._fed_stop = ""  # the stop string that ended the last reply (fed, not shown)
         self.stopped = False
 
     @property
@@ -134,7 +135,7 @@ class Chat:
         else:
             self.messages.append({"role": "user", "content": text})
             target = self.template.render(self.messages, add_generation_prompt=True)
-            prompt = _delta(self.consumed, target)
+            prompt = self._delta(target)
             stops = self.template.stop + self.stop
             ends = self.template.stop_token_ids
         reply = []
@@ -146,13 +147,35 @@ class Chat:
                 yield piece
         finally:  # also when the reply is stopped (Ctrl-C closes this generator): keep what was said
             said = "".join(reply)
-            if s.stats.stopped_by == "stop_string":
-                said_fed = said + s.stats.extra.get("stop", "")
-            else:
-                said_fed = said
+            self._fed_stop = s.stats.extra.get("stop", "") if s.stats.stopped_by == "stop_string" else ""
+            said_fed = said + self._fed_stop
             self.consumed += said_fed
             if self.template is not None:
                 self.messages.append({"role": "assistant", "content": said})
+
+    def _delta(self, target: str) -> str:
+        """What to feed so that the state has seen the conversation `target` renders: the rest of it after
+        what was consumed. A template that rewrites earlier turns (Qwen3 drops old <think> sections) makes
+        the texts part: then what follows the last reply when the reply is rendered as a marker (its
+        closing, e.g. `<|im_end|>\\n`, unfed when the reply ended on its end token, and the new turn)."""
+        consumed = self.consumed
+        if consumed is None:
+            return target
+        if target.startswith(consumed):
+            return target[len(consumed):]
+        prev = len(self.messages) - 2
+        if prev >= 0 and self.messages[prev]["role"] == "assistant":
+            # render the last reply as a marker: what follows it is its closing and the new turn
+            mark = "\x00edgeseq-reply\x00"
+            marked = [*self.messages[:prev], {**self.messages[prev], "content": mark}, self.messages[-1]]
+            text = self.template.render(marked, add_generation_prompt=True)
+            if text.count(mark) == 1:
+                delta = text[text.index(mark) + len(mark):]
+                if self._fed_stop and delta.startswith(self._fed_stop):
+                    delta = delta[len(self._fed_stop):]  # the reply's stop string was fed already
+                return delta
+        n = next((i for i, (a, b) in enumerate(zip(consumed, target)) if a != b), min(len(consumed), len(target)))
+        return target[n:]  # otherwise: from where the two texts part
 
     def stats_line(self, rss_mb: float | None = None) -> str:
         st = self.session.stats
@@ -162,15 +185,4 @@ class Chat:
                 f"{self.session.position}{mem}]")
 
 
-def _delta(consumed: str | None, target: str) -> str:
-    """What to feed so that the state has seen `target`: the rest of it after what was consumed."""
-    if consumed is None:
-        return target
-    if target.startswith(consumed):
-        return target[len(consumed):]
-    n = 0  # a template that rewrote an earlier turn: feed from where the two texts part
-    for a, b in zip(consumed, target):
-        if a != b:
-            break
-        n += 1
-    return target[n:]
+

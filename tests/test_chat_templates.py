@@ -84,8 +84,94 @@ LFM2 = r'''{{- bos_token -}}
     {{- "<|im_start|>assistant\n" -}}
 {%- endif -%}
 '''
+# Qwen3 (Qwen/Qwen3-0.6B): ChatML with <think> sections dropped from earlier turns, tools, tool calls
+QWEN3 = r'''{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in message.content %}
+                {%- set content = message.content.split('</think>')[-1].lstrip('\n') %}
+                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}'''
 TEMPLATES = {"recurrentgemma-it": (GEMMA_IT, "<bos>", "<eos>"), "lfm2": (LFM2, "<|startoftext|>", "<|im_end|>"),
-             "chatml": (CHATML, "<s>", "</s>")}
+             "qwen3": (QWEN3, "<|endoftext|>", "<|im_end|>"), "chatml": (CHATML, "<s>", "</s>")}
 CONVERSATIONS = {
     "one turn": [{"role": "user", "content": "Hello there"}],
     "three turns": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello! \n"},
@@ -131,11 +217,19 @@ def test_renders_as_transformers_does(tokenizers, name, tmp_path):
                 assert str(e) in str(ours.value)
                 continue
             assert render_jinja(spec["jinja"], messages, gen, spec["special_tokens"]) == want, (name, what, gen)
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    if name == "lfm2":
-        want = tok.apply_chat_template(CONVERSATIONS["one turn"], tools=tools, tokenize=False,
-                                       add_generation_prompt=True)
-        assert render_jinja(spec["jinja"], CONVERSATIONS["one turn"], True, spec["special_tokens"], tools=tools) == want
+    tools = [{"type": "function", "function": {"name": "f", "description": "é", "parameters": {}}}]
+    calls = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+        {"role": "tool", "content": "42"}]
+    if name in ("lfm2", "qwen3"):
+        for messages in (CONVERSATIONS["one turn"], calls):
+            want = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+            assert render_jinja(spec["jinja"], messages, True, spec["special_tokens"], tools=tools) == want
+    if name == "qwen3":  # a template variable of the model's own: passed through, as transformers does
+        want = tok.apply_chat_template(CONVERSATIONS["one turn"], tokenize=False, add_generation_prompt=True,
+                                       enable_thinking=False)
+        assert render_jinja(spec["jinja"], CONVERSATIONS["one turn"], True, spec["special_tokens"],
+                            enable_thinking=False) == want
 
 
 def test_raise_exception_is_an_error_naming_the_template():
@@ -231,3 +325,26 @@ def test_gguf_to_bundle_keeps_the_template(byte_mamba, tmp_path):
     assert m["chat_template"]["source"] == "GGUF tokenizer.chat_template"
     t = from_spec(m["chat_template"])
     assert "<end_of_turn>" in t.stop
+
+
+def test_a_template_that_drops_old_thinking_feeds_only_the_new_turn(byte_mamba, tmp_path):
+    """Qwen3's template renders an earlier reply without its <think> section: the state already saw it,
+    so the next turn feeds the reply's closing and the new user turn only (never the reply again)."""
+    import edgeseq
+    from edgeseq.runtime.chat import Chat
+    from edgeseq.runtime.session import Stats
+
+    b = _bundle_with(byte_mamba, tmp_path, {"jinja": QWEN3, "special_tokens": {}, "source": "qwen3"}, 2)
+    c = Chat(edgeseq.load(b), max_tokens=3, temperature=0)
+    fed = []
+
+    def scripted(prompt, **kw):  # the model's reply, ending on its end token (not fed)
+        fed.append(prompt)
+        c.session.stats = Stats(stopped_by="end_token")
+        yield "<think>\nhm\n</think>\n\n4"
+
+    c.session.generate = scripted
+    "".join(c.handle("2+2?"))
+    "".join(c.handle("and 3+3?"))
+    assert fed == ["<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n",
+                   "<|im_end|>\n<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n"]
