@@ -167,6 +167,11 @@ def repl(model, system=None, template=None, show_think=True, stop=(), sampling=N
     from edgeseq.runtime.chat import Chat
 
     c = Chat(model, system=system, template=template, stop=stop, **(sampling or {}))
+    if system and c.template is not None:  # a template that refuses a system turn says so now, not each turn
+        try:
+            c.template.render(c.messages + [{"role": "user", "content": "."}], add_generation_prompt=True)
+        except EdgeseqError as e:
+            raise EdgeseqError(f"--system: {e}") from None
     interactive = sys.stdin.isatty()
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     rl = _setup_readline() if interactive else None
