@@ -163,8 +163,8 @@ def parse_quant(name: str, fmt: str) -> tuple[str, str | None]:
                "write an ONNX bundle: -o a folder name (or --format onnx)")
         raise EdgeseqError(f"--quant {name} is a {other_name} type: {how}; an {fmt.upper()} "
                            f"{'bundle' if fmt == 'onnx' else 'file'} takes {', '.join(allowed)}")
-    raise EdgeseqError(f"--quant {name}: unknown (ONNX bundles: {', '.join(ONNX_QUANTS)}; GGUF: "
-                       f"{', '.join(GGUF_QUANTS)}, or llama.cpp's Q4_K_M, Q5_K_M, Q8_0 ...)")
+    raise EdgeseqError(f"--quant {name}: not available for {fmt} (choose one of {', '.join(allowed)}"
+                       + ("; llama.cpp's Q4_K_M, Q5_K_M, Q8_0 ... in any case)" if fmt == "gguf" else ")"))
 
 
 def check_out(out: str, force: bool, what: str = "-o") -> None:

@@ -63,7 +63,7 @@ CASES = [
     ("gguf-name-onnx-format", "export {ckpt} -o {tmp}/m.gguf --format onnx", None, "m.gguf"),
     ("gguf-quant-for-onnx", "export {ckpt} -o {tmp}/out --quant q4_0", None, "GGUF type"),
     ("onnx-quant-for-gguf", "export {ckpt} -o {tmp}/m.gguf --quant int4", None, "ONNX type"),
-    ("quant-unknown", "export {ckpt} -o {tmp}/out --quant int3", None, "int3"),
+    ("quant-unknown", "export {ckpt} -o {tmp}/out --quant int3", None, "--quant int3: not available for onnx"),
     ("quant-llama-cpp-unsupported", "export {ckpt} -o {tmp}/m.gguf --quant Q4_K_S", None, "Q4_K_S"),
     ("block-size-gguf", "export {ckpt} -o {tmp}/m.gguf --quant q4_0 --block-size 64", None, "--block-size"),
     ("block-size-mobile", "export {ckpt} -o {tmp}/out --quant int8 --mobile --block-size 64", None, "--block-size"),
