@@ -34,7 +34,7 @@ from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
 from edgeseq.families.common import embed, norm_and_head, pick, transposed
-from edgeseq.families.zamba2 import GELU, MAX_CONTEXT, P, shared_attention, shared_blocks
+from edgeseq.mixers.zyphra import GELU, MAX_CONTEXT, P, shared_attention, shared_blocks
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels.ops import linear, rms_norm
 from edgeseq.mixers.mamba1 import Mamba1Mixer

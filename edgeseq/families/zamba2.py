@@ -32,18 +32,16 @@ from typing import Iterator
 
 import numpy as np
 
-from edgeseq.errors import EdgeseqError, UnsupportedError
+from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
 from edgeseq.families.common import embed, norm_and_head, pick, transposed
 from edgeseq.graph import GraphBuilder
-from edgeseq.kernels.attention import attention, rope, token_positions
+from edgeseq.kernels.attention import token_positions
 from edgeseq.kernels.ops import linear, rms_norm, split
 from edgeseq.mixers.mamba2 import Mamba2Mixer
+from edgeseq.mixers.zyphra import GELU, MAX_CONTEXT, P, lora, shared_attention, shared_blocks
 
-P = "model."
-MAX_CONTEXT = 4096  # the default KV ring length recorded in the manifest; sessions may choose another
-GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh"}
 
 
 @dataclass
@@ -122,66 +120,6 @@ def read_zamba2_config(src) -> Zamba2Config:
         rope_theta=float(rope_p.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         gelu=GELU[act], norm_eps=float(cfg_get(cfg, ("rms_norm_eps",), 1e-5, where)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", True)) or not src.has("lm_head.weight"))
-
-
-BLOCK_TENSORS = ("input_layernorm.weight", "pre_ff_layernorm.weight", "self_attn.q_proj.weight",
-                 "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                 "feed_forward.gate_up_proj.weight", "feed_forward.down_proj.weight")
-
-
-def shared_blocks(src, hybrid: list[int], nmb: int, module: str = "shared_transformer", tensors=BLOCK_TENSORS):
-    """Which stored weights each use of a shared block reads. Tied checkpoints store block k once, at
-    its first use (hybrid layer k); later uses cycle through them. transformers ties them only when
-    tie_word_embeddings is set: otherwise every hybrid layer keeps (and uses) its own block, so a
-    layer that stores different tensors gets its own stored block; identical copies are stored once."""
-    def st(i):
-        return f"{P}layers.{i}.{module}."
-
-    use_block, block_layer, adapter_layer = [], [], []
-    for u, i in enumerate(hybrid):
-        first = hybrid[u % nmb]
-        own = src.has(st(i) + tensors[2])
-        if not own and not src.has(st(first) + tensors[2]):
-            raise EdgeseqError(f"{src.path}: no weights for the shared block of hybrid layer {i} "
-                               f"(looked for {st(i)}* and {st(first)}*)")
-        adapter_layer.append(i if own else first)
-        src_layer = i
-        if not own or (i != first and all(np.array_equal(src.get(st(i) + t), src.get(st(first) + t))
-                                          for t in tensors)):
-            src_layer = first
-        if src_layer not in block_layer:
-            block_layer.append(src_layer)
-        use_block.append(block_layer.index(src_layer))
-    return use_block, block_layer, adapter_layer
-
-
-def lora(b: GraphBuilder, x: str, y: str, name: str | None) -> str:
-    """y + (x A) B when the export wrote the adapter `name` (A (in, r), B (r, out))."""
-    if name is None or not b.has_weight(name + "_a"):
-        return y
-    return b.op("Add", y, b.op("MatMul", b.op("MatMul", x, b.w(name + "_a")), b.w(name + "_b")))
-
-
-def heads(b: GraphBuilder, x: str, n: int, hd: int) -> str:
-    """(b, t, n*hd) -> (b, n, t, hd)."""
-    return b.op("Transpose", b.op("Reshape", x, b.ints([0, 0, n, hd])), perm=[0, 2, 1, 3])
-
-
-def shared_attention(b: GraphBuilder, a: str, blk: str, use: str | None, ring_k: str, ring_v: str, position: str,
-                     pos: str | None, heads_q: int, heads_kv: int, hd: int, scale: float, rope_theta: float,
-                     tokens: int | None = None):
-    """q/k/v of the normed block input a (b, t, in) with the block's weights and the use's adapters,
-    RoPE when `pos` is given, attention over the ring, o_proj. Returns (out (b, t, d), rings)."""
-    q, k, v = (lora(b, a, linear(b, a, blk + n), use and use + n) for n in "qkv")
-    q, k, v = heads(b, q, heads_q, hd), heads(b, k, heads_kv, hd), heads(b, v, heads_kv, hd)
-    if pos is not None:
-        q, k = rope(b, q, pos, hd, rope_theta), rope(b, k, pos, hd, rope_theta)
-    # the prefill graphs (which also decode) read only the filled slots of a ring under a third full;
-    # the step graph stays free of control flow (mobile runtimes)
-    o, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, heads_q, heads_kv, hd, scale,
-                          early_exit=tokens != 1)
-    o = b.op("Reshape", b.op("Transpose", o, perm=[0, 2, 1, 3]), b.ints([0, 0, heads_q * hd]))
-    return linear(b, o, blk + "o"), nk, nv
 
 
 @register("Zamba2ForCausalLM")
