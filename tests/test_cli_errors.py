@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -112,12 +111,12 @@ import json, os, sys
 import edgeseq.cli, edgeseq.cli_args, edgeseq.gguf_file, edgeseq.exporters.cache, numpy  # imported once
 import edgeseq.runtime.model, edgeseq.exporters.export, edgeseq.cache, jinja2  # (what some cases reach)
 out = []
-for argv, env, cwd, log in json.load(sys.stdin):
+for argv, env, cwd, log, stdin in json.load(sys.stdin):
     pid = os.fork()
     if pid == 0:
         os.chdir(cwd)
         os.environ.update(env)
-        fd = os.open(os.devnull, os.O_RDONLY); os.dup2(fd, 0)
+        fd = os.open(stdin or os.devnull, os.O_RDONLY); os.dup2(fd, 0)
         for n, name in ((1, log + ".out"), (2, log + ".err")):
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC); os.dup2(fd, n)
         sys.argv = ["edgeseq", *argv]
@@ -135,22 +134,51 @@ print(json.dumps(out))
 """
 
 
+# commands that must work, run by the same driver (their outputs go under {tmp}/good)
+GOOD = [
+    ("words", "run {bundle} Hello there -n 6 --temp 0 --no-echo", None),
+    ("model-option-and-file", "run -m {bundle} -f {tmp}/good/p.txt -n 6 --temp 0 --no-echo", None),
+    ("stdin", "run {bundle} -p - -n 6 --temp 0 --no-echo", "{tmp}/good/p.txt"),
+    ("until-end-json", "run {bundle} -p Hi -n -1 --temp 0 --stop e --repeat-penalty 1.1 --min-p 0.05 -s 3 --json",
+     None),
+    ("bench-json", "bench {gguf} -p 8 -n 4 --repeat 2 --json --threads 1", None),
+    ("export-gguf-by-name", "export {ckpt} -o {tmp}/good/m.gguf --quant Q4_K_M", None),
+    ("help", "-h", None), ("version", "--version", None), ("run-help", "run -h", None),
+    ("export-help", "export --help", None), ("chat-help", "chat -h", None), ("cache-help", "cache -h", None),
+]
+
+
+def _run_all(places, logs, cases):
+    jobs = [[_argv(c[1], places), {"EDGESEQ_MODEL": "", **{k: v.format(**places) for k, v in (c[2] or {}).items()}},
+             str(places["tmp"]), str(logs / c[0]), c[3].format(**places) if c[3] else None]
+            for c in cases]  # c: (id, argv, env, a file for stdin or None)
+    r = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(jobs).encode("utf-8", "surrogateescape"),
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    return {c[0]: subprocess.CompletedProcess(j[0], code, (logs / f"{c[0]}.out").read_bytes(),
+                                              (logs / f"{c[0]}.err").read_bytes())
+            for c, j, code in zip(cases, jobs, json.loads(r.stdout))}
+
+
 @pytest.fixture(scope="module")
 def results(places, tmp_path_factory):
     logs = tmp_path_factory.mktemp("cli_error_logs")
     before = (_listing(places["tmp"]), _listing(places["bundle"]))
-    jobs = [[_argv(c[1], places), {"EDGESEQ_MODEL": "", **{k: v.format(**places) for k, v in (c[2] or {}).items()}},
-             str(places["tmp"]), str(logs / c[0])]
-            for c in CASES]
-    r = subprocess.run([sys.executable, "-c", DRIVER], input=json.dumps(jobs).encode("utf-8", "surrogateescape"),
-                       capture_output=True, timeout=300)
-    assert r.returncode == 0, r.stderr.decode()
-    codes = json.loads(r.stdout)
+    runs = _run_all(places, logs, [(*c[:3], None) for c in CASES])
     assert (_listing(places["tmp"]), _listing(places["bundle"])) == before, "a failed command wrote something"
     assert not os.path.exists("/proc/edgeseq-out")
-    return {c[0]: subprocess.CompletedProcess(j[0], code, (logs / f"{c[0]}.out").read_bytes(),
-                                              (logs / f"{c[0]}.err").read_bytes())
-            for c, j, code in zip(CASES, jobs, codes)}
+    return runs
+
+
+@pytest.fixture(scope="module")
+def good(places, results, tmp_path_factory):
+    (places["tmp"] / "good").mkdir()
+    (places["tmp"] / "good" / "p.txt").write_text("Hello there\n")
+    logs = tmp_path_factory.mktemp("cli_good_logs")
+    runs = _run_all(places, logs, [(c[0], c[1], None, c[2]) for c in GOOD])  # c[2]: a file for stdin
+    for name, r in runs.items():
+        assert r.returncode == 0, (name, r.stderr.decode())
+    return runs
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -165,54 +193,47 @@ def test_bad_input_is_one_error_line(results, case):
 
 
 # -- what works ---------------------------------------------------------------------------------------------
-def test_python_m_edgeseq_and_help(places):
-    for args in (["-h"], ["--version"], ["run", "-h"], ["export", "--help"], ["chat", "-h"], ["cache", "-h"]):
-        r = edgeseq(*args)
-        assert r.returncode == 0, r.stderr
-        out = r.stdout.decode()
-        assert "<bool>" not in out and "list[str]" not in out
-    assert b"edgeseq 0." in edgeseq("--version").stdout
-    text = edgeseq("export", "-h").stdout.decode()
-    assert ".pth" in text and ".gguf" in text
+def test_the_real_commands_start():
+    """`python -m edgeseq` and the console script, as separate programs (the table above forks main())."""
+    r = edgeseq("--version")
+    assert r.returncode == 0 and b"edgeseq 0." in r.stdout
+    script = os.path.join(os.path.dirname(sys.executable), "edgeseq")
+    if os.path.exists(script):
+        r = subprocess.run([script, "-h"], capture_output=True, timeout=60)
+        assert r.returncode == 0 and b"Commands" in r.stdout
     r = edgeseq()
     assert r.returncode == 0 and b"Commands" in r.stdout
 
 
-def test_prompt_spellings_agree(places):
+def test_help_texts(good):
+    for name in ("help", "run-help", "export-help", "chat-help", "cache-help"):
+        out = good[name].stdout.decode()
+        assert "<bool>" not in out and "list[str]" not in out and "Usage: edgeseq" in out, name
+    assert b"edgeseq 0." in good["version"].stdout
+    text = good["export-help"].stdout.decode()
+    assert ".pth" in text and ".gguf" in text
+
+
+def test_prompt_spellings_agree(good):
     """Ollama's positional words, -m with -f FILE, and -p - (stdin) give the same greedy text."""
-    b, tmp = str(places["bundle"]), places["tmp"]
-    (tmp / "p.txt").write_text("Hello there\n")
-    common = ["-n", "6", "--temp", "0", "--no-echo"]
-    runs = [("run", b, "Hello", "there", *common), ("run", "-m", b, "-f", str(tmp / "p.txt"), *common),
-            ("run", b, "-p", "-", *common)]
-    with ThreadPoolExecutor(3) as pool:
-        outs = list(pool.map(lambda a: edgeseq(*a, input=b"Hello there\n"), runs))
-    for r in outs:
-        assert r.returncode == 0, r.stderr
-    assert len({r.stdout for r in outs}) == 1 and outs[0].stdout.strip()
+    outs = [good[n].stdout for n in ("words", "model-option-and-file", "stdin")]
+    assert len(set(outs)) == 1 and outs[0].strip()
 
 
-def test_until_end_token_json_and_aliases(places):
-    b = str(places["bundle"])
-    r = edgeseq("run", b, "-p", "Hi", "-n", "-1", "--temp", "0", "--stop", "e", "--repeat-penalty", "1.1",
-                "--min-p", "0.05", "-s", "3", "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+def test_until_end_token_json_and_aliases(good):
+    out = json.loads(good["until-end-json"].stdout)
     # a random byte model has no end token: -n -1 runs until the stop string
     assert out["stopped_by"] in ("stop_string", "end_token") and out["prompt"] == "Hi"
     assert set(out) >= {"text", "prompt_tps", "decode_tps", "peak_rss_mb"}
 
 
-def test_format_follows_the_name_and_llama_cpp_quant_names(places, tmp_path):
-    r = edgeseq("export", places["ckpt"], "-o", tmp_path / "m.gguf", "--quant", "Q4_K_M")
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "m.gguf").is_file() and (tmp_path / "m.gguf").read_bytes()[:4] == b"GGUF"
-    assert b"q4_k" in r.stderr  # the translation is said
+def test_format_follows_the_name_and_llama_cpp_quant_names(good, places):
+    g = places["tmp"] / "good" / "m.gguf"
+    assert g.is_file() and g.read_bytes()[:4] == b"GGUF"
+    assert b"q4_k" in good["export-gguf-by-name"].stderr  # the translation is said
 
 
-def test_bench_json_and_gguf_label(places):
-    r = edgeseq("bench", places["gguf"], "-p", "8", "-n", "4", "--repeat", "2", "--json", "--threads", "1")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+def test_bench_json_and_gguf_label(good):
+    out = json.loads(good["bench-json"].stdout)
     assert out["prefill_tps"]["min"] <= out["prefill_tps"]["median"] <= out["prefill_tps"]["max"]
     assert "GGUF" in out["quant"] and "int8" not in out["quant"].split("(")[0]
