@@ -143,3 +143,18 @@ def test_a_full_context_stops_the_reply_and_keeps_the_chat(byte_mamba, capsys):
     assert c.session.position == 12 and not c.done
     _one(c, "/reset", show_think=True, color=False, interactive=False)
     assert c.session.position == 0
+
+
+def test_ctrl_c_stops_run_with_its_speed_line(byte_mamba):
+    """`run -n -1` decodes until Ctrl-C, which ends it as llama.cpp does: the text so far, the speed
+    line marked interrupted, exit status 130, no traceback."""
+    import signal
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "edgeseq", "run", str(byte_mamba.bundle()), "-p", "Hi", "-n", "-1",
+                          "--temp", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "EDGESEQ_MODEL": ""})
+    assert p.stdout.read(4).startswith(b"Hi")  # the reply streams
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and b"| interrupted]" in err and b"Traceback" not in err, err
