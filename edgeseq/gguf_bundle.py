@@ -274,9 +274,7 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        safe_io.replace_dir(tmp, out)  # the old bundle or the new one, whenever the process is killed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

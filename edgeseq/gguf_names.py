@@ -562,12 +562,13 @@ def generic_family(g) -> tuple[object, Callable, dict]:
 def family_of(g):
     """(family instance, canonical weight iterator factory, {canonical matrix: (GGUF tensor, transposed)})
     for any GGUF edgeseq reads."""
-    from edgeseq.safe_io import check_config
+    from edgeseq.safe_io import check_config, check_layers
 
     arch = g.architecture
     if arch.startswith(GENERIC_PREFIX):
         fam, weights, matrices = generic_family(g)
         check_config(fam.config, g.path, max_layers=len(g.tensors))
+        check_layers(fam.config, g.tensors, g.path)
         return fam, weights, matrices
     m = LLAMA_ARCHS.get(arch)
     if m is None:
@@ -582,6 +583,7 @@ def family_of(g):
         raise EdgeseqError(f"{g.path}: its metadata does not describe a {arch} model ({type(e).__name__}: "
                            f"{str(e)[:200]})") from None
     check_config(config, g.path, max_layers=len(g.tensors))  # before anything loops over n_layer
+    check_layers(config, g.tensors, g.path)
     fam = cls(config)
     return fam, lambda: m.from_gguf(fam, g), m.matrices(fam)
 

@@ -24,6 +24,7 @@ def check_manifest(m: dict, directory: str) -> None:
 
     if need_int(m.get("state_spec_version", 0), p, "state_spec_version", 0, 1 << 16) > STATE_SPEC_VERSION:
         return  # read_manifest says: newer than this edgeseq reads
+    need_int(m.get("format_version"), p, "format_version", 1, 1 << 16)
     for key in ("family", "architecture", "edgeseq_version"):
         need_str(m.get(key), p, key, 256)
     if m.get("flavour") not in FLAVOURS:
@@ -46,13 +47,21 @@ def check_manifest(m: dict, directory: str) -> None:
     state = need(m.get("state") or [], list, p, "state")
     if len(state) > MAX_STATE_TENSORS:
         raise EdgeseqError(f"{p}: state has {len(state)} tensors (1 to {MAX_STATE_TENSORS} expected)")
+    names = set()
     for i, s in enumerate(state):
         what = f"state[{i}]"
         need(s, dict, p, what)
-        need_str(s.get("name"), p, f"{what}.name", 256)
-        need_str(s.get("output"), p, f"{what}.output", 256)
-        need_int(s.get("layer"), p, f"{what}.layer", 0, MAX_STATE_TENSORS)
-        need_str(s.get("kind"), p, f"{what}.kind", 64)
+        name = need_str(s.get("name"), p, f"{what}.name", 256)
+        output = need_str(s.get("output"), p, f"{what}.output", 256)
+        layer = need_int(s.get("layer"), p, f"{what}.layer", 0, MAX_STATE_TENSORS)
+        kind = need_str(s.get("kind"), p, f"{what}.kind", 64)
+        # the runtime names the tensors it feeds from layer and kind; they must agree with the names
+        if (name, output) != (f"past_key_values.{layer}.{kind}", f"present.{layer}.{kind}"):
+            raise EdgeseqError(f"{p}: {what} is named {name!r} / {output!r}, but its layer {layer} and kind {kind!r} "
+                               f"make past_key_values.{layer}.{kind} / present.{layer}.{kind}")
+        if name in names:
+            raise EdgeseqError(f"{p}: {what} {name!r} appears twice")
+        names.add(name)
         if s.get("dtype") not in DTYPES:
             raise EdgeseqError(f"{p}: {what}.dtype is {safe_io._show(s.get('dtype'))}, expected one of "
                                f"{', '.join(DTYPES)}")

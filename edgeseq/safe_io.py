@@ -155,8 +155,10 @@ def check_config(config, where: str, max_layers: int | None = None) -> None:
         if ann.startswith("bool"):
             need(v, (bool, np.bool_), where, what)
         elif ann.startswith("int"):
-            hi = max_layers if max_layers is not None and f.name in ("n_layer", "num_layers", "n_layers") else MAX_COUNT
-            need_int(v, where, what, 0, hi)
+            if f.name in ("n_layer", "num_layers", "n_layers"):  # a model has a layer; no more than the file holds
+                need_int(v, where, what, 1, max_layers if max_layers is not None else MAX_COUNT)
+            else:
+                need_int(v, where, what, 0, MAX_COUNT)
         elif ann.startswith("float"):
             need_float(v, where, what)
         elif ann.startswith("str"):
@@ -167,6 +169,20 @@ def check_config(config, where: str, max_layers: int | None = None) -> None:
                     need_int(x, where, f"{what}[{i}]", 0, MAX_COUNT)
                 elif isinstance(x, float):
                     need_float(x, where, f"{what}[{i}]")
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|blk)\.(\d+)\.")
+
+
+def check_layers(config, names, where: str) -> None:
+    """A file whose tensors name a layer at or past the config's layer count holds layers the export would
+    silently drop (a config, or the tensor its layer count is read from, damaged): refused."""
+    n = getattr(config, "n_layer", None)
+    if not isinstance(n, int):
+        return
+    top = max((int(m.group(1)) for k in names if isinstance(k, str) and (m := _LAYER.search(k))), default=-1)
+    if top >= n:
+        raise EdgeseqError(f"{where}: holds tensors of layer {top}, but the model's config has {n} layers")
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -218,8 +234,10 @@ def atomic_file(path: str, mode: str = "wb"):
     """Write `path` all or nothing: a private temporary sibling, fsynced, renamed over `path` when the
     block ends without error; removed otherwise (a full disk then is an EdgeseqError naming `path`)."""
     folder = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        _sweep_files(folder, prefix)  # the temporary files of killed writers
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=folder)
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # as open() would have made it, not mkstemp's private 0600
@@ -277,6 +295,19 @@ def sweep_stale(parent: str, prefix: str) -> list[str]:
     return removed
 
 
+def _sweep_files(folder: str, prefix: str) -> None:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            pid = name[len(prefix):].split("-", 1)[0]
+            if pid.isdecimal() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -296,3 +327,19 @@ def foreign_error(e: BaseException, where: str, doing: str) -> BaseException:
     if isinstance(e, Exception) or type(e).__name__ == "PanicException":
         return EdgeseqError(f"{where}: {doing} failed ({type(e).__name__}: {str(e)[:300]})")
     return e
+
+
+def replace_dir(tmp: str, out: str) -> None:
+    """Publish the finished folder `tmp` as `out`: an existing `out` is first renamed aside (into `tmp`'s
+    name + "-old", which the stale-folder sweep of temp_dir removes if this process is killed), so a kill
+    at any moment leaves the old complete folder, the new one, or none, never a half-deleted one."""
+    import shutil
+
+    aside = None
+    if os.path.lexists(out):
+        aside = tmp.rstrip(os.sep) + "-old"
+        os.replace(out, aside)
+    os.replace(tmp, out)
+    _fsync_dir(os.path.dirname(os.path.abspath(out)))
+    if aside:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -32,6 +32,10 @@ def check_weights(family, table: dict, where: str) -> None:
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise EdgeseqError(f"{where}: the weights do not fit the {family.name} config ({type(e).__name__}: "
                            f"{str(e)[:300]})") from None
+    for v in model.graph.input:  # batch 1: every shape concrete, so a Reshape that cannot be made is found
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in ("batch", "sequence"):
+                d.dim_value = 1  # (a KV ring's max_context stays symbolic)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:  # onnx's InferenceError / ValidationError: a tensor does not fit its operator

@@ -195,9 +195,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is as readable as any new folder
         safe_io.fsync_tree(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        safe_io.replace_dir(tmp, out)  # the old bundle or the new one, whenever the process is killed
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk: a clear error, and the temporary folder is gone
@@ -217,5 +215,6 @@ def read_family(ckpt, checkpoint: str):
         raise EdgeseqError(f"{where}: does not describe a {fam_cls.name} model ({type(e).__name__}: "
                            f"{str(e)[:200]})") from None
     safe_io.check_config(config, where, max_layers=len(ckpt.keys()))
+    safe_io.check_layers(config, ckpt.keys(), where)
     return fam_cls(config)
 

@@ -99,7 +99,8 @@ def st_mutations(file, seed_file: Path, rng: random.Random, n: int) -> list[Muta
     t2 = rng.choice([k for k in names if k != t])
     out.append(Mutation("offsets", f"{t2} overlaps {t}", True,
                         entry(t2, "data_offsets", [a, a + header[t2]["data_offsets"][1] - header[t2]["data_offsets"][0]])))
-    out.append(Mutation("names", f"{t} renamed to unicode", True,
+    # renamed, a tensor is unknown (ignored) and missing: refused unless the family takes it as optional
+    out.append(Mutation("names", f"{t} renamed to unicode", False,
                         edit(lambda h, b: ({("é✓\u202e" + k if k == t else k): v for k, v in h.items()}))))
     out.append(Mutation("names", "__metadata__ a list", True, edit(lambda h, b: {**h, "__metadata__": [1]})))
     out += json_mutations(lambda c: _st_read(file(c))[0], lambda c, h: _st_write(file(c), h, _st_read(file(c))[1]),
@@ -277,7 +278,8 @@ def gguf_rewrite(src: Path, dst: Path, edit_kv=None, edit_tensors=None) -> None:
         edit_tensors(tensors)
     w = gguf.GGUFWriter(str(dst) + ".new", kv.pop("general.architecture"))
     types.pop("general.architecture", None)
-    kv.pop("general.alignment", None)
+    if kv.get("general.alignment") == 32:  # the writer's default; another value is kept (a mutation)
+        kv.pop("general.alignment")
     for k, v in kv.items():
         vt = gguf.GGUFValueType(types[k][0])
         if vt == gguf.GGUFValueType.ARRAY:
@@ -355,8 +357,10 @@ def gguf_mutations(file, seed: Path, rng: random.Random, n: int) -> list[Mutatio
             for v in ((2 ** 62, 2 ** 64 - 1, 0) if fmt == "<Q" else (2 ** 32 - 1, 13, 0)):
                 if v == orig:
                     continue
+                # a value (other than the layer count) may be odd yet harmless: 13 as a float's bits is a tiny eps
+                must = "value of" not in what or "block_count" in what
                 out.append(Mutation("huge" if "length" in what or "n_" in what else "offsets" if "offset" in what
-                                    else "types", f"{what} = {v}", "value of" not in what or v != 0,
+                                    else "types", f"{what} = {v}", must,
                                     lambda c, off=off, fmt=fmt, v=v: put(file(c), off, fmt, v)))
     # an offset that makes two tensors overlap
     offs = [f for f in fields if f[2].startswith("offset of")]
@@ -397,9 +401,14 @@ def bundle_mutations(_file, seed: Path, rng: random.Random, n: int) -> list[Muta
     if "max_context" not in m:  # a family without a KV ring: the dim is added where a state shape names it
         targeted.append(("huge", ("state", 1, "shape"), ["batch", "max_context", 4]))
     # graphs.*.tensors (dtypes and shapes for apps), docs and the config are informational to the runtime
-    required = lambda p: (p[0] in REQUIRED_MANIFEST and p[0] not in ("config", "quant") and p[-1] != "doc"  # noqa: E731
-                          and "tensors" not in p)
-    out = json_mutations(read, write, m, rng, max(0, n - 40), required, targeted)
+    # sample hashes are optional (bundles before them), an init or a version string is any value
+    required = lambda p: (p[0] in REQUIRED_MANIFEST and p[0] not in ("config", "quant", "edgeseq_version")  # noqa: E731
+                          and p[-1] not in ("doc", "init", "logits") and "tensors" not in p and "sample" not in p
+                          and p[:2] != ("weights", "sample_sha256"))
+    # fields with a default (weights.file: weights.bin; the special tokens) may be missing
+    out = json_mutations(read, write, m, rng, max(0, n - 40), required, targeted,
+                         deletable=lambda p: p in (("weights", "file"), ("tokenizer", "file"))
+                         or p[-1] in ("logits", "chunk", "tokens") or p in (("graphs", "prefill_all"),))
     out.append(Mutation("types", "flavour missing", True, lambda c: write(c, {k: v for k, v in read(c).items() if k != "flavour"})))
     w = seed / "weights.bin"
     size = w.stat().st_size
