@@ -141,6 +141,7 @@ class Value(str):
     def relu(self): return self.b.op("Relu", self)
     def softplus(self): return self.b.op("Softplus", self)
     def silu(self): return self * self.sigmoid()
+    def gelu(self, approximate: str = "none"): return self.b.op("Gelu", self, approximate=approximate)
     def abs(self): return self.b.op("Abs", self)
     def maximum(self, o): return self._binary("Max", o)
     def minimum(self, o): return self._binary("Min", o)
@@ -165,6 +166,10 @@ class Value(str):
     def split(self, sizes, axis: int = -1) -> list["Value"]:
         outs = self.b.op("Split", self, self.b.ints(sizes), axis=axis, outputs=len(sizes))
         return outs if isinstance(outs, list) else [outs]
+
+    def expand(self, *shape: int) -> "Value":
+        """Broadcast to `shape` (ONNX Expand: 1 keeps an axis as it is)."""
+        return self.b.op("Expand", self, self.b.ints(shape))
 
     def gather(self, index, axis: int = 0) -> "Value":
         """Entries at `index` along `axis`: an int drops the axis (x[:, -1]), a list of ints or an int64

@@ -127,8 +127,8 @@ class Family:
             logits = self.head(b, hidden)
             b.output(logits, "logits", f32, ["batch", "sequence", v])
         else:
-            last = b.op("Gather", hidden, b.ints([-1]), axis=1) if tokens != 1 else hidden
-            logits = b.op("Reshape", self.head(b, last), b.ints([-1, v]))
+            last = hidden.gather([-1], axis=1) if tokens != 1 else hidden  # (b, 1, d)
+            logits = self.head(b, last).reshape(-1, v)
             b.output(logits, "logits", f32, ["batch", v])
         for s in self.state_spec():
             b.output(state_out[s.output_name], s.output_name, f32, ["batch", *s.shape])

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-from onnx import TensorProto
 
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
@@ -259,37 +258,36 @@ class RecurrentGemma(Family):
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
         position = state["position"]  # int64 (1,): the graph assembly declares it (uses_position)
-        x = b.op("Gather", b.w("embed"), ids, axis=0)  # (b, t, d)
+        x = b.w("embed").gather(ids)  # (b, t, d)
         if c.embed_scale != 1.0:
-            x = b.op("Mul", x, b.const(c.embed_scale))
+            x = x * c.embed_scale
         pos = attn.token_positions(b, position, ids, 1)  # (t,) absolute positions
         # 0 where a token starts a sequence (the RG-LRU reset), else 1: (1, t, 1)
-        keep = b.op("Cast", b.op("Unsqueeze", b.op("Greater", pos, b.const(0, np.int64)), b.ints([0, 2])),
-                    to=TensorProto.FLOAT)
+        keep = b.op("Greater", pos, b.const(0, np.int64)).unsqueeze(0, 2).cast("float32")
         out = {}
         for i in range(c.n_layer):
             o = f"layers.{i}."
             h = rms_norm(b, x, o + "norm", c.norm_eps)
             if c.kind(i) == RECURRENT:
-                y = _gelu(b, linear(b, h, o + "linear_y", o + "linear_y_bias"))
+                y = linear(b, h, o + "linear_y", o + "linear_y_bias").gelu("tanh")  # gelu_pytorch_tanh
                 u = linear(b, h, o + "linear_x", o + "linear_x_bias")  # (b, t, W)
                 u, out[f"present.{i}.conv_state"] = causal_conv(
-                    b, b.op("Transpose", u, perm=[0, 2, 1]), state[f"past_key_values.{i}.conv_state"], o + "conv",
+                    b, u.transpose(0, 2, 1), state[f"past_key_values.{i}.conv_state"], o + "conv",
                     o + "conv_bias", c.lru_width, c.conv_width, silu=False, fused=fused)
-                u = b.op("Transpose", u, perm=[0, 2, 1])  # (b, t, W)
+                u = u.transpose(0, 2, 1)  # (b, t, W)
                 gx, ga = rglru.gates(u, weight=b.w(o + "gate_w"), bias=b.w(o + "gate_b"), heads=c.n_heads,
                                      width=c.lru_width)
                 a, u = rglru.inputs(u, gx=gx, ga=ga, neg_c=b.w(o + "neg_c"), keep=keep)
                 u, out[f"present.{i}.recurrent_state"] = rglru.recurrence(
                     state[f"past_key_values.{i}.recurrent_state"], a=a, u=u, one_token=tokens == 1)
-                t_out = linear(b, b.op("Mul", u, y), o + "linear_out", o + "linear_out_bias")
+                t_out = linear(b, u * y, o + "linear_out", o + "linear_out_bias")
             else:
                 t_out, out[f"present.{i}.key"], out[f"present.{i}.value"] = self._attention(
                     b, h, o, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"], position, pos)
-            x = b.op("Add", x, t_out)
+            x = x + t_out
             g, up = split(b, linear(b, rms_norm(b, x, o + "mlp_norm", c.norm_eps), o + "gate_up", o + "gate_up_bias"),
                           [c.mlp_width, c.mlp_width])
-            x = b.op("Add", x, linear(b, b.op("Mul", _gelu(b, g), up), o + "down", o + "down_bias"))
+            x = x + linear(b, g.gelu("tanh") * up, o + "down", o + "down_bias")
         return x, out
 
     def _attention(self, b, h, o, ring_k, ring_v, position, pos):
@@ -297,7 +295,7 @@ class RecurrentGemma(Family):
         H, KV, hd = c.n_heads, c.n_kv_heads, c.head_dim
 
         def heads(v, n):  # (b, t, n*hd) -> (b, n, t, hd)
-            return b.op("Transpose", b.op("Reshape", v, b.ints([0, 0, n, hd])), perm=[0, 2, 1, 3])
+            return v.reshape(0, 0, n, hd).transpose(0, 2, 1, 3)
 
         q = heads(linear(b, h, o + "q_proj", o + "q_proj_bias"), H)
         k = heads(linear(b, h, o + "k_proj", o + "k_proj_bias"), KV)
@@ -306,7 +304,7 @@ class RecurrentGemma(Family):
         k = attn.rope(b, k, pos, hd, c.rope_theta, c.rotary_dim)
         y, new_k, new_v = attn.attention(b, q, k, v, ring_k, ring_v, position, H, KV, hd, hd ** -0.5,
                                          window=c.window)
-        y = b.op("Reshape", b.op("Transpose", y, perm=[0, 2, 1, 3]), b.ints([0, 0, H * hd]))  # (b, t, d)
+        y = y.transpose(0, 2, 1, 3).reshape(0, 0, H * hd)  # (b, t, d)
         return linear(b, y, o + "o_proj", o + "o_proj_bias"), new_k, new_v
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
@@ -315,11 +313,7 @@ class RecurrentGemma(Family):
         logits = linear(b, x, "lm_head") if b.has_weight("lm_head") else linear_t(b, x, "embed", c.vocab_size)
         if c.logits_soft_cap:
             cap = c.logits_soft_cap
-            logits = b.op("Mul", b.op("Tanh", b.op("Div", logits, b.const(cap))), b.const(cap))
+            logits = (logits / cap).tanh() * cap
         return logits
 
-
-def _gelu(b: GraphBuilder, x: str) -> str:
-    """GELU, tanh approximation (HF's gelu_pytorch_tanh; the package's gelu(approximate='tanh'))."""
-    return b.op("Gelu", x, approximate="tanh")
 

@@ -139,17 +139,12 @@ class Rwkv6(Family):
         H, N, C, D = c.n_head, c.head_size, c.n_embd, c.mix_lora
         xx = layer_norm(b, x, o + "ln1.weight", o + "ln1.bias", LN_EPS)
         shifted, new_prev = token_shift(b, xx, prev, tokens)  # (b, t, C), shifted is (b, 1, C) for a step
-        sx = b.op("Sub", shifted, xx)
+        sx = shifted - xx
         # data-dependent mixes: tanh(x_x W1) -> (b, t, 5, 1, D) @ W2 (5, D, C) -> (b, t, 5, C)
-        lora = b.op("Tanh", b.op("MatMul", b.op("Add", xx, b.op("Mul", sx, b.w(o + "att.maa_x"))),
-                                 b.w(o + "att.maa_w1")))
-        lora = b.op("Reshape", lora, b.ints([0, 0, 5, 1, D]))
-        m = b.op("Squeeze", b.op("MatMul", lora, b.w(o + "att.maa_w2")), b.ints([3]))
-        mix = b.op("Add", m, b.w(o + "att.maa"))  # (b, t, 5, C)
-        mixed = b.op("Add", b.op("Unsqueeze", xx, b.ints([2])),
-                     b.op("Mul", b.op("Unsqueeze", sx, b.ints([2])), mix))
-        xw, xk, xv, xr, xg = b.op("Split", mixed, b.ints([1] * 5), axis=2, outputs=5)
-        xw, xk, xv, xr, xg = (b.op("Squeeze", z, b.ints([2])) for z in (xw, xk, xv, xr, xg))
+        lora = ((xx + sx * b.w(o + "att.maa_x")) @ b.w(o + "att.maa_w1")).tanh().reshape(0, 0, 5, 1, D)
+        mix = (lora @ b.w(o + "att.maa_w2")).squeeze(3) + b.w(o + "att.maa")  # (b, t, 5, C)
+        mixed = xx.unsqueeze(2) + sx.unsqueeze(2) * mix
+        xw, xk, xv, xr, xg = (z.squeeze(2) for z in mixed.split([1] * 5, axis=2))
         r, k, v, g = (z @ b.w(f"{o}att.{name}")
                       for z, name in ((xr, "receptance"), (xk, "key"), (xv, "value"), (xg, "gate")))
         d = b.w(o + "att.decay") + (xw @ b.w(o + "att.decay_w1")).tanh() @ b.w(o + "att.decay_w2")

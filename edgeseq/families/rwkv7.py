@@ -235,12 +235,11 @@ class Rwkv7(Family):
             shifted, out[f"present.{i}.shift_att"] = token_shift(b, xx, state[p + "shift_att"], tokens)
             att, v_first, out[f"present.{i}.wkv"] = self._time_mix(b, i, xx, shifted, state[p + "wkv"], v_first,
                                                                     tokens)
-            x = b.op("Add", x, att)
+            x = x + att
             xx = layer_norm(b, x, o + "ln2.weight", o + "ln2.bias", c.ln_eps)
             shifted, out[f"present.{i}.shift_ffn"] = token_shift(b, xx, state[p + "shift_ffn"], tokens)
-            xk = b.op("Add", xx, b.op("Mul", b.op("Sub", shifted, xx), b.w(o + "ffn.x_k")))
-            k = b.op("Relu", b.op("MatMul", xk, b.w(o + "ffn.key")))
-            x = b.op("Add", x, b.op("MatMul", b.op("Mul", k, k), b.w(o + "ffn.value")))
+            k = ((xx + (shifted - xx) * b.w(o + "ffn.x_k")) @ b.w(o + "ffn.key")).relu()
+            x = x + (k * k) @ b.w(o + "ffn.value")  # relu(k)² (the squared-ReLU channel mix)
         return x, out
 
     def _time_mix(self, b: GraphBuilder, i: int, xx, shifted, S, v_first, tokens):

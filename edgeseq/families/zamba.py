@@ -151,18 +151,18 @@ class Zamba(Family):
             o, h = f"layers.{i}.", x
             if i in c.hybrid_layers:
                 blk = f"blocks.{c.use_block[c.hybrid_layers.index(i)]}."
-                a = rms_norm(b, b.op("Concat", x, e, axis=-1), blk + "attn_norm", c.norm_eps)  # (b, t, 2d)
+                a = rms_norm(b, b.concat(x, e, axis=-1), blk + "attn_norm", c.norm_eps)  # (b, t, 2d)
                 att, out[f"present.{i}.key"], out[f"present.{i}.value"] = shared_attention(
                     b, a, blk, None, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"],
                     state["position"], None, c.attn_heads, c.kv_heads, c.attn_head_dim, scale, 0.0, tokens)
                 f = rms_norm(b, att, blk + "ffn_norm", c.norm_eps)
-                g = b.op("Gelu", linear(b, f, blk + "gate"), approximate=c.gelu)
-                s = linear(b, b.op("Mul", g, linear(b, f, blk + "up")), blk + "down")
-                h = b.op("Add", x, linear(b, s, o + "linear"))
+                g = linear(b, f, blk + "gate").gelu(c.gelu)
+                s = linear(b, g * linear(b, f, blk + "up"), blk + "down")
+                h = x + linear(b, s, o + "linear")
             y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
                 b, rms_norm(b, h, o + "norm", c.norm_eps), o, state[f"past_key_values.{i}.conv_state"],
                 state[f"past_key_values.{i}.recurrent_state"], tokens == 1, fused)
-            x = b.op("Add", x, y)
+            x = x + y
         return x, out
 
     def head(self, b: GraphBuilder, hidden: str) -> str:

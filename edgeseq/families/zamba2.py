@@ -192,19 +192,19 @@ class Zamba2(Family):
             if i in c.hybrid_layers:
                 u = c.hybrid_layers.index(i)
                 blk, use = f"blocks.{c.use_block[u]}.", f"uses.{u}."
-                a = rms_norm(b, b.op("Concat", x, e, axis=-1), blk + "attn_norm", c.norm_eps)  # (b, t, 2d)
+                a = rms_norm(b, b.concat(x, e, axis=-1), blk + "attn_norm", c.norm_eps)  # (b, t, 2d)
                 o, out[f"present.{i}.key"], out[f"present.{i}.value"] = shared_attention(
                     b, a, blk, use, state[f"past_key_values.{i}.key"], state[f"past_key_values.{i}.value"],
                     state["position"], pos, c.attn_heads, c.kv_heads, c.attn_head_dim, scale, c.rope_theta, tokens)
                 f = rms_norm(b, o, blk + "ffn_norm", c.norm_eps)
                 g, up = split(b, lora(b, f, linear(b, f, blk + "gate_up"), use + "mlp"), [c.ffn_dim, c.ffn_dim])
-                s = linear(b, b.op("Mul", b.op("Gelu", g, approximate=c.gelu), up), blk + "down")
-                h = b.op("Add", x, linear(b, s, f"layers.{i}.linear"))
+                s = linear(b, g.gelu(c.gelu) * up, blk + "down")
+                h = x + linear(b, s, f"layers.{i}.linear")
             y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
                 b, rms_norm(b, h, f"layers.{i}.norm", c.norm_eps), f"layers.{i}.",
                 state[f"past_key_values.{i}.conv_state"], state[f"past_key_values.{i}.recurrent_state"], tokens == 1,
                 fused)
-            x = b.op("Add", x, y)
+            x = x + y
         return x, out
 
     def head(self, b: GraphBuilder, hidden: str) -> str:

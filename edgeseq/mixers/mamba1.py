@@ -118,5 +118,4 @@ class Mamba1Mixer:
 
     def _per_channel(self, b: GraphBuilder, v: Value) -> Value:
         """(b, t, nh, n) -> (b, t, di, n): each head's B or C over its hd channels."""
-        v = b.op("Expand", v.unsqueeze(3), b.ints([1, 1, 1, self.head_dim, 1]))
-        return v.reshape(0, 0, self.d_inner, self.d_state)
+        return v.unsqueeze(3).expand(1, 1, 1, self.head_dim, 1).reshape(0, 0, self.d_inner, self.d_state)

@@ -95,7 +95,7 @@ class Mamba2Mixer:
         if G == 1:
             return b.op("Tile", v, b.ints([1, 1, r]))
         v = v.reshape(0, 0, G, N).unsqueeze(3)  # (b, t, G, 1, n)
-        return b.op("Expand", v, b.ints([1, 1, 1, r, 1])).reshape(0, 0, self.n_heads * N)
+        return v.expand(1, 1, 1, r, 1).reshape(0, 0, self.n_heads * N)
 
     def _ssd(self, b, dtx, dt, B, C, o, state, one_token, fused):
         """SSD over dt·x (b, t, di); returns (y (b, t, di), new state (b, H, n, P))."""
