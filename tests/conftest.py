@@ -27,6 +27,16 @@ if any(Path(p or os.getcwd()).resolve() == _ROOT for p in sys.path):
                             f"run `make test`, `python -P -m pytest` or `.venv/bin/pytest`, not `python -m pytest`")
 os.environ["PYTHONSAFEPATH"] = "1"  # and the Python processes the tests start (`python -m edgeseq`, `-c`) likewise
 
+import atexit
+import shutil
+import tempfile
+
+# GGUF conversions and `edgeseq run CHECKPOINT` exports land in edgeseq's cache: a folder of this run's,
+# never the user's ~/.cache/edgeseq (and the same for every process the tests start)
+if "EDGESEQ_CACHE" not in os.environ:
+    os.environ["EDGESEQ_CACHE"] = tempfile.mkdtemp(prefix="edgeseq-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["EDGESEQ_CACHE"], ignore_errors=True)
+
 import torch
 import transformers
 from transformers import (

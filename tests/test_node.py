@@ -5,6 +5,7 @@ Skips with the reason when node or the npm packages are missing (`make test` ins
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -117,5 +118,10 @@ def test_bad_input_is_a_clear_error(bundles, tmp_path):
     (newer / "edgeseq.json").write_text(json.dumps({**m, "format_version": 99}))
     r = run_node(SCRIPT, newer, "--prompt-ids", "1")
     assert r.returncode == 1 and "bundle format 99 is newer" in r.stderr, r.stderr
+    v2 = tmp_path / "v2"  # format 2 (a Jinja chat template) drives the same graphs the same way
+    shutil.copytree(bundle, v2)
+    (v2 / "edgeseq.json").write_text(json.dumps({**m, "format_version": 2, "chat_template": {"jinja": "{{ x }}"}}))
+    r1, r2 = (run_node(SCRIPT, d, "--prompt-ids", "1,2", "--max-tokens", "4") for d in (bundle, v2))
+    assert r2.returncode == 0 and r2.stdout.splitlines()[-1] == r1.stdout.splitlines()[-1], r2.stderr
     r = run_node(SCRIPT, bundle)
     assert r.returncode == 2 and "--prompt-ids" in r.stderr

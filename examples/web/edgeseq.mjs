@@ -14,7 +14,9 @@
 // Uint8Array (fs in Node, fetch in a browser), so this file runs in both.
 
 export const FORMAT = "edgeseq-bundle";
-export const FORMAT_VERSION = 1; // the newest bundle format this driver reads
+// the newest bundle format this driver reads. 2: `chat_template` is the checkpoint's own Jinja template
+// ({"jinja": ...}), which this driver carries but does not render (ids and raw text in, as in format 1)
+export const FORMAT_VERSION = 2;
 
 export class EdgeseqBundleError extends Error {}
 
