@@ -260,7 +260,9 @@ class GGUFFile:
             raise self._err(f"metadata {key} is {shown}, expected {what}"
                             + (f" of {'/'.join(TYPE_NAMES[t] for t in etypes)}" if etypes else ""))
         if what == "an integer":
-            hi = n_tensors if key.endswith(".block_count") else MAX_INT_VALUE
+            # a model holds at least one tensor per layer; a vocabulary-only file (no tensors, as llama.cpp's
+            # models/ggml-vocab-*.gguf) is read for its tokenizer and never for layers
+            hi = n_tensors if key.endswith(".block_count") and n_tensors else MAX_INT_VALUE
             if not 0 <= value <= hi:
                 raise self._err(f"metadata {key} is {value}, expected 0 to {hi}"
                                 + (" (at most one layer per tensor of the file)" if hi == n_tensors else ""))

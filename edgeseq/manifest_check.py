@@ -68,8 +68,8 @@ def check_manifest(m: dict, directory: str) -> None:
         if "init" in s:
             need_float(s["init"], p, f"{what}.init")
         shape = need(s.get("shape"), list, p, f"{what}.shape")
-        if not 1 <= len(shape) <= 8 or shape[0] != "batch":
-            raise EdgeseqError(f"{p}: {what}.shape is {safe_io._show(shape)}, expected ['batch', dims...]")
+        if not 1 <= len(shape) <= 8 or shape[0] not in ("batch", 1):  # 1: a mobile bundle's fixed batch
+            raise EdgeseqError(f"{p}: {what}.shape is {safe_io._show(shape)}, expected ['batch' or 1, dims...]")
         for j, d in enumerate(shape[1:], 1):
             if isinstance(d, str) and m.get(d) is not None:
                 dims[d] = need_int(m[d], p, d, 1, 1 << 24)
