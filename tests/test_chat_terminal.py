@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-pexpect = pytest.importorskip("pexpect", reason="pexpect is not installed (the test extra)")
+import pexpect
 
 LEFT, UP, CTRL_C, CTRL_D = "\x1b[D", "\x1b[A", "\x03", "\x04"
 STATS = re.compile(rb"\[(\d+) tok, [\d.]+ tok/s \| prompt (\d+) tok.*?position (\d+).*?\]( \[stopped\])?")

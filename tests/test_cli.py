@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import make_demo_model  # noqa: E402
+make_demo_model = load_script(ROOT / "examples" / "make_demo_model.py")
 
 
 def cli(*args, input=None, cwd=None):

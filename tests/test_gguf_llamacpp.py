@@ -231,7 +231,7 @@ def test_sentencepiece_vocabulary_keys(tmp_path):
     import shutil
 
     llama_cpp()
-    sentencepiece = pytest.importorskip("sentencepiece")
+    import sentencepiece
     from test_zamba2 import mistral_v1
 
     if not mistral_v1():

@@ -184,7 +184,7 @@ def test_rwkv6_file_written_the_rwkv_cpp_way_matches_its_pth(tmp_path):
     rwkv.cpp's converter rules: edgeseq reads back the .pth's model. The real rwkv.cpp v6 fixture
     (test_rwkv6_rwkvcpp.py) proves the values against rwkv.cpp's logits, but its decay LoRA is square
     (64 x 64), so only this file shows that both decay matrices come back in their shapes."""
-    torch = pytest.importorskip("torch")
+    import torch
     import edgeseq
     from edgeseq.exporters.export import export
     from edgeseq.families.rwkv6 import Rwkv6
@@ -215,7 +215,7 @@ def test_rwkv5_0_and_5_1_files_written_the_rwkv_cpp_way_read_as_their_pth(tmp_pa
     exp(u), (H, 1, 1)) and checks that edgeseq recovers the .pth's canonical weights from it. The .pth
     path itself is proven against the rwkv package in test_rwkv5_pth.py. The one intended difference:
     ln_x's eps is rwkv.cpp's (1e-5) for an rwkv.cpp file, the package's (64e-5) for a .pth."""
-    torch = pytest.importorskip("torch")
+    import torch
     from edgeseq.exporters.checkpoint import BlinkDLFile
     from edgeseq.families.rwkv5 import Rwkv5
     from rwkv_builders import v5_state_dict
