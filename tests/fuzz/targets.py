@@ -571,7 +571,7 @@ def pth_mutations(file, seed: Path, rng: random.Random, n: int) -> list[Mutation
            Mutation("types", f"{v} float8", True, edit(lambda d: d.__setitem__(v, d[v].to(torch.float8_e4m3fn)))),
            Mutation("dims", f"{m} a zero-sized dim", True, edit(lambda d: d.__setitem__(m, torch.zeros(0, sd[m].shape[1])))),
            Mutation("dims", f"{v} at half its width", True, edit(lambda d: d.__setitem__(v, d[v][: len(d[v]) // 2].clone()))),
-           Mutation("dims", f"{m} transposed", sd[m].shape[0] != sd[m].shape[1], edit(lambda d: d.__setitem__(m, d[m].T.contiguous()))),
+           Mutation("dims", f"{m} transposed", sd[m].shape[0] != sd[m].shape[1] and min(sd[m].shape) > 1, edit(lambda d: d.__setitem__(m, d[m].T.contiguous()))),
            Mutation("dims", f"{m} with an extra axis of 1", False, edit(lambda d: d.__setitem__(m, d[m][None]))),
            Mutation("dims", f"{m} with an extra axis of 2", True, edit(lambda d: d.__setitem__(m, d[m][None].expand(2, *d[m].shape).clone()))),
            Mutation("names", f"{m} missing", True, edit(lambda d: d.pop(m))),
