@@ -52,3 +52,17 @@ def head_is_embedding(src, p: str, suffixes=("embeddings.weight", "embedding.wei
     e = src.get(pick(src, [p + s for s in suffixes], "the embedding"))
     return src.shape("lm_head.weight") == e.shape and bool(np.array_equal(src.get("lm_head.weight"), e))
 
+
+
+def mixer_stack(b, x, state: dict, mixer, n_layer: int, norm_eps: float, one_token: bool, fused: bool):
+    """x += mixer(rms_norm(x)) for every layer, the whole body of a model made of one mixer (Mamba,
+    Mamba-2): returns (hidden (b, t, d), {present state name: value})."""
+    out = {}
+    for i in range(n_layer):
+        o, p = f"layers.{i}.", f"past_key_values.{i}."
+        with b.scope(f"layers.{i}"):
+            y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
+                b, rms_norm(b, x, o + "norm", norm_eps), o, state[p + "conv_state"], state[p + "recurrent_state"],
+                one_token, fused)
+            x = x + y
+    return x, out

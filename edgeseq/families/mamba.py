@@ -22,9 +22,9 @@ import numpy as np
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, find_prefix, head_is_embedding, norm_and_head, pick, transposed
+from edgeseq.families.common import (embed, find_prefix, head_is_embedding, mixer_stack, norm_and_head, pick,
+                                     transposed)
 from edgeseq.graph import GraphBuilder
-from edgeseq.kernels.ops import rms_norm
 from edgeseq.mixers.mamba1 import Mamba1Mixer
 
 EMBED_SUFFIXES = ["embeddings.weight", "embedding.weight"]
@@ -99,17 +99,7 @@ class Mamba(Family):
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
-        mixer = c.mixer()
-        x = embed(b, ids)  # (b, t, d)
-        out = {}
-        for i in range(c.n_layer):
-            o, p = f"layers.{i}.", f"past_key_values.{i}."
-            with b.scope(f"layers.{i}"):
-                y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
-                    b, rms_norm(b, x, o + "norm", c.norm_eps), o, state[p + "conv_state"],
-                    state[p + "recurrent_state"], tokens == 1, fused)
-                x = x + y
-        return x, out
+        return mixer_stack(b, embed(b, ids), state, c.mixer(), c.n_layer, c.norm_eps, tokens == 1, fused)
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
         return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)
