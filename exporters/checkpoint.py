@@ -141,6 +141,12 @@ class TorchFile:
         for name, t in self.tensors.items():
             _check_torch_tensor(path, name, t, size)
 
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name].shape)
 

@@ -122,9 +122,10 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
     if initial_state:
         if not os.path.isfile(initial_state):
             raise EdgeseqError(f"{initial_state}: no such state file")
+        from edgeseq.exporters.checkpoint import TorchFile
         from edgeseq.families.rwkv_common import read_time_state
 
-        init_arrays = read_time_state(family, initial_state)
+        init_arrays = read_time_state(family, TorchFile(initial_state))
     tok_spec, tok_file = _tokenizer_source(ckpt, tokenizer, family)
     if chat_template is None and tok_spec["kind"] == "rwkv_world":
         chat_template = WORLD_CHAT

@@ -93,32 +93,32 @@ class HFNames:
         return self.src.get(self._map.get(name, name))
 
 
-def read_time_state(family, path: str) -> dict[str, np.ndarray]:
+def read_time_state(family, src) -> dict[str, np.ndarray]:
     """An RWKV state-tuning file (`blocks.{i}.att.time_state`, one (H, N, N) matrix per layer) as
     {state input name: (1, H, N, N) float32}: the bundle's initial `wkv` state.
 
     Every loader of these files (the rwkv package for v5/v6, ChatRWKV-style demos for v7) puts
     `time_state.transpose(1, 2)` into its state. The files therefore keep (value, key) for v5/v6, whose
     reference state is (key, value), and (key, value) for v7, whose reference state is (value, key);
-    edgeseq's state follows each reference's layout, so it transposes in both cases."""
+    edgeseq's state follows each reference's layout, so it transposes in both cases. `src` is the file
+    as a TensorSource (the exporter reads it: a .pth needs torch, which families never import)."""
     from edgeseq.errors import EdgeseqError
-    from edgeseq.exporters.checkpoint import TorchFile
 
+    path = src.path
     if getattr(family, "time_state_layout", None) not in ("value_key", "key_value"):
         raise EdgeseqError(f"{path}: state-tuning files are not supported for {family.name} yet")
-    src = TorchFile(path)
     spec = {s.input_name: s for s in family.state_spec() if s.kind == "wkv"}
     out = {}
     for i in range(family.config.n_layer):
         key = f"blocks.{i}.att.time_state"
-        if key not in src.tensors:
+        if not src.has(key):
             raise EdgeseqError(f"{path}: missing {key}; a state-tuning file holds one per layer")
         a = src.get(key)
         want = spec[f"past_key_values.{i}.wkv"].shape
         if a.shape != want:
             raise EdgeseqError(f"{path}: {key} is {tuple(a.shape)}, this model's wkv state is {want}")
         out[f"past_key_values.{i}.wkv"] = np.ascontiguousarray(a.transpose(0, 2, 1), dtype=np.float32)[None]
-    extra = [k for k in src.tensors if not k.endswith(".att.time_state")]
+    extra = [k for k in src.keys() if not k.endswith(".att.time_state")]
     if extra:
         raise EdgeseqError(f"{path}: unexpected tensor {extra[0]!r} in a state-tuning file")
     return out
