@@ -81,8 +81,8 @@ class Model:
     def weights_bytes(self) -> int:
         return int(self.manifest["weights"]["bytes"])
 
-    def session(self) -> Session:
-        return Session(self)
+    def session(self, prefill_chunk: int | None = None) -> Session:
+        return Session(self, prefill_chunk)
 
     def __repr__(self) -> str:
         return f"<edgeseq.Model {self.family_name} {self.path}>"

@@ -18,7 +18,6 @@ from edgeseq.runtime import statefile
 from edgeseq.runtime.sampling import Sampler, SamplingOptions
 
 IN_PLACE = ("key", "value")  # state kinds bound as input and output of the same buffer
-PREFILL_CHUNK = None  # longest prompt slice fed to the prefill graph at once; None: the bundle's choice
 
 
 @dataclass
@@ -69,9 +68,12 @@ def encode_prompt(session, text: str) -> list[int]:
 
 
 class Session:
-    def __init__(self, model):
+    def __init__(self, model, prefill_chunk: int | None = None):
+        """prefill_chunk: the longest slice of a prompt fed to the prefill graph at once (default: the
+        bundle's, the family's choice; activations and ONNX Runtime's arena grow with it)."""
         ort = model.engine.ort
         self.model = model
+        self.prefill_chunk = int(prefill_chunk or model.prefill_chunk)
         self.spec = model.state_spec
         self.position = 0
         self.stats = Stats()
@@ -219,7 +221,7 @@ class Session:
             return out
         ort = self.model.engine.ort
         sess = self.model.engine.session("prefill")
-        step = PREFILL_CHUNK or self.model.prefill_chunk
+        step = self.prefill_chunk
         for a in range(0, ids.size, step):
             chunk = ids[a:a + step]
             if chunk.size == 1:

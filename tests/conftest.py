@@ -360,13 +360,10 @@ def check_prefill_then_steps(case: Built, portable: bool, t: int):
     assert max_diff(step_all(s, case.ids[t:]), alone[t:]) < TOL
 
 
-def check_chunked_and_repeated_prefill(case: Built, portable: bool, monkeypatch):
-    import edgeseq.runtime.session as session_mod
-
+def check_chunked_and_repeated_prefill(case: Built, portable: bool):
     alone = steps_alone(case, portable)
     # 36 tokens in chunks of 7: five prefill chunks and a last chunk of one token (a step)
-    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 7)
-    s = case.model(portable).session()
+    s = case.model(portable).session(prefill_chunk=7)
     assert max_diff(s.prefill(case.ids[:36]), alone[35]) < TOL
     # a second prefill continues from the state the first left
     assert max_diff(s.prefill(case.ids[36:60]), alone[59]) < TOL

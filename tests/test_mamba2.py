@@ -93,8 +93,8 @@ def test_prefill_then_steps_equals_steps(case, portable, t):
 
 
 @FLAVOURS
-def test_chunked_and_repeated_prefill(case, portable, monkeypatch):
-    check_chunked_and_repeated_prefill(case, portable, monkeypatch)
+def test_chunked_and_repeated_prefill(case, portable):
+    check_chunked_and_repeated_prefill(case, portable)
 
 
 @FLAVOURS

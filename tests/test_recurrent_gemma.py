@@ -112,8 +112,8 @@ def test_prefill_then_steps(case, portable, t):
 
 
 @FLAVOURS
-def test_chunked_and_repeated_prefill(case, portable, monkeypatch):
-    check_chunked_and_repeated_prefill(case, portable, monkeypatch)
+def test_chunked_and_repeated_prefill(case, portable):
+    check_chunked_and_repeated_prefill(case, portable)
 
 
 def test_the_window_is_what_hf_computes(mqa):

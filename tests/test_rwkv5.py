@@ -139,19 +139,16 @@ def test_longer_text_matches_reference(models, reference, portable):
 
 
 @FLAVOURS
-def test_prefill_then_steps(models, portable, monkeypatch):
-    import edgeseq.runtime.session as session_mod
-
+def test_prefill_then_steps(models, portable):
     m = models[portable]
-    alone = step_all(m.session(), TEXT)
+    alone = step_all(m.session(prefill_chunk=7), TEXT)
     for t in (1, 2, 17):
-        s = m.session()
+        s = m.session(prefill_chunk=7)
         assert max_diff(s.prefill(TEXT[:t]), alone[t - 1]) < TOL
         assert s.position == t
         assert max_diff(step_all(s, TEXT[t:]), alone[t:]) < TOL
     # chunks of 7 (the last chunk a single token) and a second prefill continuing the first
-    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 7)
-    s = m.session()
+    s = m.session(prefill_chunk=7)
     assert max_diff(s.prefill(TEXT[:36]), alone[35]) < TOL
     assert max_diff(s.prefill(TEXT[36:60]), alone[59]) < TOL
     assert max_diff(step_all(s, TEXT[60:]), alone[60:]) < TOL

@@ -69,12 +69,9 @@ def test_save_load_fork_round_trip(cases, tmp_path):
 
 
 @FLAVOURS
-def test_chunked_prefill_carries_the_state(bundles, reference, portable, monkeypatch):
-    import edgeseq.runtime.session as session_mod
-
+def test_chunked_prefill_carries_the_state(bundles, reference, portable):
     ids, ref, _ = reference
-    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 7)
-    s = edgeseq.load(bundles[portable]).session()
+    s = edgeseq.load(bundles[portable]).session(prefill_chunk=7)
     assert np.abs(s.prefill(ids[:36]) - ref[35]).max() < _tol(ref)
     assert np.abs(s.prefill(ids[36:]) - ref[-1]).max() < _tol(ref)
 

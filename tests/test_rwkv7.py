@@ -159,12 +159,9 @@ def test_matches_rwkv_package_at_every_position(bundles, reference, portable):
 
 
 @FLAVOURS
-def test_chunked_prefill_carries_the_state(bundles, reference, portable, monkeypatch):
-    import edgeseq.runtime.session as session_mod
-
+def test_chunked_prefill_carries_the_state(bundles, reference, portable):
     ids, ref, _ = reference
-    monkeypatch.setattr(session_mod, "PREFILL_CHUNK", 7)
-    s = edgeseq.load(bundles[portable]).session()
+    s = edgeseq.load(bundles[portable]).session(prefill_chunk=7)
     assert np.abs(s.prefill(ids[:36]) - ref[35]).max() < 1e-3
     assert np.abs(s.prefill(ids[36:]) - ref[-1]).max() < 1e-3
 

@@ -89,8 +89,8 @@ def test_prefill_then_steps_equals_steps(case, portable, t):
     check_prefill_then_steps(case, portable, t)
 
 
-def test_chunked_and_repeated_prefill(case, monkeypatch):
-    check_chunked_and_repeated_prefill(case, False, monkeypatch)
+def test_chunked_and_repeated_prefill(case):
+    check_chunked_and_repeated_prefill(case, False)
 
 
 def test_state_spec_and_config(case):

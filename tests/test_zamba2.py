@@ -113,8 +113,8 @@ def test_prefill_then_steps_equals_steps(case, portable, t):
     check_prefill_then_steps(case, portable, t)
 
 
-def test_chunked_and_repeated_prefill(case, monkeypatch):
-    check_chunked_and_repeated_prefill(case, False, monkeypatch)
+def test_chunked_and_repeated_prefill(case):
+    check_chunked_and_repeated_prefill(case, False)
 
 
 def test_graphs_with_plain_onnxruntime(case):
@@ -204,15 +204,8 @@ def test_slide_past_max_context(case):
     assert max_diff(s.prefill(case.ids[:40]), stepped[39]) < TOL  # one call of 40 > 12 tokens
     assert max_diff(step_all(s, case.ids[40:]), stepped[40:]) < TOL
     assert s.position == SEQ_LEN
-    import edgeseq.runtime.session as session_mod
-
-    old = session_mod.PREFILL_CHUNK
-    try:
-        session_mod.PREFILL_CHUNK = 5
-        s = m.session()
-        assert max_diff(s.prefill(case.ids[:50]), stepped[49]) < TOL
-    finally:
-        session_mod.PREFILL_CHUNK = old
+    s = m.session(prefill_chunk=5)
+    assert max_diff(s.prefill(case.ids[:50]), stepped[49]) < TOL
     assert max_diff(m.session().logits_all(case.ids), stepped) < TOL
 
 
