@@ -74,6 +74,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("report", help="print the tables of result files")
     p.add_argument("files", nargs="+")
     p.add_argument("--min-clean", type=int, default=3)
+    p.add_argument("--memory", action="store_true", help="the memory table (artifact, state, RSS at each stage)")
 
     p = sub.add_parser("agree", help="logits of every system against the first")
     _common(p)
@@ -115,7 +116,7 @@ def main(argv=None) -> None:
                 res = json.load(fh)
             res["summary"] = report.summarize(res, a.min_clean)
             print(f"## {f}\n")
-            print(report.table(res))
+            print(report.memory_table(res) if a.memory else report.table(res))
         return
     if a.cmd == "compare":
         if len(a.files) > 2:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,11 +32,11 @@ class Ctx:
 
 
 def snapshot_head(repo: str) -> tuple[str, str]:
-    """HEAD of `repo` (git archive) laid out as the installed package (pyproject's package-dir) under
+    """HEAD of `repo` (git archive) laid out as the installed package under
     /tmp/edgeseq-bench-src/<commit>/pkg, once per commit: (that folder, commit). With --pin every
     edgeseq child of the harness's own Python imports it first (PYTHONPATH), so a run measures one
     commit while the working tree moves on."""
-    import tomllib
+    from harness.checkout import package_tree
 
     commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
                             check=True).stdout.strip()
@@ -48,13 +47,7 @@ def snapshot_head(repo: str) -> tuple[str, str]:
         os.makedirs(src, exist_ok=True)
         arch = subprocess.run(["git", "-C", repo, "archive", "--format=tar", commit], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", src], input=arch.stdout, check=True)
-        with open(os.path.join(src, "pyproject.toml"), "rb") as f:
-            dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
-        tmp = pkg + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name, d in sorted(dirs.items()):  # "edgeseq" first, then its subpackages
-            shutil.copytree(os.path.join(src, d), os.path.join(tmp, *name.split(".")), dirs_exist_ok=True)
-        os.replace(tmp, pkg)
+        package_tree(src, pkg)
     return pkg, commit
 
 

@@ -3,11 +3,13 @@
     imports            the system's libraries             -> mem_imports (VmRSS and co. after them)
     load               open the artifact                  -> load_s, mem_load
     prefill            P random tokens once as warm-up, reset, P tokens timed (canary beside)
-                                                          -> prefill_tps
+                                                          -> prefill_tps, prefill_cpu_tps
     decode             reset, a 16-token prompt, 16 warm-up steps, D greedy steps timed (the argmax of
                        each step's logits fed back; canary beside)
                                                           -> decode_tps (D / time), decode_tps_step
-                                                             (1 / median step time), distinct_tokens
+                                                             (1 / median step time), decode_cpu_tps
+                                                             (D / CPU time: see canary.py),
+                                                             distinct_tokens
     256 tokens         greedy steps on until 256 tokens of context
                                                           -> mem_256
     marks (optional)   for each mark M: prefill random tokens up to M - 16 - D, 16 warm-up and D timed
@@ -49,6 +51,7 @@ def measure(system, artifact: dict, built: dict, decode: int, prefill: int, thre
         res["prefill_s"] = time.perf_counter() - t0
         canary["prefill"] = c.stop()
         res["prefill_tps"] = prefill / res["prefill_s"]
+        res["prefill_cpu_tps"] = prefill / max(canary["prefill"]["cpu_s"], 1e-9)
 
     def argmax(logits) -> int:
         return int(np.argmax(logits))
@@ -69,6 +72,7 @@ def measure(system, artifact: dict, built: dict, decode: int, prefill: int, thre
         res["decode_s"] = time.perf_counter() - t0
         canary["decode"] = c.stop()
         res["decode_tps"] = decode / res["decode_s"]
+        res["decode_cpu_tps"] = decode / max(canary["decode"]["cpu_s"], 1e-9)
         res["decode_tps_step"] = 1.0 / statistics.median(times)
         res["distinct_tokens"] = len(set(toks))
     pos = PROMPT + WARM + decode

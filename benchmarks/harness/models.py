@@ -62,13 +62,13 @@ SHAPES: dict[str, dict] = {
                       mamba_expand=2, n_mamba_heads=2, num_attention_heads=4, num_key_value_heads=4,
                       intermediate_size=48, num_hidden_layers=4, use_associative_scan=False,
                       layers_block_type=[M1, H1, M1, H1]),
-    "zamba2-tiny": _hf("Zamba2Config", "zamba2", True, vocab_size=256, hidden_size=32, num_hidden_layers=4,
-                       mamba_d_state=8, n_mamba_heads=4, num_attention_heads=4, intermediate_size=48, adapter_rank=4,
-                       use_shared_attention_adapter=True, use_mem_rope=True, layers_block_type=[M2, H2, M2, H2],
-                       max_position_embeddings=4096),
+    "zamba2-tiny": _hf("Zamba2Config", "zamba2", True, vocab_size=256, hidden_size=32, mamba_d_state=8, mamba_d_conv=4,
+                       mamba_expand=2, n_mamba_heads=4, mamba_ngroups=1, num_attention_heads=4, intermediate_size=48,
+                       adapter_rank=4, chunk_size=16, num_hidden_layers=4, max_position_embeddings=4096,
+                       layers_block_type=[M2, H2, M2, H2], num_mem_blocks=1),
     "griffin-tiny": _hf("RecurrentGemmaConfig", "recurrent_gemma", True, vocab_size=256, hidden_size=48,
                         intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
-                        attention_window_size=16),
+                        attention_window_size=8),
     # -- small: every family at width 256, a few layers, 4096-word vocabulary (a millisecond a token:
     #    the graph's arithmetic shows, not only its per-node overhead; for before/after comparisons) -----
     "mamba-small": _hf("MambaConfig", "mamba", vocab_size=4096, hidden_size=256, state_size=16, num_hidden_layers=4,

@@ -15,6 +15,8 @@ METRICS = {  # key: (column, how to read it from a run, format)
     "decode_tps": ("decode tok/s", lambda r: r.get("decode_tps"), "{:.1f}"),
     "decode_tps_step": ("1/median step", lambda r: r.get("decode_tps_step"), "{:.1f}"),
     "prefill_tps": ("prefill tok/s", lambda r: r.get("prefill_tps"), "{:.0f}"),
+    "decode_cpu_tps": ("decode tok/CPU-s", lambda r: r.get("decode_cpu_tps"), "{:.1f}"),
+    "prefill_cpu_tps": ("prefill tok/CPU-s", lambda r: r.get("prefill_cpu_tps"), "{:.0f}"),
     "peak": ("peak RSS MiB", lambda r: r.get("peak"), "mib"),
     "rss_256_net": ("RSS@256 − imports MiB", lambda r: r["mem_256"]["rss"] - r["mem_imports"]["rss"]
                     if "mem_256" in r else None, "mib"),
@@ -22,8 +24,12 @@ METRICS = {  # key: (column, how to read it from a run, format)
     "pss_end": ("PSS at end MiB", lambda r: r.get("mem_end", {}).get("pss"), "mib"),
     "anon_end": ("anon at end MiB", lambda r: r.get("mem_end", {}).get("anon"), "mib"),
     "load_s": ("load s", lambda r: r.get("load_s"), "{:.2f}"),
+    "rss_load": ("RSS after load MiB", lambda r: r.get("mem_load", {}).get("rss"), "mib"),
+    "rss_256": ("RSS@256 MiB", lambda r: r.get("mem_256", {}).get("rss"), "mib"),
+    "state": ("state MiB", lambda r: r.get("state_bytes"), "{:.2f}"),
 }
-TABLE = ("decode_tps", "decode_tps_step", "prefill_tps", "peak", "rss_256_net", "load_s")
+TABLE = ("decode_tps", "decode_tps_step", "prefill_tps", "decode_cpu_tps", "prefill_cpu_tps", "peak", "rss_256_net",
+         "load_s")
 
 
 def fmt(v, how) -> str:
@@ -89,7 +95,7 @@ def table(results: dict) -> str:
                    f"of {r0['rounds']} interleaved rounds; {note}")
         out.append("")
         marks = sorted({m for r in rows for m in r["at"]}, key=int)
-        head = [METRICS[k][0].replace("prefill", f"prefill {cfg['prefill']}") for k in TABLE]
+        head = [METRICS[k][0].replace("prefill", f"prefill {cfg['prefill']}", 1) for k in TABLE]
         head += [f"decode at {m} | RSS at {m} MiB" for m in marks]
         out.append("| system | " + " | ".join(head) + " | runs used |")
         out.append("|---|" + "---|" * (len(TABLE) + 2 * len(marks) + 1))
@@ -99,7 +105,7 @@ def table(results: dict) -> str:
                 s, how = r[k], METRICS[k][2]
                 if s is None:
                     cols.append("–")
-                elif k in ("decode_tps", "prefill_tps", "decode_tps_step"):
+                elif k in ("decode_tps", "prefill_tps", "decode_tps_step", "decode_cpu_tps", "prefill_cpu_tps"):
                     cols.append(f"{fmt(s['median'], how)} [{fmt(s['min'], how)}–{fmt(s['max'], how)}]")
                 else:
                     cols.append(fmt(s["median"], how))
@@ -117,10 +123,28 @@ def table(results: dict) -> str:
     return "\n".join(out)
 
 
+def memory_table(results: dict) -> str:
+    """What memory_table.py printed: per model, quant and system, what a device must hold (medians)."""
+    out = ["| model | quant | system | artifact MiB | state MiB | RSS after imports | after load | peak RSS | "
+           "RSS@256 | anon at end | PSS at end | decode tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["summary"]:
+        art = results["artifacts"].get(r["model"], {}).get(r["quant"], {}).get(r["system"], {})
+
+        def med(k, how="mib"):
+            return fmt(r[k]["median"], how) if r.get(k) else "–"
+
+        state = f"{r['state']['median'] / MIB:.2f}" if r.get("state") else "–"
+        size = f"{art['bytes'] / MIB:.1f}" if "bytes" in art else "–"
+        out.append(f"| {r['model']} | {r['quant']} | {r['system']} | {size} | {state} | {med('rss_imports')} | "
+                   f"{med('rss_load')} | {med('peak')} | {med('rss_256')} | {med('anon_end')} | {med('pss_end')} | "
+                   f"{med('decode_tps', '{:.1f}')} |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------------------------------
 # compare
 # ---------------------------------------------------------------------------------------------------
-COMPARED = ("decode_tps", "prefill_tps", "peak")
+COMPARED = ("decode_tps", "prefill_tps", "decode_cpu_tps", "prefill_cpu_tps", "peak")
 
 
 def _boot(a: list, b: list, n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -138,9 +162,9 @@ def compare(a: dict, b: dict, pairs: list[tuple[str, str]], min_clean: int, spee
     side by side in each round); across two files, a 90 % bootstrap interval."""
     same = a is b
     ca, cb = cells(a), cells(b)
-    lines = ["| model | family | quant | threads | before → after | decode | prefill | peak RSS | rounds used "
-             "(contended) | within |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | family | quant | threads | before → after | decode | prefill | decode per CPU-s | "
+             "prefill per CPU-s | peak RSS | rounds used (contended) | within: wall, CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for cell in ca:
         if cell not in cb or (models and cell[0] not in models):
@@ -163,12 +187,13 @@ def compare(a: dict, b: dict, pairs: list[tuple[str, str]], min_clean: int, spee
                 continue
             row = {"model": cell[0], "quant": cell[1], "threads": cell[2], "before": sa, "after": sb,
                    "rounds": (len(ra), len(rb)), "contended_rounds": nbad}
-            cols, ok = [], True
+            cols, ok = [], {"wall": True, "cpu": True}
             for k in COMPARED:
                 get = METRICS[k][1]
                 va, vb = [get(r) for r in ra], [get(r) for r in rb]
                 if None in va or None in vb:
                     cols.append("–")
+                    ok["cpu" if "cpu" in k else "wall"] = None
                     continue
                 ratio = statistics.median(vb) / statistics.median(va)
                 if same:
@@ -178,16 +203,20 @@ def compare(a: dict, b: dict, pairs: list[tuple[str, str]], min_clean: int, spee
                 else:
                     lo, hi = _boot(va, vb)
                 tol = rss_tol if k == "peak" else speed_tol
-                ok = ok and abs(ratio - 1) <= tol
+                for kind in ("wall", "cpu"):
+                    if (k == "peak" or ("cpu" in k) == (kind == "cpu")) and ok[kind] is not None:
+                        ok[kind] = ok[kind] and abs(ratio - 1) <= tol
                 row[k] = {"ratio": ratio, "lo": lo, "hi": hi}
                 cols.append(f"{ratio:.3f}× [{lo:.2f}–{hi:.2f}]")
             row["within"] = ok
             rows.append(row)
             fam = a["models"].get(cell[0], {}).get("family", "?")
+            word = {True: "yes", False: "NO", None: "–"}
             lines.append(f"| {cell[0]} | {fam} | {cell[1]} | {cell[2]} | {sa} → {sb} | " + " | ".join(cols)
-                         + f" | {len(ra)}/{len(rb)} ({nbad}) | {'yes' if ok else 'NO'} |")
+                         + f" | {len(ra)}/{len(rb)} ({nbad}) | {word[ok['wall']]}, {word[ok['cpu']]} |")
     head = (f"Ratios after / before of medians; spread: {'min–max of the per-round ratios' if same else '90 % bootstrap'}"
-            f"; within: decode and prefill within ±{speed_tol:.0%}, peak RSS within ±{rss_tol:.0%}.")
+            f"; within: decode and prefill within ±{speed_tol:.0%} and peak RSS within ±{rss_tol:.0%}, by tokens per "
+            "second (wall) and by tokens per CPU-second (CPU: less moved by a busy machine; see canary.py).")
     return head + "\n\n" + "\n".join(lines), rows
 
 
