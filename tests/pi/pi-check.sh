@@ -242,7 +242,7 @@ fi
 
 # -- report ------------------------------------------------------------------------------------------------
 if want logits || want memory; then
-  "$HOSTPY" "$ROOT/tests/pi/pi_host.py" report "$WORK" "${CPUS[@]}" --parts "${PARTS[@]}" \
+  PI_ROOTFS=$R "$HOSTPY" "$ROOT/tests/pi/pi_host.py" report "$WORK" "${CPUS[@]}" --parts "${PARTS[@]}" \
     || { FAILED=1; SUMMARY+=("report   FAIL a check in $WORK/report.md failed (FAIL lines above)"); }
 fi
 echo
