@@ -21,8 +21,11 @@ groups of supported nodes with fixed-size inputs), fed a per-provider test of ea
   ConvTranspose, QLinearConv, MaxPool, AveragePool, Softmax, Resize, Gemm and MatMul; its MatMul
   needs A of rank <= 2 and a constant 2-D B, its Gemm a constant B, its Conv a 4-D input (2-D conv).
 
-Models are tiny, those of tests/test_mobile.py (the graph's structure, hence the table, does not depend on
-the width; node counts grow with the layers); the figures are node counts, not time: a node's cost varies by orders of magnitude (a MatMul against a Reshape).
+Models are the harness's tiny shapes, one per family (benchmarks/harness/models.py: the test suite's
+shapes; random .pth files for RWKV-4, -5 and -7 where tests/test_mobile.py uses the rwkv.cpp fixtures);
+the graph's structure, hence the table, does not depend on the width; node counts grow with the layers.
+The figures are node counts, not time: a node's cost varies by orders of magnitude (a MatMul against a
+Reshape).
 """
 from __future__ import annotations
 
@@ -30,10 +33,7 @@ import argparse
 import collections
 import os
 import pathlib
-import sys
 import tempfile
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 QNN_OPS = set("""Add Asin Atan Mul Abs And Ceil Cos Sign Div Equal Exp Floor Greater GreaterOrEqual LeakyRelu Less
 LessOrEqual Log Max Min Neg Not Or Pow PRelu Relu Gelu Elu Round Where ScatterND Sigmoid Sin Sqrt Sub Sum Tanh
@@ -136,19 +136,16 @@ def analyse(model) -> dict:
 
 
 def tiny_bundles(work: str) -> dict[str, str]:
-    """Portable bundles of tiny models of every family: the checkpoints tests/test_mobile.py uses."""
-    import pathlib
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_mobile import FAMILIES, _checkpoint
-
+    """Portable bundles of the harness's tiny shapes, one per family (harness.models)."""
     from edgeseq.exporters.export import export
+    from harness.models import SHAPES, build
 
     out = {}
-    for fam in FAMILIES:
-        d = pathlib.Path(work, fam)
-        d.mkdir()
-        out[fam] = export(str(_checkpoint(fam, d)), str(d / "portable"), portable=True)
+    for name, shape in SHAPES.items():
+        if shape["tiny"]:
+            b = build(name, work)
+            out[shape["family"]] = export(b["checkpoint"], os.path.join(work, name, "portable"), portable=True,
+                                          tokenizer=b["tokenizer"])
     return out
 
 

@@ -60,7 +60,7 @@ class Canary:
         ticks, tasks = _ticks(), _tasks()
         hz, n = os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1
         other = (ticks[0] - self.ticks0[0]) - (ticks[1] - self.ticks0[1])
-        out = {"s": round(secs, 4), "cpu_s": round(cpu, 4), "foreign": round(max(0.0, other / (hz * max(secs, 1e-9) * n)), 4),
+        out = {"s": round(secs, 6), "cpu_s": round(cpu, 6), "foreign": round(max(0.0, other / (hz * max(secs, 1e-9) * n)), 4),
                "load": round(os.getloadavg()[0], 2)}
         if tasks:
             run = wait = 0

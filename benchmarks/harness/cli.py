@@ -99,7 +99,8 @@ def main(argv=None) -> None:
         print(systems.__doc__)
         for n, s in SHAPES.items():
             cfg = {k: v for k, v in s["config"].items() if k != "layers_block_type"}
-            print(f"{n:20s} {s['family']:16s} {s['source']:4s} {s.get('note') or 'tiny (the test suite)'}"
+            kind = s.get("note") or ("tiny (the test suite's)" if s["tiny"] else "small (width 256)")
+            print(f"{n:20s} {s['family']:16s} {s['source']:4s} {kind}"
                   f"\n{'':42s}{cfg}")
         return
     if a.cmd == "run":

@@ -14,6 +14,7 @@ libraries (before the baseline memory reading) and `open(artifact, threads)` ret
     edgeseq-gguf      edgeseq.load(x.gguf) of `edgeseq export --format gguf` (converted at load)
     llamacpp          llama-cpp-python on edgeseq's f32 GGUF; other quants made from it by llama.cpp's
                       own quantizer (llama_model_quantize); Llama.eval of one token at a time
+    llamacpp-gguf     llama-cpp-python on the very file edgeseq-gguf runs (edgeseq's writer, any quant)
     hf                transformers *ForCausalLM fp32, the model's cache stepped by hand
     rwkv              BlinkDL's rwkv package on the .pth, strategy "cpu fp32", JIT and CUDA kernel off
 
@@ -192,6 +193,14 @@ class LlamaCpp(System):
         return LlamaRunner(artifact["path"], threads, max_context or 4096)
 
 
+class LlamaCppSameFile(LlamaCpp):
+    """llama.cpp on the very file edgeseq-gguf runs: edgeseq's GGUF writer at the same quant."""
+    name = "llamacpp-gguf"
+
+    def prepare(self, ctx, built, quant):
+        return EdgeseqGguf(label="edgeseq-gguf", pythonpath=ctx.pythonpath).prepare(ctx, built, quant)
+
+
 class LlamaRunner:
     def __init__(self, path, threads, n_ctx):
         import llama_cpp
@@ -344,8 +353,8 @@ class RwkvRunner:
         return {}
 
 
-SYSTEMS = {c.name: c for c in (Edgeseq, EdgeseqPortable, EdgeseqLowmem, EdgeseqMobile, EdgeseqGguf, LlamaCpp, HF,
-                               RwkvPkg)}
+SYSTEMS = {c.name: c for c in (Edgeseq, EdgeseqPortable, EdgeseqLowmem, EdgeseqMobile, EdgeseqGguf, LlamaCpp,
+                               LlamaCppSameFile, HF, RwkvPkg)}
 
 
 def from_spec(spec: dict) -> System:
