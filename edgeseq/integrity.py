@@ -50,7 +50,13 @@ def full_sha256(path: str) -> str:
 
 
 def check_at_load(directory: str, m: dict) -> None:
-    """Sizes and the sampled hash of weights.bin, and the graphs' external data (read_manifest's hook)."""
+    """Sizes and the sampled hash of weights.bin, the graph files inside the bundle (read_manifest's hook).
+
+    What needs the graphs parsed (external-data ranges, inputs and outputs against the manifest) is
+    checked after every export and by `edgeseq verify`, not at each load: parsing means importing onnx
+    (~1 s and ~18 MB at every start), and ONNX Runtime itself refuses external data outside the bundle
+    folder ("External data path escapes model directory") or past its file, which the engine reports
+    as an error naming the graph."""
     where = os.path.join(directory, "edgeseq.json")
     w = m["weights"]
     wpath = safe_io.inside(directory, w.get("file", "weights.bin"), where, "weights file")
@@ -63,18 +69,24 @@ def check_at_load(directory: str, m: dict) -> None:
             raise EdgeseqError(f"{wpath}: damaged: its content does not match the manifest's sampled hash; "
                                f"re-export the bundle (edgeseq verify {directory} checks every file)")
     for kind, g in _onnx_graphs(m):
-        model = check_external_data(directory, safe_io.inside(directory, g["file"], where, f"graph {kind}'s file"),
-                                    os.path.getsize(wpath), w.get("file", "weights.bin"))
-        check_graph_io(model, os.path.join(directory, g["file"]), g, m)
+        safe_io.inside(directory, g["file"], where, f"graph {kind}'s file")
 
 
-def check_graph_io(model, graph_path: str, g: dict, m: dict) -> None:
+def onnx_io_dims(model) -> dict[str, list]:
+    """{input or output name: its shape} of an ONNX ModelProto (symbolic dims by name)."""
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.input, *model.graph.output]}
+
+
+def ort_io_dims(session) -> dict[str, list]:
+    """The same for an ONNX Runtime InferenceSession (what the engine checks, without importing onnx)."""
+    return {v.name: list(v.shape) for v in [*session.get_inputs(), *session.get_outputs()]}
+
+
+def check_graph_io(dims: dict[str, list], graph_path: str, g: dict, m: dict) -> None:
     """The graph has the inputs and outputs the manifest names, and its state tensors have the manifest's
     shapes: an app (and the session) feeds what the manifest says, so a mismatch would fail in ONNX
-    Runtime at the first token."""
-    dims = {}
-    for v in [*model.graph.input, *model.graph.output]:
-        dims[v.name] = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    Runtime at the first token. `dims`: onnx_io_dims or ort_io_dims."""
     missing = [n for n in [*g["inputs"], *g["outputs"]] if n not in dims]
     if missing:
         raise EdgeseqError(f"{graph_path}: has no {missing[0]!r}, which the manifest lists among its inputs and "
@@ -86,7 +98,8 @@ def check_graph_io(model, graph_path: str, g: dict, m: dict) -> None:
                 continue
             want = list(s["shape"])
             same = len(got) == len(want) and all(
-                a == b or a == "batch" or isinstance(b, str) or isinstance(a, str) for a, b in zip(want, got))
+                a == b or a == "batch" or isinstance(b, str) or isinstance(a, str) or b is None
+                for a, b in zip(want, got))
             if not same:
                 raise EdgeseqError(f"{graph_path}: {name} is {got} in the graph, the manifest says {want}")
 
@@ -164,9 +177,11 @@ def verify_bundle(directory: str, full: bool = True) -> list[str]:
             raise EdgeseqError(f"{path}: damaged: its sha256 does not match the manifest's")
         done.append(f"{name}: sha256 ok")
     for kind, g in _onnx_graphs(m):
-        check_external_data(directory, os.path.join(directory, g["file"]), os.path.getsize(wpath),
-                            w.get("file", "weights.bin"))
-    done.append(f"graphs: {', '.join(m['graphs'])}: external data inside {os.path.basename(wpath)}")
+        gpath = os.path.join(directory, g["file"])
+        model = check_external_data(directory, gpath, os.path.getsize(wpath), w.get("file", "weights.bin"))
+        check_graph_io(onnx_io_dims(model), gpath, g, m)
+    done.append(f"graphs: {', '.join(m['graphs'])}: external data inside {os.path.basename(wpath)}, "
+                f"inputs and outputs as the manifest lists them")
     return done
 
 

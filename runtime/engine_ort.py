@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 
+from edgeseq import integrity
 from edgeseq.errors import EdgeseqError
 
 
@@ -79,4 +80,6 @@ class OrtEngine:
                 self._sessions[kind] = ort.InferenceSession(path, so, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for bad graphs
                 raise EdgeseqError(f"{path}: ONNX Runtime cannot load this graph: {e}") from None
+            # the session feeds what the manifest says: a graph that disagrees is named now, not at a token
+            integrity.check_graph_io(integrity.ort_io_dims(self._sessions[kind]), path, g, self.manifest)
         return self._sessions[kind]

@@ -4,7 +4,7 @@
     shards       a sharded safetensors folder: the index's weight_map, then as above
     rwkvcpp      an rwkv.cpp .bin: export
     gguf         a GGUF file: `inspect` (summary), then its bundle built, loaded and run for 2 tokens
-    bundle       a bundle folder: edgeseq.load, 2 tokens (manifest, weights.bin, graphs)
+    bundle       a bundle folder: edgeseq.load, an ONNX Runtime session per graph, 2 tokens
     state        a state file: Session.load_state on the seed bundle's model
     world        an RWKV World vocabulary: parsed, then a sample encoded and decoded
     tokenizer    a tokenizer.json: loaded, then a sample encoded and decoded
@@ -629,6 +629,8 @@ def _run_bundle(case: Path, out, seeds) -> None:
     import edgeseq
 
     m = edgeseq.load(str(case))
+    for kind in m.manifest["graphs"]:  # every graph an app may run (the Python session uses some of them)
+        m.engine.session(kind)
     s = m.session()
     s.prefill(m.tokenizer.encode("hi"))
     s.step(1)
