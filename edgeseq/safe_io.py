@@ -128,13 +128,15 @@ def _article(names: str) -> str:
 # -- paths inside files --------------------------------------------------------------------------
 
 def inside(folder: str, name, where: str, what: str = "file") -> str:
-    """`folder/name` for a relative `name` that stays inside `folder` (symbolic links resolved), else an
-    error: a file must not point an export or a load at files outside its own folder."""
+    """`folder/name` for a relative `name` that stays inside `folder`, else an error: a file must not point
+    an export or a load at files outside its own folder. The check is on the name (no `..` out of the
+    folder, no absolute path), not on where symbolic links lead: a folder of links is how the Hugging Face
+    cache and a user's own deduplicated copies hold files, and whoever made the links chose their targets."""
     name = need_str(name, where, what, 4096)
     if not name or os.path.isabs(name) or "\0" in name:
         raise EdgeseqError(f"{where}: {what} {name!r} is not a relative path inside {folder}")
-    root = os.path.realpath(folder)
-    full = os.path.realpath(os.path.join(root, name))
+    root = os.path.abspath(folder)
+    full = os.path.normpath(os.path.join(root, name))
     if os.path.commonpath([root, full]) != root:
         raise EdgeseqError(f"{where}: {what} {name!r} points outside {folder}; refused")
     return os.path.join(folder, name)
