@@ -47,14 +47,18 @@ TEST_FILES=(tests/test_session.py tests/test_mobile.py tests/test_gguf_runtime.p
             tests/test_rwkv_world.py)
 # Tests that cannot run inside, and why (pytest --deselect, on both sides):
 # - their checkpoints come from torch code the replay (tests/pi/pi_refs.py) does not cover: a checkpoint
-#   edited with torch inside the test (test_session's UTF-8 model), torch.save of a random RWKV-6 or World
-#   state dict (test_mobile's rwkv6, test_rwkv_world's bundle), or the builders of test_zamba.py,
-#   test_zamba2.py and test_recurrent_gemma.py, modules that import torch at the top;
+#   edited with torch inside the test (test_session's UTF-8 model), torch.save of a random RWKV state dict
+#   (test_mobile's rwkv6 and state-tuned bundle, test_rwkv_world's bundle, test_rwkvcpp_reader's .pth twins
+#   of rwkv.cpp files), or the builders of test_zamba.py, test_zamba2.py and test_recurrent_gemma.py,
+#   modules that import torch at the top;
 # - they compare with transformers' own code (RoPE; the BPE SentencePiece conversion check).
 DESELECT=(tests/test_session.py::test_streamed_text_never_splits_a_character
           tests/test_rwkv_world.py::test_world_model_bundles_the_vocabulary_and_chat_template
           tests/test_rwkv_world.py::test_world_chat_turn_ends_at_end_of_turn_token
           tests/test_attention_ring.py::test_rope_matches_transformers
+          tests/test_mobile.py::test_state_tuned_bundle_ships_its_initial_state
+          tests/test_rwkvcpp_reader.py::test_rwkv6_file_written_the_rwkv_cpp_way_matches_its_pth
+          tests/test_rwkvcpp_reader.py::test_rwkv5_0_and_5_1_files_written_the_rwkv_cpp_way_read_as_their_pth
           "tests/test_sentencepiece.py::test_trained_models[bpe-True-False]"
           "tests/test_sentencepiece.py::test_trained_models[bpe-True-True]")
 for fam in rwkv6 zamba zamba2 recurrent_gemma; do

@@ -32,7 +32,7 @@ F32_TOL = 1e-4  # the suite's tolerance for f32 logits (tests/conftest.py TOL)
 
 
 def source_digest() -> str:
-    """What the exported bundles depend on: the exporter, quantizer, graph kernels and package sources,
+    """What the exported bundles depend on: the exporter, quantizer, graph kernels and package sources.
     Cached bundles are rebuilt when it changes."""
     h = hashlib.sha256()
     for d in ("edgeseq", "exporters", "quant", "kernels"):
