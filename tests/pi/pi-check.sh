@@ -197,7 +197,8 @@ fi
 if want tests; then
   t=$(date +%s)
   ok=1
-  refs_key=$(cat "$ROOT/tests/conftest.py" "$ROOT"/tests/pi/pi_re*.py "${TEST_FILES[@]/#/$ROOT/}" | sha256sum | cut -c1-16)
+  refs_key=$( (cat "$ROOT/tests/conftest.py" "$ROOT"/tests/pi/pi_re*.py "${TEST_FILES[@]/#/$ROOT/}"; echo "$DESELECT_ARGS") \
+             | sha256sum | cut -c1-16)
   if [ "$(cat "$WORK/refs/key" 2>/dev/null)" != "$refs_key" ]; then
     log "x86: recording the torch-backed references (pytest on ${#TEST_FILES[@]} files with tests/pi/pi_record.py)"
     rm -rf "$WORK/refs" && mkdir -p "$WORK/refs"
