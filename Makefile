@@ -2,6 +2,7 @@
 #   to an int8 ONNX bundle and a Q8_0 GGUF, generate from each on the CPU (tokens/s and peak RSS on stderr)
 # make test: create .venv, install the test extras (torch 2.13.0 CPU, transformers, pytest, ...), run pytest
 # make lock: resolve every dependency anew and rewrite constraints.txt (then run make test)
+# make pi-check: the same on emulated aarch64 Linux (see below)
 # Every install takes the exact versions in constraints.txt, made for Python 3.11 (the local CPU build of
 # torch 2.13.0 exists for it alone: another Python would download gigabytes).
 PY ?= python3
@@ -80,4 +81,9 @@ test: $(VENV)/.test $(VENV)/.llamacpp $(VENV)/.web
 	$(BIN)/python .ci/lock.py check
 	$(BIN)/python -P -m pytest -q $(PYTEST_ARGS)
 
-.PHONY: demo test lock
+# edgeseq on 64-bit Arm Linux (Debian arm64, Python 3.11) emulated with qemu-user: the demo, the runtime's
+# tests, logits against x86, memory (docs/devices.md section 4; root, ~30+ minutes; not part of CI)
+pi-check: $(VENV)/.test
+	bash tests/pi/pi-check.sh
+
+.PHONY: demo test lock pi-check
