@@ -1,16 +1,25 @@
 """The cost of every quantization: size, perplexity, logit drift (quality) and decode speed (speed).
 
+    python benchmarks/quant_cost.py table [--out DIR] [--models KEY,...] [--fixture-bytes 111539]
     python benchmarks/quant_cost.py quality [--out DIR] [--eval-bytes N] [--drift-tokens 4096]
-    python benchmarks/quant_cost.py demo [--out DIR] [--eval-bytes 32768]
     python benchmarks/quant_cost.py speed CHECKPOINT [--out DIR] [--rounds 3] [--tokens 64] [--threads 2]
+
+table: the goals table of docs/quantization.md. Every trained model the table covers (TABLE_MODELS: the
+two demo models over the whole of tests/data/kjv_heldout.txt; rwkv.cpp's fixtures v4, v5.1, v5.2, v6
+and v7 over the last --fixture-bytes bytes of ../shared/corpora/tinyshakespeare.txt, cut to start on a
+line) exported fresh as f32, int8 and int4 ONNX bundles (fused flavour, block 32, accuracy level 4) and
+as Q8_0 and Q4_0 GGUF files by edgeseq's writer, the five streamed through the text together
+(edgeseq.quant.evaluate.compare_text, 256 tokens a chunk as `edgeseq eval`): perplexity, its change
+against f32, and the mean KL divergence from f32 per token. The goals: int4's perplexity change at most
+Q4_0's + 0.5 percentage points, int8's at most Q8_0's + 0.2. JSON lines on stderr, Markdown on stdout.
 
 quality: the rwkv.cpp v5.2 and v7 fixtures (../shared/fixtures/rwkv-cpp-tiny, byte-level) exported as
 f32, f16, int8 and int4 ONNX bundles (fused flavour, block 32; int4 also with block 128 and in the
 portable QDQ form), each scored with `edgeseq eval`'s streaming evaluator on the held-out tail of
 ../shared/corpora/tinyshakespeare.txt (its last --eval-bytes bytes: the last 10 % is the corpus's
 usual validation split), plus the drift of each quant's logits from f32 over --drift-tokens tokens.
-Where a GGUF writer is present (edgeseq.exporters.gguf_writer) the GGUF quants are added, through
-edgeseq's engine and, for the architectures llama.cpp knows, llama.cpp's. Markdown on stdout.
+The GGUF quants are added, through edgeseq's engine and, for the architectures llama.cpp knows,
+llama.cpp's. Markdown on stdout.
 
 speed: one checkpoint (e.g. /tmp/edgeseq-bench/mamba-130m/hf from benchmarks/make_models.py)
 exported as f32, f16, int8 and int4 with accuracy_level 4 and 0; decode tok/s (prefill graph,
@@ -69,9 +78,7 @@ def quality(args):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = CORPUS.read_bytes()
-    held = data[-args.eval_bytes:]
-    held = held[held.index(b"\n") + 1:]  # start on a line
+    held = shakespeare_tail(args.eval_bytes)
     text = out / "heldout.txt"
     text.write_bytes(held)
     drift_ids = list(held[:args.drift_tokens])
@@ -146,37 +153,85 @@ def _print_quality(rows, args, nbytes):
               f"{100 * d['argmax']:.2f} % |")
 
 
-def demo(args):
-    """The trained demo models (edgeseq/demo) on the first --eval-bytes of tests/data/kjv_heldout.txt:
-    ONNX f32/f16/int8/int4 and, with the GGUF writer, Q8_0/Q4_0 through edgeseq's GGUF runtime."""
+KJV_HELDOUT = ROOT / "tests" / "data" / "kjv_heldout.txt"
+TABLE_MODELS = {  # key: (label, checkpoint, held-out text: "kjv" the whole file, "shakespeare" the tail)
+    "rwkv7-demo": ("RWKV-7 demo", ROOT / "edgeseq" / "demo" / "rwkv7", "kjv"),
+    "mamba2-demo": ("Mamba-2 demo", ROOT / "edgeseq" / "demo" / "mamba2", "kjv"),
+    "v4": ("rwkv-4 660K", FIXTURES / "tiny-rwkv-4v0-660K-FP32.bin", "shakespeare"),
+    "v5.1": ("rwkv-5.1 730K", FIXTURES / "tiny-rwkv-5v1-730K-FP32.bin", "shakespeare"),
+    "v5.2": ("rwkv-5.2 730K", FIXTURES / "tiny-rwkv-5v2-730K-FP32.bin", "shakespeare"),
+    "v6": ("rwkv-6 1m", FIXTURES / "tiny-rwkv-6v0-1m-FP32.bin", "shakespeare"),
+    "v7": ("rwkv-7 834K", FIXTURES / "tiny-rwkv-7v0-834K-FP32.bin", "shakespeare"),
+}
+TABLE_QUANTS = (("onnx", "f32"), ("onnx", "int8"), ("gguf", "q8_0"), ("onnx", "int4"), ("gguf", "q4_0"))
+GOALS = (("int4", "q4_0", 0.005), ("int8", "q8_0", 0.002))  # (ONNX recipe, GGUF type, allowed excess)
+
+
+def shakespeare_tail(nbytes: int) -> bytes:
+    """The last `nbytes` bytes of tinyshakespeare.txt, from the first line that starts after their first
+    byte (the default 111,539 gives its last 111,538 bytes, the corpus's usual validation tenth)."""
+    held = CORPUS.read_bytes()[-nbytes:]
+    return held[held.index(b"\n") + 1:]
+
+
+def table(args):
     import edgeseq
     from edgeseq.exporters.export import export
-    from edgeseq.quant.evaluate import evaluate_text
+    from edgeseq.exporters.gguf_writer import export_gguf
+    from edgeseq.quant.evaluate import compare_text
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    held = (ROOT / "tests" / "data" / "kjv_heldout.txt").read_bytes()[:args.eval_bytes]
-    text = out / "kjv_heldout_prefix.txt"
-    text.write_bytes(held)
-    ids = list(held[:args.drift_tokens])
-    from edgeseq.exporters.gguf_writer import export_gguf
+    held = shakespeare_tail(args.fixture_bytes)
+    tail = out / f"tinyshakespeare-last-{len(held)}.txt"
+    tail.write_bytes(held)
+    texts = {"kjv": KJV_HELDOUT, "shakespeare": tail}
+    names = args.models.split(",") if args.models else list(TABLE_MODELS)
+    unknown = [n for n in names if n not in TABLE_MODELS]
+    if unknown:
+        sys.exit(f"unknown model(s) {unknown}; known: {', '.join(TABLE_MODELS)}")
+    rows = []
+    for name in names:
+        label, ckpt, text = TABLE_MODELS[name]
+        models, sizes = {}, {}
+        for fmt, q in TABLE_QUANTS:  # exported fresh every run: a stale bundle would hide a recipe change
+            p = out / f"{ckpt.stem}-{q}{'.gguf' if fmt == 'gguf' else ''}"
+            if fmt == "onnx":
+                export(str(ckpt), str(p), quant=q, force=True)
+                sizes[q] = _size(p / "weights.bin")
+            else:
+                if p.exists():
+                    p.unlink()
+                export_gguf(str(ckpt), str(p), quant=q)
+                sizes[q] = _size(p)
+            models[q] = edgeseq.load(str(p))
+        t0 = time.perf_counter()
+        r = compare_text(models, str(texts[text]), chunk=256)
+        base = r["f32"]["ppl"]
+        row = {"model": label, "text": texts[text].name, "tokens": r["f32"]["tokens"], "seconds": time.perf_counter() - t0,
+               **{q: {"ppl": x["ppl"], "dppl": x["ppl"] / base - 1, "kl": x["kl"], "bytes": sizes[q]} for q, x in r.items()}}
+        row["goals"] = {f"{a}<={g}+{100 * tol:g}pp": row[a]["dppl"] <= row[g]["dppl"] + tol for a, g, tol in GOALS}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    _print_table(rows, args)
+    (out / "table.json").write_text(json.dumps(rows, indent=1))
 
-    for fam in ("rwkv7", "mamba2"):
-        ck = ROOT / "edgeseq" / "demo" / fam
-        ref = base = None
-        for fmt, q in (("onnx", "f32"), ("onnx", "f16"), ("onnx", "int8"), ("onnx", "int4"), ("gguf", "q8_0"),
-                       ("gguf", "q4_0")):
-            p = out / (f"{fam}-{q}" + (".gguf" if fmt == "gguf" else ""))
-            if not p.exists():
-                export(str(ck), str(p), quant=q) if fmt == "onnx" else export_gguf(str(ck), str(p), quant=q)
-            m = edgeseq.load(str(p))
-            r = evaluate_text(m, str(text), chunk=512)
-            lg = _logits(m, ids)
-            if ref is None:
-                ref, base = lg.astype(np.float64), r["ppl"]
-            size = _size(p / "weights.bin") if fmt == "onnx" else _size(p)
-            print(json.dumps({"model": fam, "format": fmt, "quant": q, "bytes": size, "ppl": r["ppl"], "bpb": r["bpb"],
-                              "dppl": r["ppl"] / base - 1, "drift": _drift(lg, ref), "tokens": r["tokens"]}), flush=True)
+
+def _print_table(rows, args):
+    n = len(shakespeare_tail(args.fixture_bytes))
+    print(f"Held-out texts: the demo models, all of tests/data/kjv_heldout.txt; the rwkv.cpp fixtures, the last "
+          f"{n:,} bytes of tinyshakespeare.txt. Perplexity per byte; "
+          "Δ against f32; KL: mean KL(f32 ‖ quantized) per byte, in 1e-3 nats; weights: weights.bin or the .gguf.\n")
+    print("| model | f32 ppl | int8 | GGUF Q8_0 | int4 | GGUF Q4_0 | goals |")
+    print("|---|---|---|---|---|---|---|")
+
+    def cell(x):
+        return f"{x['ppl']:.4f} ({100 * x['dppl']:+.2f} %, KL {1000 * x['kl']:.3g}, {x['bytes'] / 1e6:.2f} MB)"
+
+    for r in rows:
+        ok = "met" if all(r["goals"].values()) else "**missed**: " + ", ".join(k for k, v in r["goals"].items() if not v)
+        print(f"| {r['model']} | {r['f32']['ppl']:.4f} ({r['f32']['bytes'] / 1e6:.2f} MB) | {cell(r['int8'])} | "
+              f"{cell(r['q8_0'])} | {cell(r['int4'])} | {cell(r['q4_0'])} | {ok} |")
 
 
 # -- speed --------------------------------------------------------------------------------------
@@ -244,10 +299,10 @@ def main():
     q.add_argument("--out", default="/tmp/edgeseq-quant")
     q.add_argument("--eval-bytes", type=int, default=111_539)  # the last 10 % of tinyshakespeare
     q.add_argument("--drift-tokens", type=int, default=4096)
-    d = sub.add_parser("demo")
-    d.add_argument("--out", default="/tmp/edgeseq-quant-demo")
-    d.add_argument("--eval-bytes", type=int, default=32768)
-    d.add_argument("--drift-tokens", type=int, default=4096)
+    t = sub.add_parser("table")
+    t.add_argument("--out", default="/tmp/edgeseq-quant-table")
+    t.add_argument("--models", default="", help=f"comma-separated, of: {', '.join(TABLE_MODELS)} (default all)")
+    t.add_argument("--fixture-bytes", type=int, default=111_539, help="tail of tinyshakespeare for the fixtures")
     s = sub.add_parser("speed")
     s.add_argument("checkpoint")
     s.add_argument("--out", default="/tmp/edgeseq-quant-speed")
@@ -255,7 +310,7 @@ def main():
     s.add_argument("--tokens", type=int, default=64)
     s.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    {"quality": quality, "demo": demo, "speed": speed}[args.cmd](args)
+    {"table": table, "quality": quality, "speed": speed}[args.cmd](args)
 
 
 if __name__ == "__main__":

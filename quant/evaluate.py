@@ -143,3 +143,53 @@ def _all_logits(sess, ids) -> np.ndarray:
     if hasattr(sess, "logits_all"):
         return sess.logits_all(ids)
     return np.stack([np.asarray(sess.step(int(t))) for t in ids])
+
+
+def compare_text(models: dict, path: str, chunk: int = 256, piece_bytes: int = PIECE_BYTES) -> dict:
+    """Stream `path` once through several models of one tokenizer, in lockstep: {label: result}, each
+    result as evaluate_text's plus `kl`, the mean KL(first model || this one) per predicted token in
+    nats (the first model is the reference, e.g. f32). KL measures how far a quantized model's
+    distributions moved, whatever the text; the perplexity change also depends on which way they moved
+    on this text, so on a small model it swings with the rounding of a few weights."""
+    if not models:
+        raise EdgeseqError("compare_text: no models")
+    labels = list(models)
+    toks = [models[k].tokenizer for k in labels]
+    sess = [models[k].session() for k in labels]
+    nll = np.zeros(len(labels))
+    kl = np.zeros(len(labels))
+    n, nbytes, first_bytes, prev = 0, 0, None, None
+    for text in _pieces(path, piece_bytes):
+        ids = toks[0].encode(text)
+        if any(t.encode(text) != ids for t in toks[1:]):
+            raise EdgeseqError(f"compare_text: the models {', '.join(labels)} do not share a tokenizer")
+        nbytes += len(text.encode("utf-8"))
+        if prev is None and ids:
+            first_bytes = _token_bytes(toks[0], ids[0])
+        seq = ([prev] if prev is not None else []) + list(ids)
+        for a in range(0, len(seq) - 1, chunk):
+            inp = seq[a:a + chunk]
+            tgt = np.asarray(seq[a + 1:a + 1 + len(inp)])
+            inp = inp[:len(tgt)]
+            ref = None
+            for i, s in enumerate(sess):
+                lp = _log_softmax(_all_logits(s, inp))
+                nll[i] -= float(lp[np.arange(len(tgt)), tgt].sum())
+                if ref is None:
+                    ref = lp
+                kl[i] += float((np.exp(ref) * (ref - lp)).sum())
+            n += len(inp)
+        if seq:
+            prev = seq[-1]
+    if n == 0:
+        raise EdgeseqError(f"{path}: needs at least two tokens")
+    nbytes -= first_bytes or 0
+    return {k: {"tokens": n, "bytes": nbytes, "nll": nll[i], "nll_per_token": nll[i] / n,
+                "ppl": math.exp(nll[i] / n), "bpb": nll[i] / math.log(2) / max(nbytes, 1), "kl": kl[i] / n}
+            for i, k in enumerate(labels)}
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))

@@ -11,7 +11,8 @@ each of its uses is one the quantized ops replace:
 
 Everything else (norms, decays, mixing vectors, conv kernels, A, D, the recurrent state) stays f32,
 and each family names, through `Family.quant_policy`, the matrices kept at 8 bits under int4 or kept
-f32 (Mamba's dt_proj, RWKV-7's LoRA matrices, ...).
+f32 (Mamba's dt_proj, RWKV-7's LoRA matrices, RWKV-5's embedding and time mix, ...), and through
+`Family.quant_block` a smaller block for its 8-bit or 4-bit matrices (RWKV-5's 8-bit ones: 16).
 
 Quantized layout (MatMulNBits'): Wq is (N, K) cut into blocks of `block` along K; per block a float32
 scale s and an integer zero point z, weight = s * (q - z), q in 0..2^bits-1; 4-bit q packed two per
@@ -211,11 +212,6 @@ def plan(table: dict[str, WeightInfo], uses: dict[str, set[str]], quant: str, bl
             transpose = False
         else:
             continue
-        blk = block
-        while blk > BLOCK_SIZES[0] and k % blk:
-            blk //= 2  # a row shorter than (or not a multiple of) the block: the largest block that fits
-        if k % blk and ("gather" in u or portable):
-            continue  # GatherBlockQuantized and the QDQ form take whole blocks only
         policy = family.quant_policy(name, (n, k)) if family is not None else None
         if policy == "f32" or min(n, k) < 16:
             continue
@@ -224,6 +220,11 @@ def plan(table: dict[str, WeightInfo], uses: dict[str, set[str]], quant: str, bl
         # 4-bit head, +0.2 % with an 8-bit one)
         is_head = "gemm_t" in u or name == "lm_head"
         b_bits = 8 if policy == "int8" or is_head else bits
+        blk = family.quant_block(b_bits, block) if family is not None else block
+        while blk > BLOCK_SIZES[0] and k % blk:
+            blk //= 2  # a row shorter than (or not a multiple of) the block: the largest block that fits
+        if k % blk and ("gather" in u or portable):
+            continue  # GatherBlockQuantized and the QDQ form take whole blocks only
         out[name] = QuantSpec(name, b_bits, blk, n, k, transpose, tuple(sorted(u)))
     return out
 

@@ -15,7 +15,7 @@ import pytest
 import edgeseq
 from edgeseq.errors import EdgeseqError
 from edgeseq.exporters.export import export
-from edgeseq.quant.evaluate import evaluate_text
+from edgeseq.quant.evaluate import compare_text, evaluate_text
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
 V5 = FIXTURES / "tiny-rwkv-5v2-730K-FP32.bin"
@@ -108,3 +108,31 @@ def test_eval_of_a_gguf_equals_the_bundle(model, tmp_path):
     a = evaluate_text(edgeseq.load(str(g)), str(f), chunk=64)
     b = evaluate_text(model, str(f), chunk=64)
     assert a["tokens"] == b["tokens"] and abs(a["nll"] - b["nll"]) < 1e-5 * b["nll"]
+
+
+def test_compare_text_scores_each_model_as_evaluate_text(model, tmp_path):
+    """compare_text streams several models through a text at once: each one's perplexity is
+    evaluate_text's, and the KL from the reference is 0 for the reference itself, positive and equal
+    to numpy's for a quantized model."""
+    q = edgeseq.load(export(str(V5), str(tmp_path / "int8"), quant="int8"))
+    f = tmp_path / "t.txt"
+    f.write_text(TEXT, encoding="utf-8")
+    r = compare_text({"f32": model, "int8": q}, str(f), chunk=64, piece_bytes=50)
+    for name, m in (("f32", model), ("int8", q)):
+        want = evaluate_text(m, str(f), chunk=64, piece_bytes=50)
+        assert r[name]["tokens"] == want["tokens"] and r[name]["bytes"] == want["bytes"]
+        assert abs(r[name]["nll"] - want["nll"]) < 1e-6 * want["nll"]
+    ids = list(TEXT.encode("utf-8"))
+
+    def logp(m):  # 64 tokens a call through one session, as compare_text feeds them
+        s = m.session()
+        lg = np.concatenate([s.logits_all(ids[a:min(a + 64, len(ids) - 1)]) for a in range(0, len(ids) - 1, 64)])
+        lg = lg.astype(np.float64) - lg.max(-1, keepdims=True)
+        return lg - np.log(np.exp(lg).sum(-1, keepdims=True))
+
+    r = compare_text({"f32": model, "int8": q}, str(f), chunk=64)
+    p, lq = logp(model), logp(q)
+    assert r["f32"]["kl"] == 0.0
+    assert r["int8"]["kl"] > 0 and abs(r["int8"]["kl"] - (np.exp(p) * (p - lq)).sum(-1).mean()) < 1e-4 * r["int8"]["kl"]
+    with pytest.raises(EdgeseqError, match="no models"):
+        compare_text({}, str(f))

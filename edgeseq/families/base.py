@@ -92,6 +92,12 @@ class Family:
         (edgeseq.quant.onnx_quant); families override this for the ones too small or too sensitive."""
         return None
 
+    def quant_block(self, bits: int, block: int) -> int:
+        """The block an int4/int8 export quantizes this family's `bits`-bit matrices in, given the
+        recipe's (`--block-size`). At accuracy level 4 ONNX Runtime also rounds the activations to int8 in
+        blocks of this size, so a smaller block lowers both errors; families override this where measured."""
+        return block
+
     # -- shared ------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:
