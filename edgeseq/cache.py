@@ -124,11 +124,13 @@ def sweep_staging(root: str) -> None:
             continue  # another user's live process
 
 
-def cached_bundle(kind: str, source: str, identity, build: Callable[[str], None]) -> tuple[str, bool]:
+def cached_bundle(kind: str, source: str, identity, build: Callable[[str], None],
+                  name: str | None = None) -> tuple[str, bool]:
     """(the bundle folder for `source`, whether it was made now). `build(folder)` writes a bundle at a
-    path that does not exist yet; it runs in a staging folder, and the result is renamed into place."""
+    path that does not exist yet; it runs in a staging folder, and the result is renamed into place.
+    `name`: the entry's folder name, where the caller keys it itself (default: entry_name)."""
     root = cache_dir()
-    out = os.path.join(root, entry_name(kind, source, identity))
+    out = os.path.join(root, name or entry_name(kind, source, identity))
     if os.path.isfile(os.path.join(out, MANIFEST)):
         touch(out)
         return out, False

@@ -9,17 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 
 from edgeseq import __version__
 from edgeseq import demo
-from edgeseq.cache import cache_dir  # noqa: F401 (re-exported: the CLI names it)
-from edgeseq.errors import EdgeseqError
-
-MANIFEST = "edgeseq.json"
-
-
+from edgeseq.cache import cache_dir, cached_bundle  # noqa: F401 (cache_dir re-exported: the CLI names it)
 
 
 def _digest(folder: str) -> str:
@@ -32,28 +25,13 @@ def _digest(folder: str) -> str:
 
 
 def demo_bundle(name: str = demo.DEFAULT, quant: str = "f32", progress: bool = False) -> str:
-    """The path of demo model `name` exported as an ONNX bundle (`quant` as for `edgeseq export`)."""
+    """The path of demo model `name` exported as an ONNX bundle (`quant` as for `edgeseq export`), made
+    once in the cache folder (edgeseq.cache: staged, renamed into place, cleaned up on signals)."""
     from edgeseq.exporters.export import export
 
     src = demo.path(name)
-    root = cache_dir()
-    out = os.path.join(root, f"demo-{name}-{quant}-{__version__}-{_digest(src)}")
-    if os.path.isfile(os.path.join(out, MANIFEST)):
-        return out
-    try:
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=root)
-    except OSError as e:
-        raise EdgeseqError(f"{root}: cannot create the cache folder for the demo bundle ({e}); set EDGESEQ_CACHE "
-                           f"to a writable folder") from None
-    try:
-        staged = os.path.join(tmp, "bundle")
-        export(src, staged, quant=quant, progress=progress)
-        try:
-            os.rename(staged, out)
-        except OSError:
-            if not os.path.isfile(os.path.join(out, MANIFEST)):  # not another process's finished bundle
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    digest = _digest(src)
+    out, _ = cached_bundle("demo", src, [name, quant, digest],
+                           lambda staged: export(src, staged, quant=quant, progress=progress),
+                           name=f"demo-{name}-{quant}-{__version__}-{digest}")
     return out
