@@ -1,16 +1,15 @@
-"""GGUF names and metadata per architecture: edgeseq's canonical weights <-> a GGUF file's tensors.
+"""GGUF architectures: which family each is, its metadata keys both ways, and the generic architecture.
 
 Where llama.cpp knows the architecture (mamba, mamba2, rwkv6, rwkv7) the tensor names, layouts (torch's
 (out, in) for matrices, squeezed/fused as llama.cpp's converter writes them) and metadata keys are
-llama.cpp's, so llama.cpp loads the file and edgeseq reads files llama.cpp's converter wrote. Every
+llama.cpp's, so llama.cpp loads the file and edgeseq reads files llama.cpp's converter wrote. The tensor
+names and transforms are the `gguf` column of each family's tensor table (edgeseq.tensor_table); this
+module holds what is not per tensor: the metadata, the config read back from it, and what llama.cpp's
+architecture cannot express (`supports`). Every
 other family (and Mamba-1 with an expand factor other than 2, which llama.cpp refuses, or layers with
 biases it has no tensor for) uses the generic `edgeseq-<family>` architecture: canonical names and
 layouts as the bundle stores them, the family config and the state spec as JSON metadata. New
 families need no code here.
-
-The tables live in this one module rather than in each family file: they translate between edgeseq's
-canonical names (which each family owns) and llama.cpp's (which llama.cpp owns), so they change with
-llama.cpp; the family files stay free of another project's naming.
 
 Layouts: `canonical` arrays are what `Family.convert` yields (matrices (in, out)); GGUF arrays are in
 numpy order of the torch layout llama.cpp expects (matrices (out, in); ggml's ne is that reversed).
@@ -27,8 +26,6 @@ from edgeseq.errors import EdgeseqError, UnsupportedError
 GENERIC_PREFIX = "edgeseq-"
 GENERIC_FORMAT_VERSION = 1
 CONTEXT_LENGTH = 1 << 20  # recurrent: no context limit; llama.cpp's converter writes 2**20 too
-
-T = lambda a: np.ascontiguousarray(a.T)  # noqa: E731  (in, out) <-> (out, in)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -50,19 +47,20 @@ class ArchMap:
         tensors' (numpy order), for what the config does not hold."""
         raise NotImplementedError
 
-    def to_gguf(self, fam, weights: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-        raise NotImplementedError
-
     def config(self, g) -> dict:
         raise NotImplementedError
 
+    # the tensors: the family's table (edgeseq.tensor_table) holds the GGUF names and transforms
+    def to_gguf(self, fam, weights: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+        return fam.table().to_gguf(weights, self.arch)
+
     def from_gguf(self, fam, g) -> Iterator[tuple[str, np.ndarray]]:
-        raise NotImplementedError
+        return fam.table().from_gguf(g)
 
     def matrices(self, fam) -> dict[str, tuple[str, bool]]:
         """{canonical matrix: (GGUF tensor, transposed)} for the matrices that are the GGUF tensor itself
         or its transpose: their quantized blocks can move into MatMulNBits as they are."""
-        return {}
+        return fam.table().matrices()
 
 
 def _u32(k, v):
@@ -77,10 +75,6 @@ class MambaMap(ArchMap):
     """Mamba-1 (and FalconMamba: dt, B, C normed, `ssm.dt_b_c_rms`)."""
 
     arch, family = "mamba", "mamba"
-    _ONE = {"norm": "attn_norm.weight", "conv_bias": "ssm_conv1d.bias", "dt_bias": "ssm_dt.bias", "A": "ssm_a",
-            "D": "ssm_d"}
-    _MAT = {"in_proj": "ssm_in.weight", "x_proj": "ssm_x.weight", "dt_proj": "ssm_dt.weight",
-            "out_proj": "ssm_out.weight"}
 
     def supports(self, fam):
         c = fam.config
@@ -97,23 +91,6 @@ class MambaMap(ArchMap):
                 _f32("attention.layer_norm_rms_epsilon", c.norm_eps),
                 ("ssm.dt_b_c_rms", c.mixer_rms_eps is not None, "bool")]
 
-    def to_gguf(self, fam, weights):
-        c = fam.config
-        for name, a in weights:
-            if name in ("embed", "norm_f", "lm_head"):
-                yield _top(name, a)
-                continue
-            i, leaf = _layer(name)
-            p = f"blk.{i}."
-            if leaf == "conv":
-                yield p + "ssm_conv1d.weight", a.reshape(c.d_inner, c.d_conv)  # (di, 1, k) squeezed
-            elif leaf in self._MAT:
-                yield p + self._MAT[leaf], T(a)
-            elif leaf in self._ONE:
-                yield p + self._ONE[leaf], a
-            else:
-                raise UnsupportedError(f"mamba weight {name} has no llama.cpp tensor")
-
     def config(self, g):
         a = g.arch_key
         rms = bool(g.get(a("ssm.dt_b_c_rms"), False))
@@ -124,27 +101,6 @@ class MambaMap(ArchMap):
                     norm_eps=float(g.get(a("attention.layer_norm_rms_epsilon"), 1e-5)),
                     # llama.cpp norms dt, B, C with the layer eps; FalconMamba's checkpoints declare 1e-6
                     mixer_rms_eps=1e-6 if rms else None, tie_embeddings="output.weight" not in g.tensors)
-
-    def matrices(self, fam):
-        out = {"embed": ("token_embd.weight", False), "lm_head": ("output.weight", True)}
-        for i in range(fam.config.n_layer):
-            out.update({f"layers.{i}.{leaf}": (f"blk.{i}.{n}", True) for leaf, n in self._MAT.items()})
-        return out
-
-    def from_gguf(self, fam, g):
-        c = fam.config
-        yield "embed", g.array("token_embd.weight")
-        for i in range(c.n_layer):
-            p, o = f"blk.{i}.", f"layers.{i}."
-            for leaf, n in self._ONE.items():
-                if leaf != "conv_bias" or p + n in g.tensors:
-                    yield o + leaf, g.array(p + n)
-            yield o + "conv", g.array(p + "ssm_conv1d.weight").reshape(c.d_inner, 1, c.d_conv)
-            for leaf, n in self._MAT.items():
-                yield o + leaf, T(g.array(p + n))
-        yield "norm_f", g.array("output_norm.weight")
-        if "output.weight" in g.tensors:
-            yield "lm_head", T(g.array("output.weight"))
 
 
 class Mamba2Map(ArchMap):
@@ -166,37 +122,6 @@ class Mamba2Map(ArchMap):
             return "llama.cpp's mamba2 has no time_step_limit clipping"
         return None
 
-    def to_gguf(self, fam, weights):
-        c = fam.config
-        for name, a in weights:
-            if name in ("embed", "norm_f", "lm_head"):
-                yield _top(name, a)
-                continue
-            if name == "head_expand":
-                continue  # a constant of the ONNX graph, rebuilt from the config on reading
-            i, leaf = _layer(name)
-            p = f"blk.{i}."
-            if leaf == "norm":
-                yield p + "attn_norm.weight", a
-            elif leaf == "in_proj":
-                yield p + "ssm_in.weight", T(a)
-            elif leaf == "out_proj":
-                yield p + "ssm_out.weight", T(a)
-            elif leaf == "conv":
-                yield p + "ssm_conv1d.weight", a.reshape(c.conv_dim, c.d_conv)
-            elif leaf == "conv_bias":
-                yield p + "ssm_conv1d.bias", a
-            elif leaf == "dt_bias":
-                yield p + "ssm_dt.bias", a
-            elif leaf == "A":
-                yield p + "ssm_a", a.reshape(c.n_heads, 1)
-            elif leaf == "D":  # edgeseq keeps D per channel; llama.cpp per head
-                yield p + "ssm_d", np.ascontiguousarray(a.reshape(c.n_heads, c.head_dim)[:, :1])
-            elif leaf == "gnorm":
-                yield p + "ssm_norm.weight", a.reshape(c.n_groups, c.d_inner // c.n_groups)
-            else:
-                raise UnsupportedError(f"mamba2 weight {name} has no llama.cpp tensor")
-
     def config(self, g):
         a = g.arch_key
         vocab, d = g.tensor("token_embd.weight").shape
@@ -209,36 +134,8 @@ class Mamba2Map(ArchMap):
                     norm_eps=float(g.get(a("attention.layer_norm_rms_epsilon"), 1e-5)),
                     tie_embeddings="output.weight" not in g.tensors)
 
-    def matrices(self, fam):
-        out = {"embed": ("token_embd.weight", False), "lm_head": ("output.weight", True)}
-        for i in range(fam.config.n_layer):
-            out[f"layers.{i}.in_proj"] = (f"blk.{i}.ssm_in.weight", True)
-            out[f"layers.{i}.out_proj"] = (f"blk.{i}.ssm_out.weight", True)
-        return out
-
-    def from_gguf(self, fam, g):
-        c = fam.config
-        yield "embed", g.array("token_embd.weight")
-        for i in range(c.n_layer):
-            p, o = f"blk.{i}.", f"layers.{i}."
-            yield o + "norm", g.array(p + "attn_norm.weight")
-            yield o + "in_proj", T(g.array(p + "ssm_in.weight"))
-            yield o + "conv", g.array(p + "ssm_conv1d.weight").reshape(c.conv_dim, 1, c.d_conv)
-            if p + "ssm_conv1d.bias" in g.tensors:
-                yield o + "conv_bias", g.array(p + "ssm_conv1d.bias")
-            yield o + "dt_bias", g.array(p + "ssm_dt.bias")
-            yield o + "A", g.array(p + "ssm_a").reshape(c.n_heads)
-            yield o + "D", np.repeat(g.array(p + "ssm_d").reshape(c.n_heads), c.head_dim)
-            yield o + "gnorm", g.array(p + "ssm_norm.weight").reshape(c.d_inner)
-            yield o + "out_proj", T(g.array(p + "ssm_out.weight"))
-        yield "head_expand", np.kron(np.eye(c.n_heads, dtype=np.float32), np.ones((1, c.head_dim), np.float32))
-        yield "norm_f", g.array("output_norm.weight")
-        if "output.weight" in g.tensors:
-            yield "lm_head", T(g.array("output.weight"))
-
 
 LLAMA_RWKV7_GN_EPS = 64e-5  # llama.cpp's rwkv7 graph hard-codes ln_x's eps
-RWKV7_MIXES = ("r", "w", "k", "v", "a", "g")  # the order of llama.cpp's time_mix_lerp_fused
 
 
 class Rwkv7Map(ArchMap):
@@ -246,11 +143,6 @@ class Rwkv7Map(ArchMap):
     weights (out, in); layer 0 carries v0/v1/v2 (unused; copies of a0/a1/a2, as llama.cpp expects)."""
 
     arch, family = "rwkv7", "rwkv7"
-    _NORMS = {"ln1": "attn_norm", "ln2": "attn_norm_2", "att.ln_x": "time_mix_ln"}
-    _MAT = {"att.receptance": "time_mix_receptance", "att.key": "time_mix_key", "att.value": "time_mix_value",
-            "att.output": "time_mix_output", "ffn.key": "channel_mix_key", "ffn.value": "channel_mix_value"}
-    _VEC = {"att.k_k": "time_mix_k_k", "att.k_a": "time_mix_k_a", "att.r_k": "time_mix_r_k",
-            "ffn.x_k": "channel_mix_lerp_k"}
 
     def supports(self, fam):
         gn = getattr(fam.config, "gn_eps", LLAMA_RWKV7_GN_EPS)
@@ -271,43 +163,6 @@ class Rwkv7Map(ArchMap):
                 _u32("attention.gate_lora_rank", r["g"]), _u32("feed_forward_length", c.dim_ffn),
                 _u32("attention.head_count", 0)]
 
-    def to_gguf(self, fam, weights):
-        mixes: dict[str, np.ndarray] = {}
-        C = fam.config.n_embd
-        for name, a in weights:
-            if name == "embed":
-                yield "token_embd.weight", a
-            elif name in ("ln0.weight", "ln0.bias"):
-                yield "token_embd_norm." + name.split(".")[1], a
-            elif name in ("ln_out.weight", "ln_out.bias"):
-                yield "output_norm." + name.split(".")[1], a
-            elif name == "head":
-                yield "output.weight", a  # (vocab, C) already
-            else:
-                i, leaf = _layer(name)
-                p = f"blk.{i}."
-                base, _, kind = leaf.rpartition(".")
-                if base in self._NORMS:
-                    yield f"{p}{self._NORMS[base]}.{kind}", a
-                elif leaf in self._MAT:
-                    yield f"{p}{self._MAT[leaf]}.weight", T(a)
-                elif leaf in self._VEC:
-                    yield f"{p}{self._VEC[leaf]}.weight", a.reshape(C)
-                elif leaf.startswith("att.x_"):
-                    mixes[leaf[6:]] = a
-                    if len(mixes) == len(RWKV7_MIXES):
-                        fused = np.stack([mixes[m].reshape(C) for m in RWKV7_MIXES]).reshape(6, 1, 1, C)
-                        yield p + "time_mix_lerp_fused.weight", fused
-                        mixes = {}
-                elif leaf[4:] in ("w0", "a0", "v0", "w1", "a1", "v1", "g1", "w2", "a2", "v2", "g2"):
-                    m = leaf[4:]
-                    out = a if m.endswith("0") else T(a)  # LoRA (in, out) -> Linear weight (out, in)
-                    yield f"{p}time_mix_{m}.weight", out
-                    if i == 0 and m[0] == "a":  # layer 0 has no value-residual gate; llama.cpp wants one
-                        yield f"{p}time_mix_v{m[1]}.weight", out
-                else:
-                    raise UnsupportedError(f"rwkv7 weight {name} has no llama.cpp tensor")
-
     def config(self, g):
         a = g.arch_key
         vocab, C = g.tensor("token_embd.weight").shape
@@ -318,47 +173,6 @@ class Rwkv7Map(ArchMap):
                     head_size=hs, dim_ffn=g.tensor("blk.0.channel_mix_key.weight").shape[0],
                     ln_eps=float(g.get(a("attention.layer_norm_epsilon"), 1e-5)), gn_eps=LLAMA_RWKV7_GN_EPS)
 
-    def matrices(self, fam):
-        out = {"embed": ("token_embd.weight", False), "head": ("output.weight", False)}
-        for i in range(fam.config.n_layer):
-            o, p = f"layers.{i}.", f"blk.{i}."
-            out.update({o + leaf: (f"{p}{n}.weight", True) for leaf, n in self._MAT.items()})
-            out.update({f"{o}att.{m}{j}": (f"{p}time_mix_{m}{j}.weight", True) for m in "wavg" for j in "12"
-                        if not (m == "v" and i == 0)})
-        return out
-
-    def from_gguf(self, fam, g):
-        c = fam.config
-        C = c.n_embd
-        yield "embed", g.array("token_embd.weight")
-        yield "ln0.weight", g.array("token_embd_norm.weight")
-        yield "ln0.bias", g.array("token_embd_norm.bias")
-        for i in range(c.n_layer):
-            p, o = f"blk.{i}.", f"layers.{i}."
-            for base, n in self._NORMS.items():
-                for kind in ("weight", "bias"):
-                    yield f"{o}{base}.{kind}", g.array(f"{p}{n}.{kind}")
-            fused = g.array(p + "time_mix_lerp_fused.weight").reshape(6, C)
-            for j, m in enumerate(RWKV7_MIXES):
-                yield f"{o}att.x_{m}", np.ascontiguousarray(fused[j])
-            for m in ("w", "a", "v", "g"):
-                if m == "v" and i == 0:
-                    continue
-                yield f"{o}att.{m}1", T(g.array(f"{p}time_mix_{m}1.weight"))
-                yield f"{o}att.{m}2", T(g.array(f"{p}time_mix_{m}2.weight"))
-                if m != "g":
-                    yield f"{o}att.{m}0", g.array(f"{p}time_mix_{m}0.weight").reshape(C)
-            for leaf, n in self._VEC.items():
-                yield o + leaf, g.array(f"{p}{n}.weight").reshape(C)
-            for leaf, n in self._MAT.items():
-                yield o + leaf, T(g.array(f"{p}{n}.weight"))
-        yield "ln_out.weight", g.array("output_norm.weight")
-        yield "ln_out.bias", g.array("output_norm.bias")
-        yield "head", g.array("output.weight")
-
-
-RWKV6_LERPS = ("w", "k", "v", "r", "g")  # llama.cpp's time_mix_lerp_fused order (= edgeseq's att.maa rows)
-
 
 class Rwkv6Map(ArchMap):
     """RWKV-6: the five static token-shift mixes fused (5, 1, 1, C) beside lerp_x; the token-shift LoRA
@@ -366,10 +180,6 @@ class Rwkv6Map(ArchMap):
     maa (edgeseq keeps 1 - maa); u (time_faaaa) as time_mix_first (H, N); no layer rescaling."""
 
     arch, family = "rwkv6", "rwkv6"
-    _NORMS = {"ln1": "attn_norm", "ln2": "attn_norm_2", "att.ln_x": "time_mix_ln"}
-    _MAT = {"att.receptance": "time_mix_receptance", "att.key": "time_mix_key", "att.value": "time_mix_value",
-            "att.gate": "time_mix_gate", "att.output": "time_mix_output", "ffn.key": "channel_mix_key",
-            "ffn.value": "channel_mix_value", "ffn.receptance": "channel_mix_receptance"}
 
     def supports(self, fam):
         c = fam.config
@@ -387,45 +197,6 @@ class Rwkv6Map(ArchMap):
                 _u32("time_mix_extra_dim", c.mix_lora), _u32("time_decay_extra_dim", c.decay_lora),
                 _u32("feed_forward_length", c.dim_ffn), _u32("attention.head_count", 0)]
 
-    def to_gguf(self, fam, weights):
-        c = fam.config
-        C = c.n_embd
-        for name, a in weights:
-            if name == "embed":
-                yield "token_embd.weight", a
-            elif name in ("ln0.weight", "ln0.bias"):
-                yield "token_embd_norm." + name.split(".")[1], a
-            elif name in ("ln_out.weight", "ln_out.bias"):
-                yield "output_norm." + name.split(".")[1], a
-            elif name == "head":
-                yield "output.weight", a
-            else:
-                i, leaf = _layer(name)
-                p = f"blk.{i}."
-                base, _, kind = leaf.rpartition(".")
-                if base in self._NORMS:
-                    yield f"{p}{self._NORMS[base]}.{kind}", a
-                elif leaf in self._MAT:
-                    yield f"{p}{self._MAT[leaf]}.weight", T(a)
-                elif leaf == "att.maa_x":
-                    yield p + "time_mix_lerp_x.weight", a.reshape(C)
-                elif leaf == "att.maa":
-                    yield p + "time_mix_lerp_fused.weight", a.reshape(5, 1, 1, C)
-                elif leaf == "att.maa_w1":
-                    yield p + "time_mix_w1.weight", T(a)  # (C, 5D) -> (5D, C)
-                elif leaf == "att.maa_w2":
-                    yield p + "time_mix_w2.weight", np.ascontiguousarray(a.transpose(0, 2, 1))  # (5, C, D)
-                elif leaf == "att.decay":
-                    yield p + "time_mix_decay.weight", a.reshape(C)
-                elif leaf in ("att.decay_w1", "att.decay_w2"):
-                    yield f"{p}time_mix_{leaf[4:]}.weight", T(a)
-                elif leaf == "att.bonus":
-                    yield p + "time_mix_first.weight", a.reshape(c.n_head, c.head_size)
-                elif leaf in ("ffn.time_mix_k", "ffn.time_mix_r"):
-                    yield f"{p}channel_mix_lerp_{leaf[-1]}.weight", (1.0 - a.astype(np.float64)).astype(np.float32)
-                else:
-                    raise UnsupportedError(f"rwkv6 weight {name} has no llama.cpp tensor")
-
     def config(self, g):
         a = g.arch_key
         vocab, C = g.tensor("token_embd.weight").shape
@@ -440,62 +211,9 @@ class Rwkv6Map(ArchMap):
                     mix_lora=g.tensor("blk.0.time_mix_w1.weight").shape[0] // 5,
                     decay_lora=g.tensor("blk.0.time_mix_decay_w1.weight").shape[0])
 
-    def matrices(self, fam):
-        out = {"embed": ("token_embd.weight", False), "head": ("output.weight", False)}
-        for i in range(fam.config.n_layer):
-            out.update({f"layers.{i}.{leaf}": (f"blk.{i}.{n}.weight", True) for leaf, n in self._MAT.items()})
-        return out
-
-    def from_gguf(self, fam, g):
-        c = fam.config
-        C = c.n_embd
-        yield "embed", g.array("token_embd.weight")
-        yield "ln0.weight", g.array("token_embd_norm.weight")
-        yield "ln0.bias", g.array("token_embd_norm.bias")
-        for i in range(c.n_layer):
-            p, o = f"blk.{i}.", f"layers.{i}."
-            for base in ("ln1", "ln2"):
-                for kind in ("weight", "bias"):
-                    yield f"{o}{base}.{kind}", g.array(f"{p}{self._NORMS[base]}.{kind}")
-            yield o + "att.maa_x", g.array(p + "time_mix_lerp_x.weight").reshape(C)
-            yield o + "att.maa", g.array(p + "time_mix_lerp_fused.weight").reshape(5, C)
-            yield o + "att.maa_w1", T(g.array(p + "time_mix_w1.weight"))
-            yield o + "att.maa_w2", np.ascontiguousarray(g.array(p + "time_mix_w2.weight").transpose(0, 2, 1))
-            yield o + "att.decay", g.array(p + "time_mix_decay.weight").reshape(C)
-            yield o + "att.decay_w1", T(g.array(p + "time_mix_decay_w1.weight"))
-            yield o + "att.decay_w2", T(g.array(p + "time_mix_decay_w2.weight"))
-            yield o + "att.bonus", g.array(p + "time_mix_first.weight").reshape(c.n_head, c.head_size, 1)
-            for m in ("receptance", "key", "value", "gate", "output"):
-                yield f"{o}att.{m}", T(g.array(f"{p}{self._MAT['att.' + m]}.weight"))
-            for kind in ("weight", "bias"):
-                yield f"{o}att.ln_x.{kind}", g.array(f"{p}time_mix_ln.{kind}")
-            for m in ("k", "r"):
-                maa = g.array(f"{p}channel_mix_lerp_{m}.weight").reshape(C).astype(np.float64)
-                yield f"{o}ffn.time_mix_{m}", (1.0 - maa).astype(np.float32)
-            for m in ("key", "value", "receptance"):
-                yield f"{o}ffn.{m}", T(g.array(f"{p}{self._MAT['ffn.' + m]}.weight"))
-        yield "ln_out.weight", g.array("output_norm.weight")
-        yield "ln_out.bias", g.array("output_norm.bias")
-        yield "head", g.array("output.weight")
-
 
 LLAMA_ARCHS: dict[str, ArchMap] = {m.arch: m for m in (MambaMap(), Mamba2Map(), Rwkv6Map(), Rwkv7Map())}
 BY_FAMILY: dict[str, ArchMap] = {m.family: m for m in LLAMA_ARCHS.values()}
-
-
-def _top(name: str, a: np.ndarray) -> tuple[str, np.ndarray]:
-    if name == "embed":
-        return "token_embd.weight", a
-    if name == "norm_f":
-        return "output_norm.weight", a
-    return "output.weight", T(a)  # lm_head (d, vocab) -> (vocab, d)
-
-
-def _layer(name: str) -> tuple[int, str]:
-    parts = name.split(".", 2)
-    if len(parts) < 3 or parts[0] != "layers" or not parts[1].isdecimal():
-        raise UnsupportedError(f"weight {name!r} is not a layer weight edgeseq knows")
-    return int(parts[1]), parts[2]
 
 
 def arch_for(fam) -> tuple[ArchMap | None, str | None]:

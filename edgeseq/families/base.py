@@ -19,6 +19,7 @@ from onnx import TensorProto
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.graph import GraphBuilder, WeightInfo
+from edgeseq.tensor_table import Entry, Table
 from edgeseq.state import StateTensor  # noqa: F401  (families declare their state with it)
 
 GRAPH_KINDS = ("step", "prefill", "prefill_all")
@@ -73,9 +74,25 @@ class Family:
     def state_spec(self) -> list[StateTensor]:
         raise NotImplementedError
 
+    def tensors(self) -> list[Entry]:
+        """The family's tensor table (edgeseq.tensor_table): every canonical weight, where each checkpoint
+        layout keeps it, and its llama.cpp GGUF tensor."""
+        raise NotImplementedError
+
+    def source(self, src: TensorSource) -> TensorSource:
+        """The checkpoint as the table reads it: a renamed view for layouts that differ from the table's
+        only in names (tensor_table.Renamed)."""
+        return src
+
+    def layout(self, src: TensorSource) -> tuple[str | None, str]:
+        """(the checkpoint layout `src` is in, its tensor-name prefix): the table's column to read."""
+        return None, ""
+
     def convert(self, src: TensorSource) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (canonical name, array) for every weight the graphs use, one at a time."""
-        raise NotImplementedError
+        src = self.source(src)
+        layout, prefix = self.layout(src)
+        return self.table().convert(src, layout, prefix)
 
     def body(self, b: GraphBuilder, ids: str, state: dict[str, str], tokens: int | None, fused: bool):
         """Embedding and layers: returns (hidden (b, t, d) before the final norm, {output name: value})."""
@@ -110,6 +127,9 @@ class Family:
     def from_json(cls, d: dict) -> "Family":
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         return cls(cls.Config(**{k: v for k, v in d.items() if k in fields}))
+
+    def table(self) -> Table:
+        return Table(self.tensors(), self.config.n_layer)
 
     def state_bytes(self) -> int:
         return sum(s.resolve(self.symbolic_dims).nbytes for s in self.state_spec())

@@ -16,17 +16,14 @@ the model around it: config, embedding, the layer stack, the head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
-import numpy as np
 
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import (embed, find_prefix, head_is_embedding, mixer_stack, norm_and_head, pick,
-                                     transposed)
+from edgeseq.families.common import (embed, find_prefix, head_is_embedding, mixer_stack, norm_and_head, pick)
 from edgeseq.graph import GraphBuilder
 from edgeseq.mixers.mamba2 import Mamba2Mixer
+from edgeseq.tensor_table import T, Derived, Row, t
 
 EMBED_SUFFIXES = ["embeddings.weight", "embedding.weight"]
 
@@ -94,18 +91,22 @@ class Mamba2(Family):
         mixer = self.config.mixer()
         return [t for i in range(self.config.n_layer) for t in mixer.state_spec(i)]
 
-    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
-        c = self.config
+    def layout(self, src):
         p = find_prefix(src, EMBED_SUFFIXES)
-        yield "embed", src.get(pick(src, [p + s for s in EMBED_SUFFIXES], "the embedding"))
+        return ("hf" if src.has(p + "embeddings.weight") else "state-spaces"), p
+
+    def tensors(self):
+        c = self.config
         mixer = c.mixer()
-        for i in range(c.n_layer):
-            yield f"layers.{i}.norm", src.get(f"{p}layers.{i}.norm.weight")
-            yield from mixer.convert(src, f"{p}layers.{i}.mixer.", f"layers.{i}.")
-        yield "head_expand", mixer.head_expand()
-        yield "norm_f", src.get(pick(src, [p + "norm_f.weight"], "the final norm"))
+        rows = [Row("embed", {"hf": "{p}embeddings.weight", "state-spaces": "{p}embedding.weight"},
+                    gguf="token_embd.weight"),
+                Row("layers.{i}.norm", "{p}layers.{i}.norm.weight", gguf="blk.{i}.attn_norm.weight"),
+                *mixer.tensors("{p}layers.{i}.mixer."),
+                Derived("head_expand", mixer.head_expand),  # a constant of the graphs, in no file
+                Row("norm_f", "{p}norm_f.weight", gguf="output_norm.weight")]
         if not c.tie_embeddings:
-            yield "lm_head", transposed(src.get("lm_head.weight"))
+            rows.append(Row("lm_head", "lm_head.weight", t, gguf="output.weight", codec=T))
+        return rows
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config

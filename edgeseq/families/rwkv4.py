@@ -9,24 +9,23 @@ Symbols: b batch · t tokens · C n_embd · F dim_ffn.
                 x = channel_mix(x)                                           (state shift_ffn)
     logits = head(ln_out(x))
 
-Sources: HF `RwkvForCausalLM` directories (renamed to BlinkDL's names by `HFNames`) and rwkv.cpp `.bin`
+Sources: HF `RwkvForCausalLM` directories (renamed to BlinkDL's names by `rwkv_common.hf_view`) and rwkv.cpp `.bin`
 files (which store `time_decay` already as -exp(w) and the `time_*` vectors squeezed).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import (LN_EPS, HFNames, channel_mix, embed_ln0, head, lerp, token_shift,
-                                          transposed)
+from edgeseq.families.rwkv_common import LN_EPS, channel_mix, embed_ln0, head, hf_view, lerp, token_shift
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv4
 from edgeseq.kernels.ops import layer_norm
+from edgeseq.tensor_table import Row, t
 
 PP_INIT = -1e30  # the reference's initial running maximum: "no history yet"
 
@@ -41,10 +40,6 @@ class Rwkv4Config:
     norm_eps: float = LN_EPS
 
 
-def _blinkdl_names(src):
-    return HFNames(src) if HFNames.applies(src) else src
-
-
 @register("rwkv4", "RwkvForCausalLM")
 class Rwkv4(Family):
     name = "rwkv4"
@@ -53,7 +48,7 @@ class Rwkv4(Family):
 
     @classmethod
     def read_config(cls, src) -> Rwkv4Config:
-        src = _blinkdl_names(src)
+        src = hf_view(src)
         vocab, c = src.shape("emb.weight")
         layers = 0
         while src.has(f"blocks.{layers}.ln1.weight"):
@@ -75,36 +70,35 @@ class Rwkv4(Family):
                     StateTensor(i, "shift_ffn", (C,), "previous token's ln2 output (channel-mix token shift)")]
         return out
 
-    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
-        src = _blinkdl_names(src)
+    @staticmethod
+    def source(src):
+        return hf_view(src)
 
-        def vec(name):  # time_* parameters are (1, 1, C) in .pth files, squeezed by rwkv.cpp
-            return src.get(name).reshape(-1)
+    @staticmethod
+    def layout(src):
+        return getattr(src, "stored_by", None), ""
 
-        yield "embed", src.get("emb.weight")
-        yield "ln0.weight", src.get("blocks.0.ln0.weight")
-        yield "ln0.bias", src.get("blocks.0.ln0.bias")
-        for i in range(self.config.n_layer):
-            p, o = f"blocks.{i}.", f"layers.{i}."
-            for ln in ("ln1", "ln2"):
-                yield f"{o}{ln}.weight", src.get(f"{p}{ln}.weight")
-                yield f"{o}{ln}.bias", src.get(f"{p}{ln}.bias")
-            for m in ("k", "v", "r"):
-                yield f"{o}att.time_mix_{m}", vec(f"{p}att.time_mix_{m}")
-            yield o + "att.time_first", vec(p + "att.time_first")
-            decay = vec(p + "att.time_decay")
-            if getattr(src, "stored_by", None) != "rwkv.cpp":
-                decay = -np.exp(decay)  # the recurrence uses the (negative) log-decay w = -exp(time_decay)
-            yield o + "att.time_decay", decay  # rwkv.cpp stored it already as -exp(time_decay)
-            for m in ("key", "value", "receptance", "output"):
-                yield f"{o}att.{m}", transposed(src.get(f"{p}att.{m}.weight"))
-            for m in ("k", "r"):
-                yield f"{o}ffn.time_mix_{m}", vec(f"{p}ffn.time_mix_{m}")
-            for m in ("key", "value", "receptance"):
-                yield f"{o}ffn.{m}", transposed(src.get(f"{p}ffn.{m}.weight"))
-        yield "ln_out.weight", src.get("ln_out.weight")
-        yield "ln_out.bias", src.get("ln_out.bias")
-        yield "head", src.get("head.weight")
+    def tensors(self):
+        """BlinkDL's names (HF directories are renamed to them by rwkv_common.hf_view); rwkv.cpp squeezed the
+        (1, 1, C) time_* vectors and stored time_decay already as -exp(time_decay)."""
+        b = "blocks.{i}."
+        vec = lambda a: a.reshape(-1)  # noqa: E731
+        norm = lambda ours, theirs: [Row(f"{ours}.{n}", f"{theirs}.{n}") for n in ("weight", "bias")]  # noqa: E731
+        return [
+            Row("embed", "emb.weight"),
+            *norm("ln0", "blocks.0.ln0"),
+            *norm("layers.{i}.ln1", b + "ln1"),
+            *norm("layers.{i}.ln2", b + "ln2"),
+            *(Row(f"layers.{{i}}.att.time_mix_{m}", f"{b}att.time_mix_{m}", vec) for m in ("k", "v", "r")),
+            Row("layers.{i}.att.time_first", b + "att.time_first", vec),
+            # the recurrence uses the (negative) log-decay w = -exp(time_decay)
+            Row("layers.{i}.att.time_decay", b + "att.time_decay", {"*": lambda a: -np.exp(vec(a)), "rwkv.cpp": vec}),
+            *(Row(f"layers.{{i}}.att.{m}", f"{b}att.{m}.weight", t) for m in ("key", "value", "receptance", "output")),
+            *(Row(f"layers.{{i}}.ffn.time_mix_{m}", f"{b}ffn.time_mix_{m}", vec) for m in ("k", "r")),
+            *(Row(f"layers.{{i}}.ffn.{m}", f"{b}ffn.{m}.weight", t) for m in ("key", "value", "receptance")),
+            *norm("ln_out", "ln_out"),
+            Row("head", "head.weight"),
+        ]
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         x = embed_ln0(b, ids)  # (b, t, C)

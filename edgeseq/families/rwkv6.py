@@ -1,6 +1,6 @@
 """RWKV-6 ("Finch", v6.0) from BlinkDL `.pth` files, rwkv.cpp files and Hugging Face `Rwkv6ForCausalLM`
 directories (the RWKV organisation's layout: HF RWKV-4 names, `rwkv.blocks.{i}.attention.time_maa_x`, …,
-renamed to BlinkDL's by rwkv_common.HFNames; values as BlinkDL stores them): v5.2's matrix-state time mix with data-dependent
+renamed to BlinkDL's by rwkv_common.hf_view; values as BlinkDL stores them): v5.2's matrix-state time mix with data-dependent
 token-shift mixing and a data-dependent decay per token; the channel mix of v4/v5.
 
 Symbols: b batch · t tokens · C width (n_embd) · H heads · N head size (C = H·N) · F dim_ffn ·
@@ -22,17 +22,17 @@ per-token log-decay -exp(d) plus the bonus outside (fused).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import LN_EPS, HFNames, blocks, head, matrix_state_spec, token_shift, transposed
+from edgeseq.families.rwkv_common import LN_EPS, blocks, head, hf_view, matrix_state_spec, token_shift
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv6
 from edgeseq.kernels.ops import group_norm, layer_norm, silu
+from edgeseq.tensor_table import T, Codec, Row, as_is, one_minus, reshape, shaped, t
 
 # ln_x's group-norm eps: BlinkDL's training code and the rwkv package use 1e-5 * head_size_divisor**2
 # (divisor 8) = 64e-5 for v6 (rwkv/model.py: F.group_norm(..., eps=64e-5) in att_*_v6_0).
@@ -62,8 +62,8 @@ class Rwkv6(Family):
 
     @classmethod
     def read_config(cls, src) -> Rwkv6Config:
-        src = _as_blinkdl(src)
-        if getattr(src, "stored_by", None) not in ("blinkdl", "hf"):
+        src = cls.source(src)
+        if getattr(src, "stored_by", None) not in ("blinkdl", "hf", "rwkv.cpp"):
             raise UnsupportedError(f"{src.path}: RWKV-6 is read from BlinkDL .pth files, rwkv.cpp files and HF "
                                    f"Rwkv6ForCausalLM directories; this layout is none of them")
         a = "blocks.0.att."
@@ -79,57 +79,81 @@ class Rwkv6(Family):
         if H * N != C or src.shape(a + "key.weight")[0] != C:
             raise UnsupportedError(f"{src.path}: time_faaaa {src.shape(a + 'time_faaaa')} and key.weight "
                                    f"{src.shape(a + 'key.weight')} do not split n_embd {C} into heads")
-        w1 = src.shape(a + "time_maa_w1")
+        # rwkv.cpp's converter stored the LoRA matrices (out, in): see tensors()
+        stored_t = src.stored_by == "rwkv.cpp"
+        w1 = src.shape(a + "time_maa_w1")[::-1 if stored_t else 1]
         if len(w1) != 2 or w1[1] % 5:
             raise UnsupportedError(f"{src.path}: time_maa_w1 {w1} is not (C, 5·D)")
         return Rwkv6Config(vocab_size=vocab, n_embd=C, n_layer=layers, n_head=H, head_size=N,
                            dim_ffn=src.shape("blocks.0.ffn.key.weight")[0], mix_lora=w1[1] // 5,
-                           decay_lora=src.shape(a + "time_decay_w1")[1],
+                           decay_lora=src.shape(a + "time_decay_w1")[0 if stored_t else 1],
                            **(_hf_eps(src) if src.stored_by == "hf" else {}))
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
         return matrix_state_spec(c.n_layer, c.n_embd, c.n_head, c.head_size)
 
-    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
-        src = _as_blinkdl(src)
+    @staticmethod
+    def source(src):
+        return hf_view(src)
+
+    @staticmethod
+    def layout(src):
+        return getattr(src, "stored_by", None), ""
+
+    def tensors(self):
+        """BlinkDL's names (HF directories are renamed to them by rwkv_common.hf_view). rwkv.cpp's converter
+        (python/convert_pytorch_to_ggml.py, its v6.0 branch) squeezed the time_* tensors (reshaped here
+        anyway) and turned the LoRA matrices into the (out, in) layout its ggml_mul_mat calls read
+        (rwkv_graph.inc, rwkv_att_v6): time_maa_w1 (C, 5·D_m) -> (5·D_m, C), time_maa_w2 (5, D_m, C) ->
+        (5, C, D_m), and *both* decay LoRA matrices, because its test `'.time_decay_w' in k` matches
+        time_decay_w1 (C, D_d) -> (D_d, C) and time_decay_w2 (D_d, C) -> (C, D_d). GGUF: llama.cpp's rwkv6
+        (the channel mix's lerps are BlinkDL's maa, where edgeseq keeps 1 - maa; no layer rescaling)."""
         c = self.config
         C, H, N, D = c.n_embd, c.n_head, c.head_size, c.mix_lora
+        vec, row = reshape(C), shaped((C,), (C,))  # time_* vectors are (1, 1, C) in .pth files
+        swap = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1))  # noqa: E731
+        b, g = "blocks.{i}.", "blk.{i}."
 
-        def vec(name):  # time_* vectors are (1, 1, C) in .pth files
-            return src.get(name).reshape(C)
+        def norm(ours, blink, gguf):
+            return [Row(f"{ours}.{n}", f"{blink}.{n}", gguf=f"{gguf}.{n}") for n in ("weight", "bias")]
 
-        yield "embed", src.get("emb.weight")
-        yield "ln0.weight", src.get("blocks.0.ln0.weight")
-        yield "ln0.bias", src.get("blocks.0.ln0.bias")
-        for i in range(c.n_layer):
-            s, o = f"blocks.{i}.", f"layers.{i}."
-            for n in ("ln1", "ln2"):
-                yield f"{o}{n}.weight", src.get(f"{s}{n}.weight")
-                yield f"{o}{n}.bias", src.get(f"{s}{n}.bias")
-            yield o + "att.maa_x", vec(s + "att.time_maa_x")
+        def lora(name, theirs, load=as_is):  # (in, out) already in the .pth; (out, in) in rwkv.cpp
+            return Row(f"layers.{{i}}.att.{name}", f"{b}att.{theirs}", {"*": load, "rwkv.cpp": lambda a: load(t(a))},
+                       gguf=f"{g}time_mix_{name.replace('maa_', '')}.weight", codec=T)
+
+        one_minus_c = Codec(one_minus, lambda a: one_minus(a.reshape(C)))
+        return [
+            Row("embed", "emb.weight", gguf="token_embd.weight"),
+            *norm("ln0", "blocks.0.ln0", "token_embd_norm"),
+            *norm("layers.{i}.ln1", b + "ln1", g + "attn_norm"),
+            *norm("layers.{i}.ln2", b + "ln2", g + "attn_norm_2"),
+            Row("layers.{i}.att.maa_x", b + "att.time_maa_x", vec, gguf=g + "time_mix_lerp_x.weight", codec=row),
             # the five static mixes stacked (5, C) in time_maa_w2's order, added to the LoRA's (b, t, 5, C)
-            yield o + "att.maa", np.stack([vec(f"{s}att.time_maa_{m}") for m in MIX_ORDER])
-            yield o + "att.maa_w1", src.get(s + "att.time_maa_w1").reshape(C, 5 * D)  # (in, out) already
-            yield o + "att.maa_w2", src.get(s + "att.time_maa_w2").reshape(5, D, C)
-            yield o + "att.decay", vec(s + "att.time_decay")  # raw: d = decay + LoRA; w = exp(-exp(d))
-            yield o + "att.decay_w1", src.get(s + "att.time_decay_w1")  # (C, D_d), (in, out) already
-            yield o + "att.decay_w2", src.get(s + "att.time_decay_w2")  # (D_d, C)
-            yield o + "att.bonus", src.get(s + "att.time_faaaa").reshape(H, N, 1)  # u, used as is
-            for m in ("receptance", "key", "value", "gate", "output"):
-                yield f"{o}att.{m}", transposed(src.get(f"{s}att.{m}.weight"))
-            yield o + "att.ln_x.weight", src.get(f"{s}att.ln_x.weight")
-            yield o + "att.ln_x.bias", src.get(f"{s}att.ln_x.bias")
+            Row("layers.{i}.att.maa", [f"{b}att.time_maa_{m}" for m in MIX_ORDER],
+                lambda *a: np.stack([x.reshape(C) for x in a]), gguf=g + "time_mix_lerp_fused.weight",
+                codec=shaped((5, 1, 1, C), (5, C))),
+            lora("maa_w1", "time_maa_w1", reshape(C, 5 * D)),
+            Row("layers.{i}.att.maa_w2", b + "att.time_maa_w2", {"*": reshape(5, D, C), "rwkv.cpp": swap},
+                gguf=g + "time_mix_w2.weight", codec=Codec(swap, swap)),
+            # raw: d = decay + LoRA; w = exp(-exp(d))
+            Row("layers.{i}.att.decay", b + "att.time_decay", vec, gguf=g + "time_mix_decay.weight", codec=row),
+            lora("decay_w1", "time_decay_w1"),
+            lora("decay_w2", "time_decay_w2"),
+            Row("layers.{i}.att.bonus", b + "att.time_faaaa", reshape(H, N, 1), gguf=g + "time_mix_first.weight",
+                codec=shaped((H, N), (H, N, 1))),  # u, used as is
+            *(Row(f"layers.{{i}}.att.{n}", f"{b}att.{n}.weight", t, gguf=f"{g}time_mix_{n}.weight", codec=T)
+              for n in ("receptance", "key", "value", "gate", "output")),
+            *norm("layers.{i}.att.ln_x", b + "att.ln_x", g + "time_mix_ln"),
             # v6 mixes xx + (shifted - xx)·maa; rwkv_common.lerp computes shifted + (xx - shifted)·mix, the
             # same value for mix = 1 - maa (computed in float64; the two roundings differ by ~1 ulp)
-            for m in ("k", "r"):
-                maa = src.get(f"{s}ffn.time_maa_{m}").reshape(C).astype(np.float64)
-                yield f"{o}ffn.time_mix_{m}", (1.0 - maa).astype(np.float32)
-            for m in ("key", "value", "receptance"):
-                yield f"{o}ffn.{m}", transposed(src.get(f"{s}ffn.{m}.weight"))
-        yield "ln_out.weight", src.get("ln_out.weight")
-        yield "ln_out.bias", src.get("ln_out.bias")
-        yield "head", src.get("head.weight")  # (vocab, C); rwkv_common.head reads it transposed
+            *(Row(f"layers.{{i}}.ffn.time_mix_{m}", f"{b}ffn.time_maa_{m}", lambda a: one_minus(a.reshape(C)),
+                  gguf=f"{g}channel_mix_lerp_{m}.weight", codec=one_minus_c) for m in ("k", "r")),
+            *(Row(f"layers.{{i}}.ffn.{n}", f"{b}ffn.{n}.weight", t, gguf=f"{g}channel_mix_{n}.weight", codec=T)
+              for n in ("key", "value", "receptance")),
+            *norm("ln_out", "ln_out", "output_norm"),
+            Row("head", "head.weight", gguf="output.weight"),  # (vocab, C); rwkv_common.head reads it transposed
+        ]
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         return blocks(b, ids, state, self.config.n_layer, self._time_mix, tokens, fused)
@@ -168,51 +192,6 @@ class Rwkv6(Family):
         # the token-shift and decay LoRAs (small; the decay sits inside exp(-exp(.))): f32, as llama.cpp
         # keeps time_mix_w1/w2 and time_mix_decay_w1/w2
         return "f32" if name.endswith(("att.maa_w1", "att.maa_w2", "att.decay_w1", "att.decay_w2")) else None
-
-
-class _RwkvCppAsBlinkDL:
-    """An rwkv.cpp v6 file seen as the BlinkDL .pth it was converted from. rwkv.cpp's converter
-    (python/convert_pytorch_to_ggml.py, its v6.0 branch) squeezed the time_* tensors and reshaped
-    time_decay (H, N, 1) and time_faaaa (H, N, 1) (the family reshapes all of them anyway), and turned
-    the LoRA matrices into the (out, in) layout its ggml_mul_mat calls read (rwkv_graph.inc,
-    rwkv_att_v6): time_maa_w1 (C, 5·D_m) -> (5·D_m, C), time_maa_w2 (5, D_m, C) -> (5, C, D_m), and
-    *both* decay LoRA matrices, because its test `'.time_decay_w' in k` matches time_decay_w1
-    (C, D_d) -> (D_d, C) and time_decay_w2 (D_d, C) -> (C, D_d). Those four are turned back here."""
-
-    stored_by = "blinkdl"
-    _TRANSPOSED = (".time_maa_w1", ".time_decay_w1", ".time_decay_w2")  # 2-D, stored (out, in)
-
-    def __init__(self, src):
-        self.src, self.path, self.config = src, src.path, src.config
-
-    def keys(self):
-        return self.src.keys()
-
-    def has(self, name):
-        return self.src.has(name)
-
-    def shape(self, name):
-        shape = self.src.shape(name)
-        if name.endswith(self._TRANSPOSED):
-            return shape[::-1]
-        if name.endswith(".time_maa_w2"):
-            return (shape[0], shape[2], shape[1])
-        return shape
-
-    def get(self, name):
-        a = self.src.get(name)
-        if name.endswith(self._TRANSPOSED):
-            return np.ascontiguousarray(a.T)
-        if name.endswith(".time_maa_w2"):
-            return np.ascontiguousarray(a.transpose(0, 2, 1))
-        return a
-
-
-def _as_blinkdl(src):
-    if getattr(src, "stored_by", None) == "rwkv.cpp":
-        return _RwkvCppAsBlinkDL(src)
-    # a model directory (no stored_by) in the HF layout
-    return HFNames(src) if getattr(src, "stored_by", None) is None and HFNames.applies(src) else src
 
 
 def _hf_eps(src) -> dict:

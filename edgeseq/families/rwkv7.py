@@ -28,21 +28,29 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import LN_EPS, embed_ln0, head, matrix_state_spec, token_shift, transposed
+from edgeseq.families.rwkv_common import LN_EPS, embed_ln0, head, matrix_state_spec, token_shift
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv7
 from edgeseq.kernels.ops import group_norm, layer_norm
+from edgeseq.tensor_table import T, Copy, Either, Fused, Row, Zeros, as_is, reshape, shaped, t
 
 MIXES = ("r", "w", "k", "v", "a", "g")  # the order of rwkv.cpp's fused att.x_rwkvag
 LORAS = ("w", "a", "v", "g")
 GN_EPS = 64e-5  # ln_x: 1e-5 · head_size_divisor² (8²), as the reference
+
+
+def _first(i: int) -> bool:
+    return i == 0
+
+
+def _not_first(i: int) -> bool:
+    return i != 0
 
 
 @dataclass
@@ -57,87 +65,10 @@ class Rwkv7Config:
     gn_eps: float = GN_EPS  # ln_x's group-norm eps (fla: head_dim · norm_eps)
 
 
-class FlaNames:
-    """Presents a flash-linear-attention (fla-hub) `RWKV7ForCausalLM` checkpoint under BlinkDL's names
-    and shapes, so one `convert` serves both layouts. fla's RWKV7Attention computes the same model as
-    BlinkDL's x070 (its decay -e^{-1/2}·sigmoid(·) is BlinkDL's -softplus(-·)-1/2 through exp(-exp(·)));
-    it keeps each LoRA as `lora.0` (rank, C), an activation, `lora.2` (out, rank) + bias, where BlinkDL
-    keeps x1 (C, rank), x2 (rank, out) and the bias as x0. Mapping (fla → BlinkDL):
-
-        model.embeddings / model.norm / lm_head      emb / ln_out / head
-        model.layers.{i}.pre_norm|attn_norm|ffn_norm  blocks.{i}.ln0|ln1|ln2
-        attn.x_{r,w,k,v,a,g}, k_k, k_a, r_k           att.x_*, k_k, k_a, r_k
-        attn.{r,k,v,o}_proj                           att.receptance|key|value|output
-        attn.{w,a,v,g}_lora.lora.{0,2}.weight, .2.bias   att.{w,a,v,g}{1,2} (transposed), {w,a,v}0
-        attn.g_norm                                   att.ln_x
-        ffn.x_k, ffn.key, ffn.value                   ffn.x_k, ffn.key, ffn.value
-    Older fla files keep the six mixes as one `attn.x_x` (6, C), in r, w, k, v, a, g order."""
-
-    stored_by = "fla"
-
-    def __init__(self, src):
-        self.src, self.path, self.config = src, src.path, src.config
-        self._map: dict[str, tuple] = {}  # BlinkDL name -> (fla name, transform)
-        ident = lambda a: a  # noqa: E731
-        t = lambda a: np.ascontiguousarray(a.T)  # noqa: E731
-        put = lambda name, fla, fn=ident: self._map.__setitem__(name, (fla, fn))  # noqa: E731
-        put("emb.weight", "model.embeddings.weight")
-        put("head.weight", "lm_head.weight" if src.has("lm_head.weight") else "model.embeddings.weight")
-        for n in ("weight", "bias"):
-            put(f"ln_out.{n}", f"model.norm.{n}")
-        i = 0
-        while src.has(f"model.layers.{i}.attn_norm.weight"):
-            f, b = f"model.layers.{i}.", f"blocks.{i}."
-            for ours, theirs in (("ln0", "pre_norm"), ("ln1", "attn_norm"), ("ln2", "ffn_norm"), ("att.ln_x", "attn.g_norm")):
-                for n in ("weight", "bias"):
-                    put(f"{b}{ours}.{n}", f"{f}{theirs}.{n}")
-            for j, m in enumerate(MIXES):
-                if src.has(f"{f}attn.x_x"):
-                    put(f"{b}att.x_{m}", f"{f}attn.x_x", lambda a, j=j: a.reshape(len(MIXES), -1)[j])
-                else:
-                    put(f"{b}att.x_{m}", f"{f}attn.x_{m}")
-            for n in ("k_k", "k_a", "r_k"):
-                put(f"{b}att.{n}", f"{f}attn.{n}")
-            for ours, theirs in (("receptance", "r_proj"), ("key", "k_proj"), ("value", "v_proj"), ("output", "o_proj")):
-                put(f"{b}att.{ours}.weight", f"{f}attn.{theirs}.weight")
-            for m in LORAS:
-                put(f"{b}att.{m}1", f"{f}attn.{m}_lora.lora.0.weight", t)
-                put(f"{b}att.{m}2", f"{f}attn.{m}_lora.lora.2.weight", t)
-                put(f"{b}att.{m}0", f"{f}attn.{m}_lora.lora.2.bias")
-            for n in ("x_k", "key.weight", "value.weight"):
-                put(f"{b}ffn.{n}", f"{f}ffn.{n}")
-            i += 1
-
-    @staticmethod
-    def applies(src) -> bool:
-        return src.has("model.embeddings.weight") and src.has("model.layers.0.attn.r_k")
-
-    def keys(self):
-        return [k for k, (fla, _) in self._map.items() if self.src.has(fla) or k.endswith(".bias")]
-
-    def has(self, name):
-        return name in self._map and (self.src.has(self._map[name][0]) or self._bias_default(name))
-
-    def _bias_default(self, name):
-        # norm_bias = False: fla's LayerNorms have no bias, which is a zero bias here
-        fla = self._map[name][0]
-        return fla.endswith("norm.bias") and self.src.has(fla[:-4] + "weight")
-
-    def shape(self, name):
-        return tuple(self.get(name).shape)
-
-    def get(self, name):
-        if name not in self._map:
-            raise UnsupportedError(f"{self.path}: the fla RWKV7 layout has no tensor for {name!r}")
-        fla, fn = self._map[name]
-        if not self.src.has(fla) and self._bias_default(name):
-            return np.zeros(self.src.shape(fla[:-4] + "weight"), np.float32)
-        return fn(self.src.get(fla))
-
-
-def _as_blinkdl(src):
-    # a model directory (no stored_by) in the fla layout
-    return FlaNames(src) if getattr(src, "stored_by", None) is None and FlaNames.applies(src) else src
+def _is_fla(src) -> bool:
+    """A model directory (no stored_by) in flash-linear-attention's (fla-hub) `RWKV7ForCausalLM` layout."""
+    return getattr(src, "stored_by", None) is None and src.has("model.embeddings.weight") and src.has(
+        "model.layers.0.attn.r_k")
 
 
 def _fla_config(src, n_head: int, head_size: int) -> dict:
@@ -166,64 +97,90 @@ class Rwkv7(Family):
 
     @classmethod
     def read_config(cls, src) -> Rwkv7Config:
-        src = _as_blinkdl(src)
-        if getattr(src, "stored_by", None) not in ("rwkv.cpp", "blinkdl", "fla"):
+        layout, _ = cls.layout(src)
+        if layout not in ("rwkv.cpp", "blinkdl", "fla"):
             raise UnsupportedError(f"{src.path}: RWKV-7 is read from rwkv.cpp .bin files, BlinkDL .pth files and "
                                    f"fla-layout (RWKV7ForCausalLM) directories; this layout is none of them")
-        vocab, C = src.shape("emb.weight")
-        layers = sum(1 for k in src.keys() if re.fullmatch(r"blocks\.\d+\.ln1\.weight", k))
-        n_head, head_size = src.shape("blocks.0.att.r_k")  # (H, N), as the reference reads it
-        if n_head * head_size != C:
-            raise UnsupportedError(f"{src.path}: att.r_k is {(n_head, head_size)}, which does not tile n_embd {C}")
-        extra = _fla_config(src, n_head, head_size) if src.stored_by == "fla" else {}
+        fla = layout == "fla"
+        vocab, C = src.shape("model.embeddings.weight" if fla else "emb.weight")
+        block = r"model\.layers\.\d+\.attn_norm\.weight" if fla else r"blocks\.\d+\.ln1\.weight"
+        layers = sum(1 for k in src.keys() if re.fullmatch(block, k))
+        r_k = src.shape("model.layers.0.attn.r_k" if fla else "blocks.0.att.r_k")
+        if len(r_k) != 2 or r_k[0] * r_k[1] != C:
+            raise UnsupportedError(f"{src.path}: att.r_k is {r_k}, which does not tile n_embd {C} into heads")
+        n_head, head_size = r_k  # (H, N), as the reference reads it
+        extra = _fla_config(src, n_head, head_size) if fla else {}
         return Rwkv7Config(vocab_size=vocab, n_embd=C, n_layer=layers, n_head=n_head, head_size=head_size,
-                           dim_ffn=src.shape("blocks.0.ffn.key.weight")[0], **extra)
+                           dim_ffn=src.shape("model.layers.0.ffn.key.weight" if fla else "blocks.0.ffn.key.weight")[0],
+                           **extra)
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
         return matrix_state_spec(c.n_layer, c.n_embd, c.n_head, c.head_size, "N value, N key")
 
-    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
-        src = _as_blinkdl(src)
-        c = self.config
-        C = c.n_embd
-        rwkv_cpp = src.stored_by == "rwkv.cpp"
-        yield "embed", src.get("emb.weight")
-        yield "ln0.weight", src.get("blocks.0.ln0.weight")
-        yield "ln0.bias", src.get("blocks.0.ln0.bias")
-        for i in range(c.n_layer):
-            s, o = f"blocks.{i}.", f"layers.{i}."
-            for n in ("ln1", "ln2", "att.ln_x"):
-                yield f"{o}{n}.weight", src.get(f"{s}{n}.weight")
-                yield f"{o}{n}.bias", src.get(f"{s}{n}.bias")
-            if rwkv_cpp:
-                # rwkv.cpp fuses the six token-shift mixes into one (6, 1, C) tensor; the graph uses them one by one
-                mixes = src.get(s + "att.x_rwkvag").reshape(len(MIXES), C)
-                for j, m in enumerate(MIXES):
-                    yield f"{o}att.x_{m}", np.ascontiguousarray(mixes[j])
-            else:
-                for m in MIXES:
-                    yield f"{o}att.x_{m}", src.get(f"{s}att.x_{m}").reshape(C)  # (1, 1, C) -> (C,)
-            for m in LORAS:
-                if m == "v" and i == 0:
-                    continue  # layer 0 makes v_first; it has no value-residual gate
-                # the .pth keeps LoRA matrices (in, out) already: (C, rank) and (rank, C); rwkv.cpp stores both
-                # transposed, so they are turned back to the (in, out) the graph multiplies with
-                fix = transposed if rwkv_cpp else np.ascontiguousarray
-                yield f"{o}att.{m}1", fix(src.get(f"{s}att.{m}1"))
-                yield f"{o}att.{m}2", fix(src.get(f"{s}att.{m}2"))
-                if m != "g":
-                    yield f"{o}att.{m}0", src.get(f"{s}att.{m}0").reshape(C)  # (1, 1, C) -> (C,)
-            for n in ("k_k", "k_a", "r_k"):  # (1, 1, C) and (H, N): per-channel vectors in the graph
-                yield f"{o}att.{n}", src.get(f"{s}att.{n}").reshape(C)
-            for n in ("receptance", "key", "value", "output"):
-                yield f"{o}att.{n}", transposed(src.get(f"{s}att.{n}.weight"))
-            yield o + "ffn.x_k", src.get(s + "ffn.x_k").reshape(C)
-            yield o + "ffn.key", transposed(src.get(s + "ffn.key.weight"))
-            yield o + "ffn.value", transposed(src.get(s + "ffn.value.weight"))
-        yield "ln_out.weight", src.get("ln_out.weight")
-        yield "ln_out.bias", src.get("ln_out.bias")
-        yield "head", src.get("head.weight")  # (vocab, C) as stored: rwkv_common.head reads it with Gemm(transB=1)
+    @staticmethod
+    def layout(src):
+        return ("fla" if _is_fla(src) else getattr(src, "stored_by", None)), ""
+
+    def tensors(self):
+        """Three checkpoint layouts: BlinkDL's .pth (the reference's names), rwkv.cpp's .bin (BlinkDL's names;
+        the six token-shift mixes fused as att.x_rwkvag (6, 1, C) and the LoRA matrices transposed) and fla's
+        (LoRAs as `lora.0` (rank, C), an activation, `lora.2` (out, rank) + bias, where BlinkDL keeps x1 (C,
+        rank), x2 (rank, out) and the bias as x0; norms without bias when norm_bias is false; older files
+        keep the six mixes as one attn.x_x (6, C)). fla's RWKV7Attention computes BlinkDL's x070 (its decay
+        -e^{-1/2}·sigmoid(·) is BlinkDL's -softplus(-·)-1/2 through exp(-exp(·))). GGUF: llama.cpp's rwkv7."""
+        C = self.config.n_embd
+        vec, row = reshape(C), shaped((C,), (C,))  # (1, 1, C) and (H, N) are per-channel vectors in the graph
+        b, f, g = "blocks.{i}.", "model.layers.{i}.", "blk.{i}."
+
+        def norm(ours, blink, fla, gguf):
+            return [Row(f"{ours}.{n}", {"*": f"{blink}.{n}", "fla": Either(f"{fla}.{n}", Zeros(f"{fla}.weight"))
+                                        if n == "bias" else f"{fla}.{n}"}, gguf=f"{gguf}.{n}") for n in ("weight", "bias")]
+
+        def mix(j, m):
+            fused = lambda a: np.ascontiguousarray(a.reshape(len(MIXES), C)[j])  # noqa: E731
+            return Row(f"layers.{{i}}.att.x_{m}", {"*": f"{b}att.x_{m}", "rwkv.cpp": b + "att.x_rwkvag",
+                                                     "fla": Either((f"{f}attn.x_{m}", vec), (f + "attn.x_x", fused))},
+                       {"*": vec, "rwkv.cpp": fused})
+
+        def lora(m, j):  # x1 (C, rank) and x2 (rank, out), (in, out) in the .pth; transposed in rwkv.cpp and fla
+            return Row(f"layers.{{i}}.att.{m}{j}", {"*": f"{b}att.{m}{j}", "fla": f"{f}attn.{m}_lora.lora.{j - 1}.weight"
+                       if j == 1 else f"{f}attn.{m}_lora.lora.2.weight"}, {"*": as_is, "rwkv.cpp": t, "fla": t},
+                       gguf=f"{g}time_mix_{m}{j}.weight", codec=T, layers=None if m != "v" else _not_first)
+
+        rows = [Row("embed", {"*": "emb.weight", "fla": "model.embeddings.weight"}, gguf="token_embd.weight"),
+                *norm("ln0", "blocks.0.ln0", "model.layers.0.pre_norm", "token_embd_norm")]
+        rows += [*norm("layers.{i}.ln1", b + "ln1", f + "attn_norm", g + "attn_norm"),
+                 *norm("layers.{i}.ln2", b + "ln2", f + "ffn_norm", g + "attn_norm_2"),
+                 *norm("layers.{i}.att.ln_x", b + "att.ln_x", f + "attn.g_norm", g + "time_mix_ln"),
+                 *(mix(j, m) for j, m in enumerate(MIXES))]
+        for m in LORAS:  # layer 0 makes v_first; it has no value-residual gate
+            rows += [lora(m, 1), lora(m, 2)]
+            if m != "g":
+                rows.append(Row(f"layers.{{i}}.att.{m}0", {"*": f"{b}att.{m}0", "fla": f"{f}attn.{m}_lora.lora.2.bias"},
+                                vec, gguf=f"{g}time_mix_{m}0.weight", codec=row,
+                                layers=None if m != "v" else _not_first))
+        rows += [Row(f"layers.{{i}}.att.{n}", {"*": f"{b}att.{n}", "fla": f"{f}attn.{n}"}, vec,
+                     gguf=f"{g}time_mix_{n}.weight", codec=row) for n in ("k_k", "k_a", "r_k")]
+        rows += [Row(f"layers.{{i}}.att.{n}", {"*": f"{b}att.{n}.weight", "fla": f"{f}attn.{fla}_proj.weight"}, t,
+                     gguf=f"{g}time_mix_{n}.weight", codec=T)
+                 for n, fla in (("receptance", "r"), ("key", "k"), ("value", "v"), ("output", "o"))]
+        rows += [Row("layers.{i}.ffn.x_k", {"*": b + "ffn.x_k", "fla": f + "ffn.x_k"}, vec,
+                     gguf=g + "channel_mix_lerp_k.weight", codec=row),
+                 *(Row(f"layers.{{i}}.ffn.{n}", {"*": f"{b}ffn.{n}.weight", "fla": f"{f}ffn.{n}.weight"}, t,
+                       gguf=f"{g}channel_mix_{n}.weight", codec=T) for n in ("key", "value")),
+                 # llama.cpp wants the six mixes fused (r, w, k, v, a, g order) and, in layer 0, a value-
+                 # residual LoRA it never uses: copies of the in-context learning rate's
+                 Fused(g + "time_mix_lerp_fused.weight", tuple(f"layers.{{i}}.att.x_{m}" for m in MIXES),
+                       lambda parts: np.stack([a.reshape(C) for a in parts]).reshape(6, 1, 1, C),
+                       lambda a: list(a.reshape(6, C))),
+                 *(Copy(f"{g}time_mix_v{j}.weight", f"layers.{{i}}.att.a{j}", T if j else row, layers=_first)
+                   for j in (1, 2, 0))]
+        rows += [*norm("ln_out", "ln_out", "model.norm", "output_norm"),
+                 # (vocab, C) as stored: rwkv_common.head reads it with Gemm(transB=1)
+                 Row("head", {"*": "head.weight", "fla": Either("lm_head.weight", "model.embeddings.weight")},
+                     gguf="output.weight")]
+        return rows
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config

@@ -11,6 +11,7 @@ import numpy as np
 
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.ops import layer_norm, linear_t
+from edgeseq.tensor_table import Renamed
 
 LN_EPS = 1e-5
 
@@ -56,41 +57,20 @@ def transposed(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.T)
 
 
-class HFNames:
-    """Presents a Hugging Face RWKV checkpoint (`rwkv.blocks.{i}.attention.time_mix_key`, …) under
-    BlinkDL's names (`blocks.{i}.att.time_mix_k`, …), so one `convert` serves both layouts. Values
-    are as HF stores them: the same as BlinkDL's `.pth` (raw time_decay, (1, 1, C) mixes)."""
+# Hugging Face RWKV checkpoints (`rwkv.blocks.{i}.attention.time_mix_key`, …) hold BlinkDL's tensors
+# (raw time_decay, (1, 1, C) mixes) under other names: these replacements give BlinkDL's
+# (`blocks.{i}.att.time_mix_k`, …), so the tables' BlinkDL column serves both layouts
+HF_NAMES = [("rwkv.embeddings.", "emb."), ("rwkv.ln_out.", "ln_out."), ("rwkv.blocks.", "blocks."),
+            (".pre_ln.", ".ln0."), (".attention.", ".att."), (".feed_forward.", ".ffn."),
+            ("time_mix_key", "time_mix_k"), ("time_mix_value", "time_mix_v"),
+            ("time_mix_receptance", "time_mix_r"), ("time_mix_gate", "time_mix_g")]
 
-    stored_by = "hf"
-    _PARTS = [("rwkv.embeddings.", "emb."), ("rwkv.ln_out.", "ln_out."), ("rwkv.blocks.", "blocks."),
-              (".pre_ln.", ".ln0."), (".attention.", ".att."), (".feed_forward.", ".ffn."),
-              ("time_mix_key", "time_mix_k"), ("time_mix_value", "time_mix_v"),
-              ("time_mix_receptance", "time_mix_r"), ("time_mix_gate", "time_mix_g")]
 
-    def __init__(self, src):
-        self.src, self.path, self.config = src, src.path, src.config
-        self._map = {}
-        for k in src.keys():
-            n = k
-            for a, z in self._PARTS:
-                n = n.replace(a, z)
-            self._map[n] = k
-
-    @staticmethod
-    def applies(src) -> bool:
-        return src.has("rwkv.embeddings.weight")
-
-    def keys(self):
-        return list(self._map)
-
-    def has(self, name):
-        return name in self._map
-
-    def shape(self, name):
-        return self.src.shape(self._map.get(name, name))
-
-    def get(self, name):
-        return self.src.get(self._map.get(name, name))
+def hf_view(src):
+    """A Hugging Face RWKV directory (no stored_by) seen under BlinkDL's names; any other source as it is."""
+    if getattr(src, "stored_by", None) is None and src.has("rwkv.embeddings.weight"):
+        return Renamed(src, HF_NAMES, "hf")
+    return src
 
 
 def read_time_state(family, src) -> dict[str, np.ndarray]:

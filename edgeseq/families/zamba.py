@@ -26,18 +26,16 @@ channels); per hybrid layer the attention ring `key` / `value` (Hkv, max_context
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
-import numpy as np
 
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, norm_and_head, pick, transposed
+from edgeseq.families.common import embed, norm_and_head
 from edgeseq.mixers.zyphra import GELU, MAX_CONTEXT, P, shared_attention, shared_blocks
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels.ops import linear, rms_norm
 from edgeseq.mixers.mamba1 import Mamba1Mixer
+from edgeseq.tensor_table import Row, t
 
 BLOCK_TENSORS = ("input_layernorm.weight", "pre_ff_layernorm.weight", "self_attn.q_proj.weight",
                  "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
@@ -117,29 +115,27 @@ class Zamba(Family):
                                            f"shared-attention {kind}s, ring slot p % max_context"))
         return out
 
-    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+    def tensors(self):
         c = self.config
         mixer = c.mixer()
-        yield "embed", src.get(P + "embed_tokens.weight")
+        rows = [Row("embed", P + "embed_tokens.weight")]
         for i in range(c.n_layer):
             hyb = i in c.hybrid_layers
             pre, o = f"{P}layers.{i}.{'mamba_decoder.' if hyb else ''}", f"layers.{i}."
-            m = pre + "mamba."
-            yield o + "norm", src.get(pre + "input_layernorm.weight")
-            yield from mixer.convert_zamba(src, m, o)
+            rows += [Row(o + "norm", pre + "input_layernorm.weight"),
+                     *mixer.tensors(pre + "mamba.", o, f"blk.{i}.", zamba=True)]
             if hyb:
-                yield o + "linear", transposed(src.get(f"{P}layers.{i}.linear.weight"))
+                rows.append(Row(o + "linear", f"{P}layers.{i}.linear.weight", t))
         for k, i in enumerate(c.block_layer):
             s, o = f"{P}layers.{i}.shared_transf.", f"blocks.{k}."
-            yield o + "attn_norm", src.get(s + "input_layernorm.weight")
-            for n in "qkvo":
-                yield o + n, transposed(src.get(f"{s}self_attn.{n}_proj.weight"))
-            yield o + "ffn_norm", src.get(s + "pre_ff_layernorm.weight")
-            for n in ("gate", "up", "down"):
-                yield o + n, transposed(src.get(f"{s}feed_forward.{n}_proj.weight"))
-        yield "norm_f", src.get(P + "final_layernorm.weight")
+            rows += [Row(o + "attn_norm", s + "input_layernorm.weight"),
+                     *(Row(o + n, f"{s}self_attn.{n}_proj.weight", t) for n in "qkvo"),
+                     Row(o + "ffn_norm", s + "pre_ff_layernorm.weight"),
+                     *(Row(o + n, f"{s}feed_forward.{n}_proj.weight", t) for n in ("gate", "up", "down"))]
+        rows.append(Row("norm_f", P + "final_layernorm.weight"))
         if not c.tie_embeddings:
-            yield "lm_head", transposed(src.get(pick(src, ["lm_head.weight"], "the LM head")))
+            rows.append(Row("lm_head", "lm_head.weight", t))
+        return rows
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config

@@ -28,19 +28,17 @@ Attention state: one ring per hybrid layer, `past_key_values.{i}.key` / `.value`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
-import numpy as np
 
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, norm_and_head, pick, transposed
+from edgeseq.families.common import embed, norm_and_head
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels.attention import token_positions
 from edgeseq.kernels.ops import linear, rms_norm, split
 from edgeseq.mixers.mamba2 import Mamba2Mixer
 from edgeseq.mixers.zyphra import GELU, MAX_CONTEXT, P, lora, shared_attention, shared_blocks
+from edgeseq.tensor_table import Derived, Row, t
 
 
 
@@ -147,25 +145,23 @@ class Zamba2(Family):
                                            + (" (after RoPE)" if kind == "key" and c.mem_rope else "")))
         return out
 
-    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+    def tensors(self):
         c = self.config
         mixer = c.mixer()
-        yield "embed", src.get(P + "embed_tokens.weight")
+        rows = [Row("embed", P + "embed_tokens.weight")]
         for i in range(c.n_layer):
             hyb = i in c.hybrid_layers
-            m = f"{P}layers.{i}.{'mamba_decoder.' if hyb else ''}"
-            yield f"layers.{i}.norm", src.get(m + "input_layernorm.weight")
-            yield from mixer.convert(src, m + "mamba.", f"layers.{i}.")
+            m, o = f"{P}layers.{i}.{'mamba_decoder.' if hyb else ''}", f"layers.{i}."
+            rows += [Row(o + "norm", m + "input_layernorm.weight"), *mixer.tensors(m + "mamba.", o, f"blk.{i}.")]
             if hyb:
-                yield f"layers.{i}.linear", transposed(src.get(f"{P}layers.{i}.linear.weight"))
+                rows.append(Row(o + "linear", f"{P}layers.{i}.linear.weight", t))
         for k, i in enumerate(c.block_layer):
             s, o = f"{P}layers.{i}.shared_transformer.", f"blocks.{k}."
-            yield o + "attn_norm", src.get(s + "input_layernorm.weight")
-            for n in "qkvo":
-                yield o + n, transposed(src.get(f"{s}self_attn.{n}_proj.weight"))
-            yield o + "ffn_norm", src.get(s + "pre_ff_layernorm.weight")
-            yield o + "gate_up", transposed(src.get(s + "feed_forward.gate_up_proj.weight"))
-            yield o + "down", transposed(src.get(s + "feed_forward.down_proj.weight"))
+            rows += [Row(o + "attn_norm", s + "input_layernorm.weight"),
+                     *(Row(o + n, f"{s}self_attn.{n}_proj.weight", t) for n in "qkvo"),
+                     Row(o + "ffn_norm", s + "pre_ff_layernorm.weight"),
+                     Row(o + "gate_up", s + "feed_forward.gate_up_proj.weight", t),
+                     Row(o + "down", s + "feed_forward.down_proj.weight", t)]
         # per-use adapters live in the module of the use's block, at the use's index
         for u in range(len(c.hybrid_layers)):
             s = f"{P}layers.{c.adapter_layer[u]}.shared_transformer."
@@ -173,12 +169,11 @@ class Zamba2(Family):
             if c.attn_adapters:
                 lists += [(n, f"self_attn.linear_{n}_adapter_list.{u}.") for n in "qkv"]
             for n, a in lists:
-                yield f"uses.{u}.{n}_a", transposed(src.get(s + a + "0.weight"))
-                yield f"uses.{u}.{n}_b", transposed(src.get(s + a + "1.weight"))
-        yield "head_expand", mixer.head_expand()
-        yield "norm_f", src.get(P + "final_layernorm.weight")
+                rows += [Row(f"uses.{u}.{n}_a", s + a + "0.weight", t), Row(f"uses.{u}.{n}_b", s + a + "1.weight", t)]
+        rows += [Derived("head_expand", mixer.head_expand), Row("norm_f", P + "final_layernorm.weight")]
         if not c.tie_embeddings:
-            yield "lm_head", transposed(src.get(pick(src, ["lm_head.weight"], "the LM head")))
+            rows.append(Row("lm_head", "lm_head.weight", t))
+        return rows
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config

@@ -19,16 +19,14 @@ flavours use the Scan. Used by Mamba, FalconMamba and Zamba.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
 import numpy as np
 
-from edgeseq.families.common import transposed
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels import scan as ssm
 from edgeseq.kernels.conv import causal_conv
 from edgeseq.kernels.ops import linear, rms_norm, softplus, split
 from edgeseq.state import StateTensor
+from edgeseq.tensor_table import T, Row, as_is, reshape, shaped, t
 
 
 @dataclass(frozen=True)
@@ -48,45 +46,33 @@ class Mamba1Mixer:
         return [StateTensor(layer, "conv_state", (self.d_inner, self.d_conv - 1), "last k-1 inputs of the causal conv"),
                 StateTensor(layer, "recurrent_state", (self.d_inner, self.d_state), "SSM state h (di, n)")]
 
-    # -- checkpoint layouts ----------------------------------------------------------------------
-    def convert(self, src, m: str, o: str) -> Iterator[tuple[str, np.ndarray]]:
-        """HF MambaForCausalLM / FalconMamba / state-spaces: the mixer under `m` (`…layers.{i}.mixer.`)."""
-        yield o + "in_proj", transposed(src.get(m + "in_proj.weight"))
-        if src.has(m + "in_proj.bias"):
-            yield o + "in_proj_bias", src.get(m + "in_proj.bias")
-        yield from self._conv(src, m, o)
-        yield o + "x_proj", transposed(src.get(m + "x_proj.weight"))
-        yield o + "dt_proj", transposed(src.get(m + "dt_proj.weight"))
-        yield o + "dt_bias", src.get(m + "dt_proj.bias")
-        yield from self._rest(src, m, o)
-
-    def convert_zamba(self, src, m: str, o: str) -> Iterator[tuple[str, np.ndarray]]:
-        """transformers' ZambaForCausalLM: the mixer under `m` (`…mamba.`), per-head projections."""
-        # transformers views in_proj's output rows as (di, 2): even rows feed the conv, odd rows gate
-        w = src.get(m + "in_proj.weight")
-        yield o + "in_proj", transposed(np.concatenate([w[0::2], w[1::2]]))
-        if src.has(m + "in_proj.bias"):
-            bias = src.get(m + "in_proj.bias")
-            yield o + "in_proj_bias", np.concatenate([bias[0::2], bias[1::2]])
-        yield from self._conv(src, m, o)
-        # per head x (.., hd) @ (hd, r+2n) and dt (.., r) @ (r, hd): batched MatMuls over the heads
-        yield o + "x_proj", np.ascontiguousarray(src.get(m + "x_proj_weight").transpose(0, 2, 1))
-        yield o + "dt_proj", np.ascontiguousarray(src.get(m + "dt_proj_weight").transpose(0, 2, 1))
-        yield o + "dt_bias", src.get(m + "dt_proj_bias").reshape(self.d_inner)
-        yield from self._rest(src, m, o)
-
-    def _conv(self, src, m, o):
-        yield o + "conv", src.get(m + "conv1d.weight").reshape(self.d_inner, 1, self.d_conv)
-        if src.has(m + "conv1d.bias"):
-            yield o + "conv_bias", src.get(m + "conv1d.bias")
-
-    def _rest(self, src, m, o):
-        # the recurrence needs the (negative) rate itself; the checkpoint keeps its log
-        yield o + "A", -np.exp(src.get(m + "A_log")).reshape(self.d_inner, self.d_state)
-        yield o + "D", src.get(m + "D").reshape(self.d_inner)
-        yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
-        if src.has(m + "out_proj.bias"):
-            yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+    # -- tensors ---------------------------------------------------------------------------------
+    def tensors(self, m: str, o: str = "layers.{i}.", g: str = "blk.{i}.", zamba: bool = False) -> list[Row]:
+        """The mixer's rows: canonical names under `o`, checkpoint names under `m` (HF MambaForCausalLM,
+        FalconMamba and state-spaces: `…layers.{i}.mixer.`), llama.cpp's `mamba` names under `g`. `zamba`:
+        transformers' ZambaForCausalLM (`…mamba.`), whose in_proj rows are interleaved (even rows feed the
+        conv, odd rows gate) and whose x_proj and dt_proj are per head (nh, out, in)."""
+        di, n, k = self.d_inner, self.d_state, self.d_conv
+        evens_first = lambda w: np.concatenate([w[0::2], w[1::2]])  # noqa: E731
+        per_head = lambda w: np.ascontiguousarray(w.transpose(0, 2, 1))  # noqa: E731  (nh, in, out): batched MatMuls
+        return [
+            Row(o + "in_proj", m + "in_proj.weight", (lambda w: t(evens_first(w))) if zamba else t,
+                gguf=g + "ssm_in.weight", codec=T),
+            Row(o + "in_proj_bias", m + "in_proj.bias", evens_first if zamba else as_is, optional=True),
+            Row(o + "conv", m + "conv1d.weight", reshape(di, 1, k), gguf=g + "ssm_conv1d.weight",
+                codec=shaped((di, k), (di, 1, k))),
+            Row(o + "conv_bias", m + "conv1d.bias", optional=True, gguf=g + "ssm_conv1d.bias"),
+            Row(o + "x_proj", m + ("x_proj_weight" if zamba else "x_proj.weight"), per_head if zamba else t,
+                gguf=g + "ssm_x.weight", codec=T),
+            Row(o + "dt_proj", m + ("dt_proj_weight" if zamba else "dt_proj.weight"), per_head if zamba else t,
+                gguf=g + "ssm_dt.weight", codec=T),
+            Row(o + "dt_bias", m + ("dt_proj_bias" if zamba else "dt_proj.bias"), reshape(di), gguf=g + "ssm_dt.bias"),
+            # the recurrence needs the (negative) rate itself; the checkpoint keeps its log
+            Row(o + "A", m + "A_log", lambda a: -np.exp(a).reshape(di, n), gguf=g + "ssm_a"),
+            Row(o + "D", m + "D", reshape(di), gguf=g + "ssm_d"),
+            Row(o + "out_proj", m + "out_proj.weight", t, gguf=g + "ssm_out.weight", codec=T),
+            Row(o + "out_proj_bias", m + "out_proj.bias", optional=True),
+        ]
 
     # -- graph -----------------------------------------------------------------------------------
     def __call__(self, b: GraphBuilder, h: Value, o: str, conv_state: Value, state: Value, one_token: bool,

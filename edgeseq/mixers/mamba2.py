@@ -17,16 +17,14 @@ Used by Mamba2 and Zamba2 (and the Mamba-2 hybrids to come).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
 import numpy as np
 
-from edgeseq.families.common import transposed
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels import scan as ssm
 from edgeseq.kernels.conv import causal_conv
 from edgeseq.kernels.ops import linear, rms_norm, softplus, split
 from edgeseq.state import StateTensor
+from edgeseq.tensor_table import T, Codec, Row, reshape, shaped, t
 
 
 @dataclass(frozen=True)
@@ -51,21 +49,28 @@ class Mamba2Mixer:
                 StateTensor(layer, "recurrent_state", (self.n_heads, self.d_state, self.head_dim),
                             "SSD state h (H, n, P)")]
 
-    def convert(self, src, m: str, o: str) -> Iterator[tuple[str, np.ndarray]]:
-        """The mixer's tensors under checkpoint prefix `m` (HF `…mixer.` / `…mamba.`) as canonical names under `o`."""
-        yield o + "in_proj", transposed(src.get(m + "in_proj.weight"))
-        if src.has(m + "in_proj.bias"):
-            yield o + "in_proj_bias", src.get(m + "in_proj.bias")
-        yield o + "conv", src.get(m + "conv1d.weight").reshape(self.conv_dim, 1, self.d_conv)
-        if src.has(m + "conv1d.bias"):
-            yield o + "conv_bias", src.get(m + "conv1d.bias")
-        yield o + "dt_bias", src.get(m + "dt_bias")
-        yield o + "A", -np.exp(src.get(m + "A_log"))  # the recurrence needs the (negative) rate, not its log
-        yield o + "D", np.repeat(src.get(m + "D"), self.head_dim)  # per channel: the skip needs no reshape
-        yield o + "gnorm", src.get(m + "norm.weight")
-        yield o + "out_proj", transposed(src.get(m + "out_proj.weight"))
-        if src.has(m + "out_proj.bias"):
-            yield o + "out_proj_bias", src.get(m + "out_proj.bias")
+    def tensors(self, m: str, o: str = "layers.{i}.", g: str = "blk.{i}.") -> list[Row]:
+        """The mixer's rows: canonical names under `o`, checkpoint names under `m` (HF `…mixer.` /
+        `…mamba.`), llama.cpp's `mamba2` names under `g` (A and D per head as (H, 1), the gated norm as
+        (groups, di/groups))."""
+        H, P, k, cd = self.n_heads, self.head_dim, self.d_conv, self.conv_dim
+        per_head = Codec(lambda a: np.ascontiguousarray(a.reshape(H, P)[:, :1]), lambda a: np.repeat(a.reshape(H), P))
+        return [
+            Row(o + "in_proj", m + "in_proj.weight", t, gguf=g + "ssm_in.weight", codec=T),
+            Row(o + "in_proj_bias", m + "in_proj.bias", optional=True),
+            Row(o + "conv", m + "conv1d.weight", reshape(cd, 1, k), gguf=g + "ssm_conv1d.weight",
+                codec=shaped((cd, k), (cd, 1, k))),
+            Row(o + "conv_bias", m + "conv1d.bias", optional=True, gguf=g + "ssm_conv1d.bias"),
+            Row(o + "dt_bias", m + "dt_bias", gguf=g + "ssm_dt.bias"),
+            # the recurrence needs the (negative) rate, not its log
+            Row(o + "A", m + "A_log", lambda a: -np.exp(a), gguf=g + "ssm_a", codec=shaped((H, 1), (H,))),
+            # per channel: the skip needs no reshape (llama.cpp keeps it per head)
+            Row(o + "D", m + "D", lambda a: np.repeat(a, P), gguf=g + "ssm_d", codec=per_head),
+            Row(o + "gnorm", m + "norm.weight", gguf=g + "ssm_norm.weight",
+                codec=shaped((self.n_groups, self.d_inner // self.n_groups), (self.d_inner,))),
+            Row(o + "out_proj", m + "out_proj.weight", t, gguf=g + "ssm_out.weight", codec=T),
+            Row(o + "out_proj_bias", m + "out_proj.bias", optional=True),
+        ]
 
     def head_expand(self) -> np.ndarray:
         """(H, di): dt (b, t, H) @ head_expand repeats each head's step over its P channels (one small
