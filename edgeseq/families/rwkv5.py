@@ -21,17 +21,17 @@ values are broadcast to (H, N, 1), so one graph serves every version.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.rwkv_common import blocks, head, lerp, matrix_state_spec, token_shift, transposed
+from edgeseq.families.rwkv_common import blocks, head, lerp, matrix_state_spec, token_shift
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv5
 from edgeseq.kernels.ops import group_norm, layer_norm, silu
+from edgeseq.tensor_table import Row, reshape, t
 
 LN_EPS = 1e-5
 # ln_x's group-norm eps depends on the runtime the weights were made for: BlinkDL's training code and the
@@ -117,63 +117,60 @@ class Rwkv5(Family):
         c = self.config
         return matrix_state_spec(c.n_layer, c.n_embd, c.n_head, c.head_size)
 
-    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
-        c = self.config
-        yield "embed", src.get("emb.weight")
-        yield "ln0.weight", src.get("blocks.0.ln0.weight")
-        yield "ln0.bias", src.get("blocks.0.ln0.bias")
-        for i in range(c.n_layer):
-            s, o = f"blocks.{i}.", f"layers.{i}."
-            for n in ("ln1", "ln2"):
-                yield f"{o}{n}.weight", src.get(f"{s}{n}.weight")
-                yield f"{o}{n}.bias", src.get(f"{s}{n}.bias")
-            for m in ("k", "v", "r", "g") if c.gate else ("k", "v", "r"):  # (1, 1, C) in .pth; rwkv.cpp: (C,)
-                yield f"{o}att.time_mix_{m}", src.get(f"{s}att.time_mix_{m}").reshape(c.n_embd)
-            yield from self._decay_bonus(src, s, o)
-            for m in ("receptance", "key", "value", "output") + (("gate",) if c.gate else ()):
-                yield f"{o}att.{m}", transposed(src.get(f"{s}att.{m}.weight"))
-            yield o + "att.ln_x.weight", src.get(f"{s}att.ln_x.weight")
-            yield o + "att.ln_x.bias", src.get(f"{s}att.ln_x.bias")
-            for m in ("k", "r"):
-                yield f"{o}ffn.time_mix_{m}", src.get(f"{s}ffn.time_mix_{m}").reshape(c.n_embd)
-            for m in ("key", "value", "receptance"):  # (in, out) for MatMul: key (C, F), value (F, C)
-                yield f"{o}ffn.{m}", transposed(src.get(f"{s}ffn.{m}.weight"))
-        yield "ln_out.weight", src.get("ln_out.weight")
-        yield "ln_out.bias", src.get("ln_out.bias")
-        yield "head", src.get("head.weight")  # (vocab, C) as stored; rwkv_common.head reads it transposed
+    @staticmethod
+    def layout(src):
+        return getattr(src, "stored_by", None), ""
 
-    def _decay_bonus(self, src, s, o):
-        """att.decay w and att.bonus u as (H, N, 1), att.log_decay log w as (H*N) float32."""
+    def tensors(self):
         c = self.config
-        H, N = c.n_head, c.head_size
-        a = s + "att."
-        if getattr(src, "stored_by", None) == "rwkv.cpp":
-            # rwkv.cpp stores time_decay already as w = exp(-exp(decay)), (H, N, 1): exactly the factor the
-            # step multiplies the state's key rows by, so it is kept. The fused flavour's LinearAttention
-            # wants log w = -exp(decay) per key channel (H*N); log of a value that underflowed to 0 is
-            # clipped to -1e30 (exp gives 0 again) rather than -inf, which would turn 0·(-inf) into NaN.
-            w = np.broadcast_to(src.get(a + "time_decay").reshape(H, -1, 1), (H, N, 1)).astype(np.float32)
-            yield o + "att.decay", w
+        C, H, N = c.n_embd, c.n_head, c.head_size
+        b = "blocks.{i}."
+        vec = reshape(C)  # (1, 1, C) in .pth; rwkv.cpp: (C,)
+        norm = lambda ours, theirs: [Row(f"{ours}.{n}", f"{theirs}.{n}") for n in ("weight", "bias")]  # noqa: E731
+        per_key = lambda a: np.broadcast_to(a.reshape(H, -1, 1), (H, N, 1))  # noqa: E731  one per head: over N
+        f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+
+        # att.decay w and att.bonus u as (H, N, 1), att.log_decay log w as (H*N). rwkv.cpp stores time_decay
+        # already as w = exp(-exp(decay)): exactly the factor the step multiplies the state's key rows by,
+        # so it is kept; the fused flavour's LinearAttention wants log w per key channel, and the log of a
+        # value that underflowed to 0 is clipped to -1e30 (exp gives 0 again) rather than -inf, which would
+        # turn 0·(-inf) into NaN. A BlinkDL .pth holds the raw time_decay, (H, N) for v5.2, one per head for
+        # v5.0/5.1; log w = -exp(decay) is computed directly (float64), so it never meets log(0), and is
+        # kept finite (-1e30) for the same reason.
+        def log_w(raw):
+            with np.errstate(over="ignore"):
+                return np.maximum(per_key(-np.exp(raw.astype(np.float64))), -1e30)
+
+        def log_of(w):
             with np.errstate(divide="ignore"):
-                yield o + "att.log_decay", np.maximum(np.log(w), -1e30).reshape(H * N).astype(np.float32)
-            # v5.2's bonus u (time_faaaa) is used as is, rwkv.cpp only unsqueezed it to (H, N, 1); v5.0/5.1's
-            # time_first was stored as exp(time_first), which is the bonus itself, one per head
-            u = src.get(a + ("time_faaaa" if c.version == "5.2" else "time_first"))
-            yield o + "att.bonus", np.broadcast_to(u.reshape(H, -1, 1), (H, N, 1)).astype(np.float32)
-            return
-        # BlinkDL .pth: raw time_decay, (H, N) for v5.2, one per head for v5.0/5.1 (broadcast over N).
-        # log w = -exp(decay) is computed directly (in float64), so it never meets log(0); it is kept
-        # finite (-1e30) for the same 0·(-inf) reason as above.
-        with np.errstate(over="ignore"):
-            log_w = -np.exp(src.get(a + "time_decay").astype(np.float64)).reshape(H, -1, 1)
-        log_w = np.broadcast_to(np.maximum(log_w, -1e30), (H, N, 1))
-        yield o + "att.decay", np.exp(log_w).astype(np.float32)
-        yield o + "att.log_decay", log_w.reshape(H * N).astype(np.float32)
-        if c.version == "5.2":  # v5.2's bonus, used as is
-            u = src.get(a + "time_faaaa").astype(np.float64)
-        else:  # v5.0/5.1 store its log, one per head
-            u = np.exp(src.get(a + "time_first").astype(np.float64))
-        yield o + "att.bonus", np.broadcast_to(u.reshape(H, -1, 1), (H, N, 1)).astype(np.float32)
+                return np.maximum(np.log(per_key(w)), -1e30)
+
+        v52 = c.version == "5.2"
+        # v5.2's bonus u (time_faaaa) is used as is (rwkv.cpp only unsqueezed it to (H, N, 1)); v5.0/5.1
+        # store its log, time_first, one per head, which rwkv.cpp stored as exp(time_first): the bonus itself
+        bonus = {"*": lambda a: f32(per_key(a.astype(np.float64) if v52 else np.exp(a.astype(np.float64)))),
+                 "rwkv.cpp": lambda a: f32(per_key(a))}
+        return [
+            Row("embed", "emb.weight"),
+            *norm("ln0", "blocks.0.ln0"),
+            *norm("layers.{i}.ln1", b + "ln1"),
+            *norm("layers.{i}.ln2", b + "ln2"),
+            *(Row(f"layers.{{i}}.att.time_mix_{m}", f"{b}att.time_mix_{m}", vec)
+              for m in (("k", "v", "r", "g") if c.gate else ("k", "v", "r"))),
+            Row("layers.{i}.att.decay", b + "att.time_decay",
+                {"*": lambda a: f32(np.exp(log_w(a))), "rwkv.cpp": lambda a: f32(per_key(a))}),
+            Row("layers.{i}.att.log_decay", b + "att.time_decay",
+                {"*": lambda a: f32(log_w(a).reshape(H * N)), "rwkv.cpp": lambda a: f32(log_of(a).reshape(H * N))}),
+            Row("layers.{i}.att.bonus", b + ("att.time_faaaa" if v52 else "att.time_first"), bonus),
+            *(Row(f"layers.{{i}}.att.{m}", f"{b}att.{m}.weight", t)
+              for m in ("receptance", "key", "value", "output") + (("gate",) if c.gate else ())),
+            *norm("layers.{i}.att.ln_x", b + "att.ln_x"),
+            *(Row(f"layers.{{i}}.ffn.time_mix_{m}", f"{b}ffn.time_mix_{m}", vec) for m in ("k", "r")),
+            # (in, out) for MatMul: key (C, F), value (F, C)
+            *(Row(f"layers.{{i}}.ffn.{m}", f"{b}ffn.{m}.weight", t) for m in ("key", "value", "receptance")),
+            *norm("ln_out", "ln_out"),
+            Row("head", "head.weight"),  # (vocab, C) as stored; rwkv_common.head reads it transposed
+        ]
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         return blocks(b, ids, state, self.config.n_layer, self._time_mix, tokens, fused)
