@@ -31,7 +31,7 @@ $(VENV)/.base: $(BIN)/python pyproject.toml $(LOCK)
 
 $(VENV)/.test: $(VENV)/.base
 	$(PIP) torch==2.13.0
-	$(PIP) --no-build-isolation -e '.[test]'
+	$(PIP) --no-build-isolation -e '.[test,serve]'
 	touch $@
 
 lock:
