@@ -69,12 +69,15 @@ def neg_c(a_param: np.ndarray) -> np.ndarray:
     return (-8.0 * np.logaddexp(0.0, p)).astype(np.float32)
 
 
-def fuse_gate_weights(input_w: np.ndarray, a_w: np.ndarray, input_b: np.ndarray, a_b: np.ndarray):
-    """(H, w, w) ×2 and (H, w) ×2 -> weight (H, 1, w, 2w), bias (H, 2w): one MatMul computes both gates
-    (the 1 broadcasts over the batch axis of the (H, b, t, w) activations)."""
-    w = np.concatenate([input_w, a_w], axis=-1)[:, None].astype(np.float32)
-    bias = np.concatenate([input_b, a_b], axis=-1).astype(np.float32)
-    return np.ascontiguousarray(w), np.ascontiguousarray(bias)
+def fuse_gate_weight(input_w: np.ndarray, a_w: np.ndarray) -> np.ndarray:
+    """(H, w, w) ×2 -> (H, 1, w, 2w): one MatMul computes both gates (the 1 broadcasts over the batch axis
+    of the (H, b, t, w) activations)."""
+    return np.ascontiguousarray(np.concatenate([input_w, a_w], axis=-1)[:, None].astype(np.float32))
+
+
+def fuse_gate_bias(input_b: np.ndarray, a_b: np.ndarray) -> np.ndarray:
+    """(H, w) ×2 -> (H, 2w), the fused gates' bias."""
+    return np.ascontiguousarray(np.concatenate([input_b, a_b], axis=-1).astype(np.float32))
 
 
 def rglru_ref(x: np.ndarray, positions: np.ndarray, h: np.ndarray, input_w, input_b, a_w, a_b, a_param):

@@ -136,7 +136,7 @@ def test_rglru(one_token):
     h0 = rand(B, W)
     positions = np.arange(t) + (0 if one_token else 3)
     positions[0] = 0 if not one_token else positions[0]  # a reset at the first token of the scanned call
-    gate_w, gate_b = rglru.fuse_gate_weights(input_w, a_w, input_b, a_b)
+    gate_w, gate_b = rglru.fuse_gate_weight(input_w, a_w), rglru.fuse_gate_bias(input_b, a_b)
     keep = (positions != 0).astype(np.float32).reshape(1, t, 1)
 
     def build(b, x, h, gate_w, gate_b, neg_c, keep):

@@ -25,19 +25,18 @@ package's PyTorch state dict (`blocks.{i}.recurrent_block.…`, `embedder.input_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import transposed
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import attention as attn
 from edgeseq.kernels import rglru
 from edgeseq.kernels.conv import causal_conv
 from edgeseq.kernels.ops import linear, linear_t, rms_norm, split
+from edgeseq.tensor_table import Row, as_is, t
 
 RECURRENT, ATTENTION = "recurrent", "attention"
 
@@ -73,56 +72,38 @@ class RecurrentGemmaConfig:
         return self.block_types[i % len(self.block_types)]
 
 
-class _Names:
-    """Tensor names of one checkpoint layout (Hugging Face or the recurrentgemma package)."""
-
-    def __init__(self, package: bool, prefix: str = ""):
-        self.package = package
-        self.p = prefix
-
-    def embed(self):
-        return self.p + ("embedder.input_embedding" if self.package else "model.embed_tokens.weight")
-
-    def final_norm(self):
-        return self.p + ("final_norm.scale" if self.package else "model.final_norm.weight")
-
-    def block(self, i):
-        return f"{self.p}blocks.{i}." if self.package else f"{self.p}model.layers.{i}."
-
-    def norm(self, i, which):  # which: temporal_pre_norm | channel_pre_norm
-        return self.block(i) + which + (".scale" if self.package else ".weight")
-
-    def temporal(self, i, kind):
-        if self.package:
-            return self.block(i) + ("recurrent_block." if kind == RECURRENT else "attention_block.")
-        return self.block(i) + "temporal_block."
-
-    def attn(self, i, proj):  # proj: q | k | v | o
-        if self.package:
-            return self.temporal(i, ATTENTION) + {"q": "proj_q", "k": "proj_k", "v": "proj_v", "o": "proj_final"}[proj]
-        return self.temporal(i, ATTENTION) + f"{proj}_proj"
-
-    def lru(self, i, what):  # what: a_param | input_w | input_b | a_w | a_b
-        t = self.temporal(i, RECURRENT) + "rg_lru."
-        if self.package:
-            return t + {"a_param": "a_param", "input_w": "input_gate.w", "input_b": "input_gate.b",
-                        "a_w": "a_gate.w", "a_b": "a_gate.b"}[what]
-        return t + {"a_param": "recurrent_param", "input_w": "input_gate_weight", "input_b": "input_gate_bias",
-                    "a_w": "recurrent_gate_weight", "a_b": "recurrent_gate_bias"}[what]
-
-    def conv(self, i, what):  # what: w | b
-        t = self.temporal(i, RECURRENT) + "conv_1d."
-        return t + (what if self.package else {"w": "weight", "b": "bias"}[what])
+# The two checkpoint layouts' names (`{p}` the prefix, `{i}` the layer): Hugging Face's and the
+# recurrentgemma package's (Flax/PyTorch, the Griffin release)
+NAMES = {
+    "hf": {"embed": "{p}model.embed_tokens.weight", "final_norm": "{p}model.final_norm.weight",
+           "norm": "{p}model.layers.{i}.{which}.weight", "block": "{p}model.layers.{i}.",
+           "recurrent": "{p}model.layers.{i}.temporal_block.", "attention": "{p}model.layers.{i}.temporal_block.",
+           "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+           "a_param": "rg_lru.recurrent_param", "input_w": "rg_lru.input_gate_weight",
+           "input_b": "rg_lru.input_gate_bias", "a_w": "rg_lru.recurrent_gate_weight",
+           "a_b": "rg_lru.recurrent_gate_bias", "conv_w": "conv_1d.weight", "conv_b": "conv_1d.bias"},
+    "package": {"embed": "{p}embedder.input_embedding", "final_norm": "{p}final_norm.scale",
+                "norm": "{p}blocks.{i}.{which}.scale", "block": "{p}blocks.{i}.",
+                "recurrent": "{p}blocks.{i}.recurrent_block.", "attention": "{p}blocks.{i}.attention_block.",
+                "q": "proj_q", "k": "proj_k", "v": "proj_v", "o": "proj_final",
+                "a_param": "rg_lru.a_param", "input_w": "rg_lru.input_gate.w", "input_b": "rg_lru.input_gate.b",
+                "a_w": "rg_lru.a_gate.w", "a_b": "rg_lru.a_gate.b", "conv_w": "conv_1d.w", "conv_b": "conv_1d.b"},
+}
 
 
-def _layout(src) -> _Names:
+def _layout(src) -> tuple[str, str]:
+    """(layout, name prefix) of a RecurrentGemma checkpoint."""
     for k in src.keys():
-        if k.endswith("embedder.input_embedding"):
-            return _Names(True, k[: -len("embedder.input_embedding")])
-        if k.endswith("model.embed_tokens.weight"):
-            return _Names(False, k[: -len("model.embed_tokens.weight")])
+        for layout, names in NAMES.items():
+            tail = names["embed"][3:]
+            if k.endswith(tail):
+                return layout, k[: -len(tail)]
     raise EdgeseqError(f"{src.path}: no embedding tensor found (looked for model.embed_tokens.weight and "
                        f"embedder.input_embedding); is this a RecurrentGemma checkpoint?")
+
+
+def _name(layout: str, prefix: str, key: str, i: int | None = None, **kw) -> str:
+    return NAMES[layout][key].format(p=prefix, i=i, **kw)
 
 
 @register("RecurrentGemmaForCausalLM", "Griffin")
@@ -138,25 +119,28 @@ class RecurrentGemma(Family):
         embedding scale, RoPE) from config.json, with RecurrentGemma v1's values (the package's
         2B/9B presets) as defaults, so a package checkpoint needs no config.json."""
         cfg, where = src.config or {}, f"{src.path}/config.json"
-        n = _layout(src)
-        vocab, d = src.shape(n.embed())
+        layout, p = _layout(src)
+        package = layout == "package"
+        name = lambda key, i=None, **kw: _name(layout, p, key, i, **kw)  # noqa: E731
+        lru = lambda i, what: name("recurrent", i) + NAMES[layout][what]  # noqa: E731
+        vocab, d = src.shape(name("embed"))
         layers = 0
         kinds = []
-        while src.has(n.norm(layers, "channel_pre_norm")):
-            kinds.append(RECURRENT if src.has(n.lru(layers, "a_param")) else ATTENTION)
+        while src.has(name("norm", layers, which="channel_pre_norm")):
+            kinds.append(RECURRENT if src.has(lru(layers, "a_param")) else ATTENTION)
             layers += 1
         if not layers:
-            raise EdgeseqError(f"{src.path}: no layers found (expected {n.norm(0, 'channel_pre_norm')})")
+            raise EdgeseqError(f"{src.path}: no layers found (expected {name('norm', 0, which='channel_pre_norm')})")
         if RECURRENT not in kinds:
             raise UnsupportedError(f"{src.path}: no recurrent block found; edgeseq runs RecurrentGemma with "
                                    f"RG-LRU blocks")
         r = kinds.index(RECURRENT)
-        heads, bw, _ = src.shape(n.lru(r, "input_w"))
-        width = src.shape(n.lru(r, "a_param"))[0]
-        conv_w = src.shape(n.conv(r, "w"))
-        k = conv_w[0] if n.package else conv_w[-1]  # package (k, W); HF Conv1d (W, 1, k)
-        up = n.block(0) + ("mlp_block.ffw_up.w" if n.package else "mlp_block.gate_proj.weight")
-        mlp = src.shape(up)[-1] if n.package else src.shape(up)[0]
+        heads, bw, _ = src.shape(lru(r, "input_w"))
+        width = src.shape(lru(r, "a_param"))[0]
+        conv_w = src.shape(lru(r, "conv_w"))
+        k = conv_w[0] if package else conv_w[-1]  # package (k, W); HF Conv1d (W, 1, k)
+        up = name("block", 0) + ("mlp_block.ffw_up.w" if package else "mlp_block.gate_proj.weight")
+        mlp = src.shape(up)[-1] if package else src.shape(up)[0]
         cfg_heads = int(cfg_get(cfg, ("num_attention_heads", "num_heads"), heads, where))
         if cfg_heads != heads:
             raise EdgeseqError(f"{where}: num_attention_heads is {cfg_heads} but the RG-LRU gates have {heads} blocks")
@@ -164,7 +148,7 @@ class RecurrentGemma(Family):
         kv = heads
         if ATTENTION in kinds:
             a = kinds.index(ATTENTION)
-            kv_rows = src.shape(n.attn(a, "k") + ".weight")[0]
+            kv_rows = src.shape(name("attention", a) + NAMES[layout]["k"] + ".weight")[0]
             if kv_rows % hd:
                 raise EdgeseqError(f"{src.path}: key projection has {kv_rows} rows, not a multiple of the head "
                                    f"dim {hd}")
@@ -205,54 +189,68 @@ class RecurrentGemma(Family):
                 out.append(StateTensor(i, "value", ring, "value ring: position p in slot p % window"))
         return out
 
-    def convert(self, src) -> Iterator[tuple[str, np.ndarray]]:
+    @staticmethod
+    def layout(src):
+        layout, p = _layout(src)
+        if layout == "hf" and src.has("lm_head.weight") and not np.array_equal(
+                src.get("lm_head.weight"), src.get(_name(layout, p, "embed"))):
+            layout = "hf+head"  # an untied head (transformers ties it unless told otherwise)
+        return layout, p
+
+    def tensors(self):
         c = self.config
-        n = _layout(src)
-        yield "embed", src.get(n.embed())
+        one_plus = lambda w: 1.0 + w  # noqa: E731  both layouts keep the RMS norm's scale as w, the norm uses 1 + w
+
+        def both(key, i=None, tail="", **kw):  # {layout: name}, "hf+head" reading "hf"'s names
+            out = {lay: NAMES[lay][key].format(p="{p}", i=i, **kw) + tail for lay in NAMES}
+            return {"*": out["hf"], "package": out["package"]}
+
+        def lru(i, what):
+            return {"*": both("recurrent", i)["*"] + NAMES["hf"][what],
+                    "package": both("recurrent", i)["package"] + NAMES["package"][what]}
+
+        def pair(x, y):  # two tensors read together, in each layout
+            return {k: [x[k], y[k]] for k in x}
+
+        rows = [Row("embed", both("embed"))]
         for i in range(c.n_layer):
             o = f"layers.{i}."
-            # both checkpoints keep the RMS norm's scale as w with the norm multiplying by (1 + w)
-            yield o + "norm", 1.0 + src.get(n.norm(i, "temporal_pre_norm"))
-            yield o + "mlp_norm", 1.0 + src.get(n.norm(i, "channel_pre_norm"))
-            t = n.temporal(i, c.kind(i))
+            rows += [Row(o + "norm", both("norm", i, which="temporal_pre_norm"), one_plus),
+                     Row(o + "mlp_norm", both("norm", i, which="channel_pre_norm"), one_plus)]
             if c.kind(i) == RECURRENT:
-                for name in ("linear_y", "linear_x", "linear_out"):
-                    yield o + name, transposed(src.get(t + name + ".weight"))
-                    yield o + name + "_bias", src.get(t + name + ".bias")
-                w = src.get(n.conv(i, "w"))
+                t_ = both("recurrent", i)
+                for n in ("linear_y", "linear_x", "linear_out"):
+                    rows += [Row(o + n, {k: v + n + ".weight" for k, v in t_.items()}, t),
+                             Row(o + n + "_bias", {k: v + n + ".bias" for k, v in t_.items()})]
                 # the package keeps the conv as (k, W), tap j multiplying x[t-(k-1)+j]; Conv1d as (W, 1, k)
-                yield o + "conv", np.ascontiguousarray(w.T[:, None, :]) if n.package else w
-                yield o + "conv_bias", src.get(n.conv(i, "b"))
-                gw, gb = rglru.fuse_gate_weights(src.get(n.lru(i, "input_w")), src.get(n.lru(i, "a_w")),
-                                                 src.get(n.lru(i, "input_b")), src.get(n.lru(i, "a_b")))
-                yield o + "gate_w", gw
-                yield o + "gate_b", gb
-                yield o + "neg_c", rglru.neg_c(src.get(n.lru(i, "a_param")))
+                rows += [Row(o + "conv", lru(i, "conv_w"), {"*": as_is, "package": lambda w: t(w)[:, None, :]}),
+                         Row(o + "conv_bias", lru(i, "conv_b")),
+                         Row(o + "gate_w", pair(lru(i, "input_w"), lru(i, "a_w")), rglru.fuse_gate_weight),
+                         Row(o + "gate_b", pair(lru(i, "input_b"), lru(i, "a_b")), rglru.fuse_gate_bias),
+                         Row(o + "neg_c", lru(i, "a_param"), rglru.neg_c)]
             else:
-                for p in ("q", "k", "v", "o"):
-                    yield o + f"{p}_proj", transposed(src.get(n.attn(i, p) + ".weight"))
-                    if src.has(n.attn(i, p) + ".bias"):
-                        yield o + f"{p}_proj_bias", src.get(n.attn(i, p) + ".bias")
-            m = n.block(i) + "mlp_block."
-            if n.package:
-                # ffw_up: w (2, d, F) applied as x @ w[c]: c = 0 the gate, 1 the up projection
-                up_w, up_b = src.get(m + "ffw_up.w"), src.get(m + "ffw_up.b").reshape(2, -1)
-                yield o + "gate_up", np.ascontiguousarray(np.concatenate([up_w[0], up_w[1]], axis=1))
-                yield o + "gate_up_bias", np.concatenate([up_b[0], up_b[1]])
-                yield o + "down", transposed(src.get(m + "ffw_down.weight"))
-                yield o + "down_bias", src.get(m + "ffw_down.bias")
-            else:
-                # gate and up share their input: one (d, 2F) matrix
-                yield o + "gate_up", np.ascontiguousarray(np.concatenate(
-                    [transposed(src.get(m + "gate_proj.weight")), transposed(src.get(m + "up_proj.weight"))], axis=1))
-                yield o + "gate_up_bias", np.concatenate([src.get(m + "gate_proj.bias"), src.get(m + "up_proj.bias")])
-                yield o + "down", transposed(src.get(m + "down_proj.weight"))
-                yield o + "down_bias", src.get(m + "down_proj.bias")
-        yield "norm_f", 1.0 + src.get(n.final_norm())
-        if not n.package and src.has("lm_head.weight"):
-            head = src.get("lm_head.weight")
-            if not np.array_equal(head, src.get(n.embed())):
-                yield "lm_head", transposed(head)
+                a_ = both("attention", i)
+                for p in "qkvo":
+                    proj = {k: v + NAMES["package" if k == "package" else "hf"][p] for k, v in a_.items()}
+                    rows += [Row(o + f"{p}_proj", {k: v + ".weight" for k, v in proj.items()}, t),
+                             Row(o + f"{p}_proj_bias", {k: v + ".bias" for k, v in proj.items()}, optional=True)]
+            m = {k: v + "mlp_block." for k, v in both("block", i).items()}
+            # package: ffw_up w (2, d, F) applied as x @ w[c] (c = 0 the gate, 1 the up projection);
+            # HF: gate and up share their input: one (d, 2F) matrix
+            rows += [Row(o + "gate_up", {"*": [m["*"] + "gate_proj.weight", m["*"] + "up_proj.weight"],
+                                         "package": m["package"] + "ffw_up.w"},
+                         {"*": lambda g, u: np.concatenate([t(g), t(u)], axis=1),
+                          "package": lambda w: np.ascontiguousarray(np.concatenate([w[0], w[1]], axis=1))}),
+                     Row(o + "gate_up_bias", {"*": [m["*"] + "gate_proj.bias", m["*"] + "up_proj.bias"],
+                                              "package": m["package"] + "ffw_up.b"},
+                         {"*": lambda g, u: np.concatenate([g, u]), "package": lambda b: b.reshape(-1)}),
+                     Row(o + "down", {k: v + ("ffw_down.weight" if k == "package" else "down_proj.weight")
+                                      for k, v in m.items()}, t),
+                     Row(o + "down_bias", {k: v + ("ffw_down.bias" if k == "package" else "down_proj.bias")
+                                           for k, v in m.items()})]
+        rows += [Row("norm_f", both("final_norm"), one_plus),
+                 Row("lm_head", {"hf+head": "lm_head.weight"}, t)]  # only when untied
+        return rows
 
     # -- graphs ----------------------------------------------------------------------------------
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
