@@ -179,6 +179,7 @@ def _check_torch_tensor(path: str, name, t, file_size: int) -> None:
 
 
 class Checkpoint:
+    stored_by: str | None = None  # a model directory: its family tells the layout from the tensor names
     """A model directory: config.json plus one or more weight files, as one name -> tensor map."""
 
     def __init__(self, path: str):
@@ -283,6 +284,8 @@ class Checkpoint:
 
 class SingleFileSource(TorchFile):
     """A one-file pickled checkpoint offered as a TensorSource: a missing tensor is an error naming it."""
+
+    stored_by: str | None = None
 
     def weights_bytes(self) -> int:
         return os.path.getsize(self.path)

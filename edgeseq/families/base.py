@@ -30,6 +30,7 @@ class TensorSource(Protocol):
 
     path: str
     config: dict
+    stored_by: str | None  # the tool that wrote a one-file checkpoint ("blinkdl", "rwkv.cpp"); None for a directory
 
     def keys(self) -> list[str]: ...
     def has(self, name: str) -> bool: ...
@@ -61,6 +62,9 @@ class Family:
     # symbolic dims of the state spec and their defaults, resolved when a session is created:
     # {"max_context": 4096} for a full-attention KV ring (the manifest records the default)
     symbolic_dims: ClassVar[dict[str, int]] = {}
+    # RWKV state-tuning files (rwkv_common.read_time_state): how they keep each head's matrix
+    # ("value_key" or "key_value"); None where the family has no such files
+    time_state_layout: ClassVar[str | None] = None
 
     def __init__(self, config):
         self.config = config

@@ -76,7 +76,7 @@ class Rwkv4(Family):
 
     @staticmethod
     def layout(src):
-        return getattr(src, "stored_by", None), ""
+        return src.stored_by, ""
 
     def tensors(self):
         """BlinkDL's names (HF directories are renamed to them by rwkv_common.hf_view); rwkv.cpp squeezed the

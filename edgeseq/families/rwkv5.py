@@ -62,7 +62,7 @@ class Rwkv5(Family):
 
     @classmethod
     def read_config(cls, src) -> Rwkv5Config:
-        by = getattr(src, "stored_by", None)
+        by = src.stored_by
         if by not in ("rwkv.cpp", "blinkdl"):
             raise UnsupportedError(f"{src.path}: RWKV-5 is read from rwkv.cpp .bin and BlinkDL .pth files only")
         a = "blocks.0.att."
@@ -119,7 +119,7 @@ class Rwkv5(Family):
 
     @staticmethod
     def layout(src):
-        return getattr(src, "stored_by", None), ""
+        return src.stored_by, ""
 
     def tensors(self):
         c = self.config

@@ -63,7 +63,7 @@ class Rwkv6(Family):
     @classmethod
     def read_config(cls, src) -> Rwkv6Config:
         src = cls.source(src)
-        if getattr(src, "stored_by", None) not in ("blinkdl", "hf", "rwkv.cpp"):
+        if src.stored_by not in ("blinkdl", "hf", "rwkv.cpp"):
             raise UnsupportedError(f"{src.path}: RWKV-6 is read from BlinkDL .pth files, rwkv.cpp files and HF "
                                    f"Rwkv6ForCausalLM directories; this layout is none of them")
         a = "blocks.0.att."
@@ -99,7 +99,7 @@ class Rwkv6(Family):
 
     @staticmethod
     def layout(src):
-        return getattr(src, "stored_by", None), ""
+        return src.stored_by, ""
 
     def tensors(self):
         """BlinkDL's names (HF directories are renamed to them by rwkv_common.hf_view). rwkv.cpp's converter

@@ -67,7 +67,7 @@ class Rwkv7Config:
 
 def _is_fla(src) -> bool:
     """A model directory (no stored_by) in flash-linear-attention's (fla-hub) `RWKV7ForCausalLM` layout."""
-    return getattr(src, "stored_by", None) is None and src.has("model.embeddings.weight") and src.has(
+    return src.stored_by is None and src.has("model.embeddings.weight") and src.has(
         "model.layers.0.attn.r_k")
 
 
@@ -120,7 +120,7 @@ class Rwkv7(Family):
 
     @staticmethod
     def layout(src):
-        return ("fla" if _is_fla(src) else getattr(src, "stored_by", None)), ""
+        return ("fla" if _is_fla(src) else src.stored_by), ""
 
     def tensors(self):
         """Three checkpoint layouts: BlinkDL's .pth (the reference's names), rwkv.cpp's .bin (BlinkDL's names;

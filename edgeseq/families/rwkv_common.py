@@ -68,7 +68,7 @@ HF_NAMES = [("rwkv.embeddings.", "emb."), ("rwkv.ln_out.", "ln_out."), ("rwkv.bl
 
 def hf_view(src):
     """A Hugging Face RWKV directory (no stored_by) seen under BlinkDL's names; any other source as it is."""
-    if getattr(src, "stored_by", None) is None and src.has("rwkv.embeddings.weight"):
+    if src.stored_by is None and src.has("rwkv.embeddings.weight"):
         return Renamed(src, HF_NAMES, "hf")
     return src
 
@@ -85,7 +85,7 @@ def read_time_state(family, src) -> dict[str, np.ndarray]:
     from edgeseq.errors import EdgeseqError
 
     path = src.path
-    if getattr(family, "time_state_layout", None) not in ("value_key", "key_value"):
+    if family.time_state_layout not in ("value_key", "key_value"):
         raise EdgeseqError(f"{path}: state-tuning files are not supported for {family.name} yet")
     spec = {s.input_name: s for s in family.state_spec() if s.kind == "wkv"}
     out = {}
