@@ -1,0 +1,93 @@
+"""Every family's tensor table (edgeseq.tensor_table), on a real tiny checkpoint of each family: conversion
+yields each canonical weight once; for the families llama.cpp knows, canonical -> GGUF -> canonical gives
+every weight back (each row's codec and its inverse), the GGUF names are unique and are exactly the
+table's, and the matrices that move into MatMulNBits unchanged are the GGUF tensor or its transpose.
+The GGUF names and layouts themselves are proven against llama.cpp in test_gguf_llamacpp.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import make_golden
+from edgeseq.exporters.checkpoint import open_checkpoint
+from edgeseq.exporters.export import read_family
+from edgeseq.gguf_names import arch_for
+
+# one f32 case per family and layout of the golden exports
+CASES = [name for name, c in make_golden.CASES.items() if not c.portable and c.quant == "f32"]
+
+
+class _Gguf:
+    """The part of edgeseq.gguf_file.GGUFFile that a table reads."""
+
+    def __init__(self, tensors: dict[str, np.ndarray]):
+        self.tensors = tensors
+
+    def array(self, name: str) -> np.ndarray:
+        return self.tensors[name]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda n: n)
+def converted(request, tmp_path_factory):
+    case = make_golden.CASES[request.param]
+    ckpt = case.build(tmp_path_factory.mktemp(case.name))
+    src = open_checkpoint(str(ckpt))
+    fam = read_family(src, str(ckpt))
+    items = list(fam.convert(src))
+    return fam, items
+
+
+def test_conversion_yields_each_canonical_weight_once(converted):
+    fam, items = converted
+    names = [n for n, _ in items]
+    assert len(names) == len(set(names))
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for _, a in items), names
+
+
+def test_gguf_round_trip_gives_every_weight_back(converted):
+    fam, items = converted
+    amap, why = arch_for(fam)
+    if amap is None:
+        pytest.skip(f"{fam.name} is written as edgeseq-{fam.name} (canonical tensors as they are): {why}")
+    table = fam.table()
+    written = list(amap.to_gguf(fam, iter(items)))
+    names = [n for n, _ in written]
+    assert len(names) == len(set(names))
+    assert set(names) == table.gguf_names()
+    back = dict(amap.from_gguf(fam, _Gguf(dict(written))))
+    ours = dict(items)
+    assert set(back) == set(ours)
+    for name, a in ours.items():
+        b = back[name]
+        assert b.shape == a.shape, name
+        if ".ffn.time_mix_" in name:  # stored as 1 - x (llama.cpp's lerp): one float32 rounding each way
+            np.testing.assert_allclose(b, a, rtol=0, atol=1.2e-7, err_msg=name)
+        else:
+            assert np.array_equal(b, a), name
+
+
+def test_matrices_are_the_gguf_tensor_or_its_transpose(converted):
+    fam, items = converted
+    amap, _ = arch_for(fam)
+    if amap is None:
+        pytest.skip("no llama.cpp architecture")
+    written = dict(amap.to_gguf(fam, iter(items)))
+    ours = dict(items)
+    matrices = amap.matrices(fam)
+    assert {"layers.0.ffn.key", "layers.0.att.key"} & set(matrices) or "layers.0.in_proj" in matrices
+    for name, (gguf, transposed) in matrices.items():
+        if name not in ours:  # a tied head
+            continue
+        g = written[gguf]
+        assert np.array_equal(g.T if transposed else g, ours[name]), name
+
+
+def test_a_weight_without_a_llamacpp_tensor_is_refused(converted):
+    fam, items = converted
+    amap, _ = arch_for(fam)
+    if amap is None:
+        pytest.skip("no llama.cpp architecture")
+    from edgeseq.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="layers.0.extra has no llama.cpp tensor"):
+        list(amap.to_gguf(fam, iter([("layers.0.extra", np.zeros(3, np.float32))])))
