@@ -1,0 +1,152 @@
+"""The server's state cache and batched rows, in process, for every family (edgeseq/serve/cache.py, rows.py).
+
+Models: the golden bundles of tests/data/golden/ (one tiny bundle per family, read only), whose recorded
+logits of IDS were checked against each family's reference (HF transformers, the rwkv package) when they
+were written; a resumed state must give those logits and a cold prefill's within 1e-4.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgeseq
+from conftest import TOL, max_diff
+from edgeseq.serve.cache import StateCache, prefix_hashes
+from edgeseq.serve.rows import BatchRows, SingleRows
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+FAMILIES = ["mamba", "falcon-mamba", "mamba2", "rwkv4", "rwkv5", "rwkv6", "rwkv7", "zamba", "zamba2",
+            "recurrent_gemma"]
+
+
+def golden(name):
+    e = json.loads((GOLDEN / name / "expected.json").read_text())
+    model = edgeseq.load(str(GOLDEN / name / "bundle"), **e["load"])
+    return model, e["ids"], np.asarray(e["logits"]["steps"], np.float32)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_resumed_state_equals_cold_prefill(name, tmp_path):
+    """A state cached after a turn (ids[:3]) and after the next (ids[:5]) resumes the longest prefix of a
+    longer prompt; the logits equal a cold prefill of the whole prompt and the recorded reference."""
+    model, ids, ref = golden(name)
+    cache = StateCache(model, 64 << 20)
+    s = model.session()
+    for cut in (3, 5):
+        s.reset()
+        lg = s.prefill(ids[:cut])
+        cache.put(ids[:cut], s.state(), s.position, lg)
+    e = cache.lookup(ids)
+    assert e is not None and len(e.ids) == 5 and e.position == 5
+    r = model.session()
+    r.set_state(e.arrays, e.position, e.logits)
+    resumed = r.prefill(ids[5:])
+    cold = model.session().prefill(ids)
+    assert max_diff(resumed, cold) < TOL
+    assert max_diff(resumed, ref[-1]) < TOL
+    # a prompt that is exactly a cached prefix resumes with that entry's logits, nothing to feed
+    whole = cache.lookup(ids[:5])
+    assert len(whole.ids) == 5 and max_diff(whole.logits, ref[4]) < TOL
+    # a prompt that parts from the cached ones after 3 tokens reuses those 3 (the longest common prefix)
+    other = ids[:3] + [(ids[3] + 1) % 64] + ids[4:]
+    assert len(cache.lookup(other).ids) == 3
+    assert cache.lookup([(ids[0] + 1) % 64] + ids[1:]) is None
+
+
+@pytest.mark.parametrize("name", ["mamba", "rwkv7", "zamba"])
+def test_spill_to_disk_and_restart(name, tmp_path):
+    """Out of RAM, an entry is a state file in the cache folder; a new cache (a restarted server) finds it,
+    and resuming from it gives the reference logits. Entries from disk carry no logits, so they resume
+    only longer prompts."""
+    model, ids, ref = golden(name)
+    s = model.session()
+    lg = s.prefill(ids[:4])
+    one = sum(a.nbytes for a in s.state().values()) + 4 * 4 + lg.nbytes
+    cache = StateCache(model, int(one * 1.5), str(tmp_path))
+    cache.put(ids[:4], s.state(), s.position, lg)
+    s.reset()
+    cache.put(ids[:2], {k: v.copy() for k, v in model.session().state().items()}, 0, None)  # pushes ids[:4] out
+    assert cache.evictions == 1 and len(cache.disk) == 1
+    files = sorted(p.suffix for p in (tmp_path / model.weights_sha256[:16]).iterdir())
+    assert files == [".ids", ".state"]
+    again = StateCache(model, 64 << 20, str(tmp_path))
+    assert again.lookup(ids[:4]) is None  # the whole prompt: a disk entry has no logits to continue from
+    e = again.lookup(ids)
+    assert e is not None and len(e.ids) == 4 and again.disk_reads == 1
+    r = model.session()
+    r.set_state(e.arrays, e.position)
+    assert max_diff(r.prefill(ids[4:]), ref[-1]) < TOL
+    # a damaged file is dropped, not resumed
+    state = next((tmp_path / model.weights_sha256[:16]).glob("*.state"))
+    data = bytearray(state.read_bytes())
+    data[-40] ^= 0xFF
+    state.write_bytes(bytes(data))
+    third = StateCache(model, 64 << 20, str(tmp_path))
+    assert third.lookup(ids) is None and not third.disk
+
+
+def test_lru_under_the_byte_budget():
+    model, ids, _ = golden("mamba")
+    st = model.session().state()
+    one = sum(a.nbytes for a in st.values())
+    cache = StateCache(model, one * 3 + 200)
+    for n in range(1, 6):
+        cache.put(ids[:n], {k: v.copy() for k, v in st.items()}, n, None)
+        assert cache.used <= cache.ram_bytes
+    assert cache.entries == 3 and cache.evictions == 2
+    assert cache.lookup(ids[:2] + [63]) is None  # ids[:1] and ids[:2] went first
+    assert len(cache.lookup(ids).ids) == 5
+
+
+def test_prefix_hashes_are_positional():
+    a, b = prefix_hashes([1, 2, 3]), prefix_hashes([2, 1, 3])
+    assert a[0] == b[0] and a[1] != b[1] and a[3] != b[3] and len(a) == 4
+
+
+@pytest.mark.parametrize("name", ["mamba", "falcon-mamba", "mamba2", "mamba2-int4", "rwkv4", "rwkv5", "rwkv6", "rwkv7"])
+def test_batched_rows_equal_single_rows(name):
+    """Rows at different positions step together through the batch axis; each row's logits equal its
+    own session's within 1e-4, while rows join and leave (the last row moves into a freed slot)."""
+    model, ids, ref = golden(name)
+    rows = BatchRows(model, 4)
+    solo = []
+    for k in range(3):  # three sequences: the prefixes ids[:2], ids[:3], ids[:4]
+        s = model.session()
+        s.prefill(ids[:2 + k])
+        rows.add(k, s.state(), s.position, None)
+        solo.append(s)
+    feed = [ids[2], ids[3], ids[4]]
+    for step in range(3):
+        got = rows.step(feed)
+        for i, owner in enumerate(rows.owners):
+            want = solo[owner].step(feed[i])
+            assert max_diff(got[i], want) < TOL, (name, step, owner)
+        if step == 0:
+            rows.remove(0)  # row 0 leaves: row 2 moves into its slot
+            assert rows.owners == [2, 1]
+            feed = [5, 6]
+        else:
+            feed = [7, 8][:len(rows.owners)]
+    # the sequence fed ids[:4] then ids[4] matches the recorded reference at that point
+    fresh = BatchRows(model, 2)
+    s = model.session()
+    s.prefill(ids[:4])
+    fresh.add("x", s.state(), 4, None)
+    assert max_diff(fresh.step([ids[4]])[0], ref[4]) < TOL
+
+
+@pytest.mark.parametrize("name", ["zamba", "recurrent_gemma"])
+def test_single_rows_for_attention_families(name):
+    model, ids, ref = golden(name)
+    rows = SingleRows(model, 2)
+    for k in range(2):
+        s = rows.session()
+        s.prefill(ids[:3 + k])
+        rows.add(k, None, s.position, None, session=s)
+    got = rows.step([ids[3], ids[4]])
+    assert max_diff(got[0], ref[3]) < TOL and max_diff(got[1], ref[4]) < TOL
+    rows.remove(0)
+    assert rows.owners == [1] and len(rows.free) == 1
