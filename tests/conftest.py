@@ -63,6 +63,7 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 CORPUS = SHARED / "corpora" / "tinyshakespeare.txt"
 
 SEQ_LEN = 64
+TOL = 1e-4  # max abs logit difference allowed in fp32 (logits here span about +-10)
 
 
 def load_script(path: Path):
@@ -232,23 +233,20 @@ def export_bundle(ckpt, out, **kw) -> Path:
     return Path(out)
 
 
-class Built:
-    """One checkpoint, its reference logits, and its bundles exported on demand (cached)."""
+class Exported:
+    """A checkpoint, the ids a reference ran and its logits `ref` (t, vocab), the absolute tolerance
+    edgeseq's float32 logits must meet, and the checkpoint's bundles exported on demand (cached)."""
 
-    def __init__(self, ckpt: Path, workdir: Path, ids: list[int], hf_source: Path | None = None):
-        self.ckpt = ckpt
-        self.workdir = workdir
-        self.ids = ids
-        self.hf = load_hf(hf_source or ckpt)  # the HF-layout twin of a state-spaces checkpoint
-        self.hf64 = as_f64(self.hf)
-        self.ref = hf_logits64(self.hf64, ids)
+    tol = TOL
+
+    def __init__(self, ckpt: Path, workdir: Path, ids: list[int], ref=None, tol: float | None = None):
+        self.ckpt, self.workdir, self.ids = Path(ckpt), Path(workdir), ids
+        if ref is not None:
+            self.ref = ref
+        if tol is not None:
+            self.tol = tol
         self._bundles: dict = {}
         self._models: dict = {}
-
-    @functools.cached_property
-    def cache64(self):
-        """HF's (conv states, recurrent states) after the whole sequence, float64."""
-        return hf_cache64(self.hf64, self.ids)
 
     def bundle(self, portable: bool = False, quant: str = "f32") -> Path:
         key = (portable, quant)
@@ -262,6 +260,21 @@ class Built:
         if key not in self._models:
             self._models[key] = edgeseq.load(self.bundle(portable, quant))
         return self._models[key]
+
+
+class Built(Exported):
+    """One HF checkpoint, its float64 reference logits, and its bundles exported on demand (cached)."""
+
+    def __init__(self, ckpt: Path, workdir: Path, ids: list[int], hf_source: Path | None = None):
+        super().__init__(ckpt, workdir, ids)
+        self.hf = load_hf(hf_source or ckpt)  # the HF-layout twin of a state-spaces checkpoint
+        self.hf64 = as_f64(self.hf)
+        self.ref = hf_logits64(self.hf64, ids)
+
+    @functools.cached_property
+    def cache64(self):
+        """HF's (conv states, recurrent states) after the whole sequence, float64."""
+        return hf_cache64(self.hf64, self.ids)
 
 
 @pytest.fixture(scope="session")
@@ -289,11 +302,21 @@ def bpe_mamba(tmp_path_factory) -> Built:
 
 
 # ---------------------------------------------------------------------------------------------
-# checks shared by the family test files
+# the registry of family cases (tests/families.py), built once per session
 # ---------------------------------------------------------------------------------------------
 
-TOL = 1e-4  # max abs logit difference allowed in fp32 (logits here span about +-10)
+@pytest.fixture(scope="session")
+def family_case(tmp_path_factory):
+    """family_case("mamba/falcon"): the registered case built (checkpoint, reference logits, bundles on
+    demand), once per session whichever test file asks first."""
+    import families
 
+    return lambda case_id: families.built(case_id, tmp_path_factory)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers of the conformance suite and the family test files
+# ---------------------------------------------------------------------------------------------
 
 def step_all(session, ids) -> np.ndarray:
     """Feed `ids` one token at a time; the logits after each, stacked (t, vocab)."""
@@ -310,7 +333,7 @@ def graph_ops(bundle: Path, kind: str) -> set[tuple[str, str]]:
     """(domain, op_type) of every node of a bundle's graph, subgraphs included."""
     import onnx
 
-    m = onnx.load(str(bundle / f"{kind}.onnx"), load_external_data=False)
+    m = onnx.load(str(Path(bundle) / f"{kind}.onnx"), load_external_data=False)
     ops = set()
 
     def walk(g):
@@ -326,13 +349,50 @@ def graph_ops(bundle: Path, kind: str) -> set[tuple[str, str]]:
     return ops
 
 
-def steps_alone(case: Built, portable: bool) -> np.ndarray:
+def steps_alone(case: Exported, portable: bool) -> np.ndarray:
     """The logits of stepping the whole sequence one token at a time (cached per flavour)."""
     cache = case.__dict__.setdefault("_steps", {})
     if portable not in cache:
         cache[portable] = step_all(case.model(portable).session(), case.ids)
     return cache[portable]
 
+
+class PlainOrt:
+    """A bundle driven the way an app developer would: plain onnxruntime, the tensor names, shapes and
+    initial values taken from the manifest (edgeseq.json), the state fed back by hand, and the position
+    too for families with attention. `max_context` is the ring length the app chooses."""
+
+    def __init__(self, bundle, max_context: int = 64):
+        import onnxruntime as ort
+
+        self.bundle = Path(bundle)
+        self.manifest = json.loads((self.bundle / "edgeseq.json").read_text())
+        self.spec = self.manifest["state"]
+        dims = {"batch": 1, "max_context": max_context}
+        self.zeros = {s["name"]: np.full([dims.get(d, d) for d in s["shape"]], s["init"], np.float32)
+                      for s in self.spec}
+        self.sessions = {k: ort.InferenceSession(str(self.bundle / g["file"]), providers=["CPUExecutionProvider"])
+                         for k, g in self.manifest["graphs"].items()}
+
+    def run(self, kind: str, ids, state: dict | None = None, position: int = 0):
+        """One call of graph `kind` on `ids` from `state` (the initial state if None): (logits, state)."""
+        g = self.manifest["graphs"][kind]
+        feeds = {"input_ids": np.asarray([list(ids)], np.int64), **(self.zeros if state is None else state)}
+        if "position" in g["inputs"]:
+            feeds["position"] = np.array([position], np.int64)
+        outs = self.sessions[kind].run(g["outputs"], feeds)
+        return outs[0], {s["name"]: o for s, o in zip(self.spec, outs[1:])}
+
+    def steps(self, ids, state: dict | None = None, position: int = 0):
+        """The step graph token by token: (logits (t, vocab), the state after the last)."""
+        logits = []
+        for p, t in enumerate(ids):
+            out, state = self.run("step", [t], state, position + p)
+            logits.append(out[0])
+        return np.stack(logits), state
+
+
+# -- the old shared checks, kept until every family file runs through the conformance suite --
 
 def check_step_matches_hf(case: Built, portable: bool):
     got = steps_alone(case, portable)

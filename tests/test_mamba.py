@@ -1,5 +1,6 @@
-"""Mamba-1 and FalconMamba: exported bundles against transformers' MambaForCausalLM /
-FalconMambaForCausalLM in float64, both graph flavours, every graph kind, and the state contract."""
+"""Mamba-1 and FalconMamba: what is special to them. The common checks (transformers' logits in float64,
+both flavours, every graph kind, the state contract, plain onnxruntime, save/load/fork, GGUF) run over
+the cases registered in tests/families.py (MAMBA_CONFIGS), in tests/test_conformance.py."""
 from __future__ import annotations
 
 import json
@@ -7,106 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from conftest import (
-    SEQ_LEN,
-    TOL,
-    Built,
-    check_chunked_and_repeated_prefill,
-    check_flavour_ops,
-    check_graphs_with_plain_onnxruntime,
-    check_low_memory,
-    check_prefill_all_matches_hf,
-    check_prefill_then_steps,
-    check_state_size_constant,
-    check_state_spec,
-    check_step_matches_hf,
-    hf_logits64,
-    make_falcon_mamba,
-    make_mamba,
-    max_diff,
-    random_ids,
-    write_state_spaces,
-)
+from conftest import TOL, hf_logits64, max_diff
+from families import MAMBA_CONFIGS as CONFIGS
 
-# name: (builder, config). Each varies what the others keep fixed.
-CONFIGS = {
-    # expand 3, tied head, byte vocabulary, dt rank 5, conv width 4
-    "expand3-tied": ("mamba", dict(hidden_size=32, expand=3, state_size=8, conv_kernel=4, time_step_rank=5)),
-    # odd vocabulary with a tokenizer, untied head, biases on in/out proj, no conv bias, conv width 3
-    "v301-untied-bias": ("mamba", dict(vocab_size=301, tokenizer_vocab=301, hidden_size=48, state_size=16,
-                                       conv_kernel=3, time_step_rank=4, tie_word_embeddings=False,
-                                       use_bias=True, use_conv_bias=False)),
-    # FalconMamba: weightless RMS norms on dt, B, C
-    "falcon": ("falcon", dict(hidden_size=32, state_size=12, conv_kernel=4, time_step_rank=3)),
-    # the original state-spaces layout (backbone.embedding, pytorch_model.bin, no "architectures"),
-    # conv width 2 (a state of one column), d_state 4
-    "state-spaces": ("state-spaces", dict(hidden_size=32, state_size=4, conv_kernel=2, time_step_rank=3)),
-}
 FLAVOURS = pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def case(request, tmp_path_factory) -> Built:
-    kind, cfg = CONFIGS[request.param]
-    d = tmp_path_factory.mktemp(f"mamba-{request.param}")
-    builder = make_falcon_mamba if kind == "falcon" else make_mamba
-    hf_dir = builder(d / "hf", seed=3, **cfg)
-    ckpt = write_state_spaces(hf_dir, d / "state-spaces") if kind == "state-spaces" else hf_dir
-    c = Built(ckpt, d, random_ids(cfg.get("vocab_size", 256), SEQ_LEN, seed=7), hf_source=hf_dir)
-    c.name, c.kind = request.param, kind
-    # the reference must not be degenerate, or agreement would prove little
-    assert c.ref.std() > 0.5 and len(set(c.ref.argmax(-1).tolist())) > 8
-    return c
-
-
-def expected_state(hf_config) -> dict[str, tuple]:
-    """Mamba-1's state per layer: the conv's last K-1 inputs (d_inner, K-1), the SSM state (d_inner, n)."""
-    di = hf_config.intermediate_size
-    out = {}
-    for i in range(hf_config.num_hidden_layers):
-        out[f"past_key_values.{i}.conv_state"] = (1, di, hf_config.conv_kernel - 1)
-        out[f"past_key_values.{i}.recurrent_state"] = (1, di, hf_config.state_size)
-    return out
-
-
-# -- numbers against transformers --------------------------------------------------------------
-
-@FLAVOURS
-def test_step_matches_hf(case, portable):
-    check_step_matches_hf(case, portable)
-
-
-@FLAVOURS
-def test_prefill_all_matches_hf(case, portable):
-    check_prefill_all_matches_hf(case, portable)
-
-
-@FLAVOURS
-@pytest.mark.parametrize("t", [1, 2, 40])
-def test_prefill_then_steps_equals_steps(case, portable, t):
-    check_prefill_then_steps(case, portable, t)
-
-
-@FLAVOURS
-def test_chunked_and_repeated_prefill(case, portable):
-    check_chunked_and_repeated_prefill(case, portable)
-
-
-@FLAVOURS
-def test_graphs_with_plain_onnxruntime(case, portable):
-    check_graphs_with_plain_onnxruntime(case, portable)
-
-
-@FLAVOURS
-def test_low_memory(case, portable):
-    check_low_memory(case, portable)
-
-
-# -- the state contract ------------------------------------------------------------------------
-
-@FLAVOURS
-def test_state_spec_names_and_shapes(case, portable):
-    check_state_spec(case, portable, expected_state(case.hf.config))
+def case(request, family_case):
+    return family_case(f"mamba/{request.param}")
 
 
 @FLAVOURS
@@ -122,17 +32,6 @@ def test_state_matches_hf_cache(case, portable):
         assert max_diff(c, conv[i][..., 1:]) < TOL * max(1.0, np.abs(conv[i]).max())
         assert max_diff(r, rec[i]) < TOL * max(1.0, np.abs(rec[i]).max())
 
-
-@FLAVOURS
-def test_state_size_constant_over_many_steps(case, portable):
-    check_state_size_constant(case, portable)
-
-
-def test_flavours_use_the_ops_they_promise(case):
-    check_flavour_ops(case, linear_attention=False)
-
-
-# -- configuration reading ---------------------------------------------------------------------
 
 def test_config_read_from_checkpoint(case):
     hc = case.hf.config
@@ -157,7 +56,7 @@ def test_config_read_from_checkpoint(case):
 @pytest.mark.parametrize("case", ["falcon"], indirect=True)
 def test_falcon_norms_matter(case):
     """A control: the same weights run as plain Mamba give other logits, so the FalconMamba
-    configuration really exercises the dt/B/C norms that test_step_matches_hf checks."""
+    configuration really exercises the dt/B/C norms that the conformance suite's step test checks."""
     from transformers import MambaConfig, MambaForCausalLM
 
     cfg = {k: v for k, v in case.hf.config.to_dict().items() if k not in ("architectures", "model_type")}
