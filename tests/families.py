@@ -316,8 +316,8 @@ def make_recurrent_gemma(path, seed: int = 0, **cfg):
 
 def rg_state(c: Built) -> dict:
     hc, out = c.hf.config, {}
-    for i, t in enumerate(hc.layers_block_type):
-        if t == "recurrent":
+    for i in range(hc.num_hidden_layers):
+        if hc.block_types[i % len(hc.block_types)] == "recurrent":
             out[f"past_key_values.{i}.conv_state"] = (1, hc.lru_width, hc.conv1d_width - 1)
             out[f"past_key_values.{i}.recurrent_state"] = (1, hc.lru_width)
         else:
@@ -355,6 +355,32 @@ register(*(FamilyCase(
     fused_ops=_every_kind({**CONV, "LinearAttention": True}))
     for name, (_, cfg) in MAMBA2_CONFIGS.items()))
 
+
+# The hybrids: the file of each ran these checks in the fused flavour only (the flavours share the Mamba
+# mixers and the attention ring that Mamba, Mamba-2 and RecurrentGemma check in both)
+register(*(FamilyCase(
+    f"zamba/{name}", "zamba", _hf(make_zamba, ZAMBA_CONFIGS, 5, 4, name),
+    checks(F, step=B, prefill_then_steps=B), state=zamba_state, position=True, prefill_at=(2, 40),
+    # 4heads-gqa-untied is ill-conditioned (dt rank 3): HF's own float32 forward is 1.6e-3 from its float64
+    # one over 64 random tokens (transformers 5.25), edgeseq's 48-token Scan 1.1e-4 from the float64 logits
+    prefill_all_tol=2e-4 if name == "4heads-gqa-untied" else None,
+    fused_ops={"prefill": CONV}, load={"max_context": 96}, fork_at=25)
+    for name in ZAMBA_CONFIGS))
+
+register(*(FamilyCase(
+    f"zamba2/{name}", "zamba2", _hf(make_zamba2, ZAMBA2_CONFIGS, 7, 3, name),
+    checks(F, step=B, prefill_then_steps=B), state=zamba2_state, position=True,
+    tokenizer="hf" if ZAMBA2_CONFIGS[name].get("vocab_size") == 32000 and mistral_v1() else "bytes",
+    fused_ops={"prefill": {**CONV, "LinearAttention": True}}, load={"max_context": 128}, fork_at=30)
+    for name in ZAMBA2_CONFIGS))
+
+register(*(FamilyCase(
+    f"recurrent_gemma/{name}", "recurrent_gemma", _hf(make_recurrent_gemma, RG_CONFIGS, 3, 8, name),
+    checks(plain_ort=F, state_spec=F, low_memory=F), state=rg_state, position=True,
+    # prefills shorter than, equal to and longer than the window of 8 (50: the ring wraps six times in one call)
+    prefill_at=(3, RG_WINDOW, 2 * RG_WINDOW + 3, 50),
+    fused_ops=_every_kind(CONV), fork_at=29)
+    for name in RG_CONFIGS))
 
 def cases(*families: str) -> list[FamilyCase]:
     return [c for c in CASES.values() if c.family in families] if families else list(CASES.values())

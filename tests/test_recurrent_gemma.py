@@ -1,5 +1,9 @@
-"""RecurrentGemma: exported bundles against transformers' RecurrentGemmaForCausalLM (float64, full
-forward without cache), both graph flavours, every graph kind, the window ring and the position.
+"""RecurrentGemma: what is special to it: the window is what HF computes, the position is an input the
+numbers depend on, the RG-LRU reference, the bfloat16 embedding scale, the `recurrentgemma` package's
+layout, the SentencePiece tokenizer, and the input normaliser. The common checks (transformers'
+RecurrentGemmaForCausalLM in float64, both flavours, every graph kind, the state contract, plain
+onnxruntime, save/load/fork, GGUF) run over the cases registered in tests/families.py (RG_CONFIGS), in
+tests/test_conformance.py.
 
 The window is 8 tokens and the sequences 64, so every attention layer's ring wraps eight times; the
 RG-LRU reset at position 0 and the position fed to every call are checked through prefills that start
@@ -15,105 +19,16 @@ import torch
 from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
 import edgeseq
-from conftest import (
-    SEQ_LEN,
-    TOL,
-    Built,
-    as_f64,
-    check_chunked_and_repeated_prefill,
-    check_prefill_all_matches_hf,
-    check_prefill_then_steps,
-    check_step_matches_hf,
-    export_bundle,
-    graph_ops,
-    hf_logits64,
-    max_diff,
-    random_ids,
-    step_all,
-    steps_alone,
-)
+from conftest import SEQ_LEN, TOL, PlainOrt, as_f64, export_bundle, hf_logits64, max_diff, random_ids, step_all, \
+    steps_alone
 from edgeseq.errors import EdgeseqError
-
-WINDOW = 8
-CONFIGS = {
-    # six layers: (rec, rec, attn) twice; MQA; head dim 12 with RoPE on 6 channels; sqrt(48) = 6.928
-    # becomes 6.9375 in bfloat16 (the embedding scale HF applies)
-    "mqa": dict(hidden_size=48, intermediate_size=192, num_hidden_layers=6, num_attention_heads=4,
-                num_key_value_heads=1),
-    # two key/value heads (GQA), an RG-LRU wider than the model, a block pattern of its own, conv width 3,
-    # and a soft-cap of 4 that bends most logits
-    "gqa-cap4": dict(hidden_size=32, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, lru_width=64, conv1d_width=3, logits_soft_cap=4.0,
-                     block_types=["recurrent", "attention"]),
-}
-FLAVOURS = pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
-
-
-def add_rg_noise(model, seed: int):
-    """conftest's noise recipe (randn · 1.5/sqrt(fan_in)), except the conv taps (fan-in 4) and the
-    RG-LRU gate blocks get a fifth and a third of it. With the full recipe the a-gate saturates, a → 1,
-    and 1 - a² (the input normaliser) cancels so badly that HF's own float32 forward moves the logits
-    by 1.2e-4 to 2.8e-4 from its float64 forward, past the 1e-4 the tests assert; with these scales
-    it moves them by ~1e-5 and the logits stay as varied."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.ndim >= 2:
-                scale = 0.3 if "conv_1d" in name else 0.5 if "gate_weight" in name else 1.5
-                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32) * scale / p.shape[-1] ** 0.5)
-    return model
-
-
-def make_recurrent_gemma(path, seed: int = 0, **cfg):
-    """A tiny random RecurrentGemmaForCausalLM (vocab 256: byte-level) saved into `path`."""
-    torch.manual_seed(seed)
-    config = RecurrentGemmaConfig(**{"vocab_size": 256, "attention_window_size": WINDOW, **cfg})
-    model = add_rg_noise(RecurrentGemmaForCausalLM(config).eval(), seed)
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def case(request, tmp_path_factory) -> Built:
-    d = tmp_path_factory.mktemp(f"rg-{request.param}")
-    ckpt = make_recurrent_gemma(d / "hf", seed=3, **CONFIGS[request.param])
-    c = Built(ckpt, d, random_ids(256, SEQ_LEN, seed=8))
-    c.name = request.param
-    # the reference must not be degenerate, or agreement would prove little
-    assert c.ref.std() > 0.5 and len(set(c.ref.argmax(-1).tolist())) > 8
-    return c
+# tests/make_golden.py, tests/pi and test_gguf_runtime build RecurrentGemma models from these
+from families import RG_CONFIGS as CONFIGS, RG_WINDOW as WINDOW, add_rg_noise, make_recurrent_gemma  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def mqa(tmp_path_factory) -> Built:
-    d = tmp_path_factory.mktemp("rg-mqa-only")
-    ckpt = make_recurrent_gemma(d / "hf", seed=3, **CONFIGS["mqa"])
-    return Built(ckpt, d, random_ids(256, SEQ_LEN, seed=8))
-
-
-# -- numbers against transformers --------------------------------------------------------------
-
-@FLAVOURS
-def test_step_matches_hf(case, portable):
-    check_step_matches_hf(case, portable)
-
-
-@FLAVOURS
-def test_prefill_all_matches_hf(case, portable):
-    check_prefill_all_matches_hf(case, portable)
-
-
-@FLAVOURS
-@pytest.mark.parametrize("t", [3, WINDOW, 2 * WINDOW + 3, 50])
-def test_prefill_then_steps(case, portable, t):
-    """Prefills shorter than, equal to and longer than the window (50: the ring wraps six times inside
-    one call), then steps."""
-    check_prefill_then_steps(case, portable, t)
-
-
-@FLAVOURS
-def test_chunked_and_repeated_prefill(case, portable):
-    check_chunked_and_repeated_prefill(case, portable)
+def mqa(family_case):
+    return family_case("recurrent_gemma/mqa")
 
 
 def test_the_window_is_what_hf_computes(mqa):
@@ -131,100 +46,15 @@ def test_the_window_is_what_hf_computes(mqa):
     assert max_diff(got, mqa.ref) < TOL and max_diff(got, ref_wide) > 1e-2
 
 
-def test_graphs_with_plain_onnxruntime(mqa):
-    """Drive the graphs as an app would: plain onnxruntime, names from the manifest, the state and the
-    position fed back by hand; a prefill that starts at position 40 continues the sequence."""
-    import onnxruntime as ort
-
-    bundle = mqa.bundle(False)
-    manifest = json.loads((bundle / "edgeseq.json").read_text())
-    spec = manifest["state"]
-    for g in manifest["graphs"].values():
-        assert g["inputs"][:2] == ["input_ids", "position"]
-    zeros = {s["name"]: np.zeros([1, *s["shape"][1:]], np.float32) for s in spec}
-    sess = {k: ort.InferenceSession(str(bundle / g["file"]), providers=["CPUExecutionProvider"])
-            for k, g in manifest["graphs"].items()}
-
-    def run(kind, ids, state, pos):
-        g = manifest["graphs"][kind]
-        feeds = {"input_ids": np.asarray([ids], np.int64), "position": np.array([pos], np.int64), **state}
-        outs = sess[kind].run(g["outputs"], feeds)
-        return outs[0], {s["name"]: o for s, o in zip(spec, outs[1:])}
-
-    state, logits = dict(zeros), []
-    for p, t in enumerate(mqa.ids):
-        out, state = run("step", [t], state, p)
-        logits.append(out[0])
-    assert max_diff(np.stack(logits), mqa.ref) < TOL
-    last, mid = run("prefill", mqa.ids[:40], zeros, 0)
-    assert max_diff(last[0], mqa.ref[39]) < TOL
-    last, end = run("prefill", mqa.ids[40:], mid, 40)
+def test_position_is_an_input_the_numbers_depend_on(mqa):
+    """A prefill that starts at position 40 continues the sequence (the conformance suite's plain
+    onnxruntime test); the same call at position 0 resets the RG-LRU and reads the ring as empty."""
+    app = PlainOrt(mqa.bundle(False))
+    _, mid = app.run("prefill", mqa.ids[:40])
+    last, _ = app.run("prefill", mqa.ids[40:], mid, position=40)
     assert max_diff(last[0], mqa.ref[-1]) < TOL
-    for name in state:
-        assert max_diff(end[name], state[name]) < TOL * max(1.0, np.abs(state[name]).max())
-    # the position is an input the numbers depend on: the same call at position 0 resets the RG-LRU and
-    # reads the ring as empty
-    wrong, _ = run("prefill", mqa.ids[40:], mid, 0)
+    wrong, _ = app.run("prefill", mqa.ids[40:], mid, position=0)
     assert max_diff(wrong[0], mqa.ref[-1]) > 1e-2
-
-
-# -- state and position ------------------------------------------------------------------------
-
-def test_state_spec(mqa):
-    c = mqa.hf.config
-    want = {}
-    for i in range(c.num_hidden_layers):
-        if c.block_types[i % 3] == "recurrent":
-            want[f"past_key_values.{i}.conv_state"] = (1, c.lru_width, c.conv1d_width - 1)
-            want[f"past_key_values.{i}.recurrent_state"] = (1, c.lru_width)
-        else:
-            want[f"past_key_values.{i}.key"] = (1, c.num_key_value_heads, WINDOW, c.head_dim)
-            want[f"past_key_values.{i}.value"] = (1, c.num_key_value_heads, WINDOW, c.head_dim)
-    manifest = json.loads((mqa.bundle(False) / "edgeseq.json").read_text())
-    assert {s["name"]: (1, *s["shape"][1:]) for s in manifest["state"]} == want
-    assert manifest["state_bytes_per_sequence"] == sum(4 * int(np.prod(v)) for v in want.values())
-    st = mqa.model().session().state()
-    assert {k: v.shape for k, v in st.items()} == want and not any(v.any() for v in st.values())
-
-
-@FLAVOURS
-def test_state_is_constant_over_300_tokens(mqa, portable):
-    """300 tokens wrap the ring 37 times; nothing is reallocated and the state keeps its size."""
-    model = mqa.model(portable)
-    s = model.session()
-    arena = [[ov.data_ptr() for ov in half] for half in s._bufs]
-    for t in random_ids(256, 300, seed=9):
-        logits = s.step(t)
-    assert np.isfinite(logits).all() and s.position == 300
-    assert [[ov.data_ptr() for ov in half] for half in s._bufs] == arena
-    assert model.state_bytes == sum(v.nbytes for v in s.state().values())
-
-
-@FLAVOURS
-def test_save_load_fork_keep_the_position(mqa, portable, tmp_path):
-    model = mqa.model(portable)
-    s = model.session()
-    s.prefill(mqa.ids[:29])
-    s.save_state(str(tmp_path / "s.state"))
-    fork = s.fork()
-    assert fork.position == 29
-    t = model.session()
-    t.load_state(str(tmp_path / "s.state"))
-    assert t.position == 29
-    for sess in (s, fork, t):
-        assert max_diff(step_all(sess, mqa.ids[29:]), mqa.ref[29:]) < TOL
-    # reset: back to position 0 and the first token's numbers
-    s.reset()
-    assert s.position == 0 and max_diff(s.step(mqa.ids[0]), mqa.ref[0]) < TOL
-
-
-def test_flavour_ops(mqa):
-    fused, portable = mqa.bundle(False), mqa.bundle(True)
-    for kind in ("step", "prefill", "prefill_all"):
-        assert ("com.microsoft", "CausalConvWithState") in graph_ops(fused, kind)
-        assert {d for d, _ in graph_ops(portable, kind)} == {""}, kind
-    for b in (fused, portable):
-        assert not {op for _, op in graph_ops(b, "step")} & {"Loop", "Scan", "If"}
 
 
 # -- pieces --------------------------------------------------------------------------------------
@@ -382,18 +212,6 @@ def test_sentencepiece_tokenizer_in_the_bundle(tmp_path):
     s = model.session()
     text = "".join(s.generate("ROMEO:", max_tokens=24, temperature=0))
     assert s.stats.decode_tokens > 0 and isinstance(text, str)
-
-
-def test_gguf_round_trip(mqa, tmp_path):
-    """A GGUF file (edgeseq's own architecture name: llama.cpp has no RecurrentGemma) runs the same
-    numbers as HF, position and rings included."""
-    from edgeseq.exporters.gguf_writer import export_gguf
-
-    gguf = tmp_path / "rg.gguf"
-    export_gguf(str(mqa.ckpt), str(gguf))
-    s = edgeseq.load(gguf).session()
-    assert max_diff(s.prefill(mqa.ids[:20]), mqa.ref[19]) < TOL
-    assert max_diff(step_all(s, mqa.ids[20:]), mqa.ref[20:]) < TOL
 
 
 def test_input_normaliser_without_cancellation(tmp_path):

@@ -1,179 +1,38 @@
-"""Zamba2: exported bundles against transformers' Zamba2ForCausalLM (float64, full forward without
-cache: HF's cached decode skips the time_step_min clamp), the KV ring with its run-time length
-(max_context) and position, and the SentencePiece tokenizer converted at export."""
+"""Zamba2: what is special to it: its configuration, the KV ring's run-time length (max_context), stop
+and slide when it is full, the dt clamp, and the SentencePiece tokenizer converted at export. The common
+checks (transformers' Zamba2ForCausalLM in float64, full forward without cache: HF's cached decode skips
+the time_step_min clamp; both flavours; the state contract; plain onnxruntime; save/load/fork; GGUF) run
+over the cases registered in tests/families.py (ZAMBA2_CONFIGS), in tests/test_conformance.py."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import os
-import shutil
-
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import Zamba2Config, Zamba2ForCausalLM
 
 import edgeseq
-from conftest import (
-    SEQ_LEN,
-    TOL,
-    Built,
-    check_chunked_and_repeated_prefill,
-    check_prefill_all_matches_hf,
-    check_prefill_then_steps,
-    check_step_matches_hf,
-    graph_ops,
-    hf_logits64,
-    max_diff,
-    random_ids,
-    step_all,
-    steps_alone,
-)
+from conftest import SEQ_LEN, TOL, hf_logits64, max_diff, step_all
 from edgeseq.errors import EdgeseqError
-
-DEFAULTS = dict(vocab_size=256, hidden_size=32, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, n_mamba_heads=4,
-                mamba_ngroups=1, num_attention_heads=4, intermediate_size=48, adapter_rank=4, chunk_size=16,
-                num_hidden_layers=4, max_position_embeddings=4096)
-M, H = "linear_attention", "hybrid"
-
-CONFIGS = {
-    # one shared block used twice, LoRA adapters on q/k/v, RoPE, Mistral's SentencePiece vocabulary
-    "1block-adapters-rope": dict(layers_block_type=[M, H, M, H], num_mem_blocks=1, use_shared_attention_adapter=True,
-                                 use_mem_rope=True, vocab_size=32000),
-    # two blocks tied cyclically over three uses, no q/k/v adapters, no RoPE, grouped-query attention,
-    # two B/C groups, and a time_step_min high enough that the clamp changes the numbers
-    "2blocks-gqa-dtmin": dict(layers_block_type=[H, M, H, H], num_mem_blocks=2, use_shared_attention_adapter=False,
-                              use_mem_rope=False, num_key_value_heads=2, mamba_ngroups=2, time_step_min=0.05),
-    # two blocks over four uses with adapters and RoPE, untied head, gelu with the tanh approximation
-    "2blocks-adapters-rope-untied": dict(layers_block_type=[H, H, M, H, H], num_hidden_layers=5, num_mem_blocks=2,
-                                         use_shared_attention_adapter=True, use_mem_rope=True,
-                                         tie_word_embeddings=False, hidden_act="gelu_pytorch_tanh"),
-}
-
-
-def mistral_v1() -> str | None:
-    spec = importlib.util.find_spec("mistral_common")
-    return os.path.join(os.path.dirname(spec.origin), "data", "tokenizer.model.v1") if spec else None
-
-
-def add_noise(model, seed):
-    """conftest's recipe (randn * 1.5 / sqrt(fan_in) on every matrix), with a third of it on the query
-    and key projections and their adapters: at full noise the attention scores are so sharp that
-    float32 rounding alone (HF's own float32 forward) moves the logits by 1.4e-4, past the tolerance;
-    at a third, by 4e-5, and the logits stay varied."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if p.ndim >= 2:
-                qk = any(t in name for t in ("q_proj", "k_proj", "linear_q_adapter", "linear_k_adapter"))
-                p.add_(torch.randn(p.shape, generator=g) * (0.5 if qk else 1.5) / p.shape[-1] ** 0.5)
-    return model
-
-
-def make_zamba2(path, seed=0, **cfg) -> Path:
-    torch.manual_seed(seed)
-    model = add_noise(Zamba2ForCausalLM(Zamba2Config(**{**DEFAULTS, **cfg})).eval(), seed)
-    path = Path(path)
-    model.save_pretrained(path)
-    if cfg.get("vocab_size") == 32000 and mistral_v1():
-        shutil.copyfile(mistral_v1(), path / "tokenizer.model")  # converted to tokenizer.json at export
-    return path
+# tests/make_golden.py, tests/pi and the GGUF tests build Zamba2 models from these
+from families import ZAMBA2_CONFIGS as CONFIGS, make_zamba2, mistral_v1  # noqa: F401
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def case(request, tmp_path_factory) -> Built:
-    cfg = CONFIGS[request.param]
-    d = tmp_path_factory.mktemp(f"zamba2-{request.param}")
-    c = Built(make_zamba2(d / "hf", seed=7, **cfg), d, random_ids(cfg.get("vocab_size", 256), SEQ_LEN, seed=3))
-    c.name = request.param
-    assert c.ref.std() > 0.5 and len(set(c.ref.argmax(-1).tolist())) > 8  # not degenerate
-    return c
+def case(request, family_case):
+    return family_case(f"zamba2/{request.param}")
 
 
-FLAVOURS = pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
+# -- max_context ---------------------------------------------------------------------------------
 
-
-# -- numbers against transformers ---------------------------------------------------------------
-
-@FLAVOURS
-def test_step_matches_hf(case, portable):
-    check_step_matches_hf(case, portable)
-
-
-def test_prefill_all_matches_hf(case):
-    check_prefill_all_matches_hf(case, False)
-
-
-@FLAVOURS
-@pytest.mark.parametrize("t", [1, 2, 40])
-def test_prefill_then_steps_equals_steps(case, portable, t):
-    check_prefill_then_steps(case, portable, t)
-
-
-def test_chunked_and_repeated_prefill(case):
-    check_chunked_and_repeated_prefill(case, False)
-
-
-def test_graphs_with_plain_onnxruntime(case):
-    """An app's view: plain onnxruntime, names and shapes from the manifest, max_context chosen by
-    the app (64 here), the position fed by hand."""
-    import onnxruntime as ort
-
-    bundle = case.bundle(False)
-    man = json.loads((bundle / "edgeseq.json").read_text())
-    assert man["max_context"] == 4096
-    dims = {"batch": 1, "max_context": 64}
-    zeros = {s["name"]: np.zeros([dims.get(d, d) for d in s["shape"]], np.float32) for s in man["state"]}
-    sess = {k: ort.InferenceSession(str(bundle / g["file"]), providers=["CPUExecutionProvider"])
-            for k, g in man["graphs"].items()}
-
-    def run(kind, ids, state, p):
-        g = man["graphs"][kind]
-        assert g["inputs"][:2] == ["input_ids", "position"]
-        outs = sess[kind].run(g["outputs"], {"input_ids": np.asarray([ids], np.int64),
-                                             "position": np.array([p], np.int64), **state})
-        return outs[0], {s["name"]: o for s, o in zip(man["state"], outs[1:])}
-
-    state, got = dict(zeros), []
-    for p, t in enumerate(case.ids):
-        out, state = run("step", [t], state, p)
-        got.append(out[0])
-    assert max_diff(np.stack(got), case.ref) < TOL
-    last, st = run("prefill", case.ids[:40], zeros, 0)
-    last, st = run("prefill", case.ids[40:], st, 40)
-    assert max_diff(last[0], case.ref[-1]) < TOL
-    every, _ = run("prefill_all", case.ids, zeros, 0)
-    assert max_diff(every[0], case.ref) < TOL
-
-
-# -- state, max_context, position --------------------------------------------------------------
-
-def test_state_spec(case):
+def test_ring_length_is_chosen_at_load(case):
     hc = case.hf.config
-    man = json.loads((case.bundle(False) / "edgeseq.json").read_text())
-    di = hc.mamba_expand * hc.hidden_size
-    want = {}
-    for i, t in enumerate(hc.layers_block_type):
-        want[f"past_key_values.{i}.conv_state"] = ["batch", di + 2 * hc.mamba_ngroups * hc.mamba_d_state, 3]
-        want[f"past_key_values.{i}.recurrent_state"] = ["batch", hc.n_mamba_heads, hc.mamba_d_state,
-                                                        di // hc.n_mamba_heads]
-        if t == "hybrid":
-            for k in ("key", "value"):
-                want[f"past_key_values.{i}.{k}"] = ["batch", hc.num_key_value_heads, "max_context",
-                                                    hc.attention_head_dim]
-    assert {s["name"]: s["shape"] for s in man["state"]} == want
-    assert man["state_bytes_per_sequence"] == 4 * sum(np.prod([4096 if d == "max_context" else d for d in v[1:]])
-                                                      for v in want.values())
     m = edgeseq.load(case.bundle(False), max_context=24)
     st = m.session().state()
     assert st["past_key_values.%d.key" % hc.hybrid_layer_ids[0]].shape == (1, hc.num_key_value_heads, 24,
                                                                             hc.attention_head_dim)
     assert m.state_bytes == sum(v.nbytes for v in st.values())
-    ins = {i.name: i.shape for i in m.engine.session("prefill").get_inputs()}
-    assert ins["position"] == [1]
+    assert json.loads((case.bundle(False) / "edgeseq.json").read_text())["max_context"] == 4096
 
 
 @pytest.mark.parametrize("case", ["2blocks-gqa-dtmin"], indirect=True)
@@ -209,19 +68,12 @@ def test_slide_past_max_context(case):
     assert max_diff(m.session().logits_all(case.ids), stepped) < TOL
 
 
-def test_save_load_fork_keep_the_position(case, tmp_path):
-    m = edgeseq.load(case.bundle(False), max_context=128)
-    s = m.session()
+def test_state_file_of_another_ring_length_is_refused(case, tmp_path):
+    """Another ring length is another state shape: a clear error (save/load/fork themselves are in the
+    conformance suite)."""
+    s = edgeseq.load(case.bundle(False), max_context=128).session()
     s.prefill(case.ids[:30])
     s.save_state(str(tmp_path / "s.state"))
-    t = m.session()
-    t.load_state(str(tmp_path / "s.state"))
-    assert t.position == 30
-    f = s.fork()
-    assert f.position == 30
-    for sess in (s, t, f):
-        assert max_diff(step_all(sess, case.ids[30:]), case.ref[30:]) < TOL
-    # another ring length is another state shape: a clear error
     with pytest.raises(EdgeseqError):
         edgeseq.load(case.bundle(False), max_context=64).session().load_state(str(tmp_path / "s.state"))
 
@@ -231,13 +83,6 @@ def test_options_are_checked(case):
         edgeseq.load(case.bundle(False), on_full="wrap")
     with pytest.raises(EdgeseqError, match="max_context"):
         edgeseq.load(case.bundle(False), max_context=0)
-
-
-def test_graphs_use_the_ops_they_promise(case):
-    fused, portable = graph_ops(case.bundle(False), "prefill"), graph_ops(case.bundle(True), "prefill")
-    assert ("com.microsoft", "LinearAttention") in fused and ("com.microsoft", "CausalConvWithState") in fused
-    assert {d for d, _ in portable} == {""}
-    assert not {op for _, op in graph_ops(case.bundle(True), "step")} & {"Loop", "Scan", "If"}
 
 
 # -- configuration and references ----------------------------------------------------------------
