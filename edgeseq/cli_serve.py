@@ -6,6 +6,7 @@ register(app) adds the command to the typer app of edgeseq/cli.py. Until cli.py 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from typing import Optional
@@ -88,7 +89,11 @@ def serve(
           f"state cache {cache_ram:g} MB{f' + {cache_dir}' if cache_dir else ''}", file=sys.stderr, flush=True)
     config = uvicorn.Config(server.app(), log_level="warning", access_log=False, timeout_graceful_shutdown=30,
                             timeout_keep_alive=5)
+    # uvicorn drains on SIGTERM, then raises the signal again once its handlers are gone: this one takes it,
+    # so a drained server exits 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run(sockets=[sock])
+    print("edgeseq serve: stopped", file=sys.stderr, flush=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:
