@@ -150,3 +150,80 @@ def test_single_rows_for_attention_families(name):
     assert max_diff(got[0], ref[3]) < TOL and max_diff(got[1], ref[4]) < TOL
     rows.remove(0)
     assert rows.owners == [1] and len(rows.free) == 1
+
+
+# -- the scheduler, in process ------------------------------------------------------------------------
+
+def run_requests(model, reqs, parallel=4):
+    """Submit every request to a running scheduler at once; returns each one's events when all ended."""
+    import threading
+
+    from edgeseq.serve.metrics import Metrics
+    from edgeseq.serve.scheduler import Request, Scheduler
+
+    sched = Scheduler(model, StateCache(model, 64 << 20), parallel, 16, Metrics())
+    done = threading.Semaphore(0)
+    out = []
+    for kw in reqs:
+        events = []
+
+        def emit(ev, events=events):
+            events.append(ev)
+            if ev[0] in ("end", "error"):
+                done.release()
+
+        out.append(events)
+        sched.submit(Request(emit=emit, temperature=0, ends=set(model.stop_token_ids), **kw))
+    sched.start()
+    for _ in reqs:
+        assert done.acquire(timeout=60)
+    sched.stop()
+    return out, sched
+
+
+def texts(events, n=1):
+    got = [""] * n
+    for ev in events:
+        if ev[0] == "text":
+            got[ev[1]] += ev[2]
+    return got
+
+
+@pytest.mark.parametrize("name", ["mamba2", "rwkv6", "zamba", "recurrent_gemma"])
+def test_scheduler_equals_sessions(name):
+    """Requests decoded together (batched rows, or one row per step for the attention families), with
+    n = 2 forks and a cache hit, give what each alone gives in a session; Zamba's 12-token KV ring ends a
+    reply with finish_reason length."""
+    model, ids, _ = golden(name)
+    reqs = [dict(ids=ids[:3], max_tokens=6), dict(ids=ids[:6], max_tokens=4, n=2), dict(ids=ids[:3] + [9], max_tokens=5)]
+    events, sched = run_requests(model, reqs)
+    for kw, ev in zip(reqs, events):
+        s = model.session()
+        want = "".join(s.generate(list(kw["ids"]), max_tokens=kw["max_tokens"], temperature=0))
+        assert texts(ev, kw.get("n", 1)) == [want] * kw.get("n", 1), (name, kw)
+        end = ev[-1]
+        assert end[0] == "end" and end[1]["prompt_tokens"] == len(kw["ids"])
+    assert max(ev[-1][1]["cached_tokens"] for ev in events) >= 3  # ids[:3] resumed by the later request
+    if name == "zamba":  # max_context 12: a 6-token prompt has room for 6 more
+        (ev,), _ = run_requests(model, [dict(ids=ids[:6], max_tokens=50)])
+        assert ("done", 0, "length") in ev and ev[-1][1]["completion_tokens"] == 6
+
+
+def test_chat_template_boundaries():
+    """With a Jinja template (ChatML here), the prompt is the template's rendering; the ends of earlier
+    messages are boundaries where the prefill caches a state, and the end markers stop a reply."""
+    from edgeseq.chat_template import NAMES, from_spec
+    from edgeseq.serve.app import Server
+
+    model, _, _ = golden("mamba")
+    srv = Server(model, "m")
+    srv.template = from_spec(NAMES["chatml"], model.tokenizer)
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+    ids, bounds, stops, _ = srv._chat_prompt(msgs)
+    text = "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n" \
+           "<|im_start|>user\nv<|im_end|>\n<|im_start|>assistant\n"
+    assert ids == list(text.encode())
+    assert [text.encode()[:b].decode().rsplit("\n", 2)[-2] for b in bounds] == ["s<|im_end|>", "u<|im_end|>",
+                                                                               "a<|im_end|>"]
+    assert "<|im_end|>" in stops
