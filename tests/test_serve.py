@@ -279,6 +279,7 @@ BAD = [  # (path, body, status, words the message must hold, param)
     (COMP, b"{not json", 400, "not valid JSON", None),
     (COMP, b'{"prompt": "\xff\xfe"}', 400, "UTF-8", None),
     (COMP, b"[1, 2]", 400, "JSON object", None),
+    (COMP, b"[" * 5000 + b"]" * 5000, 400, "nested too deeply", None),
     (COMP, {"prompt": "a", "max_tokens": 1e400}, 400, "JSON", None),
     (COMP, b'{"prompt": "a", "temperature": NaN}', 400, "NaN", None),
     (COMP, {}, 400, "required", "prompt"),

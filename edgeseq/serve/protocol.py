@@ -44,6 +44,8 @@ def parse_json(raw: bytes) -> dict:
         body = json.loads(text, parse_constant=no_constant)
     except ValueError as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON for this server (nested too deeply)") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the body must be a JSON object, not {type(body).__name__}")
     return body
