@@ -99,7 +99,7 @@ class Server:
 @pytest.fixture(scope="module")
 def demo():
     """The shipped demo (no MODEL given), 16 rows."""
-    s = Server("--parallel", 16, "--cache-ram", 64)
+    s = Server("--parallel", 16, "--cache-ram", 64, "--cors", "http://app.example")
     yield s
     assert s.stop() == 0
 
@@ -228,6 +228,21 @@ def test_concurrent_equals_sequential(demo):
     assert tokens == 16 * 32 and steps < tokens / 2, (steps, tokens)
     alone = [run(p) for p in prompts]
     assert together == alone
+
+
+def test_cors(demo):
+    """--cors ORIGIN: that origin's browser requests are allowed (preflight included), no other's."""
+    c = http.client.HTTPConnection("127.0.0.1", demo.port, timeout=10)
+    c.request("OPTIONS", "/v1/chat/completions", headers={"Origin": "http://app.example",
+                                                          "Access-Control-Request-Method": "POST"})
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200 and r.getheader("access-control-allow-origin") == "http://app.example"
+    c.request("GET", "/v1/models", headers={"Origin": "http://evil.example"})
+    r = c.getresponse()
+    r.read()
+    assert r.getheader("access-control-allow-origin") is None
+    c.close()
 
 
 def test_metrics_text(demo):
