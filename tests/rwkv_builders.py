@@ -266,13 +266,22 @@ class RwkvCase:
         self._bundles: dict = {}
         self._models: dict = {}
 
+    @property
+    def ckpt(self) -> Path:
+        return self.pth
+
+    @property
+    def tol(self) -> float:
+        return tol(self.ref)
+
     def job(self) -> dict:
         return {"base": str(self.pth)[:-4], "version": self.version,
                 "seqs": [self.ids, self.ids[:FORK_AT] + self.other]}
 
-    def bundle(self, portable: bool) -> str:
+    def bundle(self, portable: bool) -> Path:
         if portable not in self._bundles:
-            self._bundles[portable] = export(str(self.pth), str(self.workdir / f"b{int(portable)}"), portable=portable)
+            self._bundles[portable] = Path(export(str(self.pth), str(self.workdir / f"b{int(portable)}"),
+                                                  portable=portable))
         return self._bundles[portable]
 
     def model(self, portable: bool):

@@ -91,12 +91,14 @@ def test_prefill_all_matches_reference(case, built, portable):
     assert s.position == 48
     # the state it leaves continues the sequence
     assert max_diff(step_all(s, built.ids[48:]), built.ref[48:]) < built.tol
+    s.reset()
+    assert max_diff(s.logits_all(built.ids), built.ref) < tol and s.position == len(built.ids)
 
 
 @prefill_params()
 def test_prefill_then_steps_equals_steps(case, built, portable, t):
     alone = steps_alone(built, portable)
-    s = built.model(portable).session()
+    s = built.model(portable).session(prefill_chunk=case.prefill_chunk)
     last = s.prefill(built.ids[:t])
     assert s.position == t
     assert max_diff(last, alone[t - 1]) < built.tol
@@ -151,9 +153,12 @@ def test_graphs_with_plain_onnxruntime(case, built, portable):
 def test_flavours_use_the_ops_they_promise(case, built, portable):
     """The fused flavour uses the contrib ops the case lists where it lists them; the portable flavour
     only standard ops; no step graph has a loop."""
-    fused, portable_bundle = built.bundle(False), built.bundle(True)
+    fused, portable_bundle = Path(built.bundle(False)), Path(built.bundle(True))
     for bundle, want in ((fused, case.fused_ops), (portable_bundle, case.portable_ops)):
         for kind, ops in want.items():
+            if ops is None:
+                assert {d for d, _ in graph_ops(bundle, kind)} == {""}, (bundle.name, kind)
+                continue
             have = {op for _, op in graph_ops(bundle, kind)}
             for op, present in ops.items():
                 assert (op in have) == present, (bundle.name, kind, op)
@@ -203,7 +208,7 @@ def test_state_spec_names_and_shapes(case, built, portable):
     st = model.session().state()
     assert {k: v.shape for k, v in st.items()} == {
         k: tuple(model.max_context if d == "max_context" else d for d in v) for k, v in want.items()}
-    assert all((v == init[k]).all() for k, v in st.items())  # the initial values
+    assert all((v == np.float32(init[k])).all() for k, v in st.items())  # the initial values
 
 
 @params("state_constant")
