@@ -19,6 +19,7 @@ import json
 import time
 import traceback
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -219,11 +220,22 @@ class Server:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def emit(ev):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
-            except RuntimeError:  # the loop is gone (shutdown): nobody is listening
-                pass
+        pending: deque = deque()
+        scheduled = [False]
+
+        def drain():  # on the loop: whatever the worker emitted since the last drain
+            scheduled[0] = False
+            while pending:
+                events.put_nowait(pending.popleft())
+
+        def emit(ev):  # in the worker: one wake-up of the loop per batch of events, not one per token
+            pending.append(ev)
+            if not scheduled[0]:
+                scheduled[0] = True
+                try:
+                    loop.call_soon_threadsafe(drain)
+                except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+                    pass
 
         req = Request(ids=ids, emit=emit, n=opts["n"], max_tokens=opts["max_tokens"], temperature=opts["temperature"],
                       top_k=opts["top_k"], top_p=opts["top_p"], min_p=opts["min_p"],
@@ -311,7 +323,17 @@ class Server:
             ev = first
             while True:
                 if ev[0] == "text":
-                    yield chunk([choice(ev[1], ev[2])])
+                    text = ev[2]
+                    while not events.empty():  # the pieces already here go out as one chunk
+                        nxt = events.get_nowait()
+                        if nxt[0] != "text" or nxt[1] != ev[1]:
+                            yield chunk([choice(ev[1], text)])
+                            ev, text = nxt, None
+                            break
+                        text += nxt[2]
+                    if text is None:
+                        continue
+                    yield chunk([choice(ev[1], text)])
                 elif ev[0] == "done":
                     yield chunk([choice(ev[1], finish=ev[2])])
                 elif ev[0] == "end":
