@@ -66,3 +66,12 @@ def test_blinkdl_pth(tmp_path, dtype):
         ref, _ = rwkv_model.RWKV(model=str(rounded)[:-4], strategy="cpu fp32", verbose=False).forward(PROMPT, None)
         assert np.abs(logits - ref.numpy()).max() < 1e-3
         assert np.abs(logits - EXPECTED).max() > 1e-4  # bf16 rounding did change the model
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
+def test_hf_checkpoint_is_read_as_transformers_writes_it(family_case, portable):
+    """transformers' RwkvForCausalLM (its numbers are the conformance suite's "rwkv4/hf" case): the
+    architecture and the tokenizer.json beside it."""
+    m = family_case("rwkv4/hf").model(portable)
+    assert m.manifest["architecture"] == "RwkvForCausalLM" and m.manifest["tokenizer"]["kind"] == "hf"
+    assert m.session().state()["past_key_values.0.aa"].shape == (1, 48)
