@@ -1,8 +1,9 @@
 """The scheduler: one worker thread that owns the model and runs every request's tokens.
 
 Requests wait in a bounded queue (full: the server answers 429). A request is admitted when its `n` rows
-fit in `--parallel`; its prompt is then prefilled from the longest cached prefix (cache.py), one prefill
-slice per turn of the loop, so rows already decoding keep going while a long prompt is read. At each turn
+fit in `--parallel`; its prompt is then prefilled from the longest cached prefix (cache.py), at most one prefill
+slice's worth of tokens per turn of the loop (many short prompts in one turn, a long one over several),
+so rows already decoding keep going while a long prompt is read. At each turn
 boundary of the prompt and at its end the state is cached; the prompt's state is then copied into `n`
 rows (the forks of `n > 1`). Every turn of the loop also steps all decoding rows at once (rows.py), each
 with its own sampler, stop strings and text stream; a row that ends (end token, stop string, max_tokens,
@@ -191,16 +192,20 @@ class Scheduler:
                 self._fail_all("internal error in the scheduler")
 
     def _turn(self) -> None:
+        """Prefill slices of joining requests, up to one slice's worth of tokens (so many short prompts
+        join in one turn, a long one takes several), then one decode step of every row."""
         self._drop_cancelled()
-        if self.joining:
+        budget = self.chunk
+        while self.joining and budget > 0:
             req, gen = self.joining[0]
             t0 = time.perf_counter()
             try:
-                next(gen)
+                budget -= next(gen)
             except StopIteration:
                 self.joining.popleft()
                 req.t_first = time.perf_counter()
                 self.metrics.observe("ttft", req.t_first - req.t_submit)
+                budget -= 1  # a prompt resumed whole from the cache still costs a turn's bookkeeping
             except EdgeseqError as e:  # context full, a token the model lacks: the request's fault
                 self.joining.popleft()
                 req.emit(("error", 400, str(e)))
@@ -232,7 +237,7 @@ class Scheduler:
                     n = min(self.chunk, b - pos)
                     logits = sess.prefill(req.ids[pos:pos + n])
                     pos += n
-                    yield
+                    yield n
                 if b > start:
                     self.cache.put(req.ids[:b], sess.state(), sess.position, logits.copy())
             state = sess.state() if self.rows.batched or req.n > 1 else None
