@@ -1,0 +1,182 @@
+"""edgeseq serve under load: time to first token per turn of a growing chat, and aggregate decode speed.
+
+    python benchmarks/serve_bench.py [--model demo|mamba-130m|rwkv7-0.1b|...] [--quant int8] [--turns 10]
+        [--clients 1 4 16] [--decode 64] [--threads N] [--out results.json]
+
+The model: `demo` (the shipped byte-level RWKV-7, f32) or a shape of the harness's registry
+(harness/models.py: random weights, exported here at --quant). The server runs as a real process
+(`python -m edgeseq.cli_serve serve`, loopback, a free port); the clients are plain http.client threads
+(little CPU of their own: this machine may have two cores).
+
+1. TTFT per turn: a --turns-turn conversation through /v1/completions, streamed, greedy; each turn's prompt
+   is the whole history (every earlier prompt and reply) plus --user-tokens new words, as a chat client sends
+   it. TTFT = request sent -> first text chunk. Twice: with the state cache (each turn resumes the previous
+   reply's state: cached_tokens) and with --cache-ram 0 (every turn prefills its whole history, as a server
+   that re-reads the prompt does).
+2. Throughput: C clients at once (C in --clients), each one streamed request of a distinct 16-word prompt
+   and --decode tokens (temperature 1, seeded, so an end token is rare): completion tokens / wall time.
+
+Not here yet: the same runs against llama.cpp's llama-server built from source (issue 17).
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def bundle_for(name: str, quant: str, work: str) -> tuple[str, bool]:
+    """(bundle path, byte-level?)"""
+    if name == "demo":
+        from edgeseq.exporters.demo import demo_bundle
+
+        return demo_bundle(), True
+    sys.path.insert(0, HERE)  # the harness package beside this script
+    from harness.models import build
+
+    from edgeseq.exporters.export import export
+
+    built = build(name, work)
+    out = os.path.join(work, name, f"bundle-{quant}")
+    if not os.path.isfile(os.path.join(out, "edgeseq.json")):
+        kw = {"tokenizer": built["tokenizer"]} if built["tokenizer"] else {}
+        export(built["checkpoint"], out, quant=quant, **kw)
+    return out, built["vocab"] == 256
+
+
+class Server:
+    def __init__(self, bundle: str, *args):
+        cmd = [sys.executable, "-P", "-m", "edgeseq.cli_serve", "serve", bundle, "--port", "0", *map(str, args)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:
+            m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+            if line.startswith("error"):
+                raise SystemExit(line)
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        for _ in range(300):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit("the server did not start")
+
+    def stream(self, body: dict) -> dict:
+        """One streamed completion: TTFT, wall time, text, usage."""
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        t0 = time.perf_counter()
+        c.request("POST", "/v1/completions", json.dumps({**body, "stream": True,
+                                                         "stream_options": {"include_usage": True}}),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse()
+        if r.status != 200:
+            raise SystemExit(f"HTTP {r.status}: {r.read()[:300]!r}")
+        ttft, text, usage = None, [], None
+        for line in r:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            d = json.loads(line[6:])
+            if d["choices"] and d["choices"][0]["text"]:
+                ttft = ttft or time.perf_counter() - t0
+                text.append(d["choices"][0]["text"])
+            if d.get("usage"):
+                usage = d["usage"]
+        c.close()
+        return {"ttft": ttft, "seconds": time.perf_counter() - t0, "text": "".join(text), "usage": usage}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def user_turns(n: int, words: int, byte_level: bool) -> list[str]:
+    if byte_level:  # held-out Bible text, about `words` bytes a turn
+        src = open(os.path.join(HERE, "..", "tests", "data", "kjv_heldout.txt"), encoding="utf-8").read()
+        return [src[i * words:(i + 1) * words] for i in range(n)]
+    import random
+
+    rng = random.Random(0)
+    return [" ".join(f"w{rng.randrange(1, 1000)}" for _ in range(words)) for _ in range(n)]
+
+
+def chat_ttft(server: Server, turns: list[str], reply: int, byte_level: bool) -> list[dict]:
+    history, out = "", []
+    sep = "" if byte_level else " "
+    for i, user in enumerate(turns):
+        prompt = history + (sep if history else "") + user
+        r = server.stream({"prompt": prompt, "max_tokens": reply, "temperature": 0})
+        out.append({"turn": i + 1, "ttft_ms": round(r["ttft"] * 1000, 1), "prompt_tokens": r["usage"]["prompt_tokens"],
+                    "cached_tokens": r["usage"]["prompt_tokens_details"]["cached_tokens"]})
+        history = prompt + sep + r["text"] if not byte_level else prompt + r["text"]
+    return out
+
+
+def throughput(server: Server, clients: int, decode: int, byte_level: bool) -> dict:
+    prompts = user_turns(clients, 16, byte_level)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        rs = list(pool.map(lambda ip: server.stream({"prompt": ip[1], "max_tokens": decode, "temperature": 1.0,
+                                                     "seed": ip[0]}), enumerate(prompts)))
+    wall = time.perf_counter() - t0
+    tokens = sum(r["usage"]["completion_tokens"] for r in rs)
+    return {"clients": clients, "tokens": tokens, "seconds": round(wall, 2), "tok_s": round(tokens / wall, 1),
+            "ttft_ms_median": round(sorted(r["ttft"] for r in rs)[len(rs) // 2] * 1000, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="demo")
+    p.add_argument("--quant", default="int8")
+    p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--user-tokens", type=int, default=64)
+    p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--work", default="/tmp/edgeseq-bench")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    bundle, byte_level = bundle_for(a.model, a.quant, a.work)
+    extra = ["--threads", a.threads] if a.threads else []
+    res = {"model": a.model, "quant": "f32" if a.model == "demo" else a.quant, "machine": platform.processor()
+           or platform.machine(), "cpus": os.cpu_count(), "args": vars(a)}
+    turns = user_turns(a.turns, a.user_tokens, byte_level)
+    for label, ram in (("cache", 1024), ("no_cache", 0)):
+        s = Server(bundle, "--parallel", max(a.clients), "--cache-ram", ram, *extra)
+        try:
+            s.stream({"prompt": user_turns(1, 8, byte_level)[0][::-1], "max_tokens": 4})  # warm-up, unrelated
+            res[f"ttft_{label}"] = chat_ttft(s, turns, a.reply_tokens, byte_level)
+            if label == "cache":
+                s.stream({"prompt": "warm up", "max_tokens": 4})
+                res["throughput"] = [throughput(s, c, a.decode, byte_level) for c in a.clients]
+        finally:
+            s.stop()
+    print(f"{a.model} ({res['quant']}), {res['cpus']} CPUs")
+    print("turn  prompt  cached  TTFT ms (cache)  TTFT ms (no cache)")
+    for w, wo in zip(res["ttft_cache"], res["ttft_no_cache"]):
+        print(f"{w['turn']:4d}  {w['prompt_tokens']:6d}  {w['cached_tokens']:6d}  {w['ttft_ms']:15.1f}  {wo['ttft_ms']:18.1f}")
+    for t in res["throughput"]:
+        print(f"{t['clients']:2d} clients: {t['tok_s']:7.1f} tok/s ({t['tokens']} tokens in {t['seconds']} s, "
+              f"median TTFT {t['ttft_ms_median']} ms)")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
