@@ -4,6 +4,7 @@ manifest (format 2), and chats with it; bundles with the older plain-string temp
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def hf_tokenizer(template: str, bos: str, eos: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(["<unk>", bos, eos, "<|im_start|>", "a", "b"])}
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(["<unk>", bos, eos, "<|im_start|>", "a", "b"]))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
@@ -348,3 +349,132 @@ def test_a_template_that_drops_old_thinking_feeds_only_the_new_turn(byte_mamba, 
     "".join(c.handle("and 3+3?"))
     assert fed == ["<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n",
                    "<|im_end|>\n<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n"]
+
+
+# -- published templates kept as data (tests/data/chat_templates/README.md says where each came from) --------
+DATA = pathlib.Path(__file__).parent / "data" / "chat_templates"
+PUBLISHED = {  # file: (bos, eos) as the model's tokenizer_config.json names them
+    "qwen3.5.jinja": ("<|endoftext|>", "<|im_end|>"),
+    "granite-4.0-h.jinja": ("<|end_of_text|>", "<|end_of_text|>"),
+    "rwkv7-g1.jinja": ("<|rwkv_tokenizer_end_of_text|>", "<|rwkv_tokenizer_end_of_text|>"),
+    "falcon-h1-tiny.jinja": ("<|begin_of_text|>", "<|end_of_text|>"),
+}
+TOOLS = [{"type": "function", "function": {"name": "f", "description": "é", "parameters": {
+    "type": "object", "properties": {"x": {"type": "integer"}}}}}]
+# what each template special-cases, beyond system prompts, several turns and the generation prompt
+SPECIAL_CASES = {
+    "qwen3.5.jinja": [
+        ({}, CONVERSATIONS["thinking"]),  # an earlier reply's <think> is dropped, the last one's kept
+        ({"enable_thinking": True}, CONVERSATIONS["one turn"]),
+        ({"enable_thinking": False}, CONVERSATIONS["one turn"]),
+        ({}, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "r"}]),
+        ({}, [{"role": "system", "content": "s"}]),  # no user turn: the template refuses
+        ({}, [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}]),  # refused too
+        ({"tools": TOOLS}, [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                            {"role": "assistant", "content": "", "tool_calls": [
+                                {"type": "function", "function": {"name": "f", "arguments": {"x": [1, 2]}}}]},
+                            {"role": "tool", "content": "3"}]),
+    ],
+    "granite-4.0-h.jinja": [
+        ({}, CONVERSATIONS["one turn"]),  # no system message: the default one is written
+        ({"documents": [{"doc_id": 1, "title": "t", "text": "ünï"}]}, CONVERSATIONS["system"]),
+        ({"tools": TOOLS}, CONVERSATIONS["one turn"]),
+        ({"tools": TOOLS, "documents": [{"text": "d"}]}, CONVERSATIONS["system"]),
+    ],
+    "rwkv7-g1.jinja": [
+        ({"enable_thinking": False}, CONVERSATIONS["three turns"]),
+        ({"enable_thinking": True}, CONVERSATIONS["system"]),
+        ({}, [{"role": "user", "content": "a\n\nb"}]),  # the template leaves a blank line in a message as it is
+    ],
+    "falcon-h1-tiny.jinja": [
+        ({"tools": TOOLS}, CONVERSATIONS["system"]),
+        ({"tools": TOOLS}, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "tool_calls": [
+            {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]}, {"role": "tool", "content": "2"}]),
+    ],
+}
+
+
+def _published(name):
+    text = (DATA / name).read_text(encoding="utf-8")
+    bos, eos = PUBLISHED[name]
+    return text, bos, eos
+
+
+def _same_as_transformers(tok, spec, messages, gen, **kw):
+    """Both render the same text, or both refuse (edgeseq's error carries the template's message)."""
+    try:
+        want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, **kw)
+    except Exception as e:
+        with pytest.raises(EdgeseqError, match="chat template: ") as ours:
+            render_jinja(spec["jinja"], messages, gen, spec["special_tokens"], **kw)
+        assert str(e) in str(ours.value)
+        return None
+    got = render_jinja(spec["jinja"], messages, gen, spec["special_tokens"], **kw)
+    assert got == want, (messages, gen, kw)
+    return want
+
+
+def test_published_templates_are_the_files_the_readme_names():
+    assert sorted(p.name for p in DATA.glob("*.jinja")) == sorted(PUBLISHED)
+    readme = (DATA / "README.md").read_text(encoding="utf-8")
+    for name in PUBLISHED:
+        assert f"`{name}`" in readme
+    # the two whose length and sha256 prefix the source printed
+    import hashlib
+    for name, n, sha in (("qwen3.5.jinja", 7816, "7f0e529032c25183"), ("granite-4.0-h.jinja", 6418, "9524df67b77a7b25")):
+        text = (DATA / name).read_text(encoding="utf-8")
+        assert (len(text), hashlib.sha256(text.encode()).hexdigest()[:16]) == (n, sha)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_template_renders_as_transformers_does(name, tmp_path):
+    import transformers  # noqa: F401
+
+    text, bos, eos = _published(name)
+    tok = hf_tokenizer(text, bos, eos)
+    tok.save_pretrained(tmp_path)  # as a checkpoint folder holds it: what `edgeseq export` reads
+    spec = checkpoint_template(str(tmp_path))
+    assert spec["jinja"] == text and spec["special_tokens"]["bos_token"] == bos
+    rendered = 0
+    for what, messages in CONVERSATIONS.items():
+        for gen in (True, False):
+            rendered += _same_as_transformers(tok, spec, messages, gen) is not None
+    for kw, messages in SPECIAL_CASES[name]:
+        for gen in (True, False):
+            rendered += _same_as_transformers(tok, spec, messages, gen, **kw) is not None
+    assert rendered >= 8  # most conversations render (a refusal is checked too, but is not the point)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_chat_with_a_published_template_feeds_what_transformers_renders(name, byte_mamba, tmp_path):
+    """Two turns through Chat: the first feed is transformers' rendering of the first turn; the second is
+    what transformers' rendering of the whole conversation holds after the first reply (its closing and the
+    new turn), so the state has seen exactly the conversation, the reply as the model said it."""
+    import edgeseq
+    from edgeseq.runtime.chat import Chat
+    from edgeseq.runtime.session import Stats
+
+    text, bos, eos = _published(name)
+    tok = hf_tokenizer(text, bos, eos)
+    b = _bundle_with(byte_mamba, tmp_path, {"jinja": text, "special_tokens": {"bos_token": bos, "eos_token": eos},
+                                            "source": name}, 2)
+    c = Chat(edgeseq.load(b), system="Be brief.", max_tokens=3, temperature=0)
+    fed = []
+
+    def scripted(prompt, **kw):  # the model's reply, ending on its end token (not fed)
+        fed.append(prompt)
+        c.session.stats = Stats(stopped_by="end_token")
+        yield "Four."
+
+    c.session.generate = scripted
+    "".join(c.handle("2+2?"))
+    "".join(c.handle("and 3+3?"))
+    system = [{"role": "system", "content": "Be brief."}]
+    first = [*system, {"role": "user", "content": "2+2?"}]
+    assert fed[0] == tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+    mark = "\x00reply\x00"
+    whole = tok.apply_chat_template([*first, {"role": "assistant", "content": mark},
+                                     {"role": "user", "content": "and 3+3?"}],
+                                    tokenize=False, add_generation_prompt=True)
+    assert fed[1] == whole.split(mark)[1]
+    assert c.messages[-1] == {"role": "assistant", "content": "Four."}
