@@ -22,7 +22,10 @@ from edgeseq.integrity import verify
 from edgeseq.bundle import read_manifest
 from edgeseq.errors import EdgeseqError
 from fuzz import seeds as seeds_mod
-from fuzz import targets as T
+from fuzz import bundles as bd
+from fuzz import checkpoints as ck
+from fuzz import gguf_files as gf
+from fuzz import mutations as mu
 from fuzz.mutations import flip, put, truncate
 
 
@@ -63,15 +66,15 @@ def export_to(src, tmp_path):
 
 
 def st_edit(path: Path, fn):
-    header, body = T._st_read(path)
-    T._st_write(path, fn(header), body)
+    header, body = ck._st_read(path)
+    ck._st_write(path, fn(header), body)
 
 
 # -- 1. GGUF block_count 2**62: inspect, load and export end at once; no temp folders left ------------
 
 def test_gguf_huge_block_count_is_refused_everywhere(seeds, tmp_path):
     g = case(seeds, tmp_path, "gguf")
-    T.gguf_rewrite(g, g, edit_kv=lambda kv, ty: (kv.__setitem__("mamba.block_count", 2 ** 62),
+    gf.gguf_rewrite(g, g, edit_kv=lambda kv, ty: (kv.__setitem__("mamba.block_count", 2 ** 62),
                                                  ty.__setitem__("mamba.block_count", (10,))))
     from edgeseq.gguf_bundle import gguf_to_bundle
     from edgeseq.gguf_names import summary
@@ -101,7 +104,7 @@ def test_gguf_tensor_at_half_width(seeds, tmp_path):
         raw, t = tensors["blk.0.ssm_d"]
         import dataclasses
         tensors["blk.0.ssm_d"] = (raw[:len(raw) // 2].copy(), dataclasses.replace(t, shape=(t.shape[0] // 2,)))
-    T.gguf_rewrite(g, g, edit_tensors=half)
+    gf.gguf_rewrite(g, g, edit_tensors=half)
     from edgeseq.gguf_bundle import gguf_to_bundle
 
     refused(lambda: gguf_to_bundle(str(g), str(g.parent / "out")), g)
@@ -137,7 +140,7 @@ def test_pth_tensor_at_half_width(seeds, tmp_path):
 ])
 def test_gguf_metadata_of_the_wrong_type(seeds, tmp_path, key, value, vtype, words):
     g = case(seeds, tmp_path, "gguf")
-    T.gguf_rewrite(g, g, edit_kv=lambda kv, ty: (kv.__setitem__(key, value), ty.__setitem__(key, vtype)))
+    gf.gguf_rewrite(g, g, edit_kv=lambda kv, ty: (kv.__setitem__(key, value), ty.__setitem__(key, vtype)))
     from edgeseq.gguf_file import GGUFFile
 
     refused(lambda: GGUFFile(str(g)), g, key, words)
@@ -145,7 +148,7 @@ def test_gguf_metadata_of_the_wrong_type(seeds, tmp_path, key, value, vtype, wor
 
 def test_gguf_tensor_data_overlapping(seeds, tmp_path):
     g = case(seeds, tmp_path, "gguf")
-    fields = [f for f in T.gguf_fields(g.read_bytes()) if f[2].startswith("offset of")]
+    fields = [f for f in gf.gguf_fields(g.read_bytes()) if f[2].startswith("offset of")]
     first = struct.unpack_from("<Q", g.read_bytes(), fields[0][0])[0]
     put(g, fields[1][0], "<Q", first)
     from edgeseq.gguf_file import GGUFFile
@@ -163,7 +166,7 @@ T0 = "backbone.layers.0.mixer.D"
     ("a list", lambda h: [h], "not an object"),
     ("reversed offsets", lambda h: (h[T0].__setitem__("data_offsets", h[T0]["data_offsets"][::-1]), h)[1], "backwards"),
     ("shape vs bytes", lambda h: (h[T0].__setitem__("shape", [h[T0]["shape"][0] + 1]), h)[1], "needs"),
-    ("deep nesting", lambda h: T._Raw("[" * 100_000 + "]" * 100_000), "nested"),
+    ("deep nesting", lambda h: mu._Raw("[" * 100_000 + "]" * 100_000), "nested"),
     ("2**62 shape", lambda h: (h[T0].__setitem__("shape", [2 ** 62]), h)[1], "shape"),
 ])
 def test_safetensors_header(seeds, tmp_path, what, edit, words):
@@ -201,14 +204,14 @@ def test_shard_index(seeds, tmp_path, what, edit, words):
 
 def test_rwkvcpp_cut_inside_dims(seeds, tmp_path):
     f = case(seeds, tmp_path, "rwkvcpp")
-    pos = T.rwkvcpp_records(f.read_bytes())[3][0]
+    pos = ck.rwkvcpp_records(f.read_bytes())[3][0]
     truncate(f, pos + 14)
     refused(export_to(f, tmp_path), f, "truncated")
 
 
 def test_rwkvcpp_dims_that_overflow(seeds, tmp_path):
     f = case(seeds, tmp_path, "rwkvcpp")
-    pos, n_dims, _, _ = next(r for r in T.rwkvcpp_records(f.read_bytes()) if r[1] == 2)
+    pos, n_dims, _, _ = next(r for r in ck.rwkvcpp_records(f.read_bytes()) if r[1] == 2)
     put(f, pos, "<i", 4)  # four dims of 65536: 2**64 elements, 0 in int64 arithmetic
     for j in range(4):
         put(f, pos + 12 + 4 * j, "<i", 65536)
@@ -354,9 +357,9 @@ def test_malicious_pickle_is_refused(seeds, tmp_path, how):
     marker = Path(tempfile.gettempdir()) / "edgeseq-fuzz-pwned"
     marker.unlink(missing_ok=True)
     if how == "raw":
-        p.write_bytes(T.malicious_pickle())
+        p.write_bytes(ck.malicious_pickle())
     else:
-        T.torch_zip_with(p, T.malicious_pickle())
+        ck.torch_zip_with(p, ck.malicious_pickle())
     refused(export_to(p, tmp_path), p)
     assert not marker.exists(), "the pickle ran code"
 
@@ -365,17 +368,17 @@ def test_malicious_pickle_is_refused(seeds, tmp_path, how):
                                           ("version", -1), ("version", 0), ("tensors", None)])
 def test_state_file_header_with_a_recomputed_checksum(seeds, tmp_path, field, value):
     f = case(seeds, tmp_path, "state")
-    header, payload = T.state_parts(f.read_bytes())
+    header, payload = bd.state_parts(f.read_bytes())
     header[field] = value
-    f.write_bytes(T.state_build(header, payload))
+    f.write_bytes(bd.state_build(header, payload))
     s = edgeseq.load(str(seeds["bundle"])).session()
     refused(lambda: s.load_state(str(f)), f, field)
 
 
 def test_state_file_with_nan_is_refused(seeds, tmp_path):
     f = case(seeds, tmp_path, "state")
-    header, payload = T.state_parts(f.read_bytes())
-    f.write_bytes(T.state_build(header, b"\0\0\xc0\x7f" + payload[4:]))
+    header, payload = bd.state_parts(f.read_bytes())
+    f.write_bytes(bd.state_build(header, b"\0\0\xc0\x7f" + payload[4:]))
     s = edgeseq.load(str(seeds["bundle"])).session()
     refused(lambda: s.load_state(str(f)), f, "NaN")
 
