@@ -8,7 +8,8 @@ One llama.cpp context serves every session of a model: it holds one sequence (se
 session whose state is not the context's swaps it in through llama_state_seq_set_data (the recurrent
 state is small and fixed: ~20 KB per sequence at mamba-130m's width). Tokens go through
 llama_batch_get_one and llama_decode; the logits of the last token come from llama_get_logits_ith. The
-text side (tokenizer, sampling, streaming, stop strings) is edgeseq's, shared with the ONNX engine.
+text side (tokenizer, sampling, streaming, stop strings, the GGUF's chat template) is edgeseq's, shared
+with the ONNX engine, so `edgeseq chat x.gguf --engine llama.cpp` feeds the text the ONNX path feeds.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class LlamaCppModel:
     engine_name = "llama.cpp"
 
     def __init__(self, path: str, threads: int | None = None, batch: int = 512, meta=None):
+        from edgeseq.chat_template import gguf_template
         from edgeseq.gguf_file import GGUFFile
         from edgeseq.gguf_names import LLAMA_ARCHS
 
@@ -49,6 +51,9 @@ class LlamaCppModel:
             if arch not in LLAMA_ARCHS:
                 raise EdgeseqError(f"{path}: architecture {arch!r} does not run in llama.cpp (it runs "
                                    f"{', '.join(sorted(LLAMA_ARCHS))}); use edgeseq's engine")
+            # the GGUF's own tokenizer.chat_template, rendered by edgeseq's renderer as the ONNX path does
+            # (none: plain continuation, also as there; --chat-template overrides it in Chat)
+            template = gguf_template(g, g.get("tokenizer.ggml.tokens", None, list))
         self.family_name = arch
         self.meta = meta  # the edgeseq Model of the same file (tokenizer, stop tokens), when given
         n = int(threads) if threads else max(1, os.cpu_count() or 1)
@@ -64,8 +69,9 @@ class LlamaCppModel:
         self.stop_token_ids = list(meta.stop_token_ids) if meta is not None else []
         file_type = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 15: "q4_k_m",
                      17: "q5_k_m", 18: "q6_k", 32: "bf16"}.get(ftype, f"file_type {ftype}")
-        self.manifest = {**(meta.manifest if meta is not None else {}), "quant": {"recipe": file_type},
-                         "flavour": "llama.cpp"}
+        base = meta.manifest if meta is not None else {}
+        self.manifest = {**base, "chat_template": base.get("chat_template") or template,
+                         "quant": {"recipe": file_type}, "flavour": "llama.cpp"}
         self.weights_bytes = os.path.getsize(path)
         self._owner = None  # the session whose state is in the context's seq 0
         self._sha = None

@@ -478,3 +478,42 @@ def test_chat_with_a_published_template_feeds_what_transformers_renders(name, by
                                     tokenize=False, add_generation_prompt=True)
     assert fed[1] == whole.split(mark)[1]
     assert c.messages[-1] == {"role": "assistant", "content": "Four."}
+
+
+def test_llama_cpp_engine_chats_with_the_gguf_template(tmp_path):
+    """`--engine llama.cpp` renders the GGUF's tokenizer.chat_template with edgeseq's renderer: the first turn
+    fed is transformers' rendering, and the llama.cpp chat feeds and (greedy) says what the ONNX Runtime
+    chat of the same file does; a GGUF without a template chats as plain continuation on both engines."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the llamacpp extra)")
+    import edgeseq
+    from conftest import make_mamba2
+    from edgeseq.exporters.gguf_writer import export_gguf
+    from edgeseq.runtime.chat import Chat
+
+    ckpt = make_mamba2(tmp_path / "hf", tokenizer_vocab=256)
+    plain = tmp_path / "plain.gguf"
+    export_gguf(str(ckpt), str(plain))
+    with_t = tmp_path / "chat.gguf"
+    r = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", str(plain), str(with_t),
+                        "--chat-template", QWEN3, "--force"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    turns = ["Hi there", "and again"]
+    said = {}
+    for engine in ("llama.cpp", "onnxruntime"):
+        c = Chat(edgeseq.load(with_t, engine=engine, threads=1), system="Be brief.", max_tokens=4, temperature=0)
+        assert c.template is not None and c.template.spec["jinja"] == QWEN3, engine
+        fed = _fed(c)
+        said[engine] = ["".join(c.handle(t)) for t in turns], fed
+    assert said["llama.cpp"] == said["onnxruntime"]
+    tok = hf_tokenizer(QWEN3, "<|endoftext|>", "<|im_end|>")
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": turns[0]}]
+    assert said["llama.cpp"][1][0] == tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+    # no template in the file: plain continuation, as the ONNX path; --chat-template still applies
+    m = edgeseq.load(plain, engine="llama.cpp", threads=1)
+    assert Chat(m).template is None and Chat(m).mode.startswith("plain")
+    assert Chat(m, template=load_template_option("chatml")).template.spec["jinja"] == CHATML
+    # the command line: the banner names the template (stdin is not a terminal: read line by line)
+    r = subprocess.run([sys.executable, "-m", "edgeseq", "chat", str(with_t), "--engine", "llama.cpp", "-n", "2",
+                        "--temp", "0", "--threads", "1"], input="Hi\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "chat template GGUF tokenizer.chat_template" in r.stderr and "Traceback" not in r.stderr
