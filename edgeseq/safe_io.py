@@ -60,17 +60,25 @@ def loads(data: bytes | str, where: str, what: str = "JSON", max_depth: int = MA
         raise EdgeseqError(f"{where}: damaged {what} ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def load_json_file(path: str, what: str = "JSON", max_bytes: int = 1 << 30):
-    """A JSON file read whole (at most `max_bytes`) through `loads`."""
+def read_bounded(path: str, max_bytes: int, what: str, limit: str | None = None) -> bytes:
+    """A file read whole, refused before reading if it is larger than `max_bytes` (and never more than
+    that read, should it grow meanwhile). `limit` says what the bound is, for the error."""
     try:
         size = os.path.getsize(path)
-        if size > max_bytes:
-            raise EdgeseqError(f"{path}: {what} of {size} bytes is larger than the {max_bytes} edgeseq reads")
-        with open(path, "rb") as f:
-            data = f.read()
+        if size <= max_bytes:
+            with open(path, "rb") as f:
+                data = f.read(max_bytes + 1)
+            size = len(data)
     except OSError as e:
         raise EdgeseqError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    return loads(data, path, what)
+    if size > max_bytes:
+        raise EdgeseqError(f"{path}: {what} of {size} bytes is larger than {limit or f'the {max_bytes} edgeseq reads'}")
+    return data
+
+
+def load_json_file(path: str, what: str = "JSON", max_bytes: int = 1 << 30):
+    """A JSON file read whole (at most `max_bytes`) through `loads`."""
+    return loads(read_bounded(path, max_bytes, what), path, what)
 
 
 # -- typed fields --------------------------------------------------------------------------------

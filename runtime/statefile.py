@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 
 import numpy as np
@@ -44,15 +43,8 @@ def load(path: str, expected: dict[str, tuple[tuple[int, ...], str]], weights_sh
 
     The checksum finds damage; every header field is also checked for its type and range, since a
     file can be edited and its checksum recomputed (a negative or fractional position, version -1)."""
-    try:
-        size = os.path.getsize(path)
-        limit = len(MAGIC) + 4 + (1 << 24) + 32 + sum(_nbytes(s, d) for s, d in expected.values())
-        if size > limit:
-            raise EdgeseqError(f"{path}: state file of {size} bytes is larger than this model's state could be")
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise EdgeseqError(f"{path}: cannot read state file ({e.strerror})") from None
+    limit = len(MAGIC) + 4 + (1 << 24) + 32 + sum(_nbytes(s, d) for s, d in expected.values())
+    data = safe_io.read_bounded(path, limit, "state file", "this model's state could be")
     if not data.startswith(MAGIC):
         raise EdgeseqError(f"{path}: not an edgeseq state file")
     body, digest = data[:-32], data[-32:]

@@ -383,6 +383,26 @@ def test_state_file_with_nan_is_refused(seeds, tmp_path):
     refused(lambda: s.load_state(str(f)), f, "NaN")
 
 
+def test_state_file_larger_than_the_model_state(seeds, tmp_path):
+    f = case(seeds, tmp_path, "state")
+    with open(f, "ab") as out:
+        out.write(b"\0" * (1 << 25))
+    s = edgeseq.load(str(seeds["bundle"])).session()
+    refused(lambda: s.load_state(str(f)), f, "larger than this model's state could be")
+
+
+def test_read_bounded(tmp_path):
+    from edgeseq.safe_io import load_json_file, read_bounded
+
+    f = tmp_path / "x.json"
+    f.write_bytes(b'{"a": 1}')
+    assert read_bounded(str(f), 8, "x") == b'{"a": 1}'
+    assert load_json_file(str(f), "config", 8) == {"a": 1}
+    refused(lambda: read_bounded(str(f), 7, "config"), f, "config of 8 bytes is larger than the 7 edgeseq reads")
+    refused(lambda: load_json_file(str(f), "config", 7), f, "larger than")
+    refused(lambda: read_bounded(str(tmp_path / "none"), 7, "config"), tmp_path / "none", "cannot read config")
+
+
 def test_manifest_with_absurd_nesting(seeds, tmp_path):
     b = case(seeds, tmp_path, "bundle")
     (b / "edgeseq.json").write_text("[" * 100_000 + "]" * 100_000)
