@@ -334,6 +334,37 @@ def _spread(xs: list[float]) -> dict:
     return {"median": round(mid, 2), "min": round(xs[0], 2), "max": round(xs[-1], 2)}
 
 
+class _Counted:
+    """`model` whose sessions call `advance(n)` for the n tokens each scoring call consumes (eval's bar
+    with --max-tokens: tokens scored out of N); everything else is the model's own."""
+
+    def __init__(self, model, advance):
+        self._model, self._advance = model, advance
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def session(self):
+        s, advance = self._model.session(), self._advance
+        if hasattr(s, "logits_all"):  # the prefill_all graph, a chunk at a time
+            inner = s.logits_all
+
+            def logits_all(ids):
+                out = inner(ids)
+                advance(len(ids))
+                return out
+            s.logits_all = logits_all
+        else:  # engines scored token by token through step() (llama.cpp)
+            inner_step = s.step
+
+            def step(token_id):
+                out = inner_step(token_id)
+                advance(1)
+                return out
+            s.step = step
+        return s
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., metavar="MODEL", help="bundle folder or .gguf file"),
@@ -357,9 +388,14 @@ def evaluate(
     if not os.path.isfile(text):
         raise EdgeseqError(f"--text {text}: no such file")
     path, _ = resolve_model(model, default=False)
-    # the bar counts the file's bytes: shown only when the whole file is scored
-    r = evaluate_text(_load(path, threads, max_context=max_context, on_full=on_full), text, chunk=chunk,
-                      max_tokens=max_tokens or None, progress=not max_tokens)
+    m = _load(path, threads, max_context=max_context, on_full=on_full)
+    if max_tokens:  # the bar counts the tokens scored, of N (the file's bytes would overstate the work)
+        from tqdm import tqdm
+
+        with tqdm(total=max_tokens, unit="tok", desc="eval", leave=False, disable=None) as bar:
+            r = evaluate_text(_Counted(m, bar.update), text, chunk=chunk, max_tokens=max_tokens)
+    else:  # the whole file: evaluate_text's bar counts its bytes
+        r = evaluate_text(m, text, chunk=chunk, progress=True)
     if json_out:
         typer.echo(json.dumps(r))
         return

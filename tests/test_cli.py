@@ -71,6 +71,53 @@ def test_bench_and_eval(bundle, tmp_path):
     assert "perplexity" in r.stdout
 
 
+def test_eval_bar_counts_tokens_of_max_tokens(bundle, tmp_path):
+    """eval --max-tokens N: the bar's total is N tokens and it advances by the tokens scored (through the
+    prefill_all graph, or step by step for engines without it); the scores are the plain evaluation's."""
+    import io
+
+    import numpy as np
+    import pexpect
+    from tqdm import tqdm
+
+    import edgeseq
+    from edgeseq.cli import _Counted
+    from edgeseq.quant.evaluate import evaluate_text
+
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning God created the heaven and the earth.\n" * 30)
+    m = edgeseq.load(bundle, threads=1)
+    for n in (300, 10_000):  # cut short, and a text shorter than N (the bar stops at the text's end)
+        want = evaluate_text(m, str(text), chunk=50, max_tokens=n)
+        bar = tqdm(total=n, file=io.StringIO(), disable=False)
+        assert evaluate_text(_Counted(m, bar.update), str(text), chunk=50, max_tokens=n) == want
+        assert bar.n == want["tokens"] == min(n, want["tokens"])
+
+    class StepOnly:  # a session without the prefill_all graph, as llama.cpp's
+        def __init__(self, s):
+            self.step = s.step
+
+    class StepModel:
+        tokenizer = m.tokenizer
+
+        def session(self):
+            return StepOnly(m.session())
+
+    bar = tqdm(total=120, file=io.StringIO(), disable=False)
+    got = evaluate_text(_Counted(StepModel(), bar.update), str(text), chunk=50, max_tokens=120)
+    want = evaluate_text(m, str(text), chunk=50, max_tokens=120)
+    assert bar.n == got["tokens"] == 120 and np.isclose(got["nll"], want["nll"], rtol=1e-4)
+    # at a terminal the bar shows: of N tokens, not of the file's bytes
+    env = {**os.environ, "EDGESEQ_MODEL": "", "COLUMNS": "100"}
+    p = pexpect.spawn(sys.executable, ["-m", "edgeseq", "eval", str(bundle), "--text", str(text), "-n", "300",
+                                       "--threads", "1"], env=env, encoding="utf-8", timeout=120)
+    p.expect(pexpect.EOF)
+    p.close()
+    assert p.exitstatus == 0, p.before
+    assert "/300 [" in p.before and "tok" in p.before and "tokens 300 " in p.before
+    assert f"/{text.stat().st_size}" not in p.before
+
+
 def test_errors_exit_nonzero_and_write_nothing(bundle, tmp_path):
     r = cli("export", tmp_path / "missing", "-o", tmp_path / "out")
     assert r.returncode == 1 and "error:" in r.stderr and "missing" in r.stderr
