@@ -26,7 +26,11 @@ MAX_POSITION = 1 << 62
 
 
 def save(path: str, arrays: dict[str, np.ndarray], weights_sha256: str, family: str, position: int) -> None:
-    """Written all or nothing (safe_io.atomic_file): a save killed midway leaves the old file or none."""
+    """Written all or nothing (safe_io.atomic_file): a save killed midway leaves the old file or none.
+    A state holding NaN or inf is refused here, as at load (docs/reliability.md): the file could not be
+    loaded, and an existing file is left as it was."""
+    for name, a in arrays.items():
+        _finite(a, f"{path}: not saved: the state's tensor {name}")
     header = {"version": VERSION, "weights_sha256": weights_sha256, "family": family, "position": int(position),
               "tensors": [{"name": n, "shape": list(a.shape), "dtype": a.dtype.name} for n, a in arrays.items()]}
     hb = json.dumps(header).encode()
@@ -87,9 +91,18 @@ def load(path: str, expected: dict[str, tuple[tuple[int, ...], str]], weights_sh
         raise EdgeseqError(f"{path}: state file does not match this model's state (lacks "
                            f"{', '.join(sorted(missing)) or 'nothing'}, {len(payload) - pos} extra bytes)")
     for name, a in out.items():
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise EdgeseqError(f"{path}: tensor {name} holds NaN or infinite values")
+        _finite(a, f"{path}: damaged state file: tensor {name}")
     return out, position
+
+
+def _finite(a: np.ndarray, what: str) -> None:
+    """A recurrent state carries every value into every later token: one NaN or inf makes all later
+    logits NaN, so such a state is never a state to continue from."""
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        bad = np.flatnonzero(~np.isfinite(a.reshape(-1)))
+        nan = int(np.isnan(a).sum())
+        raise EdgeseqError(f"{what} holds {nan} NaN and {len(bad) - nan} infinite values (first at flat index "
+                           f"{bad[0]}); a state must be finite")
 
 
 def _nbytes(shape, dtype: str) -> int:

@@ -375,12 +375,35 @@ def test_state_file_header_with_a_recomputed_checksum(seeds, tmp_path, field, va
     refused(lambda: s.load_state(str(f)), f, field)
 
 
-def test_state_file_with_nan_is_refused(seeds, tmp_path):
+@pytest.mark.parametrize("bad", [b"\0\0\xc0\x7f", b"\0\0\x80\xff"], ids=["nan", "-inf"])
+def test_state_file_with_nan_is_refused(seeds, tmp_path, bad):
     f = case(seeds, tmp_path, "state")
     header, payload = bd.state_parts(f.read_bytes())
-    f.write_bytes(bd.state_build(header, b"\0\0\xc0\x7f" + payload[4:]))
+    f.write_bytes(bd.state_build(header, bad + payload[4:]))
     s = edgeseq.load(str(seeds["bundle"])).session()
-    refused(lambda: s.load_state(str(f)), f, "NaN")
+    msg = refused(lambda: s.load_state(str(f)), f, header["tensors"][0]["name"], "flat index 0")
+    assert ("1 NaN and 0 infinite" if bad[-1] == 0x7F else "0 NaN and 1 infinite") in msg, msg
+
+
+def test_state_with_nan_is_not_saved(seeds, tmp_path):
+    """The choice (docs/reliability.md): a non-finite state is refused at save as at load. Why: the
+    recurrence carries a NaN into every later token, so nothing could continue from it."""
+    m = edgeseq.load(str(seeds["bundle"]))
+    s = m.session()
+    s.prefill([1, 2, 3])
+    f = tmp_path / "s.state"
+    s.save_state(str(f))
+    good = f.read_bytes()
+    arrays = {k: np.array(v) for k, v in s.state().items()}
+    name = sorted(arrays)[-1]
+    arrays[name].reshape(-1)[3] = np.nan
+    s.set_state(arrays, s.position)
+    msg = refused(lambda: s.save_state(str(f)), f, name, "not saved", "1 NaN", "flat index 3")
+    assert f.read_bytes() == good, "the old file was touched"
+    assert np.isnan(s.step(5)).all(), "a NaN in the state did not reach every logit"
+    t = m.session()
+    t.load_state(str(f))  # the old file still loads
+    assert t.position == 3 and "NaN" in msg
 
 
 def test_state_file_larger_than_the_model_state(seeds, tmp_path):
