@@ -11,10 +11,11 @@ import pytest
 import make_golden
 from edgeseq.exporters.checkpoint import open_checkpoint
 from edgeseq.exporters.export import read_family
-from edgeseq.gguf_names import arch_for
+from edgeseq.gguf_names import BY_FAMILY, arch_for
 
 # one f32 case per family and layout of the golden exports
 CASES = [name for name, c in make_golden.CASES.items() if not c.portable and c.quant == "f32"]
+GGUF_CASES = [name for name in CASES if make_golden.CASES[name].family in BY_FAMILY]  # llama.cpp knows them
 
 
 class _Gguf:
@@ -27,14 +28,25 @@ class _Gguf:
         return self.tensors[name]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda n: n)
-def converted(request, tmp_path_factory):
-    case = make_golden.CASES[request.param]
+def _convert(name: str, tmp_path_factory):
+    case = make_golden.CASES[name]
     ckpt = case.build(tmp_path_factory.mktemp(case.name))
     src = open_checkpoint(str(ckpt))
     fam = read_family(src, str(ckpt))
-    items = list(fam.convert(src))
-    return fam, items
+    return fam, list(fam.convert(src))
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda n: n)
+def converted(request, tmp_path_factory):
+    return _convert(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=GGUF_CASES, ids=lambda n: n)
+def gguf_case(request, tmp_path_factory):
+    fam, items = _convert(request.param, tmp_path_factory)
+    amap, why = arch_for(fam)
+    assert amap is not None, f"{request.param} should be writable as llama.cpp's {fam.name}: {why}"
+    return fam, amap, items
 
 
 def test_conversion_yields_each_canonical_weight_once(converted):
@@ -44,11 +56,8 @@ def test_conversion_yields_each_canonical_weight_once(converted):
     assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for _, a in items), names
 
 
-def test_gguf_round_trip_gives_every_weight_back(converted):
-    fam, items = converted
-    amap, why = arch_for(fam)
-    if amap is None:
-        pytest.skip(f"{fam.name} is written as edgeseq-{fam.name} (canonical tensors as they are): {why}")
+def test_gguf_round_trip_gives_every_weight_back(gguf_case):
+    fam, amap, items = gguf_case
     table = fam.table()
     written = list(amap.to_gguf(fam, iter(items)))
     names = [n for n, _ in written]
@@ -66,11 +75,8 @@ def test_gguf_round_trip_gives_every_weight_back(converted):
             assert np.array_equal(b, a), name
 
 
-def test_matrices_are_the_gguf_tensor_or_its_transpose(converted):
-    fam, items = converted
-    amap, _ = arch_for(fam)
-    if amap is None:
-        pytest.skip("no llama.cpp architecture")
+def test_matrices_are_the_gguf_tensor_or_its_transpose(gguf_case):
+    fam, amap, items = gguf_case
     written = dict(amap.to_gguf(fam, iter(items)))
     ours = dict(items)
     matrices = amap.matrices(fam)
@@ -82,11 +88,8 @@ def test_matrices_are_the_gguf_tensor_or_its_transpose(converted):
         assert np.array_equal(g.T if transposed else g, ours[name]), name
 
 
-def test_a_weight_without_a_llamacpp_tensor_is_refused(converted):
-    fam, items = converted
-    amap, _ = arch_for(fam)
-    if amap is None:
-        pytest.skip("no llama.cpp architecture")
+def test_a_weight_without_a_llamacpp_tensor_is_refused(gguf_case):
+    fam, amap, items = gguf_case
     from edgeseq.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match="layers.0.extra has no llama.cpp tensor"):

@@ -89,8 +89,9 @@ class Family:
         return src
 
     def layout(self, src: TensorSource) -> tuple[str | None, str]:
-        """(the checkpoint layout `src` is in, its tensor-name prefix): the table's column to read."""
-        return None, ""
+        """(the checkpoint layout `src` is in, its tensor-name prefix): the table's column to read. By
+        default the tool that wrote a one-file checkpoint (`stored_by`), None for a model directory."""
+        return src.stored_by, ""
 
     def convert(self, src: TensorSource) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (canonical name, array) for every weight the graphs use, one at a time."""

@@ -70,13 +70,7 @@ class Rwkv4(Family):
                     StateTensor(i, "shift_ffn", (C,), "previous token's ln2 output (channel-mix token shift)")]
         return out
 
-    @staticmethod
-    def source(src):
-        return hf_view(src)
-
-    @staticmethod
-    def layout(src):
-        return src.stored_by, ""
+    source = staticmethod(hf_view)  # HF directories under BlinkDL's names
 
     def tensors(self):
         """BlinkDL's names (HF directories are renamed to them by rwkv_common.hf_view); rwkv.cpp squeezed the

@@ -117,10 +117,6 @@ class Rwkv5(Family):
         c = self.config
         return matrix_state_spec(c.n_layer, c.n_embd, c.n_head, c.head_size)
 
-    @staticmethod
-    def layout(src):
-        return src.stored_by, ""
-
     def tensors(self):
         c = self.config
         C, H, N = c.n_embd, c.n_head, c.head_size

@@ -93,13 +93,7 @@ class Rwkv6(Family):
         c = self.config
         return matrix_state_spec(c.n_layer, c.n_embd, c.n_head, c.head_size)
 
-    @staticmethod
-    def source(src):
-        return hf_view(src)
-
-    @staticmethod
-    def layout(src):
-        return src.stored_by, ""
+    source = staticmethod(hf_view)  # HF directories under BlinkDL's names
 
     def tensors(self):
         """BlinkDL's names (HF directories are renamed to them by rwkv_common.hf_view). rwkv.cpp's converter
