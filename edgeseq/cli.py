@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -59,54 +59,73 @@ def _model_arg():
     return typer.Argument(None, metavar="MODEL", show_default=False, help=MODEL_HELP)
 
 
-def _model_opt():
-    return typer.Option(None, "-m", "--model", metavar="MODEL", help="the model, as an option (llama.cpp's spelling)")
-
-
 def _opt(default, *names, metavar, help):
     return typer.Option(default, *names, metavar=metavar, help=help)
 
 
-TEMP = dict(metavar="T", help="sampling temperature; 0: greedy")
-TOP_K = dict(metavar="K", help="keep the K likeliest tokens; 0: off")
-TOP_P = dict(metavar="P", help="nucleus sampling, 0 < P <= 1; 1: off")
-MIN_P = dict(metavar="P", help="drop tokens less likely than P x the likeliest, 0 <= P < 1; 0: off")
-REP = dict(metavar="X", help="repetition penalty (> 0; 1: off)")
-SEED = dict(metavar="N", help="random seed; -1 or none: a random one")
-STOP = dict(metavar="TEXT", help="stop when the text contains TEXT (repeatable; \\n and \\t are escapes)")
-THREADS = dict(metavar="N", help="CPU threads (default: ONNX Runtime's choice)")
-DEVICE = dict(metavar="DEV", help="cpu | cuda (with onnxruntime-gpu)")
+# Options that several commands take, declared once: typer reads the option from the Annotated type, the
+# default stays in each command's signature (run and chat, bench and eval).
+ModelOpt = Annotated[Optional[str], typer.Option("-m", "--model", metavar="MODEL",
+                                                 help="the model, as an option (llama.cpp's spelling)")]
+Temperature = Annotated[float, typer.Option("--temperature", "--temp", "-t", metavar="T",
+                                            help="sampling temperature; 0: greedy")]
+TopK = Annotated[int, typer.Option("--top-k", metavar="K", help="keep the K likeliest tokens; 0: off")]
+TopP = Annotated[float, typer.Option("--top-p", metavar="P", help="nucleus sampling, 0 < P <= 1; 1: off")]
+MinP = Annotated[float, typer.Option("--min-p", metavar="P",
+                                     help="drop tokens less likely than P x the likeliest, 0 <= P < 1; 0: off")]
+RepeatPenalty = Annotated[float, typer.Option("--repetition-penalty", "--repeat-penalty", metavar="X",
+                                              help="repetition penalty (> 0; 1: off)")]
+Seed = Annotated[Optional[int], typer.Option("--seed", "-s", metavar="N",
+                                             help="random seed; -1 or none: a random one")]
+Stop = Annotated[list[str], typer.Option("--stop", metavar="TEXT", help="stop when the text contains TEXT "
+                                         "(repeatable; \\n and \\t are escapes)")]
+Threads = Annotated[Optional[int], typer.Option("--threads", metavar="N",
+                                                help="CPU threads (default: ONNX Runtime's choice)")]
+Device = Annotated[str, typer.Option("--device", metavar="DEV", help="cpu | cuda (with onnxruntime-gpu)")]
+MaxContext = Annotated[Optional[int], typer.Option("--max-context", "--ctx-size", "-c", metavar="N",
+                                                   help=MAX_CONTEXT_HELP)]
+OnFull = Annotated[str, typer.Option("--on-full", metavar="WHAT", help=ON_FULL_HELP)]
+Engine = Annotated[Optional[str], typer.Option("--engine", metavar="ENGINE", help=ENGINE_HELP)]
+
+
+def _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, threads, max_context) -> dict:
+    """run's and chat's generation options, checked before a model loads: Session.generate's arguments."""
+    check_max_tokens(max_tokens)
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, seed=seed, threads=threads, max_context=max_context)
+    return dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, seed=None if seed in (None, -1) else seed)
 
 
 @app.command(context_settings={"allow_extra_args": True})
 def run(
     ctx: typer.Context,
     model: Optional[str] = _model_arg(),
-    model_opt: Optional[str] = _model_opt(),
+    model_opt: ModelOpt = None,
     prompt: Optional[str] = _opt(None, "--prompt", "-p", metavar="TEXT", help="the prompt; '-' reads it from stdin"),
     prompt_file: Optional[str] = _opt(None, "--prompt-file", "-f", metavar="FILE",
                                       help="read the prompt from a UTF-8 file ('-': stdin)"),
     max_tokens: int = _opt(128, "--max-tokens", "-n", "--n-predict", metavar="N",
                            help="tokens to generate; -1: until an end token (or Ctrl-C)"),
-    temperature: float = _opt(0.8, "--temperature", "--temp", "-t", **TEMP),
-    top_k: int = _opt(0, "--top-k", **TOP_K),
-    top_p: float = _opt(1.0, "--top-p", **TOP_P),
-    min_p: float = _opt(0.0, "--min-p", **MIN_P),
-    repetition_penalty: float = _opt(1.0, "--repetition-penalty", "--repeat-penalty", **REP),
-    seed: Optional[int] = _opt(None, "--seed", "-s", **SEED),
-    stop: list[str] = _opt([], "--stop", **STOP),
+    temperature: Temperature = 0.8,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepeatPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = [],
     echo: Optional[bool] = typer.Option(None, "--echo/--no-echo", show_default=False,
                                         help="print the prompt before the reply (default: for -p and PROMPT, not "
                                              "for a file or stdin)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object (text, stop reason, speeds) at "
                                   "the end instead of streaming"),
-    threads: Optional[int] = _opt(None, "--threads", **THREADS),
-    device: str = _opt("cpu", "--device", **DEVICE),
+    threads: Threads = None,
+    device: Device = "cpu",
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: decode through the step "
                                     "graph under ONNX Runtime CUDA graphs (docs/devices.md)"),
-    max_context: Optional[int] = _opt(None, "--max-context", "--ctx-size", "-c", metavar="N", help=MAX_CONTEXT_HELP),
-    on_full: str = _opt("stop", "--on-full", metavar="WHAT", help=ON_FULL_HELP),
-    engine: Optional[str] = _opt(None, "--engine", metavar="ENGINE", help=ENGINE_HELP),
+    max_context: MaxContext = None,
+    on_full: OnFull = "stop",
+    engine: Engine = None,
 ):
     """Generate a continuation of a prompt, streamed; ends with prompt/decode tokens/s and peak memory.
 
@@ -117,9 +136,8 @@ def run(
         words = ([model] if model is not None else []) + words
         model = model_opt
     text, source = read_prompt(prompt, prompt_file, words)
-    check_max_tokens(max_tokens)
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repetition_penalty=repetition_penalty, seed=seed, threads=threads, max_context=max_context)
+    sampling = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, threads,
+                         max_context)
     on_full = on_full_option(on_full)
     stops = stop_strings(stop)
     path, is_demo = resolve_model(model)
@@ -143,10 +161,7 @@ def run(
     try:
         if echo and not json_out:
             typer.echo(text, nl=False)
-        for piece in s.generate(ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                min_p=min_p, repetition_penalty=repetition_penalty,
-                                seed=None if seed in (None, -1) else seed, stop=stops,
-                                progress=bar.update if bar else None):
+        for piece in s.generate(ids, **sampling, stop=stops, progress=bar.update if bar else None):
             if bar:
                 bar.close()
                 bar = None
@@ -188,7 +203,7 @@ def _progress_bar(n: int, model):
 @app.command()
 def chat(
     model: Optional[str] = _model_arg(),
-    model_opt: Optional[str] = _model_opt(),
+    model_opt: ModelOpt = None,
     system: Optional[str] = _opt(None, "--system", "-sys", metavar="TEXT",
                                  help="system prompt: the template's system turn; without a template, text fed "
                                       "before the first turn"),
@@ -197,20 +212,20 @@ def chat(
                                              "default: the model's own"),
     max_tokens: int = _opt(256, "--max-tokens", "-n", "--n-predict", metavar="N",
                            help="most tokens per reply; -1: until an end token (Ctrl-C stops a reply)"),
-    temperature: float = _opt(0.8, "--temperature", "--temp", "-t", **TEMP),
-    top_k: int = _opt(0, "--top-k", **TOP_K),
-    top_p: float = _opt(1.0, "--top-p", **TOP_P),
-    min_p: float = _opt(0.0, "--min-p", **MIN_P),
-    repetition_penalty: float = _opt(1.0, "--repetition-penalty", "--repeat-penalty", **REP),
-    seed: Optional[int] = _opt(None, "--seed", "-s", **SEED),
-    stop: list[str] = _opt([], "--stop", **STOP),
+    temperature: Temperature = 0.8,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepeatPenalty = 1.0,
+    seed: Seed = None,
+    stop: Stop = [],
     show_think: bool = typer.Option(True, "--think/--hide-think", help="show a reasoning model's <think> "
                                     "section (dimmed on a terminal) or hide it"),
-    threads: Optional[int] = _opt(None, "--threads", **THREADS),
-    device: str = _opt("cpu", "--device", **DEVICE),
-    max_context: Optional[int] = _opt(None, "--max-context", "--ctx-size", "-c", metavar="N", help=MAX_CONTEXT_HELP),
-    on_full: str = _opt("stop", "--on-full", metavar="WHAT", help=ON_FULL_HELP),
-    engine: Optional[str] = _opt(None, "--engine", metavar="ENGINE", help=ENGINE_HELP),
+    threads: Threads = None,
+    device: Device = "cpu",
+    max_context: MaxContext = None,
+    on_full: OnFull = "stop",
+    engine: Engine = None,
 ):
     """Chat interactively; the state carries over, so each turn processes only its new tokens.
 
@@ -221,9 +236,8 @@ def chat(
         if model is not None:
             raise EdgeseqError(f"give the model once: {model!r} and -m {model_opt!r}")
         model = model_opt
-    check_max_tokens(max_tokens)
-    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repetition_penalty=repetition_penalty, seed=seed, threads=threads, max_context=max_context)
+    sampling = _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, threads,
+                         max_context)
     on_full = on_full_option(on_full)
     stops = stop_strings(stop)
     path, _ = resolve_model(model)
@@ -235,9 +249,7 @@ def chat(
 
         template = load_template_option(chat_template)
     m = _load(path, threads, device, max_context, on_full, engine)
-    repl(m, system=system, template=template, show_think=show_think, stop=stops,
-         sampling=dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       repetition_penalty=repetition_penalty, seed=None if seed in (None, -1) else seed))
+    repl(m, system=system, template=template, show_think=show_think, stop=stops, sampling=sampling)
 
 
 @app.command()
@@ -280,17 +292,17 @@ def _quant_label(manifest: dict) -> str:
 @app.command()
 def bench(
     model: str = typer.Argument(..., metavar="MODEL", help="bundle folder or .gguf file"),
-    threads: Optional[int] = _opt(None, "--threads", **THREADS),
+    threads: Threads = None,
     prompt_tokens: int = _opt(512, "--prompt-tokens", "-p", metavar="N", help="prompt length to prefill"),
     decode_tokens: int = _opt(128, "--decode-tokens", "-n", metavar="N", help="tokens to decode"),
     repeat: int = _opt(3, "--repeat", "-r", metavar="N", help="timed runs; the median is reported, with min-max"),
     json_out: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
-    device: str = _opt("cpu", "--device", **DEVICE),
+    device: Device = "cpu",
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: decode through the step "
                                     "graph under ONNX Runtime CUDA graphs (docs/devices.md)"),
-    max_context: Optional[int] = _opt(None, "--max-context", "--ctx-size", "-c", metavar="N", help=MAX_CONTEXT_HELP),
-    on_full: str = _opt("stop", "--on-full", metavar="WHAT", help=ON_FULL_HELP),
-    engine: Optional[str] = _opt(None, "--engine", metavar="ENGINE", help=ENGINE_HELP),
+    max_context: MaxContext = None,
+    on_full: OnFull = "stop",
+    engine: Engine = None,
 ):
     """Prefill and decode tokens/s (median of --repeat runs), state bytes and peak RSS."""
     import numpy as np
@@ -372,9 +384,9 @@ def evaluate(
                      "full-attention model stops at --max-context unless --on-full slide)"),
     max_tokens: int = _opt(0, "--max-tokens", "-n", metavar="N", help="score at most N tokens (0: the whole text)"),
     chunk: int = _opt(256, "--chunk", metavar="N", help="tokens per prefill call; the state carries between chunks"),
-    threads: Optional[int] = _opt(None, "--threads", **THREADS),
-    max_context: Optional[int] = _opt(None, "--max-context", "--ctx-size", "-c", metavar="N", help=MAX_CONTEXT_HELP),
-    on_full: str = _opt("stop", "--on-full", metavar="WHAT", help=ON_FULL_HELP),
+    threads: Threads = None,
+    max_context: MaxContext = None,
+    on_full: OnFull = "stop",
     json_out: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
 ):
     """Perplexity and bits per byte of a text, streamed through the state chunk by chunk."""
