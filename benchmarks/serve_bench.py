@@ -16,6 +16,10 @@ The model: `demo` (the shipped byte-level RWKV-7, f32) or a shape of the harness
 2. Throughput: C clients at once (C in --clients), each one streamed request of a distinct 16-word prompt
    and --decode tokens (temperature 1, seeded, so an end token is rare): completion tokens / wall time.
 
+3. --load N: on a server of --parallel 16 and a 64 MB state cache, N requests from 32 clients (random prompt and reply lengths, streamed or not, 10 % bad
+   requests of a dozen kinds): the status codes (no 5xx), p50/p99 latency of the good ones, and the server's
+   RSS after each tenth of the run (flat after warm-up: no leak per request).
+
 Not here yet: the same runs against llama.cpp's llama-server built from source (issue 17).
 """
 from __future__ import annotations
@@ -138,6 +142,54 @@ def throughput(server: Server, clients: int, decode: int, byte_level: bool) -> d
             "ttft_ms_median": round(sorted(r["ttft"] for r in rs)[len(rs) // 2] * 1000, 1)}
 
 
+BAD = [b"{not json", b"[1]", b'{"prompt": 5}', b'{"prompt": "a", "max_tokens": -1}', b'{"prompt": "a", "n": 99}',
+       b'{"prompt": "a", "logprobs": 3}', b'{"prompt": "a", "tools": [1]}', b'{"prompt": "a", "temperature": "hot"}',
+       b'{"prompt": "a", "model": "nope"}', b'{"prompt": "\\ud800"}', b'\xff\xfe', b'{"prompt": "a", "stop": [1]}']
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def load_run(server: Server, n: int, byte_level: bool, clients: int = 32) -> dict:
+    import random
+
+    words = user_turns(64, 64, byte_level)
+    codes, lat, rss = {}, [], []
+    lock = threading.Lock()
+
+    def one(i):
+        rng = random.Random(i)
+        if rng.random() < 0.1:
+            body, stream = rng.choice(BAD), False
+        else:
+            stream = rng.random() < 0.5
+            prompt = rng.choice(words)[:rng.randrange(1, 64 if byte_level else 400)] or "a"
+            body = json.dumps({"prompt": prompt, "max_tokens": rng.randrange(1, 48), "temperature": 0.8,
+                               "seed": i, "stream": stream}).encode()
+        c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+        t0 = time.perf_counter()
+        c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        c.close()
+        with lock:
+            codes[r.status] = codes.get(r.status, 0) + 1
+            if r.status == 200:
+                lat.append(time.perf_counter() - t0)
+            if i % max(1, n // 10) == 0:
+                rss.append(round(rss_mb(server.proc.pid)))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(n)))
+    lat.sort()
+    return {"requests": n, "clients": clients, "seconds": round(time.perf_counter() - t0, 1), "codes": codes,
+            "p50_ms": round(lat[len(lat) // 2] * 1000, 1), "p99_ms": round(lat[int(len(lat) * 0.99)] * 1000, 1),
+            "rss_mb": rss}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo")
@@ -149,6 +201,7 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default="/tmp/edgeseq-bench")
+    p.add_argument("--load", type=int, default=0, metavar="N", help="also the load run of N requests")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     bundle, byte_level = bundle_for(a.model, a.quant, a.work)
@@ -164,6 +217,13 @@ def main() -> None:
             if label == "cache":
                 s.stream({"prompt": "warm up", "max_tokens": 4})
                 res["throughput"] = [throughput(s, c, a.decode, byte_level) for c in a.clients]
+
+        finally:
+            s.stop()
+    if a.load:  # its own server, a 64 MB cache: once the cache is full, RSS must stay flat
+        s = Server(bundle, "--parallel", 16, "--cache-ram", 64, *extra)
+        try:
+            res["load"] = load_run(s, a.load, byte_level)
         finally:
             s.stop()
     print(f"{a.model} ({res['quant']}), {res['cpus']} CPUs")
@@ -173,6 +233,10 @@ def main() -> None:
     for t in res["throughput"]:
         print(f"{t['clients']:2d} clients: {t['tok_s']:7.1f} tok/s ({t['tokens']} tokens in {t['seconds']} s, "
               f"median TTFT {t['ttft_ms_median']} ms)")
+    if "load" in res:
+        L = res["load"]
+        print(f"load: {L['requests']} requests from {L['clients']} clients in {L['seconds']} s, status codes "
+              f"{L['codes']}, p50 {L['p50_ms']} ms, p99 {L['p99_ms']} ms, server RSS MB {L['rss_mb']}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
