@@ -59,12 +59,13 @@ class FamilyCase:
         return self.checks.get(check, ())
 
 
-def checks(default=B, **overrides) -> dict:
-    """Every check but `expected` in flavours `default` (ONCE checks once), then `overrides` (name=flavours,
-    () to leave a check out)."""
-    out = {c: ((None,) if c in ONCE and default else default) for c in CHECKS if c != "expected"}
-    out.update({k: ((None,) if k in ONCE and v else v) for k, v in overrides.items()})
-    return {k: v for k, v in out.items() if v}
+def checks(*parts: dict, **kw) -> dict:
+    """{check: flavours} from dicts and keywords (name=B, F, or True for a check run once), () to leave
+    one out."""
+    out = {}
+    for part in (*parts, kw):
+        out.update(part)
+    return {k: ((None,) if k in ONCE else v) for k, v in out.items() if v}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,59 +548,75 @@ def register(*cases: FamilyCase) -> None:
         CASES[c.id] = c
 
 
-# llama.cpp's Mamba tensors have no in/out projection biases: a biased checkpoint has no GGUF
+# The checks each family's own file ran before this suite are kept where they were (the same cases, the
+# same flavours); a check no family file had runs on the family's first case, in the fused flavour.
+
+ONE_TOKEN_FAMILIES = dict(step=B, prefill_all=B, prefill_then_steps=B, chunked=B, plain_ort=B, low_memory=B,
+                          state_spec=B, state_constant=B, flavour_ops=True)
+
 register(*(FamilyCase(
-    f"mamba/{name}", "mamba", _mamba(name), checks(gguf=not cfg.get("use_bias")),
+    f"mamba/{name}", "mamba", _mamba(name),
+    checks(ONE_TOKEN_FAMILIES, save_load_fork=first and F, gguf=first),
     state=mamba_state, tokenizer="hf" if cfg.get("tokenizer_vocab") else "bytes",
     # Mamba-1's scan stays a Scan in the fused flavour too (one-head-per-channel LinearAttention was slower)
     fused_ops=_every_kind({**CONV, "LinearAttention": False}))
-    for name, (_, cfg) in MAMBA_CONFIGS.items()))
+    for first, (name, (_, cfg)) in zip((True, False, False, False), MAMBA_CONFIGS.items())))
 
 register(*(FamilyCase(
-    f"mamba2/{name}", "mamba2", _mamba2(name), checks(gguf=not cfg.get("use_bias")),
+    f"mamba2/{name}", "mamba2", _mamba2(name),
+    checks(ONE_TOKEN_FAMILIES, save_load_fork=first and F, gguf=first),
     state=mamba2_state, tokenizer="hf" if cfg.get("tokenizer_vocab") else "bytes",
     fused_ops=_every_kind({**CONV, "LinearAttention": True}))
-    for name, (_, cfg) in MAMBA2_CONFIGS.items()))
+    for first, (name, (_, cfg)) in zip((True, False, False, False), MAMBA2_CONFIGS.items())))
 
-
-# The hybrids: the file of each ran these checks in the fused flavour only (the flavours share the Mamba
-# mixers and the attention ring that Mamba, Mamba-2 and RecurrentGemma check in both)
+# The hybrids: their files ran most checks in the fused flavour only (the flavours share the Mamba mixers
+# and the attention ring that Mamba, Mamba-2 and RecurrentGemma check in both)
 register(*(FamilyCase(
     f"zamba/{name}", "zamba", _hf(make_zamba, ZAMBA_CONFIGS, 5, 4, name),
-    checks(F, step=B, prefill_then_steps=B), state=zamba_state, position=True, prefill_at=(2, 40),
+    checks(step=B, prefill_all=F, prefill_then_steps=B, chunked=F, state_spec=F, save_load_fork=F,
+           plain_ort=first and F, state_constant=first and F, low_memory=first and F, flavour_ops=first,
+           gguf=first),
+    state=zamba_state, position=True, prefill_at=(2, 40),
     # 4heads-gqa-untied is ill-conditioned (dt rank 3): HF's own float32 forward is 1.6e-3 from its float64
     # one over 64 random tokens (transformers 5.25), edgeseq's 48-token Scan 1.1e-4 from the float64 logits
     prefill_all_tol=2e-4 if name == "4heads-gqa-untied" else None,
     fused_ops={"prefill": CONV}, load={"max_context": 96}, fork_at=25)
-    for name in ZAMBA_CONFIGS))
+    for first, name in zip((True, False), ZAMBA_CONFIGS)))
 
 register(*(FamilyCase(
     f"zamba2/{name}", "zamba2", _hf(make_zamba2, ZAMBA2_CONFIGS, 7, 3, name),
-    checks(F, step=B, prefill_then_steps=B), state=zamba2_state, position=True,
+    checks(step=B, prefill_all=F, prefill_then_steps=B, chunked=F, plain_ort=F, state_spec=F, save_load_fork=F,
+           flavour_ops=True, state_constant=first and F, low_memory=first and F, gguf=first),
+    state=zamba2_state, position=True,
     tokenizer="hf" if ZAMBA2_CONFIGS[name].get("vocab_size") == 32000 and mistral_v1() else "bytes",
     fused_ops={"prefill": {**CONV, "LinearAttention": True}}, load={"max_context": 128}, fork_at=30)
-    for name in ZAMBA2_CONFIGS))
+    for first, name in zip((True, False, False), ZAMBA2_CONFIGS)))
 
 register(*(FamilyCase(
     f"recurrent_gemma/{name}", "recurrent_gemma", _hf(make_recurrent_gemma, RG_CONFIGS, 3, 8, name),
-    checks(plain_ort=F, state_spec=F, low_memory=F), state=rg_state, position=True,
+    checks(step=B, prefill_all=B, prefill_then_steps=B, chunked=B, plain_ort=first and F, state_spec=first and F,
+           state_constant=first and B, save_load_fork=first and B, flavour_ops=first, gguf=first,
+           low_memory=first and F),
+    state=rg_state, position=True,
     # prefills shorter than, equal to and longer than the window of 8 (50: the ring wraps six times in one call)
     prefill_at=(3, RG_WINDOW, 2 * RG_WINDOW + 3, 50),
     fused_ops=_every_kind(CONV), fork_at=29)
-    for name in RG_CONFIGS))
+    for first, name in zip((True, False), RG_CONFIGS)))
 
 STANDARD = {"step": None, "prefill": None, "prefill_all": None}  # fused graphs of standard ops only
 WKV4_INIT = {"pp": -1e30}  # the reference's initial running maximum
 
 register(
-    FamilyCase("rwkv4/rwkv.cpp", "rwkv4", _rwkv4_cpp, {**checks(F, step=B, prefill_all=B, prefill_then_steps=B,
-                                                                chunked=B, plain_ort=B, low_memory=()),
-                                                         "expected": B},
-               state=rwkv_state(4, 128, att=128), init=WKV4_INIT, prefill_at=(1, 30),
+    FamilyCase("rwkv4/rwkv.cpp", "rwkv4", _rwkv4_cpp,
+               checks(expected=B, step=B, prefill_all=B, prefill_then_steps=B, state_spec=F, state_constant=F,
+                      chunked=F, plain_ort=F, save_load_fork=F, flavour_ops=True, gguf=True),
+               state=rwkv_state(4, 128, att=128), init=WKV4_INIT, prefill_at=(30,),
                fused_ops=STANDARD, expected=(PROMPT, FIXTURES / "expected-logits-4v0-660K.bin")),
-    FamilyCase("rwkv4/hf", "rwkv4", _rwkv4_hf, checks(F, step=B, prefill_all=B),
-               state=rwkv_state(3, 32, att=48), init=WKV4_INIT, tokenizer="hf", fused_ops=STANDARD),
-    FamilyCase("rwkv5/rwkv.cpp", "rwkv5", _rwkv5_cpp, {**checks(), "expected": B},
+    FamilyCase("rwkv4/hf", "rwkv4", _rwkv4_hf, checks(step=B, prefill_all=B, state_spec=F),
+               state=rwkv_state(3, 32, att=48), init=WKV4_INIT, tokenizer="hf"),
+    FamilyCase("rwkv5/rwkv.cpp", "rwkv5", _rwkv5_cpp,
+               checks(expected=B, step=B, prefill_all=B, prefill_then_steps=B, chunked=B, plain_ort=B, state_spec=B,
+                      state_constant=B, flavour_ops=True, save_load_fork=F, gguf=True),
                state=rwkv_state(12, 64, 8, 8), prefill_at=(1, 2, 17), prefill_chunk=7,
                fused_ops={"step": None, "prefill": {"LinearAttention": True},
                           "prefill_all": {"LinearAttention": True}},
@@ -608,26 +625,32 @@ register(
 )
 
 register(*(FamilyCase(
-    f"rwkv6/{name}", "rwkv6", None, checks(F, step=B, prefill_all=B, prefill_then_steps=B, chunked=B, plain_ort=B),
+    f"rwkv6/{name}", "rwkv6", None,
+    checks(step=B, prefill_all=B, prefill_then_steps=B, state_spec=F, chunked=first and B, plain_ort=first and B,
+           state_constant=first and F, flavour_ops=first, gguf=first, save_load_fork=(name == "h64-L5") and F),
     group=_rwkv6_group, state=rwkv_state(cfg["L"], cfg["C"], cfg["H"], cfg["C"] // cfg["H"]),
     prefill_at=(1, 17, 40), fork_at=20,
     fused_ops={"step": {"LinearAttention": False}, "prefill": {"LinearAttention": True, "Scan": False}},
     portable_ops={"prefill": {"LinearAttention": False, "Scan": True}})
-    for name, (_, cfg) in RWKV6_CONFIGS.items()))
+    for first, (name, (_, cfg)) in zip((True, False, False, False), RWKV6_CONFIGS.items())))
 
 register(
-    FamilyCase("rwkv7/rwkv.cpp", "rwkv7", None, {**checks(F, step=B, prefill_all=B, prefill_then_steps=B,
-                                                          chunked=B, plain_ort=B), "expected": B},
-               group=_rwkv7_group, state=rwkv_state(12, 64, 1, 64), prefill_at=(1, 30), fork_at=20,
+    FamilyCase("rwkv7/rwkv.cpp", "rwkv7", None,
+               checks(expected=B, step=B, prefill_all=B, prefill_then_steps=B, chunked=B, state_spec=F,
+                      state_constant=F, plain_ort=F, flavour_ops=True, gguf=True),
+               group=_rwkv7_group, state=rwkv_state(12, 64, 1, 64), prefill_at=(30,), fork_at=20,
                # no fused op fits WKV-7: the flavours build the same graphs
                fused_ops=STANDARD, expected=(PROMPT, FIXTURES / "expected-logits-7v0-834K.bin")),
     # the same weights from the BlinkDL .pth the reference loaded: separate x_r … x_g, LoRA as (in, out)
-    FamilyCase("rwkv7/fixture-pth", "rwkv7", None, checks((), step=B, prefill_all=B), group=_rwkv7_group),
-    *(FamilyCase(f"rwkv7/{name}", "rwkv7", None, checks(F, step=B, prefill_all=B, prefill_then_steps=B),
+    FamilyCase("rwkv7/fixture-pth", "rwkv7", None, checks(step=B, prefill_all=B), group=_rwkv7_group),
+    *(FamilyCase(f"rwkv7/{name}", "rwkv7", None,
+                 checks(step=B, prefill_all=B, prefill_then_steps=B, state_spec=F,
+                        save_load_fork=(name == "h64-L3") and F),
                  group=_rwkv7_group, state=rwkv_state(cfg["L"], cfg["C"], cfg["H"], cfg["C"] // cfg["H"]),
-                 prefill_at=(1, 17, 40), fork_at=20, fused_ops=STANDARD)
+                 prefill_at=(1, 17, 40), fork_at=20)
       for name, (_, cfg) in RWKV7_CONFIGS.items()),
 )
+
 
 def cases(*families: str) -> list[FamilyCase]:
     return [c for c in CASES.values() if c.family in families] if families else list(CASES.values())
