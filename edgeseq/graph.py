@@ -130,7 +130,23 @@ class Value(str):
     def __neg__(self): return self.b.op("Neg", self)
 
     def __mod__(self, o):  # str's %-formatting of a tensor's name would be a silent surprise
-        raise TypeError("a graph Value does not take %; call b.op('Mod', ...)")
+        raise TypeError("a graph Value does not take %; call .mod(...)")
+
+    def __and__(self, o): return self._binary("And", o)
+
+    # comparisons (methods: `<` and `==` stay those of the name, a str)
+    def gt(self, o): return self._binary("Greater", o)
+    def ge(self, o): return self._binary("GreaterOrEqual", o)
+    def lt(self, o): return self._binary("Less", o)
+    def le(self, o): return self._binary("LessOrEqual", o)
+    def eq(self, o): return self._binary("Equal", o)
+    def mod(self, o): return self.b.op("Mod", self, o if isinstance(o, str) else self.b.const(o), fmod=0)
+
+    def where(self, then, otherwise) -> "Value":
+        """`then` where this (bool) tensor is true, else `otherwise` (a Value or a float)."""
+        b = _inner(self, then, otherwise)
+        return b.op("Where", self, then if isinstance(then, str) else b.const(then),
+                    otherwise if isinstance(otherwise, str) else b.const(otherwise))
 
     # elementwise functions
     def exp(self): return self.b.op("Exp", self)
@@ -145,6 +161,14 @@ class Value(str):
     def abs(self): return self.b.op("Abs", self)
     def maximum(self, o): return self._binary("Max", o)
     def minimum(self, o): return self._binary("Min", o)
+    def cos(self): return self.b.op("Cos", self)
+    def sin(self): return self.b.op("Sin", self)
+    def sinh(self): return self.b.op("Sinh", self)
+    def isnan(self): return self.b.op("IsNaN", self)
+    def softmax(self, axis: int = -1): return self.b.op("Softmax", self, axis=axis)
+
+    def clip(self, lo: float, hi: float) -> "Value":
+        return self.b.op("Clip", self, self.b.const(lo), self.b.const(hi))
 
     # shapes
     def reshape(self, *shape: int) -> "Value":
@@ -163,13 +187,24 @@ class Value(str):
     def unsqueeze(self, *axes: int) -> "Value":
         return self.b.op("Unsqueeze", self, self.b.ints(axes))
 
-    def split(self, sizes, axis: int = -1) -> list["Value"]:
-        outs = self.b.op("Split", self, self.b.ints(sizes), axis=axis, outputs=len(sizes))
+    def split(self, sizes, axis: int = -1, parts: int | None = None) -> list["Value"]:
+        """Pieces of the given sizes along `axis`: a list of ints, or an int64 tensor of `parts` sizes."""
+        n = parts if isinstance(sizes, str) else len(sizes)
+        outs = self.b.op("Split", self, sizes if isinstance(sizes, str) else self.b.ints(sizes), axis=axis, outputs=n)
         return outs if isinstance(outs, list) else [outs]
 
-    def expand(self, *shape: int) -> "Value":
-        """Broadcast to `shape` (ONNX Expand: 1 keeps an axis as it is)."""
+    def expand(self, *shape) -> "Value":
+        """Broadcast to `shape` (ONNX Expand: 1 keeps an axis as it is), ints or one int64 tensor."""
+        if len(shape) == 1 and isinstance(shape[0], str):
+            return self.b.op("Expand", self, shape[0])
         return self.b.op("Expand", self, self.b.ints(shape))
+
+    def tile(self, *reps: int) -> "Value":
+        return self.b.op("Tile", self, self.b.ints(reps))
+
+    def scatter(self, index, updates, axis: int = 0) -> "Value":
+        """A copy with `updates` written at `index` along `axis` (ONNX ScatterElements)."""
+        return self.b.op("ScatterElements", self, index, updates, axis=axis)
 
     def gather(self, index, axis: int = 0) -> "Value":
         """Entries at `index` along `axis`: an int drops the axis (x[:, -1]), a list of ints or an int64
@@ -203,6 +238,16 @@ class Value(str):
 
     def mean(self, *axes: int, keepdims: bool = True) -> "Value":
         return self.b.op("ReduceMean", self, self.b.ints(axes), keepdims=int(keepdims))
+
+    def l2(self, *axes: int, keepdims: bool = True) -> "Value":
+        """The Euclidean norm over `axes` (ONNX ReduceL2)."""
+        return self.b.op("ReduceL2", self, self.b.ints(axes), keepdims=int(keepdims))
+
+    def max(self, *axes: int, keepdims: bool = True) -> "Value":
+        """The largest entry over `axes`, or over everything when none are given."""
+        if not axes:
+            return self.b.op("ReduceMax", self, keepdims=int(keepdims))
+        return self.b.op("ReduceMax", self, self.b.ints(axes), keepdims=int(keepdims))
 
 
 def _inner(*values) -> "GraphBuilder":

@@ -61,7 +61,7 @@ def rope(b: GraphBuilder, x: Value, pos: Value, head_dim: int, base: float, rota
     inv_freq = (1.0 / (base ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd))).astype(np.float32)
     ang = pos.cast("float32").unsqueeze(1) * b.const(inv_freq)  # (T, rd/2)
     ang = b.concat(ang, ang, axis=-1)  # (T, rd)
-    cos, sin = b.op("Cos", ang), b.op("Sin", ang)
+    cos, sin = ang.cos(), ang.sin()
     xr, xp = x.split([rd, head_dim - rd], axis=-1) if rd < head_dim else (x, None)
     x1, x2 = xr.split([rd // 2, rd // 2], axis=-1)
     y = xr * cos + b.concat(-x2, x1, axis=-1) * sin  # rotate_half
@@ -74,19 +74,19 @@ def _attend(b: GraphBuilder, ring_k, ring_v, ring_pos, L, qg, k, v, new_pos, T, 
     mask (valid: position >= 0, causal, within W), softmax, values: (b, Hkv, g*T, hd)."""
     kpos = b.concat(ring_pos, new_pos, axis=0).unsqueeze(0)  # (1, L+T)
     qpos = new_pos.unsqueeze(1)  # (T, 1)
-    valid = b.op("And", b.op("GreaterOrEqual", kpos, b.const(0, np.int64)), b.op("LessOrEqual", kpos, qpos))
-    valid = b.op("And", valid, b.op("Greater", kpos, qpos - W))  # (T, L+T)
+    valid = kpos.ge(b.const(0, np.int64)) & kpos.le(qpos)
+    valid = valid & kpos.gt(qpos - W)  # (T, L+T)
     if g > 1:
-        valid = b.op("Tile", valid, b.ints([g, 1]))  # rows ordered (group member, token) like qg
+        valid = valid.tile(g, 1)  # rows ordered (group member, token) like qg
     s_ring = qg @ ring_k.transpose(0, 1, 3, 2)  # (b, Hkv, g*T, L)
     s_new = qg @ k.transpose(0, 1, 3, 2)  # (b, Hkv, g*T, T)
     s = b.concat(s_ring, s_new, axis=-1) * scale  # (b, Hkv, g*T, L+T)
     if softcap:
         s = (s * (1.0 / softcap)).tanh() * softcap
-    s = b.op("Where", valid, s, b.const(NEG))
+    s = valid.where(s, NEG)
     # L and T come in as (1,) tensors derived from static shapes where they are static, so a graph
     # with static shapes folds them (no Shape op of a Range's data-dependent output)
-    p_ring, p_new = b.op("Split", b.op("Softmax", s, axis=-1), b.concat(L, T, axis=0), axis=-1, outputs=2)
+    p_ring, p_new = s.softmax(-1).split(b.concat(L, T, axis=0), axis=-1, parts=2)
     return p_ring @ ring_v + p_new @ v  # (b, Hkv, g*T, hd)
 
 
@@ -103,7 +103,7 @@ def attention(b: GraphBuilder, q: Value, k: Value, v: Value, ring_k: Value, ring
     j = b.arange(0, R.squeeze(0))  # (R,) slot index
     p0 = position  # (1,)
     pm1 = p0 - i64([1])
-    ring_pos = pm1 - b.op("Mod", pm1 - j, R, fmod=0)  # (R,) position held; < 0: empty
+    ring_pos = pm1 - (pm1 - j).mod(R)  # (R,) position held; < 0: empty
     new_pos = token_positions(b, position, k, 2)  # (T,)
     W = R if window is None else R.minimum(i64([int(window)]))
     qg = q.reshape(0, kv_heads, -1, head_dim)  # (b, Hkv, g*T, hd): q head = kv head*g + m
@@ -124,7 +124,7 @@ def attention(b: GraphBuilder, q: Value, k: Value, v: Value, ring_k: Value, ring
         def full(ring_k, ring_v, ring_pos, R, p0, *rest):
             return _attend(p0.b, ring_k, ring_v, ring_pos, R, *rest, g, scale, softcap)
 
-        short_now = b.op("And", b.op("Equal", T, i64([1])), b.op("Less", p0 * i64([3]), R))  # (1,)
+        short_now = T.eq(i64([1])) & (p0 * i64([3])).lt(R)  # (1,)
         o = b.if_(short_now.squeeze(0), short, full, args=(ring_k, ring_v, ring_pos, R, p0, qg, k, v, new_pos, T, W))
     out = o.reshape(0, q_heads, -1, head_dim)  # (b, Hq, T, hd)
 
@@ -135,14 +135,14 @@ def attention(b: GraphBuilder, q: Value, k: Value, v: Value, ring_k: Value, ring
     m = T.minimum(R)
     first = T - m  # (1,)
     i = b.arange(first.squeeze(0), T.squeeze(0))  # (m,)
-    after = b.op("IsNaN", b.op("ReduceMax", out, keepdims=0)).cast("int64") * i64(0)
-    slots = b.op("Mod", i + p0, R, fmod=0) + after  # (m,)
+    after = out.max(keepdims=False).isnan().cast("int64") * i64(0)
+    slots = (i + p0).mod(R) + after  # (m,)
     upd_k = k.slice(first, T, axis=2)  # (b, Hkv, m, hd)
     upd_v = v.slice(first, T, axis=2)
     upd_shape = b.concat(k.dims(0, 2), m, b.ints([head_dim]), axis=0)  # (b, Hkv, m, hd)
-    idx = b.op("Expand", slots.reshape(1, 1, -1, 1), upd_shape)
-    new_k = b.op("ScatterElements", ring_k, idx, upd_k, axis=2)
-    new_v = b.op("ScatterElements", ring_v, idx, upd_v, axis=2)
+    idx = slots.reshape(1, 1, -1, 1).expand(upd_shape)
+    new_k = ring_k.scatter(idx, upd_k, axis=2)
+    new_v = ring_v.scatter(idx, upd_v, axis=2)
     return out, new_k, new_v
 
 

@@ -41,7 +41,7 @@ def inputs(x: Value, *, gx: Value, ga: Value, neg_c: Value, keep: Value) -> tupl
     a = e * keep
     # 1 - a² written as -2·a·sinh(log a): the same number, without the cancellation of 1 - a² in float32
     # when a is near 1 (there 1 - a² keeps only a few significant bits and sqrt passes the error on)
-    m = (e * x.b.op("Sinh", log_a) * -2.0).sqrt()
+    m = (e * log_a.sinh() * -2.0).sqrt()
     m = m * keep + (1.0 - keep)
     return a, x * gx * m
 

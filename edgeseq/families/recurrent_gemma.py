@@ -261,7 +261,7 @@ class RecurrentGemma(Family):
             x = x * c.embed_scale
         pos = attn.token_positions(b, position, ids, 1)  # (t,) absolute positions
         # 0 where a token starts a sequence (the RG-LRU reset), else 1: (1, t, 1)
-        keep = b.op("Greater", pos, b.const(0, np.int64)).unsqueeze(0, 2).cast("float32")
+        keep = pos.gt(b.const(0, np.int64)).unsqueeze(0, 2).cast("float32")
         out = {}
         for i in range(c.n_layer):
             o = f"layers.{i}."

@@ -213,7 +213,7 @@ class Rwkv7(Family):
         a = (W("a0") + xa @ W("a1") @ W("a2")).sigmoid()  # the in-context learning rate
         g = (xg @ W("g1")).sigmoid() @ W("g2")
         kk = (k * W("k_k")).reshape(0, 0, H, N)
-        kk = (kk / b.op("ReduceL2", kk, b.ints([-1]), keepdims=1).maximum(1e-12)).reshape(0, 0, C)  # F.normalize
+        kk = (kk / kk.l2(-1).maximum(1e-12)).reshape(0, 0, C)  # F.normalize
         k = k * (1.0 + (a - 1.0) * W("k_a"))
         if i == 0:
             v_first = v

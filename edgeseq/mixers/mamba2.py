@@ -87,7 +87,7 @@ class Mamba2Mixer:
         xs, B, C = split(b, xbc.transpose(0, 2, 1), [self.d_inner, G * N, G * N])
         dt = softplus(b, dt + b.w(o + "dt_bias"))  # (b, t, H)
         if self.dt_min > 0 or self.dt_max is not None:
-            dt = b.op("Clip", dt, b.const(self.dt_min), b.const(self.dt_max if self.dt_max is not None else np.inf))
+            dt = dt.clip(self.dt_min, self.dt_max if self.dt_max is not None else np.inf)
         dtx = xs * (dt @ b.w("head_expand"))  # (b, t, di): dt·x per channel
         y, state = self._ssd(b, dtx, dt, B, C, o, state, one_token, fused)  # (b, t, di)
         y = (y + xs * b.w(o + "D")) * z.silu()
@@ -98,7 +98,7 @@ class Mamba2Mixer:
         """(b, t, G*n) -> (b, t, H*n): each group's B or C repeated for its H/G heads."""
         G, N, r = self.n_groups, self.d_state, self.n_heads // self.n_groups
         if G == 1:
-            return b.op("Tile", v, b.ints([1, 1, r]))
+            return v.tile(1, 1, r)
         v = v.reshape(0, 0, G, N).unsqueeze(3)  # (b, t, G, 1, n)
         return v.expand(1, 1, 1, r, 1).reshape(0, 0, self.n_heads * N)
 
