@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +175,34 @@ def test_chat_multi_turn_cache_and_exactness(demo, demo_model):
     streamed = "".join(d.choices[0].delta.content or "" for d in deltas)
     assert streamed == cold(demo_model, "The book of Genesis.\nIn the beginning", 24)
     assert deltas[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_template_equals_the_chat_command(tmp_path):
+    """A model with a Jinja chat template (the demo exported with ChatML): each turn's reply equals the chat
+    command's (runtime/chat.py: one session fed only each turn's new text), and turn 2 resumes the state
+    after turn 1's reply."""
+    from edgeseq.chat_template import NAMES
+    from edgeseq.exporters.export import export
+    from edgeseq.runtime.chat import Chat
+
+    bundle = export(str(Path(edgeseq.__file__).parent / "demo" / "rwkv7"), str(tmp_path / "chatml"),
+                    chat_template=NAMES["chatml"])
+    chat = Chat(edgeseq.load(bundle), system="Be brief.", max_tokens=12, temperature=0)
+    s = Server(bundle, "--parallel", 2)
+    try:
+        msgs = [{"role": "system", "content": "Be brief."}]
+        for turn, user in enumerate(["Who made the light?", "And the waters?"]):
+            msgs.append({"role": "user", "content": user})
+            r = s.client().chat.completions.create(model="chatml", messages=msgs, max_tokens=12, temperature=0)
+            reply = r.choices[0].message.content
+            assert reply == "".join(chat.handle(user)), turn
+            if turn:
+                assert r.usage.prompt_tokens_details.cached_tokens == len(chat.consumed.encode()) - len(
+                    "<|im_end|>\n<|im_start|>user\nAnd the waters?<|im_end|>\n<|im_start|>assistant\n"
+                    + reply)
+            msgs.append({"role": "assistant", "content": reply})
+    finally:
+        assert s.stop() == 0
 
 
 def test_rewritten_history_reuses_the_common_prefix(demo):
