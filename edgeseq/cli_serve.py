@@ -87,6 +87,9 @@ def serve(
     print(f"edgeseq serve: {name} ({m.family_name}, state {m.state_bytes / 1024:.0f} KiB) on "
           f"http://{host if ':' not in host else f'[{host}]'}:{where[1]} · parallel {parallel}, {batching} · "
           f"state cache {cache_ram:g} MB{f' + {cache_dir}' if cache_dir else ''}", file=sys.stderr, flush=True)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"edgeseq serve: warning: listening on {host} without --api-key: anyone who can reach this port "
+              f"can use the model", file=sys.stderr, flush=True)
     config = uvicorn.Config(server.app(), log_level="warning", access_log=False, timeout_graceful_shutdown=30,
                             timeout_keep_alive=5)
     # uvicorn drains on SIGTERM, then raises the signal again once its handlers are gone: this one takes it,
