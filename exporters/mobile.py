@@ -30,8 +30,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
+from edgeseq import safe_io
 from edgeseq.bundle import MANIFEST, read_manifest, sha256_file, write_manifest
 from edgeseq.errors import EdgeseqError
 
@@ -198,15 +198,17 @@ def export_mobile(checkpoint: str, out: str, quant: str = "f32", tokenizer: str 
                   initial_state: str | None = None) -> str:
     """Export `checkpoint` to the mobile bundle directory `out` (see the module docstring). Returns `out`.
 
-    Everything is built in a temporary sibling directory (the portable bundle first, then the mobile
-    one) and renamed into place at the end; a failure leaves nothing behind."""
+    Everything is built in a private temporary sibling directory `.edgeseq-mobile-<pid>-*` (the portable
+    bundle first, then the mobile one) and published with safe_io.replace_dir: a kill at any moment leaves
+    the old complete bundle, the new one, or none (the next mobile export sweeps a killed one's folder);
+    a failure or a full disk leaves nothing behind."""
     from edgeseq.exporters.export import export
 
     if os.path.exists(out) and not force:
         raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".edgeseq-mobile-", dir=parent)
+    work = safe_io.temp_dir(parent, ".edgeseq-mobile-")
     try:
         portable = export(checkpoint, os.path.join(work, "portable"), quant=quant, portable=True, tokenizer=tokenizer,
                           chat_template=chat_template, progress=progress, initial_state=initial_state)
@@ -216,9 +218,14 @@ def export_mobile(checkpoint: str, out: str, quant: str = "f32", tokenizer: str 
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(mobile, 0o777 & ~umask)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(mobile, out)
+        safe_io.fsync_tree(mobile)
+        safe_io.replace_dir(mobile, out)  # the old bundle is renamed aside into `work`, then removed with it
+    except OSError as e:  # a full disk: a clear error; the temporary folder goes below
+        raise safe_io.disk_error(e, out) from None
+    except EdgeseqError as e:  # the portable export's errors name the output, not the temporary folder
+        if os.path.join(work, "portable") not in str(e):
+            raise
+        raise type(e)(str(e).replace(os.path.join(work, "portable"), out)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out

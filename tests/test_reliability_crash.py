@@ -68,6 +68,73 @@ def test_export_killed_at_random_moments_leaves_old_or_none(seeds, tmp_path):
     assert seen["complete"] >= 1, seen
 
 
+MOBILE = """
+from edgeseq.exporters.mobile import export_mobile
+export_mobile({src!r}, {out!r}, force=True)  # warm: the loop below replaces the bundle every ~0.5 s
+print("ready", flush=True)
+for i in range(1000):
+    export_mobile({src!r}, {out!r}, force=True)
+"""
+
+
+def test_mobile_export_killed_at_random_moments_leaves_old_or_none(seeds, tmp_path):
+    """Before, `export --mobile --force` removed the old bundle file by file and then renamed the new one
+    in: a kill midway left a bundle without some of its files."""
+    src, out = seeds["safetensors"], tmp_path / "mobile"
+    from edgeseq.exporters.mobile import export_mobile
+
+    export_mobile(str(src), str(out))
+    rng = random.Random(2)
+    seen = {"complete": 0, "none": 0}
+    for _ in range(5):
+        p = _child(MOBILE.format(src=str(src), out=str(out)))
+        time.sleep(rng.uniform(0.0, 1.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if out.exists():
+            verify_bundle(str(out))  # complete: every file listed, each with its hash
+            seen["complete"] += 1
+        else:
+            seen["none"] += 1
+            export_mobile(str(src), str(out))
+    export_mobile(str(src), str(tmp_path / "again"))  # the next mobile export sweeps the killed ones' folders
+    assert sorted(os.listdir(tmp_path)) == ["again", "mobile"], os.listdir(tmp_path)
+    assert seen["complete"] >= 1, seen
+
+
+def test_mobile_export_dying_while_removing_the_old_bundle(seeds, tmp_path, monkeypatch):
+    """The moment the random kills above rarely hit, made certain: the process dies after removing one
+    file of a folder. The bundle at `out` is still a complete one (the old or the new)."""
+    from edgeseq.exporters.mobile import export_mobile
+
+    src, out = seeds["safetensors"], tmp_path / "mobile"
+    export_mobile(str(src), str(out))
+
+    def dies(path, *a, **k):
+        if os.path.isdir(path):
+            first = sorted(os.listdir(path))
+            if first and os.path.isfile(os.path.join(path, first[0])):
+                os.remove(os.path.join(path, first[0]))
+        raise SystemExit("killed while removing " + str(path))
+    monkeypatch.setattr(shutil, "rmtree", dies)
+    with pytest.raises(SystemExit):
+        export_mobile(str(src), str(out), force=True)
+    monkeypatch.undo()
+    verify_bundle(str(out))
+
+
+@pytest.mark.parametrize("budget", [0, 20_000])
+def test_mobile_export_on_a_full_disk(seeds, tmp_path, full_disk, budget):
+    from edgeseq.exporters.mobile import export_mobile
+
+    full_disk[0] = budget
+    out = tmp_path / "mobile"
+    with pytest.raises(EdgeseqError, match="disk is full") as e:
+        export_mobile(str(seeds["safetensors"]), str(out))
+    assert str(out) in str(e.value)
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
 SAVE = """
 import sys, numpy as np, edgeseq
 s = edgeseq.load({bundle!r}).session()
