@@ -37,6 +37,8 @@ def serve(
     max_body: float = typer.Option(8, "--max-body", metavar="MB", help="largest request body; more get 413"),
     cors: list[str] = typer.Option([], "--cors", metavar="ORIGIN", help="allow browser requests from ORIGIN "
                                    "(repeatable; '*': any); default: none"),
+    timeout: float = typer.Option(600, "--timeout", metavar="S", help="seconds a request may take: past them it "
+                                  "gets 503 while still queued, or its reply ends (finish_reason length)"),
     alias: Optional[str] = typer.Option(None, "--alias", metavar="NAME", help="the model's id in the API (default: "
                                         "the file or folder name)"),
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N", help="CPU threads (default: ONNX "
@@ -54,6 +56,8 @@ def serve(
                                 ("--max-prompt-tokens", max_prompt_tokens, 1, 1 << 24), ("--queue", queue, 1, 1 << 16)):
         if not lo <= value <= hi:
             raise EdgeseqError(f"{name} {value}: must be from {lo} to {hi}")
+    if not 0 < timeout < 1e7:
+        raise EdgeseqError(f"--timeout {timeout:g}: must be a number of seconds above 0")
     for name, value in (("--cache-ram", cache_ram), ("--max-body", max_body)):
         if not 0 <= value < 1 << 24:
             raise EdgeseqError(f"{name} {value:g}: must be a size in MB, 0 or more")
@@ -81,7 +85,7 @@ def serve(
     m = edgeseq.load(path, threads=threads, max_context=max_context)
     name = alias or ("edgeseq-demo" if is_demo else os.path.basename(os.path.normpath(model or path)))
     server = Server(m, name, parallel=parallel, cache_ram_mb=cache_ram, cache_dir=cache_dir, api_key=api_key,
-                    max_prompt_tokens=max_prompt_tokens, queue=queue, max_body_mb=max_body, cors=cors)
+                    max_prompt_tokens=max_prompt_tokens, queue=queue, max_body_mb=max_body, cors=cors, timeout=timeout)
     where = sock.getsockname()
     batching = "batched rows" if server.scheduler.rows.batched else "one row per step (attention family)"
     print(f"edgeseq serve: {name} ({m.family_name}, state {m.state_bytes / 1024:.0f} KiB) on "

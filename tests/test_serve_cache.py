@@ -154,14 +154,14 @@ def test_single_rows_for_attention_families(name):
 
 # -- the scheduler, in process ------------------------------------------------------------------------
 
-def run_requests(model, reqs, parallel=4):
+def run_requests(model, reqs, parallel=4, timeout=600.0):
     """Submit every request to a running scheduler at once; returns each one's events when all ended."""
     import threading
 
     from edgeseq.serve.metrics import Metrics
     from edgeseq.serve.scheduler import Request, Scheduler
 
-    sched = Scheduler(model, StateCache(model, 64 << 20), parallel, 16, Metrics())
+    sched = Scheduler(model, StateCache(model, 64 << 20), parallel, 16, Metrics(), timeout)
     done = threading.Semaphore(0)
     out = []
     for kw in reqs:
@@ -207,6 +207,15 @@ def test_scheduler_equals_sessions(name):
     if name == "zamba":  # max_context 12: a 6-token prompt has room for 6 more
         (ev,), _ = run_requests(model, [dict(ids=ids[:6], max_tokens=50)])
         assert ("done", 0, "length") in ev and ev[-1][1]["completion_tokens"] == 6
+
+
+def test_timeout():
+    """--timeout: a reply still going ends with finish_reason length; a request still queued gets a 503."""
+    model, ids, _ = golden("mamba")
+    (running, queued), _ = run_requests(model, [dict(ids=ids[:3], max_tokens=10 ** 9), dict(ids=ids[:4])],
+                                        parallel=1, timeout=0.5)
+    assert ("done", 0, "length") in running and 0 < running[-1][1]["completion_tokens"] < 10 ** 9
+    assert queued == [("error", 503, "timed out after 0.5 s waiting for a free row (--timeout)")]
 
 
 def test_chat_template_boundaries():

@@ -44,7 +44,8 @@ MAX_BOUNDARIES = 8  # earlier messages whose end is cached (the last ones)
 class Server:
     def __init__(self, model, name: str, parallel: int = 4, cache_ram_mb: float = 256, cache_dir: str | None = None,
                  api_key: str | None = None, max_prompt_tokens: int = 32768, queue: int = 64,
-                 max_body_mb: float = 8, cors: list[str] | None = None, chat_max_tokens: int = 2048):
+                 max_body_mb: float = 8, cors: list[str] | None = None, chat_max_tokens: int = 2048,
+                 timeout: float = 600.0):
         self.model = model
         self.name = name
         self.parallel = parallel
@@ -57,7 +58,7 @@ class Server:
         self.template = for_model(model.manifest, model.tokenizer)
         self.metrics = Metrics()
         self.cache = StateCache(model, int(cache_ram_mb * (1 << 20)), cache_dir)
-        self.scheduler = Scheduler(model, self.cache, parallel, queue, self.metrics)
+        self.scheduler = Scheduler(model, self.cache, parallel, queue, self.metrics, timeout)
         bos = model.manifest.get("bos_token_id")
         self.bos = int(bos) if bos is not None else None
         self.add_bos = bool(model.manifest.get("add_bos")) and self.bos is not None
@@ -256,7 +257,8 @@ class Server:
             self._cancel(req)
             raise
         if first[0] == "error":
-            raise P.ApiError(first[1], first[2], type="invalid_request_error" if first[1] < 500 else "server_error")
+            raise P.ApiError(first[1], first[2], type="invalid_request_error" if first[1] < 500 else "server_error",
+                             code="timeout" if first[1] == 503 else None)
         if opts["stream"]:
             return StreamingResponse(self._stream(http, events, req, first, rid, kind, opts["include_usage"]),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

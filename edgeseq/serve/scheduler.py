@@ -7,7 +7,7 @@ so rows already decoding keep going while a long prompt is read. At each turn
 boundary of the prompt and at its end the state is cached; the prompt's state is then copied into `n`
 rows (the forks of `n > 1`). Every turn of the loop also steps all decoding rows at once (rows.py), each
 with its own sampler, stop strings and text stream; a row that ends (end token, stop string, max_tokens,
-a full KV ring) caches its state under prompt + reply and leaves; a cancelled request (the client went
+a full KV ring, --timeout seconds since the request came) caches its state under prompt + reply and leaves; a cancelled request (the client went
 away) leaves at the next turn. Nothing here raises into the loop: a request that fails gets an error
 event and its rows are freed.
 
@@ -59,6 +59,7 @@ class Request:
     open_rows: int = 0
     t_submit: float = 0.0
     t_first: float = 0.0
+    deadline: float = float("inf")  # perf_counter time: past it the request waits no more and its rows end
 
 
 class Row:
@@ -81,8 +82,8 @@ class Row:
         self.by_stop_string = False
 
     def choose(self) -> bool:
-        """Sample the next token; False when the row ends here (max_tokens, an end token)."""
-        if len(self.tokens) >= self.req.max_tokens:
+        """Sample the next token; False when the row ends here (max_tokens, the request's time, an end token)."""
+        if len(self.tokens) >= self.req.max_tokens or time.perf_counter() > self.req.deadline:
             self.finish = "length"
             return False
         nxt = self.sampler(self.logits, self.history)
@@ -121,8 +122,9 @@ class Row:
 
 
 class Scheduler:
-    def __init__(self, model, cache, parallel: int, queue_size: int, metrics):
+    def __init__(self, model, cache, parallel: int, queue_size: int, metrics, timeout: float = 600.0):
         self.model = model
+        self.timeout = timeout
         self.cache = cache
         self.parallel = parallel
         self.queue_size = queue_size
@@ -147,6 +149,7 @@ class Scheduler:
             if len(self.waiting) >= self.queue_size:
                 raise QueueFull()
             req.t_submit = time.perf_counter()
+            req.deadline = req.t_submit + self.timeout
             self.waiting.append(req)
             self.cond.notify()
 
@@ -174,8 +177,12 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                for r in [r for r in self.waiting if r.cancelled]:
+                now = time.perf_counter()
+                for r in [r for r in self.waiting if r.cancelled or now > r.deadline]:
                     self.waiting.remove(r)
+                    if not r.cancelled:
+                        r.emit(("error", 503, f"timed out after {self.timeout:g} s waiting for a free row "
+                                              f"(--timeout)"))
                 while self.waiting and self.busy_rows + self.waiting[0].n <= self.parallel:
                     req = self.waiting.popleft()
                     self.metrics.observe("queue_wait", time.perf_counter() - req.t_submit)
