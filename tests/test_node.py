@@ -125,3 +125,91 @@ def test_bad_input_is_a_clear_error(bundles, tmp_path):
     assert r2.returncode == 0 and r2.stdout.splitlines()[-1] == r1.stdout.splitlines()[-1], r2.stderr
     r = run_node(SCRIPT, bundle)
     assert r.returncode == 2 and "--prompt-ids" in r.stderr
+
+
+def test_chat_templates_render_as_in_python():
+    """examples/web/chat.mjs (@huggingface/jinja) renders every template the Python tests hold (the published
+    ones of tests/data/chat_templates/, Gemma's, LFM2's, Qwen3's, ChatML, and the plain-string RWKV World
+    of format 1) to edgeseq's text, which tests/test_chat_templates.py proves equal to transformers'; a
+    template's refusal (raise_exception) is an error carrying its message in both."""
+    require_node_package("@huggingface/jinja")
+    import subprocess
+
+    from edgeseq import EdgeseqError
+    from edgeseq.chat_template import CHATML, WORLD, from_spec
+    from js_cases import NODE, ROOT
+    from test_chat_templates import (CONVERSATIONS, DATA, GEMMA_IT, LFM2, PUBLISHED, QWEN3, SPECIAL_CASES, TOOLS,
+                                     _published)
+
+    calls = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]}, {"role": "tool", "content": "42"}]
+    specs = {"gemma-it": ({"jinja": GEMMA_IT, "special_tokens": {"bos_token": "<bos>"}}, []),
+             "lfm2": ({"jinja": LFM2, "special_tokens": {"bos_token": "<|startoftext|>"}},
+                      [({"tools": TOOLS}, calls)]),
+             "qwen3": ({"jinja": QWEN3, "special_tokens": {}},
+                       [({"tools": TOOLS}, calls), ({"enable_thinking": False}, CONVERSATIONS["one turn"])]),
+             "chatml": ({"jinja": CHATML, "special_tokens": {}}, []),
+             "rwkv-world (format 1)": (WORLD, [])}
+    for name in PUBLISHED:
+        text, bos, eos = _published(name)
+        specs[name] = ({"jinja": text, "special_tokens": {"bos_token": bos, "eos_token": eos}}, SPECIAL_CASES[name])
+    assert len(specs) == 5 + len(list(DATA.glob("*.jinja")))
+    rendered = 0
+    for name, (spec, special) in specs.items():
+        cases = [{"messages": m, "add_generation_prompt": g, "vars": {}} for m in CONVERSATIONS.values()
+                 for g in (True, False)]
+        cases += [{"messages": m, "add_generation_prompt": g, "vars": kw} for kw, m in special for g in (True, False)]
+        if "turn" in spec:  # a plain-string template renders the generation prompt with the user's turn
+            cases = [c for c in cases if c["add_generation_prompt"] and "tool_calls" not in str(c)]
+        r = subprocess.run([NODE, "tests/js_tokenize.mjs"], input=json.dumps({"chat_template": spec, "cases": cases}),
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = json.loads(r.stdout)
+        t = from_spec(spec)
+        assert got["stop"] == t.stop, name
+        for c, js in zip(cases, got["rendered"], strict=True):
+            try:
+                want = t.render(c["messages"], c["add_generation_prompt"]) if not c["vars"] else \
+                    __import__("edgeseq.chat_template", fromlist=["x"]).render_jinja(
+                        spec["jinja"], c["messages"], c["add_generation_prompt"], spec["special_tokens"], **c["vars"])
+            except EdgeseqError as e:
+                assert isinstance(js, dict), (name, c, js)
+                message = str(e).removeprefix("chat template: ")
+                assert message in js["error"], (name, message, js["error"])
+                continue
+            assert js == want, (name, c)
+            rendered += 1
+    assert rendered > 80
+
+
+@pytest.mark.parametrize("templated", [True, False], ids=["qwen3-template", "no-template"])
+def test_chat_turn_as_python_chat(bundles, tmp_path, templated):
+    """generate.mjs --chat: the turn rendered with the bundle's template (or, without one, the plain text
+    with --system on its own line first) is the prompt edgeseq's Python chat feeds, and the greedy reply
+    is the Python runtime's, ids and text."""
+    require_node_package("@huggingface/jinja")
+    from edgeseq.runtime.chat import Chat
+    from edgeseq.runtime.session import encode_prompt
+    from test_chat_templates import QWEN3
+
+    bundle = tmp_path / "chat"
+    shutil.copytree(bundles.get("mamba", False), bundle)
+    if templated:
+        m = json.loads((bundle / "edgeseq.json").read_text())
+        m.update(format_version=2, chat_template={"jinja": QWEN3, "special_tokens": {}, "source": "qwen3"})
+        (bundle / "edgeseq.json").write_text(json.dumps(m))
+    model = edgeseq.load(bundle)
+    c = Chat(model, system="Be brief.", max_tokens=N, temperature=0)
+    fed = []
+    generate = c.session.generate
+    c.session.generate = lambda prompt, **kw: (fed.append(prompt), generate(prompt, **kw))[1]
+    said = "".join(c.handle("2+2 is"))
+    assert fed[0].startswith("<|im_start|>system\nBe brief.") == templated
+    want = python_greedy(bundle, encode_prompt(model.session(), fed[0]), N)
+    r = run_node(SCRIPT, bundle, "--chat", "2+2 is", "--system", "Be brief.", "--max-tokens", N)
+    assert r.returncode == 0, r.stderr[-2000:]
+    body, ids = r.stdout.rstrip("\n").rsplit("\n", 1)
+    assert json.loads(ids) == want and len(want) >= 8, want
+    assert body == said
+    r = run_node(SCRIPT, bundle, "--prompt", "x", "--system", "s")
+    assert r.returncode == 2 and "--system goes with --chat" in r.stderr

@@ -111,6 +111,7 @@ def test_rwkv_world_tokenizer(node):
 DEMO = ROOT / "edgeseq" / "demo" / "rwkv7"  # the trained demo model (RWKV-7, byte-level, KJV), when present
 VISITS = {
     "wasm": {"rwkv5": ("rwkv5", '"in', 64, {"logits": 1}), "bpe": ("bpe", "To be, or not to be", 32, {"logits": 1}),
+             "chat": ("chat", "in the beginning", 24, {"chat": 1}),
              **({"demo": ("demo", "And God said", 96, {"logits": 1})} if (DEMO / "config.json").is_file() else {})},
     "webgpu": {"rwkv5": ("rwkv5", '"in', 8, {"logits": 1}),
                "rwkv5-optimized": ("rwkv5", '"in', 4, {"opt": "all", "logits": 1})},
@@ -158,6 +159,14 @@ def pages(tmp_path_factory):
         # a tokenizer.json (byte-level BPE), random weights
         "bpe": export(str(make_mamba(d / "ckpt", seed=13, vocab_size=400, tokenizer_vocab=400)), str(d / "bpe")),
     }
+    # the RWKV fixture carrying RWKV-7 G1's published chat template (format 2)
+    shutil.copytree(bundles["rwkv5"], d / "chat")
+    m = json.loads((d / "chat" / "edgeseq.json").read_text())
+    m.update(format_version=2, chat_template={
+        "jinja": (ROOT / "tests" / "data" / "chat_templates" / "rwkv7-g1.jinja").read_text(encoding="utf-8"),
+        "special_tokens": {}, "source": "rwkv7-g1.jinja"})
+    (d / "chat" / "edgeseq.json").write_text(json.dumps(m))
+    bundles["chat"] = str(d / "chat")
     if "demo" in VISITS["wasm"]:
         bundles["demo"] = export(str(DEMO), str(d / "demo"))
     serve = load_script(ROOT / "examples" / "web" / "serve.py")
@@ -189,6 +198,27 @@ def test_page_streams_the_python_greedy_text(pages, name):
     if name == ("demo" if "demo" in VISITS["wasm"] else "rwkv5") and (
             os.environ.get("EDGESEQ_UPDATE_SCREENSHOT") == "1" or not SCREENSHOT.exists()):
         shutil.copyfile(shot, SCREENSHOT)
+
+
+@pytest.mark.slow
+def test_page_chat_turn_renders_the_bundle_template(pages):
+    """?chat=1: the prompt is a user turn rendered with the bundle's Jinja template in the browser (chat.mjs,
+    @huggingface/jinja): the page feeds the ids edgeseq's Python chat feeds and writes its greedy reply."""
+    from edgeseq.runtime.chat import Chat
+    from edgeseq.runtime.session import encode_prompt
+
+    res = pages.result("wasm", "chat")
+    bundle = pages.bundles["chat"]
+    m = edgeseq.load(bundle)
+    c = Chat(m, max_tokens=24, temperature=0)
+    fed = []
+    generate = c.session.generate
+    c.session.generate = lambda prompt, **kw: (fed.append(prompt), generate(prompt, **kw))[1]
+    said = "".join(c.handle("in the beginning"))
+    assert fed[0] == "<|rwkv_tokenizer_end_of_text|>User: in the beginning\n\nAssistant: <think"
+    assert res["promptIds"] == encode_prompt(m.session(), fed[0])
+    assert res["ids"] == python_greedy(bundle, res["promptIds"], 24) and len(res["ids"]) > 4
+    assert res["text"] == said
 
 
 def logits_error(res: dict, bundle: Path) -> list[float]:

@@ -3,6 +3,12 @@
 //
 //   node examples/node/generate.mjs BUNDLE --prompt-ids 1,2,3 --max-tokens 16
 //   node examples/node/generate.mjs BUNDLE --prompt "Once upon a time" --max-tokens 32
+//   node examples/node/generate.mjs BUNDLE --chat "Who made the stars?" [--system TEXT]
+//
+// --chat renders one user turn (after --system's turn, if given) with the bundle's chat template
+// (examples/web/chat.mjs: the checkpoint's Jinja template through @huggingface/jinja, as edgeseq's
+// Python chat renders it) and ends the reply at the template's end-of-turn markers; a bundle without a
+// template continues the text (--system first, on its own line), as `edgeseq chat` does.
 //
 // Prints the text as it streams (with --prompt) and, on its last line, the generated token ids as a
 // JSON array (--logits-out FILE also writes every call's logits as JSON). The npm packages come from examples/package.json (`make test` or `npm ci` in examples/).
@@ -10,18 +16,20 @@ import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 
+import { chatTemplate } from "../web/chat.mjs";
 import { Bundle, EdgeseqBundleError, greedy, withBos } from "../web/edgeseq.mjs";
 import { loadTokenizer } from "../web/tokenizer.mjs";
 
 function usage(msg) {
   if (msg) process.stderr.write(`error: ${msg}\n`);
-  process.stderr.write("usage: node generate.mjs BUNDLE (--prompt-ids 1,2,3 | --prompt TEXT) [--max-tokens N] " +
-    "[--threads N] [--max-context N] [--logits-out FILE]\n");
+  process.stderr.write("usage: node generate.mjs BUNDLE (--prompt-ids 1,2,3 | --prompt TEXT | --chat TEXT " +
+    "[--system TEXT]) [--max-tokens N] [--threads N] [--max-context N] [--logits-out FILE]\n");
   process.exit(2);
 }
 
 function parseArgs(argv) {
-  const a = { bundle: null, promptIds: null, prompt: null, maxTokens: 16, threads: 0, dims: {}, logitsOut: null };
+  const a = { bundle: null, promptIds: null, prompt: null, chat: null, system: null, maxTokens: 16, threads: 0,
+    dims: {}, logitsOut: null };
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i];
     const val = () => (i + 1 < argv.length ? argv[++i] : usage(`${k} needs a value`));
@@ -32,6 +40,8 @@ function parseArgs(argv) {
         return n;
       });
     } else if (k === "--prompt") a.prompt = val();
+    else if (k === "--chat") a.chat = val();
+    else if (k === "--system") a.system = val();
     else if (k === "--max-tokens") a.maxTokens = Number(val());
     else if (k === "--threads") a.threads = Number(val());
     else if (k === "--max-context") a.dims.max_context = Number(val());
@@ -42,7 +52,10 @@ function parseArgs(argv) {
     else usage(`unexpected argument ${k}`);
   }
   if (!a.bundle) usage("BUNDLE is required");
-  if ((a.promptIds === null) === (a.prompt === null)) usage("give exactly one of --prompt-ids and --prompt");
+  if ([a.promptIds, a.prompt, a.chat].filter((x) => x !== null).length !== 1) {
+    usage("give exactly one of --prompt-ids, --prompt and --chat");
+  }
+  if (a.system !== null && a.chat === null) usage("--system goes with --chat");
   if (!Number.isInteger(a.maxTokens) || a.maxTokens < 0) usage("--max-tokens must be a whole number");
   return a;
 }
@@ -79,9 +92,21 @@ async function main() {
   const m = bundle.manifest;
   let ids = args.promptIds;
   let stream = null;
-  if (args.prompt !== null) {
+  let stops = { ids: [], texts: [] };
+  if (args.prompt !== null || args.chat !== null) {
     const tok = await loadTokenizer(m.tokenizer, read);
-    ids = withBos(m, tok.encode(args.prompt)); // as Python does at position 0
+    let text = args.prompt;
+    if (args.chat !== null) {
+      const t = chatTemplate(m);
+      const messages = args.system !== null ? [{ role: "system", content: args.system }] : [];
+      messages.push({ role: "user", content: args.chat });
+      text = t ? t.render(messages, { addGenerationPrompt: true })
+        : (args.system !== null ? args.system + "\n" : "") + args.chat;
+      if (t) { // a marker that is one token ends the reply as that token; any marker as text
+        stops = { ids: t.stop.map((s) => tok.encode(s)).filter((x) => x.length === 1).map((x) => x[0]), texts: t.stop };
+      }
+    }
+    ids = withBos(m, tok.encode(text)); // as Python does at position 0
     stream = tok.stream();
   }
   for (const t of ids) {
@@ -101,10 +126,20 @@ async function main() {
   const out = [];
   const t0 = performance.now();
   let t1 = null;
+  let said = "";
   for await (const t of greedy(session, ids, args.maxTokens)) {
     t1 ??= performance.now();
+    if (stops.ids.includes(t)) break;
     out.push(t);
-    if (stream) process.stdout.write(stream.push(t));
+    if (!stream) continue;
+    const piece = stream.push(t);
+    const hit = stops.texts.map((s) => (said + piece).indexOf(s)).filter((i) => i >= 0);
+    if (hit.length) { // the reply ends before the marker
+      process.stdout.write((said + piece).slice(said.length, Math.min(...hit)));
+      break;
+    }
+    said += piece;
+    process.stdout.write(piece);
   }
   const t2 = performance.now();
   if (t1 !== null && out.length > 1) { // timings on stderr: prompt (with session creation) and decode

@@ -3,8 +3,10 @@
 // directory, default "/bundle/" as serve.py serves it), prompt, max_tokens, ep (webgpu | wasm), graph
 // (decode graph: prefill | step), opt (ONNX Runtime graph optimization level; default all on wasm,
 // disabled on WebGPU), autorun=1 (generate on load; the result is left in window.edgeseqResult for
-// tests), logits=1 (the result also keeps every call's logits).
+// tests), logits=1 (the result also keeps every call's logits), chat=1 (the prompt is a user turn, rendered
+// with the bundle's chat template by chat.mjs; the reply ends at the template's end-of-turn token).
 import * as ort from "../node_modules/onnxruntime-web/dist/ort.all.min.mjs";
+import { chatTemplate } from "./chat.mjs";
 import { Bundle, greedy, withBos } from "./edgeseq.mjs";
 import { loadTokenizer } from "./tokenizer.mjs";
 
@@ -75,7 +77,11 @@ async function generate() {
   try {
     $("status").textContent = "loading the bundle…";
     const { bundle, tokenizer, ep } = await load($("bundle").value);
-    const promptText = $("prompt").value;
+    const template = $("chat").checked ? chatTemplate(bundle.manifest) : null; // none: plain text
+    const promptText = template ? template.render([{ role: "user", content: $("prompt").value }]) : $("prompt").value;
+    // an end-of-turn marker that is one token ends the reply
+    const stopIds = template ? template.stop.map((s) => tokenizer.encode(s)).filter((x) => x.length === 1)
+      .map((x) => x[0]) : [];
     const ids = withBos(bundle.manifest, tokenizer.encode(promptText)); // as Python does at position 0
     if (!ids.length) throw new Error("the prompt has no tokens");
     out.innerHTML = "";
@@ -102,6 +108,7 @@ async function generate() {
     let first = null;
     for await (const t of greedy(session, ids, max)) {
       first ??= performance.now();
+      if (stopIds.includes(t)) break;
       result.ids.push(t);
       const piece = stream.push(t);
       result.text += piece;
@@ -130,6 +137,7 @@ async function generate() {
 $("bundle").value = params.get("bundle") || "/bundle/"; // where serve.py mounts it
 if (params.has("prompt")) $("prompt").value = params.get("prompt");
 if (params.has("max_tokens")) $("max").value = params.get("max_tokens");
+if (params.get("chat") === "1") $("chat").checked = true;
 $("go").addEventListener("click", generate);
 $("status").textContent = "ready";
 if (params.get("autorun") === "1") generate();

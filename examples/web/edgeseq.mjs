@@ -15,7 +15,7 @@
 
 export const FORMAT = "edgeseq-bundle";
 // the newest bundle format this driver reads. 2: `chat_template` is the checkpoint's own Jinja template
-// ({"jinja": ...}), which this driver carries but does not render (ids and raw text in, as in format 1)
+// ({"jinja": ...}); this driver takes ids, as in format 1, and chat.mjs renders the template
 export const FORMAT_VERSION = 2;
 
 export class EdgeseqBundleError extends Error {}
