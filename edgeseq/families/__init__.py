@@ -36,6 +36,11 @@ def _load_all() -> None:
         _loaded = True
 
 
+def all_families() -> list[type]:
+    _load_all()
+    return [_BY_NAME[n] for n in sorted(_BY_NAME)]
+
+
 def supported_architectures() -> list[str]:
     _load_all()
     return sorted(_BY_ARCH)

@@ -65,6 +65,8 @@ class Family:
     # RWKV state-tuning files (rwkv_common.read_time_state): how they keep each head's matrix
     # ("value_key" or "key_value"); None where the family has no such files
     time_state_layout: ClassVar[str | None] = None
+    # the llama.cpp architecture it is written as (edgeseq.gguf_names.ArchMap), None: `edgeseq-<family>`
+    gguf: ClassVar[Any] = None
 
     def __init__(self, config):
         self.config = config

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import (embed, find_prefix, head_is_embedding, mixer_stack, norm_and_head, pick)
+from edgeseq.families.common import embed, find_prefix, head_is_embedding, mixer_stack, norm_and_head, pick
+from edgeseq.gguf_names import CONTEXT_LENGTH, ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder
 from edgeseq.mixers.mamba1 import Mamba1Mixer
 from edgeseq.tensor_table import T, Row, t
@@ -44,9 +45,42 @@ class MambaConfig:
         return Mamba1Mixer(self.d_inner, self.d_state, self.d_conv, self.dt_rank, rms_eps=self.mixer_rms_eps)
 
 
+class MambaGguf(ArchMap):
+    """Mamba-1 (and FalconMamba: dt, B, C normed, `ssm.dt_b_c_rms`)."""
+
+    arch = "mamba"
+
+    def supports(self, fam):
+        c = fam.config
+        if c.d_inner != 2 * c.d_model:
+            return f"llama.cpp's mamba needs d_inner = 2·d_model (expand 2); this model has {c.d_inner}/{c.d_model}"
+        return None
+
+    def metadata(self, fam, shapes):
+        c = fam.config
+        return [u32("context_length", CONTEXT_LENGTH), u32("embedding_length", c.d_model),
+                u32("feed_forward_length", 0), u32("attention.head_count", 0), u32("block_count", c.n_layer),
+                u32("ssm.conv_kernel", c.d_conv), u32("ssm.inner_size", c.d_inner),
+                u32("ssm.state_size", c.d_state), u32("ssm.time_step_rank", c.dt_rank),
+                f32("attention.layer_norm_rms_epsilon", c.norm_eps),
+                ("ssm.dt_b_c_rms", c.mixer_rms_eps is not None, "bool")]
+
+    def config(self, g):
+        a = g.arch_key
+        rms = bool(g.get(a("ssm.dt_b_c_rms"), False))
+        vocab, d = g.tensor("token_embd.weight").shape
+        return dict(vocab_size=vocab, d_model=d, n_layer=g.need(a("block_count"), int),
+                    d_inner=g.need(a("ssm.inner_size"), int), d_state=g.need(a("ssm.state_size"), int),
+                    d_conv=g.need(a("ssm.conv_kernel"), int), dt_rank=g.need(a("ssm.time_step_rank"), int),
+                    norm_eps=float(g.get(a("attention.layer_norm_rms_epsilon"), 1e-5)),
+                    # llama.cpp norms dt, B, C with the layer eps; FalconMamba's checkpoints declare 1e-6
+                    mixer_rms_eps=1e-6 if rms else None, tie_embeddings="output.weight" not in g.tensors)
+
+
 @register("MambaForCausalLM", "FalconMambaForCausalLM", "MambaLMHeadModel")
 class Mamba(Family):
     name = "mamba"
+    gguf = MambaGguf()  # llama.cpp runs it
     Config = MambaConfig
     prefill_chunk = 64  # the scan expands each token to (d_inner, d_state): 4.7 MiB per token at 130m
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeseq.errors import UnsupportedError
+from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import (embed, find_prefix, head_is_embedding, mixer_stack, norm_and_head, pick)
+from edgeseq.families.common import embed, find_prefix, head_is_embedding, mixer_stack, norm_and_head, pick
+from edgeseq.gguf_names import CONTEXT_LENGTH, ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder
 from edgeseq.mixers.mamba2 import Mamba2Mixer
 from edgeseq.tensor_table import T, Derived, Row, t
@@ -53,9 +54,42 @@ class Mamba2Config:
                            self.norm_eps, self.dt_min, self.dt_max)
 
 
+class Mamba2Gguf(ArchMap):
+    """Mamba-2: A and D per head as (H, 1), the gated norm as (groups, d_inner/groups), dt's bias alone."""
+
+    arch = "mamba2"
+
+    def metadata(self, fam, shapes):
+        c = fam.config
+        return [u32("context_length", CONTEXT_LENGTH), u32("embedding_length", c.d_model),
+                u32("feed_forward_length", 0), u32("attention.head_count", 0), u32("block_count", c.n_layer),
+                u32("ssm.conv_kernel", c.d_conv), u32("ssm.inner_size", c.d_inner),
+                u32("ssm.state_size", c.d_state), u32("ssm.time_step_rank", c.n_heads),  # llama.cpp: the heads
+                u32("ssm.group_count", c.n_groups), f32("attention.layer_norm_rms_epsilon", c.norm_eps)]
+
+    def supports(self, fam):
+        c = fam.config
+        if c.dt_min > 0 or c.dt_max is not None:
+            return "llama.cpp's mamba2 has no time_step_limit clipping"
+        return None
+
+    def config(self, g):
+        a = g.arch_key
+        vocab, d = g.tensor("token_embd.weight").shape
+        d_inner, heads = g.need(a("ssm.inner_size"), int), g.need(a("ssm.time_step_rank"), int)
+        if heads <= 0 or d_inner % heads:
+            raise EdgeseqError(f"{g.path}: ssm.time_step_rank {heads} does not divide ssm.inner_size {d_inner}")
+        return dict(vocab_size=vocab, d_model=d, n_layer=g.need(a("block_count"), int), d_inner=d_inner,
+                    n_heads=heads, head_dim=d_inner // heads, n_groups=int(g.get(a("ssm.group_count"), 1)),
+                    d_state=g.need(a("ssm.state_size"), int), d_conv=g.need(a("ssm.conv_kernel"), int),
+                    norm_eps=float(g.get(a("attention.layer_norm_rms_epsilon"), 1e-5)),
+                    tie_embeddings="output.weight" not in g.tensors)
+
+
 @register("Mamba2ForCausalLM", "Mamba2LMHeadModel")
 class Mamba2(Family):
     name = "mamba2"
+    gguf = Mamba2Gguf()  # llama.cpp runs it
     Config = Mamba2Config
 
     @classmethod

@@ -29,6 +29,7 @@ from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
 from edgeseq.families.rwkv_common import LN_EPS, blocks, head, hf_view, matrix_state_spec, token_shift
+from edgeseq.gguf_names import CONTEXT_LENGTH, LLAMA_GN_EPS, ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv6
 from edgeseq.kernels.ops import group_norm, layer_norm, silu
@@ -54,9 +55,48 @@ class Rwkv6Config:
     ln_x_eps: float = LN_X_EPS
 
 
+class Rwkv6Gguf(ArchMap):
+    """RWKV-6: the five static token-shift mixes fused (5, 1, 1, C) beside lerp_x; the token-shift LoRA
+    as (5·D, C) and (5, C, D), the decay LoRA as Linear weights; the channel mix's lerps are BlinkDL's
+    maa (edgeseq keeps 1 - maa); u (time_faaaa) as time_mix_first (H, N); no layer rescaling."""
+
+    arch = "rwkv6"
+
+    def supports(self, fam):
+        c = fam.config
+        if abs(c.ln_x_eps - LLAMA_GN_EPS) > 1e-12:
+            return f"llama.cpp's rwkv6 fixes ln_x's group-norm eps at 64e-5; this model uses {c.ln_x_eps}"
+        if getattr(c, "version", "6.0") != "6.0":
+            return f"llama.cpp's rwkv6 is RWKV v6.0; this model is v{c.version}"
+        return None
+
+    def metadata(self, fam, shapes):
+        c = fam.config
+        return [u32("context_length", CONTEXT_LENGTH), u32("embedding_length", c.n_embd),
+                u32("block_count", c.n_layer), f32("attention.layer_norm_epsilon", 1e-5),
+                u32("rescale_every_n_layers", 0), u32("wkv.head_size", c.head_size),
+                u32("time_mix_extra_dim", c.mix_lora), u32("time_decay_extra_dim", c.decay_lora),
+                u32("feed_forward_length", c.dim_ffn), u32("attention.head_count", 0)]
+
+    def config(self, g):
+        a = g.arch_key
+        vocab, C = g.tensor("token_embd.weight").shape
+        hs = g.need(a("wkv.head_size"), int)
+        if hs <= 0 or C % hs:
+            raise EdgeseqError(f"{g.path}: wkv.head_size {hs} does not divide the width {C}")
+        if g.get(a("rescale_every_n_layers"), 0):
+            raise UnsupportedError(f"{g.path}: rescale_every_n_layers {g.get(a('rescale_every_n_layers'))} (halved "
+                                   f"weights, an fp16 device trick) is not supported; convert with rescale 0")
+        return dict(vocab_size=vocab, n_embd=C, n_layer=g.need(a("block_count"), int), n_head=C // hs,
+                    head_size=hs, dim_ffn=g.tensor("blk.0.channel_mix_key.weight").shape[0],
+                    mix_lora=g.tensor("blk.0.time_mix_w1.weight").shape[0] // 5,
+                    decay_lora=g.tensor("blk.0.time_mix_decay_w1.weight").shape[0])
+
+
 @register("rwkv6", "Rwkv6ForCausalLM")
 class Rwkv6(Family):
     name = "rwkv6"
+    gguf = Rwkv6Gguf()  # llama.cpp runs it
     Config = Rwkv6Config
     time_state_layout = "value_key"  # state-tuning files keep (value, key) per head: read_time_state
 

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeseq.errors import UnsupportedError
+from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
 from edgeseq.families.rwkv_common import LN_EPS, embed_ln0, head, matrix_state_spec, token_shift
+from edgeseq.gguf_names import CONTEXT_LENGTH, LLAMA_GN_EPS, ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels import wkv7
 from edgeseq.kernels.ops import group_norm, layer_norm
@@ -89,9 +90,46 @@ def _fla_config(src, n_head: int, head_size: int) -> dict:
     return {"ln_eps": eps, "gn_eps": head_size * eps}
 
 
+class Rwkv7Gguf(ArchMap):
+    """RWKV-7: six token-shift mixes fused into one (6, 1, 1, C) tensor; LoRA matrices as torch Linear
+    weights (out, in); layer 0 carries v0/v1/v2 (unused; copies of a0/a1/a2, as llama.cpp expects)."""
+
+    arch = "rwkv7"
+
+    def supports(self, fam):
+        gn = getattr(fam.config, "gn_eps", LLAMA_GN_EPS)
+        if abs(gn - LLAMA_GN_EPS) > 1e-12:
+            return f"llama.cpp's rwkv7 fixes ln_x's group-norm eps at 64e-5; this model uses {gn}"
+        return None
+
+    def metadata(self, fam, shapes):
+        c = fam.config
+        r = {m: shapes[f"blk.0.time_mix_{m}1.weight"][0] for m in ("w", "a", "g")}  # (rank, C)
+        # layer 0's v LoRA is a copy of its a LoRA (llama.cpp creates it at the iclr rank); the value-
+        # residual rank is the other layers'
+        r["v"] = shapes["blk.1.time_mix_v1.weight"][0] if c.n_layer > 1 else r["a"]
+        return [u32("context_length", CONTEXT_LENGTH), u32("embedding_length", c.n_embd),
+                u32("block_count", c.n_layer), f32("attention.layer_norm_epsilon", getattr(c, "ln_eps", 1e-5)),
+                u32("wkv.head_size", c.head_size), u32("attention.decay_lora_rank", r["w"]),
+                u32("attention.iclr_lora_rank", r["a"]), u32("attention.value_residual_mix_lora_rank", r["v"]),
+                u32("attention.gate_lora_rank", r["g"]), u32("feed_forward_length", c.dim_ffn),
+                u32("attention.head_count", 0)]
+
+    def config(self, g):
+        a = g.arch_key
+        vocab, C = g.tensor("token_embd.weight").shape
+        hs = g.need(a("wkv.head_size"), int)
+        if hs <= 0 or C % hs:
+            raise EdgeseqError(f"{g.path}: wkv.head_size {hs} does not divide the width {C}")
+        return dict(vocab_size=vocab, n_embd=C, n_layer=g.need(a("block_count"), int), n_head=C // hs,
+                    head_size=hs, dim_ffn=g.tensor("blk.0.channel_mix_key.weight").shape[0],
+                    ln_eps=float(g.get(a("attention.layer_norm_epsilon"), 1e-5)), gn_eps=LLAMA_GN_EPS)
+
+
 @register("rwkv7", "RWKV7ForCausalLM", "Rwkv7ForCausalLM")
 class Rwkv7(Family):
     name = "rwkv7"
+    gguf = Rwkv7Gguf()  # llama.cpp runs it
     Config = Rwkv7Config
     time_state_layout = "key_value"  # state-tuning files keep (key, value) per head: read_time_state
 
