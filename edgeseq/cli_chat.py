@@ -8,7 +8,9 @@ Ctrl-C at an empty prompt, Ctrl-D, /bye, /exit and /quit end the chat with a new
 during the same reply ends the program, for a prefill that takes too long to wait for.
 
 Reasoning models' `<think> … </think>` sections are shown dimmed on a terminal (--think, the default) or
-left out of the display (--hide-think); either way they stay in the conversation the state has seen.
+left out of the display (--hide-think); either way they stay in the conversation the state has seen. A
+template whose generation prompt opens the section (Qwen3.5 with enable_thinking writes `<think>\n`,
+RWKV-7 G1 `Assistant: <think`) starts the reply inside it.
 Input that is not a terminal (a pipe, a file) is read line by line with no prompt.
 """
 from __future__ import annotations
@@ -52,6 +54,11 @@ class _ThinkFilter:
     """Splits streamed text at <think> and </think>: the thinking is dimmed, or dropped when hidden."""
 
     OPEN, CLOSE = "<think>", "</think>"
+
+    @staticmethod
+    def opened(fed: str | None) -> bool:
+        """Whether the text fed so far leaves a think section open (`<think` with no `</think>` after)."""
+        return bool(fed) and fed.rfind("<think") > fed.rfind("</think>")
 
     def __init__(self, show: bool, color: bool):
         self.show, self.color = show, color
@@ -200,7 +207,10 @@ def _one(c, text: str, show_think: bool, color: bool, interactive: bool) -> None
     try:
         with _Interrupt() as intr:
             gen = c.handle(text)
+            first = True
             for piece in gen:
+                if first and turn:  # the prompt is fed now: does the reply start inside <think>?
+                    think.inside, first = think.opened(c.consumed), False  # (the reply is added at its end)
                 out = think.feed(piece) if turn else piece
                 if out:
                     sys.stdout.write(out)

@@ -158,3 +158,36 @@ def test_ctrl_c_stops_run_with_its_speed_line(byte_mamba):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and b"| interrupted]" in err and b"Traceback" not in err, err
+
+
+def test_a_reply_inside_a_think_section_the_prompt_opened(byte_mamba, capsys, tmp_path):
+    """RWKV-7 G1's published template ends its generation prompt with `Assistant: <think`: the reply starts
+    inside the thinking, so --hide-think shows only what follows </think>, and --think dims it."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import edgeseq
+    from edgeseq.cli_chat import DIM, RESET, _one
+    from edgeseq.runtime.chat import Chat
+    from edgeseq.runtime.session import Stats
+
+    b = tmp_path / "bundle"
+    shutil.copytree(byte_mamba.bundle(), b)
+    m = json.loads((b / "edgeseq.json").read_text())
+    g1 = (Path(__file__).parent / "data" / "chat_templates" / "rwkv7-g1.jinja").read_text(encoding="utf-8")
+    m.update(format_version=2, chat_template={"jinja": g1, "special_tokens": {}, "source": "rwkv7-g1.jinja"})
+    (b / "edgeseq.json").write_text(json.dumps(m))
+    c = Chat(edgeseq.load(b), max_tokens=3, temperature=0)
+
+    def scripted(prompt, **kw):
+        c.session.stats = Stats(stopped_by="end_token")
+        yield from [">\nhm, 2", "+2</th", "ink>\n4"]
+
+    c.session.generate = scripted
+    _one(c, "2+2?", show_think=False, color=False, interactive=False)
+    assert capsys.readouterr().out == "\n4\n"
+    _one(c, "again", show_think=True, color=True, interactive=False)
+    out = capsys.readouterr().out
+    assert out.startswith(DIM + ">\nhm, 2") and out.endswith(RESET + "\n4\n"), repr(out)
+    assert c.consumed.endswith("User: again\n\nAssistant: <think>\nhm, 2+2</think>\n4")  # all of it was fed
