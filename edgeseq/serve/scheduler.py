@@ -171,7 +171,8 @@ class Scheduler:
 
     @property
     def busy_rows(self) -> int:
-        return len(self.rows) + sum(r.n for r, _ in self.joining)
+        joining = list(self.joining)  # one C-level copy under the GIL: /metrics reads it from another thread
+        return len(self.rows) + sum(r.n for r, _ in joining)
 
     # -- the worker -------------------------------------------------------------------------------------
     def _loop(self) -> None:
