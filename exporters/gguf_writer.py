@@ -4,7 +4,8 @@
     generic edgeseq-<family> architecture) -> per-tensor type (kept-F32 rules, recipe, fallbacks) -> file
 
 The file is written under a temporary name beside OUT and renamed at the end: a failed export leaves
-nothing. Tokenizer keys follow llama.cpp's converter: `gpt2` (tokens, types, merges, `pre`) from a BPE
+nothing. It is streamed (two passes over the checkpoint: names and shapes, then the data one tensor at a
+time), and the weights are checked against the config (edgeseq.weight_check) before anything is written. Tokenizer keys follow llama.cpp's converter: `gpt2` (tokens, types, merges, `pre`) from a BPE
 `tokenizer.json`, `rwkv` for the RWKV World vocabulary; a byte-level model (vocabulary of 256, no
 tokenizer file) is written as an `rwkv`-model vocabulary of the 256 single bytes, which llama.cpp's
 greedy matcher tokenizes byte for byte.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -40,26 +42,37 @@ def parse_gguf_quant(name: str) -> str:
 
 
 # -- tensor types -------------------------------------------------------------------------------------
-def _encode(name: str, a: np.ndarray, quant: str, arch: str, tied: bool):
-    """(raw data, GGMLQuantizationType) for one tensor: llama.cpp's per-tensor rules (which tensors stay
-    F32, the head at Q6_K/Q8_0, row-length fallbacks Q4_K -> Q5_0 ... F16) from edgeseq.quant.gguf_quants.
-    The generic architecture's canonical names first pass edgeseq's own keep-F32 rule, then the same
-    rules as a `.weight` matrix."""
-    from gguf import GGMLQuantizationType as Q
+def _choose(name: str, shape: tuple, quant: str, arch: str, tied: bool) -> str:
+    """The GGUF type of one tensor, from its name and shape alone (so the header can be written before
+    any data): llama.cpp's per-tensor rules (which tensors stay F32, the head at Q6_K/Q8_0, row-length
+    fallbacks Q4_K -> Q5_0 ... F16) from edgeseq.quant.gguf_quants. The generic architecture's canonical
+    names first pass edgeseq's own keep-F32 rule, then the same rules as a `.weight` matrix."""
+    from edgeseq.quant import gguf_quants
 
+    if arch.startswith(GENERIC_PREFIX):
+        shaped = np.broadcast_to(np.float32(0), shape)  # keep_f32 looks at the shape only: no memory
+        if keep_f32(name, shaped, True):
+            return "F32"
+        return gguf_quants.choose_type(name + ".weight", shape, quant, "", False)
+    return gguf_quants.choose_type(name, shape, quant, arch, tied)
+
+
+def _nbytes(shape: tuple, t: str) -> int:
+    from edgeseq.quant import gguf_quants
+
+    return int(np.prod(shape[:-1])) * gguf_quants.row_bytes(t, int(shape[-1]))
+
+
+def _encode(a: np.ndarray, t: str) -> np.ndarray:
+    """The tensor's bytes in GGUF type `t` (an array the writer writes as it is)."""
     from edgeseq.quant import gguf_quants
 
     a = np.ascontiguousarray(a, dtype=np.float32)
-    generic = arch.startswith(GENERIC_PREFIX)
-    if generic:
-        t = "F32" if keep_f32(name, a, True) else gguf_quants.choose_type(name + ".weight", a.shape, quant, "", False)
-    else:
-        t = gguf_quants.choose_type(name, a.shape, quant, arch, tied)
     if t == "F32":
-        return a, Q.F32
+        return a
     if t == "F16":
-        return a.astype(np.float16), Q.F16
-    return gguf_quants.quantize(a, t), Q[t]
+        return a.astype(np.float16)
+    return gguf_quants.quantize(a, t)
 
 
 # -- tokenizer keys -----------------------------------------------------------------------------------
@@ -234,18 +247,95 @@ def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
+def _gguf_tensors(fam, amap, ckpt, vocab: int, canonical: dict | None = None):
+    """(GGUF name, array, shape as written) one at a time, in the file's order. `canonical` (a dict)
+    collects the canonical weights' shapes on the way, for the shape check. The embedding and head rows
+    are padded to `vocab` only when asked (`_pad_rows`): the shape says what the file holds."""
+    from edgeseq.graph import WeightInfo
+
+    def recorded(weights):
+        for name, a in weights:
+            canonical[name] = WeightInfo(name, "float32", tuple(int(d) for d in a.shape), 0, 4 * int(a.size))
+            yield name, a
+
+    weights = fam.convert(ckpt)
+    if canonical is not None:
+        weights = recorded(weights)
+    for name, a in (weights if amap is None else amap.to_gguf(fam, weights)):
+        if len(name.encode()) >= 64:
+            raise UnsupportedError(f"tensor name {name!r} is longer than GGUF's 63 bytes")
+        shape = tuple(int(d) for d in a.shape)
+        if name in ("token_embd.weight", "output.weight") and shape[0] < vocab:
+            shape = (vocab, *shape[1:])  # llama.cpp checks the rows against the (padded) token count
+        yield name, a, shape
+
+
+def _name_the_weight(message: str, fam, canonical: dict) -> str:
+    """check_weights' message, with the weights its failing node reads named: ONNX shape inference names
+    a node (`node name: /layers.0/Mul_7`); the canonical weights among that node's inputs are the suspects."""
+    m = re.search(r"node name: ([^)]+)\)", message)
+    if not m or "that node reads weight" in message:  # (weight_check may name them itself)
+        return message
+    try:
+        graph = fam.build_graph("step", canonical, fused=False).to_model({}).graph
+    except (KeyError, ValueError, IndexError, TypeError):  # no graph to look in: the message stands
+        return message
+    node = next((n for n in graph.node if n.name == m.group(1)), None)
+    names = [i for i in (node.input if node is not None else ()) if i in canonical]
+    if not names:
+        return message
+    said = ", ".join(f"{n!r} {canonical[n].shape}" for n in names)
+    return f"{message}; that node reads weight {said}"
+
+
+def _template_text(spec) -> str | None:
+    """What tokenizer.chat_template holds for a manifest-style template spec: the Jinja text, or a
+    plain-string template's name (llama.cpp and edgeseq's reader know "rwkv-world"); None for none."""
+    from edgeseq.chat_template import NAMES
+
+    if not spec:
+        return None
+    if isinstance(spec, dict) and isinstance(spec.get("jinja"), str):
+        return spec["jinja"]
+    return next((n for n, v in NAMES.items() if v == spec), None)
+
+
+def _set_template(tok_keys: list, special_vocab, text: str | None) -> None:
+    """tokenizer.chat_template = `text` (None: no template). A gpt2/llama vocabulary writes it through
+    the gguf package's SpecialVocab (which may hold named templates: kept when their default is `text`)."""
+    tok_keys[:] = [k for k in tok_keys if k[0] != "tokenizer.chat_template"]
+    if special_vocab is not None:
+        cur = special_vocab.chat_template
+        named = {t.get("name"): t.get("template") for t in cur if isinstance(t, dict)} if isinstance(cur, list) else {}
+        if not (named and named.get("default") == text):
+            special_vocab.chat_template = text
+    elif text is not None:
+        tok_keys.append(("tokenizer.chat_template", text, "str"))
+
+
 def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | None = None, force: bool = False,
-                progress: bool = False) -> dict:
-    """Write `checkpoint` as the GGUF file `out`. Returns a summary (architecture, types used, why generic)."""
+                progress: bool = False, chat_template=None) -> dict:
+    """Write `checkpoint` as the GGUF file `out`. Returns a summary (architecture, types used, why generic).
+
+    `chat_template`: a manifest-style spec (edgeseq.chat_template.load_template_option; `{}` for none);
+    by default the checkpoint's own Jinja template, written as tokenizer.chat_template.
+
+    Streamed in two passes over the checkpoint, so memory holds about one tensor (as the ONNX export
+    does): the first converts each tensor only for its name and shape (the header, the shape check
+    and llama.cpp's per-tensor types need them all before any data), the second converts it again,
+    quantizes it and appends its bytes. The file is byte for byte what writing it from memory gives."""
     import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    from edgeseq import safe_io
+    from edgeseq.chat_template import checkpoint_template
+    from edgeseq.exporters.export import read_family
+    from edgeseq.weight_check import check_weights
 
     quant = parse_gguf_quant(quant)
     if os.path.exists(out) and not force:
         raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
     ckpt = open_checkpoint(checkpoint)
-    from edgeseq import safe_io
-    from edgeseq.exporters.export import read_family
-
     fam = read_family(ckpt, checkpoint)  # config checked against the file (docs/reliability.md)
     amap, why_generic = arch_for(fam)
     arch = amap.arch if amap else GENERIC_PREFIX + fam.name
@@ -255,30 +345,32 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
     pad = PAD_VOCAB.get(arch)
     if pad:
         vocab = -(-vocab // pad) * pad
+    if chat_template is None:
+        chat_template = checkpoint_template(checkpoint)
 
-    weights = fam.convert(ckpt)
-    items = weights if generic else amap.to_gguf(fam, weights)
-    tensors: list[tuple[str, np.ndarray]] = []
+    # pass 1: every tensor's name and shape; the canonical weights checked against the config
+    canonical: dict = {}
     with safe_io.converting(checkpoint):
-        for name, a in items:
-            if len(name.encode()) >= 64:
-                raise UnsupportedError(f"tensor name {name!r} is longer than GGUF's 63 bytes")
-            if name in ("token_embd.weight", "output.weight") and a.shape[0] != vocab:
-                a = _pad_rows(a, vocab)  # llama.cpp checks the rows against the (padded) token count
-            tensors.append((name, a))
-    shapes = {n: a.shape for n, a in tensors}
+        plan = [(name, shape) for name, _, shape in _gguf_tensors(fam, amap, ckpt, vocab, canonical)]
+    try:  # a tensor of the wrong shape is an error now, not a file llama.cpp or ONNX Runtime refuses later
+        check_weights(fam, canonical, checkpoint)
+    except EdgeseqError as e:
+        raise EdgeseqError(_name_the_weight(str(e), fam, canonical)) from None
+    shapes = dict(plan)
     tied = "output.weight" not in shapes
+    types = [_choose(name, shape, quant, arch, tied) for name, shape in plan]
 
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.{os.getpid()}.tmp")
     used: dict[str, int] = {}
+    w = None
     try:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_type("model")
         name = os.path.basename(os.path.normpath(checkpoint))
         w.add_name(name)
-        n_params = sum(int(np.prod(a.shape)) for _, a in tensors)
+        n_params = sum(int(np.prod(s)) for s in shapes.values())
         w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
         meta = generic_metadata(fam) if generic else amap.metadata(fam, shapes)
         for key, value, kind in meta:
@@ -286,23 +378,44 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
         w.add_file_type(FILE_TYPE[quant])
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         tok_keys, special_vocab = _tokenizer_keys(tok_spec, tok_file, vocab, _special_tokens(ckpt))
+        if chat_template is not None:  # ({}: --chat-template none)
+            _set_template(tok_keys, special_vocab, _template_text(chat_template))
         for key, value, kind in tok_keys:
             _add(w, key, value, kind)
         if special_vocab is not None:
             special_vocab.add_to_gguf(w, quiet=True)
         if generic:
             w.add_string("edgeseq.version", __version__)
-        for tname, a in tensors:
-            data, qt = _encode(tname, a, quant, arch, tied)
-            used[qt.name] = used.get(qt.name, 0) + 1
-            w.add_tensor(tname, data, raw_dtype=qt)  # quantized bytes: the writer derives the shape
+        for (tname, shape), t in zip(plan, types):
+            w.add_tensor_info(tname, shape, np.dtype(np.float32), _nbytes(shape, t), raw_dtype=Q[t])
+            used[t] = used.get(t, 0) + 1
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=progress)
+        w.write_ti_data_to_file()
+        # pass 2: each tensor converted again, encoded and written; only it and its bytes are held
+        items = _gguf_tensors(fam, amap, ckpt, vocab)
+        if progress:
+            from tqdm import tqdm
+
+            items = tqdm(items, total=len(plan), desc="tensors", unit="tensor", leave=False, disable=None)
+        n = 0
+        with safe_io.converting(checkpoint):
+            for tname, a, shape in items:
+                if n >= len(plan) or (tname, shape) != plan[n]:
+                    raise EdgeseqError(f"{checkpoint}: tensor {tname!r} {shape} differs between two reads of "
+                                       f"the checkpoint (was it changed while exporting?)")
+                if shape != a.shape:
+                    a = _pad_rows(a, shape[0])
+                w.write_tensor_data(_encode(a, types[n]))
+                n += 1
+            if n != len(plan):
+                raise EdgeseqError(f"{checkpoint}: fewer tensors on the second read (was it changed while exporting?)")
         w.close()
         safe_io.fsync_tree(tmp)
         os.replace(tmp, out)
     except BaseException as e:
+        if w is not None:
+            w.close()  # (idempotent) the partial file's handle, before it goes
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):  # a full disk: named, and the partial file is gone

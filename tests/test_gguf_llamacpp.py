@@ -327,3 +327,41 @@ def test_rwkv_same_file_as_llama_cpp_converter(tmp_path, layout):
     export_gguf(str(ckpt), str(ours))
     with GGUFFile(ours) as a, GGUFFile(ref) as b:
         _compare_with_converter(a, b)
+
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_chat_template_in_llama_cpp_and_back(tmp_path):
+    """The checkpoint's own Jinja template goes into tokenizer.chat_template (the key llama.cpp reads),
+    for a byte-level model too (no tokenizer.json, so the gguf package's SpecialVocab does not see it);
+    where a folder holds two, the one edgeseq's bundles carry (chat_template.jinja over
+    tokenizer_config.json) wins; edgeseq reading the GGUF back carries it into the bundle verbatim."""
+    import json
+
+    from edgeseq.chat_template import checkpoint_template, for_model, load_template_option
+    from edgeseq.gguf_bundle import gguf_to_bundle
+
+    ckpt = make_mamba(tmp_path / "hf", seed=3)  # vocabulary of 256 bytes
+    (ckpt / "chat_template.jinja").write_text(TEMPLATE)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'older' }}"}))
+    out = tmp_path / "m.gguf"
+    export_gguf(str(ckpt), str(out))
+    llm = llama_cpp().Llama(str(out), vocab_only=True, verbose=False)
+    assert llm.metadata["tokenizer.chat_template"] == TEMPLATE
+    bundle = gguf_to_bundle(str(out), str(tmp_path / "b"))
+    manifest = json.loads((tmp_path / "b" / "edgeseq.json").read_text())
+    assert manifest["chat_template"]["jinja"] == TEMPLATE
+    messages = [{"role": "user", "content": "hi"}]
+    assert (for_model(manifest).render(messages) == for_model({"chat_template": checkpoint_template(str(ckpt))})
+            .render(messages) == "<|user|>\nhi<|end|>\n<|assistant|>\n")
+    assert edgeseq.load(bundle).manifest["chat_template"]["jinja"] == TEMPLATE
+
+    # --chat-template NAME replaces it; none leaves the key out
+    export_gguf(str(ckpt), str(out), force=True, chat_template=load_template_option("chatml"))
+    with GGUFFile(out) as g:
+        assert g.kv["tokenizer.chat_template"] == load_template_option("chatml")["jinja"]
+    export_gguf(str(ckpt), str(out), force=True, chat_template=load_template_option("none"))
+    llm = llama_cpp().Llama(str(out), vocab_only=True, verbose=False)
+    assert "tokenizer.chat_template" not in llm.metadata

@@ -193,3 +193,48 @@ def test_generic_architecture_for_hybrid_families(tmp_path, family):
     for t in [5, 9, 100, 3, 7, 200, 1, 2]:
         np.testing.assert_allclose(a.step(t), b.step(t), atol=1e-6)
     assert a.position == b.position == 8
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_and_nothing_is_written(tmp_path):
+    """The writer checks the weights against the config before it writes (edgeseq.weight_check, as the
+    ONNX export does): a norm at half its width is an error naming that weight, on the command line
+    one `error:` line and exit status 1; no output and no temporary file are left."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgeseq.errors import EdgeseqError
+
+    ckpt = make_mamba(tmp_path / "hf", hidden_size=32)
+    w = load_file(ckpt / "model.safetensors")
+    w["backbone.layers.0.norm.weight"] = w["backbone.layers.0.norm.weight"][:16].copy()
+    save_file(w, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(EdgeseqError, match=r"hf: .*'layers\.0\.norm' \(16,\)"):
+        export_gguf(str(ckpt), str(tmp_path / "m.gguf"))
+    r = _cli("export", str(ckpt), "-o", str(tmp_path / "m.gguf"))
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "'layers.0.norm' (16,)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_a_failure_while_streaming_leaves_the_old_file(tmp_path, monkeypatch):
+    """Tensors are written one at a time after the header: a failure half-way (here the encoder of the
+    fifth tensor) removes the partial file and leaves the file being replaced as it was."""
+    import edgeseq.exporters.gguf_writer as gw
+    from edgeseq.errors import EdgeseqError
+
+    ckpt = make_mamba(tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    export_gguf(str(ckpt), str(out))
+    before = out.read_bytes()
+    calls, encode = [], gw._encode
+
+    def failing(a, t):
+        calls.append(t)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return encode(a, t)
+
+    monkeypatch.setattr(gw, "_encode", failing)
+    with pytest.raises(EdgeseqError, match="m.gguf: the disk is full"):
+        export_gguf(str(ckpt), str(out), force=True, quant="q8_0")
+    assert len(calls) == 5 and out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.gguf"]
