@@ -18,6 +18,7 @@ import codecs
 import json
 import os
 import shutil
+from contextlib import closing
 
 import numpy as np
 
@@ -206,11 +207,12 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
         with GGUFFile(path) as g:
             fam, weights, matrices = family_of(g)
             wpath = os.path.join(tmp, "weights.bin")
-            store = WeightStore(wpath)
-            with safe_io.converting(path):
+            # the files are closed whatever is raised (a file left open would keep the temporary folder's
+            # space until the process ends, and warns); a store's close() may be called twice
+            with safe_io.converting(path), closing(WeightStore(wpath)) as store:
                 for name, array in weights():
                     store.add(name, np.ascontiguousarray(array, dtype=np.float32))
-            weights_hash = store.close()
+                weights_hash = store.close()
             check_weights(fam, store.table, path)  # shapes against the config (docs/reliability.md)
             table = store.table
             specs = _repack_plan(g, fam, table, matrices, portable, requant8)
@@ -221,25 +223,23 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
                 old = table
                 # plain reads, not a memory map: mapped pages would count in this process's resident set
                 # until the end (the whole f32 file), read pages are freed with each array
-                src = open(wpath, "rb")
-                store = WeightStore(wpath + ".q")
-                for name, info in sorted(old.items(), key=lambda kv: kv[1].offset):
-                    if name in specs:
-                        gname = matrices[name][0]
-                        t = g.tensors[gname]
-                        if t.type_name in ("Q4_0", "Q8_0"):  # the blocks as they are
-                            parts = repack_for_matmulnbits(g.raw(gname), t.type_name, t.shape)
-                        else:  # dequantized (N, K), re-quantized to 8 bits
-                            q, scales, zp = quantize_blocks(g.array(gname), 8, 32)
-                            parts = (q, scales.reshape(-1), zp.reshape(-1))
-                        for suffix, a in zip((".q", ".scales", ".zp"), parts):
-                            store.add(name + suffix, np.ascontiguousarray(a))
-                    else:
-                        src.seek(info.offset)
-                        store.add(name, np.fromfile(src, dtype=info.dtype, count=info.nbytes // np.dtype(
-                            info.dtype).itemsize).reshape(info.shape))
-                weights_hash = store.close()
-                src.close()
+                with open(wpath, "rb") as src, closing(WeightStore(wpath + ".q")) as store:
+                    for name, info in sorted(old.items(), key=lambda kv: kv[1].offset):
+                        if name in specs:
+                            gname = matrices[name][0]
+                            t = g.tensors[gname]
+                            if t.type_name in ("Q4_0", "Q8_0"):  # the blocks as they are
+                                parts = repack_for_matmulnbits(g.raw(gname), t.type_name, t.shape)
+                            else:  # dequantized (N, K), re-quantized to 8 bits
+                                q, scales, zp = quantize_blocks(g.array(gname), 8, 32)
+                                parts = (q, scales.reshape(-1), zp.reshape(-1))
+                            for suffix, a in zip((".q", ".scales", ".zp"), parts):
+                                store.add(name + suffix, np.ascontiguousarray(a))
+                        else:
+                            src.seek(info.offset)
+                            store.add(name, np.fromfile(src, dtype=info.dtype, count=info.nbytes // np.dtype(
+                                info.dtype).itemsize).reshape(info.shape))
+                    weights_hash = store.close()
                 os.replace(wpath + ".q", wpath)
                 table = build_table(store, old, specs)
             tok_spec, special = _tokenizer(g, tmp)

@@ -108,3 +108,60 @@ def test_truncations_and_flipped_bytes(good):
         except EdgeseqError:
             errors += 1
     assert errors > 50  # most flips in the header are caught (the rest hit string bytes or padding)
+
+
+def _open_files_under(folder) -> list[str]:
+    """This process's open file descriptors that point into `folder` (deleted files included)."""
+    import os
+
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used, gone by now
+            continue
+        if target.startswith(str(folder)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("where", ["converting", "repacking"])
+def test_a_failed_conversion_leaves_no_file_open(tmp_path, monkeypatch, where):
+    """GGUF -> bundle fails half-way, in the f32 pass or while Q8_0 blocks are repacked: the error is
+    raised with every file it wrote closed (checked while the exception, and so its frames, is alive)
+    and the temporary folder gone."""
+    from conftest import make_mamba
+    from edgeseq import gguf_bundle
+    from edgeseq.exporters.gguf_writer import export_gguf
+    from edgeseq.quant import gguf_quants
+
+    src = tmp_path / "src"
+    src.mkdir()
+    g = src / "m.gguf"
+    export_gguf(str(make_mamba(src / "hf", hidden_size=64)), str(g), quant="q8_0")
+    if where == "converting":
+        family_of = gguf_bundle.family_of
+
+        def failing_family_of(gf):
+            fam, weights, matrices = family_of(gf)
+
+            def some_weights():
+                for i, item in enumerate(weights()):
+                    if i == 3:
+                        raise ValueError("cannot reshape")
+                    yield item
+            return fam, some_weights, matrices
+        monkeypatch.setattr(gguf_bundle, "family_of", failing_family_of)
+        expected = EdgeseqError
+    else:
+        def failing_repack(*args):
+            raise MemoryError("repacking")
+        monkeypatch.setattr(gguf_quants, "repack_for_matmulnbits", failing_repack)
+        expected = MemoryError
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(expected) as failed:
+        gguf_bundle.gguf_to_bundle(str(g), str(out / "b"))
+    # (the GGUF's own memory map stays open while arrays viewing it live in the traceback: read-only)
+    assert failed.value is not None and _open_files_under(out) == []
+    assert list(out.iterdir()) == []
