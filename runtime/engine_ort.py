@@ -12,6 +12,8 @@ A mobile bundle (`export --mobile`) has only the step graph: it then decodes and
 no control-flow nodes (the prefill graph's Scan cannot be captured) and every input and output bound to
 fixed device buffers, so the session then decodes through the step graph with fixed IO bindings
 (`fixed_io`); prompts still go through the prefill graph, a second session without capture.
+`fixed_io=True` alone takes that path on any device without capturing anything: on the CPU it is how
+the path is tested, and how an app can see what its CUDA-graph decode computes.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from edgeseq.errors import EdgeseqError
 
 class OrtEngine:
     def __init__(self, directory: str, manifest: dict, device: str = "cpu", threads: int | None = None,
-                 low_memory: bool = False, cuda_graph: bool = False):
+                 low_memory: bool = False, cuda_graph: bool = False, fixed_io: bool = False):
         import onnxruntime as ort
 
         self.ort = ort
@@ -46,10 +48,10 @@ class OrtEngine:
         self.low_memory = low_memory
         self.cuda_graph = cuda_graph
         # fixed_io: the step graph decodes with every input and output bound once to fixed buffers on the
-        # device (what CUDA graphs require); the code path also runs on CPU, for tests
-        self.fixed_io = cuda_graph
+        # device (what CUDA graphs require; cuda_graph implies it)
+        self.fixed_io = bool(fixed_io or cuda_graph)
         self._next_graph_id = 1
-        self.decode_graph = "prefill" if "prefill" in manifest["graphs"] and not cuda_graph else "step"
+        self.decode_graph = "prefill" if "prefill" in manifest["graphs"] and not self.fixed_io else "step"
         self._sessions: dict[str, object] = {}
 
     def new_graph_ids(self, n: int) -> list[int]:

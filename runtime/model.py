@@ -15,7 +15,8 @@ from edgeseq.tokenizer import load_tokenizer
 
 class Model:
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, low_memory: bool = False,
-                 max_context: int | None = None, on_full: str = "stop", cuda_graph: bool = False):
+                 max_context: int | None = None, on_full: str = "stop", cuda_graph: bool = False,
+                 fixed_io: bool = False):
         self.path = path
         self.manifest = m = read_manifest(path)
         self.family_name = m["family"]
@@ -41,7 +42,10 @@ class Model:
         self.prefill_chunk = int(m["graphs"].get("prefill", {}).get("chunk") or 256)  # mobile: step graph only
         self.stop_token_ids = [int(t) for t in m.get("stop_token_ids") or []]
         self.tokenizer = load_tokenizer(path, m["tokenizer"])
-        self.engine = OrtEngine(path, m, device, threads, low_memory, cuda_graph)
+        if fixed_io and not cuda_graph and self.uses_position:
+            raise EdgeseqError(f"{path}: fixed_io: graphs with a position input ({self.family_name}) are not "
+                               f"supported yet")
+        self.engine = OrtEngine(path, m, device, threads, low_memory, cuda_graph, fixed_io)
 
     @property
     def family(self):
@@ -90,7 +94,10 @@ class Model:
 
 def load(path, device: str = "cpu", threads: int | None = None, **options) -> Model:
     """options: low_memory, max_context (KV ring length of full-attention models; default the
-    manifest's), on_full ("stop" or "slide", when a full-attention session reaches max_context)."""
+    manifest's), on_full ("stop" or "slide", when a full-attention session reaches max_context),
+    cuda_graph (device "cuda": decode under CUDA graphs), fixed_io (decode through the step graph with
+    every input and output bound once to fixed buffers, as cuda_graph does, without capturing: on the
+    CPU too; see edgeseq.runtime.engine_ort)."""
     path = os.fspath(path)
     engine = options.pop("engine", None)
     from edgeseq.gguf_file import is_gguf

@@ -213,12 +213,13 @@ def test_bad_input_leaves_nothing(tmp_path):
 # -- the fixed-IO decode path that ONNX Runtime's CUDA graphs need --------------------------------
 
 def test_fixed_io_path_gives_the_same_tokens_on_cpu(tmp_path):
-    """With every step input and output bound once to fixed buffers (what CUDA graphs replay), a
-    session decodes the same logits as the default path; forks get their own graph ids."""
+    """With every step input and output bound once to fixed buffers (what CUDA graphs replay; the
+    `fixed_io` option on its own), a session decodes the same logits as the default path; forks get
+    their own graph ids. A graph with a position input is refused by name."""
     ckpt = FIXTURES / "tiny-rwkv-5v2-730K-FP32.bin"
     bundle = export(str(ckpt), str(tmp_path / "b"))
-    ref_model, model = edgeseq.load(bundle), edgeseq.load(bundle)
-    model.engine.fixed_io, model.engine.decode_graph = True, "step"  # what cuda_graph=True sets, minus CUDA
+    ref_model, model = edgeseq.load(bundle), edgeseq.load(bundle, fixed_io=True)  # cuda_graph's path, no CUDA
+    assert (ref_model.engine.decode_graph, model.engine.decode_graph) == ("prefill", "step")
     ids = random_ids(256, 20, seed=4)
     a, b = ref_model.session(), model.session()
     ref = np.stack([a.prefill(ids[:5])] + [a.step(t) for t in ids[5:]])
@@ -230,6 +231,14 @@ def test_fixed_io_path_gives_the_same_tokens_on_cpu(tmp_path):
     assert np.abs(np.stack([fork.step(t) for t in ids2]) - np.stack([fork_ref.step(t) for t in ids2])).max() < tol
     assert np.abs(b.step(7) - a.step(7)).max() < tol  # the original is untouched by its fork
     assert model.engine.new_graph_ids(1) == [5]  # two sessions took ids 1-4
+    assert b._fixed and not a._fixed
+
+
+def test_fixed_io_refuses_a_position_input(tmp_path):
+    bundle = export(str(_checkpoint("recurrent_gemma", tmp_path)), str(tmp_path / "b"))
+    assert edgeseq.load(bundle).uses_position
+    with pytest.raises(EdgeseqError, match="fixed_io: graphs with a position input"):
+        edgeseq.load(bundle, fixed_io=True)
 
 
 def test_cuda_graph_needs_cuda(tmp_path):
