@@ -16,9 +16,10 @@ The model: `demo` (the shipped byte-level RWKV-7, f32) or a shape of the harness
 2. Throughput: C clients at once (C in --clients), each one streamed request of a distinct 16-word prompt
    and --decode tokens (temperature 1, seeded, so an end token is rare): completion tokens / wall time.
 
-3. --load N: on a server of --parallel 16 and a 64 MB state cache, N requests from 32 clients (random prompt and reply lengths, streamed or not, 10 % bad
-   requests of a dozen kinds): the status codes (no 5xx), p50/p99 latency of the good ones, and the server's
-   RSS after each tenth of the run (flat after warm-up: no leak per request).
+3. --load N: on a server of --parallel 16 and a 64 MB state cache, N requests from 32 clients (random
+   prompt and reply lengths, streamed or not, 10 % bad requests of a dozen kinds): the status codes (no
+   5xx), p50/p99 latency of the good ones, and the server's RSS after each tenth of the run (flat once
+   the cache is full: no leak per request).
 
 Not here yet: the same runs against llama.cpp's llama-server built from source (issue 17).
 """
@@ -229,7 +230,8 @@ def main() -> None:
     print(f"{a.model} ({res['quant']}), {res['cpus']} CPUs")
     print("turn  prompt  cached  TTFT ms (cache)  TTFT ms (no cache)")
     for w, wo in zip(res["ttft_cache"], res["ttft_no_cache"]):
-        print(f"{w['turn']:4d}  {w['prompt_tokens']:6d}  {w['cached_tokens']:6d}  {w['ttft_ms']:15.1f}  {wo['ttft_ms']:18.1f}")
+        print(f"{w['turn']:4d}  {w['prompt_tokens']:6d}  {w['cached_tokens']:6d}  {w['ttft_ms']:15.1f}  "
+              f"{wo['ttft_ms']:18.1f}")
     for t in res["throughput"]:
         print(f"{t['clients']:2d} clients: {t['tok_s']:7.1f} tok/s ({t['tokens']} tokens in {t['seconds']} s, "
               f"median TTFT {t['ttft_ms_median']} ms)")

@@ -227,7 +227,8 @@ def test_n_choices(demo, demo_model):
     assert len(set(texts)) > 1  # forks of one state, each with its own sampler
     again = c.completions.create(model="edgeseq-demo", prompt="And Moses", max_tokens=24, temperature=1.0, seed=5, n=4)
     assert [ch.text for ch in again.choices] == texts  # seeded: reproducible
-    chat = list(c.chat.completions.create(model="edgeseq-demo", messages=[{"role": "user", "content": "And"}], max_tokens=5, n=2,
+    chat = list(c.chat.completions.create(model="edgeseq-demo", messages=[{"role": "user", "content": "And"}],
+                                          max_tokens=5, n=2,
                                           temperature=0, stream=True))
     per = {0: "", 1: ""}
     for ch in chat:
@@ -245,8 +246,8 @@ def test_concurrent_equals_sequential(demo):
     c = demo.client()
 
     def run(p):
-        return "".join(ch.choices[0].text for ch in c.completions.create(model="edgeseq-demo", prompt=p, max_tokens=48, temperature=0,
-                                                                          stream=True) if ch.choices)
+        chunks = c.completions.create(model="edgeseq-demo", prompt=p, max_tokens=48, temperature=0, stream=True)
+        return "".join(ch.choices[0].text for ch in chunks if ch.choices)
 
     before = demo.metrics()
     with ThreadPoolExecutor(16) as pool:
@@ -277,7 +278,8 @@ def test_cors(demo):
 def test_metrics_text(demo):
     m = demo.metrics()
     for k in ("edgeseq_prompt_tokens_total", "edgeseq_cached_tokens_total", "edgeseq_cache_hits_total",
-              "edgeseq_queue_depth", "edgeseq_ttft_seconds_count", 'edgeseq_requests_total{endpoint="chat",status="200"}'):
+              "edgeseq_queue_depth", "edgeseq_ttft_seconds_count",
+              'edgeseq_requests_total{endpoint="chat",status="200"}'):
         assert k in m, k
     assert m["edgeseq_cache_hits_total"] >= 1 and m["edgeseq_rows_busy"] == 0
 
@@ -460,7 +462,8 @@ def test_sigterm_drains_and_the_cache_dir_survives(small):
     assert any(small.cache_dir.rglob("*.state"))
     again = Server("--parallel", 1, "--cache-dir", small.cache_dir)
     try:
-        r = again.client().completions.create(model="edgeseq-demo", prompt=prompt + reply + " and", max_tokens=2, temperature=0)
+        r = again.client().completions.create(model="edgeseq-demo", prompt=prompt + reply + " and", max_tokens=2,
+                                              temperature=0)
         assert r.usage.prompt_tokens_details.cached_tokens == len((prompt + reply).encode())
     finally:
         assert again.stop() == 0

@@ -195,7 +195,8 @@ def test_scheduler_equals_sessions(name):
     n = 2 forks and a cache hit, give what each alone gives in a session; Zamba's 12-token KV ring ends a
     reply with finish_reason length."""
     model, ids, _ = golden(name)
-    reqs = [dict(ids=ids[:3], max_tokens=6), dict(ids=ids[:6], max_tokens=4, n=2), dict(ids=ids[:3] + [9], max_tokens=5)]
+    reqs = [dict(ids=ids[:3], max_tokens=6), dict(ids=ids[:6], max_tokens=4, n=2),
+            dict(ids=ids[:3] + [9], max_tokens=5)]
     events, sched = run_requests(model, reqs)
     for kw, ev in zip(reqs, events):
         s = model.session()

@@ -314,7 +314,8 @@ class Server:
 
         def choice(i, text=None, finish=None, role=False):
             if kind == "chat":
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+                delta = ({"role": "assistant", "content": ""} if role else
+                         {"content": text} if text is not None else {})
                 return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
             return {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
 

@@ -46,7 +46,8 @@ class Metrics:
             self.sums[phase] += seconds
 
     def render(self, gauges: dict[str, tuple[float, str]]) -> str:
-        out = ["# HELP edgeseq_requests_total HTTP requests by endpoint and status", "# TYPE edgeseq_requests_total counter"]
+        out = ["# HELP edgeseq_requests_total HTTP requests by endpoint and status",
+               "# TYPE edgeseq_requests_total counter"]
         with self.lock:
             for (ep, st), n in sorted(self.requests.items()):
                 out.append(f'edgeseq_requests_total{{endpoint="{ep}",status="{st}"}} {n}')

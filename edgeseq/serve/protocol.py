@@ -213,7 +213,8 @@ def chat_messages(body: dict) -> list[dict]:
         role = m.get("role")
         if role not in ROLES:
             if role == "tool" or role == "function":
-                raise bad(f"{where}.role", f"{role} messages are not supported (no tool calls)", "unsupported_parameter")
+                raise bad(f"{where}.role", f"{role} messages are not supported (no tool calls)",
+                          "unsupported_parameter")
             raise bad(f"{where}.role", f"must be one of {', '.join(ROLES)}, not {json.dumps(role)[:40]}")
         c = m.get("content")
         if isinstance(c, list):

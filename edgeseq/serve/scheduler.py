@@ -1,15 +1,15 @@
 """The scheduler: one worker thread that owns the model and runs every request's tokens.
 
 Requests wait in a bounded queue (full: the server answers 429). A request is admitted when its `n` rows
-fit in `--parallel`; its prompt is then prefilled from the longest cached prefix (cache.py), at most one prefill
-slice's worth of tokens per turn of the loop (many short prompts in one turn, a long one over several),
-so rows already decoding keep going while a long prompt is read. At each turn
-boundary of the prompt and at its end the state is cached; the prompt's state is then copied into `n`
-rows (the forks of `n > 1`). Every turn of the loop also steps all decoding rows at once (rows.py), each
-with its own sampler, stop strings and text stream; a row that ends (end token, stop string, max_tokens,
-a full KV ring, --timeout seconds since the request came) caches its state under prompt + reply and leaves; a cancelled request (the client went
-away) leaves at the next turn. Nothing here raises into the loop: a request that fails gets an error
-event and its rows are freed.
+fit in `--parallel`; its prompt is then prefilled from the longest cached prefix (cache.py), at most one
+prefill slice's worth of tokens per turn of the loop (many short prompts in one turn, a long one over
+several), so rows already decoding keep going while a long prompt is read. At each turn boundary of the
+prompt and at its end the state is cached; the prompt's state is then copied into `n` rows (the forks of
+`n > 1`). Every turn of the loop also steps all decoding rows at once (rows.py), each with its own
+sampler, stop strings and text stream; a row that ends (end token, stop string, max_tokens, a full KV
+ring, --timeout seconds since the request came) caches its state under prompt + reply and leaves; a
+cancelled request (the client went away) leaves at the next turn. Nothing here raises into the loop: a
+request that fails gets an error event and its rows are freed.
 
 Events go to each request's `emit` (thread-safe): ("text", choice, piece), ("done", choice, finish_reason),
 ("end", usage), ("error", status, message).
