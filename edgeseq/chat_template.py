@@ -107,9 +107,11 @@ class Template:
                 self.stop_token_ids.append(ids[0])
         return self
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+        """variables: the template's own (enable_thinking, tools, ...); a plain-string template has none."""
         if "jinja" in self.spec:
-            return render_jinja(self.spec["jinja"], messages, add_generation_prompt, self.spec.get("special_tokens"))
+            return render_jinja(self.spec["jinja"], messages, add_generation_prompt, self.spec.get("special_tokens"),
+                                **variables)
         return _render_plain(self.spec, messages, add_generation_prompt)
 
 

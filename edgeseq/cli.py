@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgeseq.cli_args import (check_max_tokens, check_sampling, check_positive, on_full_option, peak_rss_mb,
-                              read_prompt, resolve_model, export_plan, stop_strings)
+                              read_prompt, resolve_model, export_plan, stop_strings, template_vars)
 from edgeseq.errors import EdgeseqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -210,6 +210,9 @@ def chat(
     chat_template: Optional[str] = _opt(None, "--chat-template", metavar="FILE|NAME",
                                         help="a Jinja chat template file, or a named one (see docs/cli.md); "
                                              "default: the model's own"),
+    chat_template_kwargs: Optional[str] = _opt(None, "--chat-template-kwargs", metavar="JSON",
+                                               help="the template's own variables, e.g. "
+                                                    "'{\"enable_thinking\": true}'"),
     max_tokens: int = _opt(256, "--max-tokens", "-n", "--n-predict", metavar="N",
                            help="most tokens per reply; -1: until an end token (Ctrl-C stops a reply)"),
     temperature: Temperature = 0.8,
@@ -240,6 +243,7 @@ def chat(
                          max_context)
     on_full = on_full_option(on_full)
     stops = stop_strings(stop)
+    variables = template_vars(chat_template_kwargs)
     path, _ = resolve_model(model)
     from edgeseq.cli_chat import repl
 
@@ -249,7 +253,8 @@ def chat(
 
         template = load_template_option(chat_template)
     m = _load(path, threads, device, max_context, on_full, engine)
-    repl(m, system=system, template=template, show_think=show_think, stop=stops, sampling=sampling)
+    repl(m, system=system, template=template, show_think=show_think, stop=stops, sampling=sampling,
+         template_vars=variables)
 
 
 @app.command()

@@ -2,6 +2,8 @@
 names. Each bad value is an EdgeseqError naming the option (or file) and what it accepts."""
 from __future__ import annotations
 
+import json
+
 import math
 import os
 import resource
@@ -79,6 +81,23 @@ def stop_strings(stop: list[str]) -> list[str]:
 
 
 # -- prompts -----------------------------------------------------------------------------------------------
+def template_vars(text: str | None) -> dict:
+    """--chat-template-kwargs JSON (llama.cpp's spelling): the template's own variables, e.g.
+    '{"enable_thinking": true}' for Qwen3.5, passed to the template as transformers passes them."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise EdgeseqError(f"--chat-template-kwargs: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise EdgeseqError(f"--chat-template-kwargs: give a JSON object, e.g. '{{\"enable_thinking\": true}}'")
+    taken = sorted(set(value) & {"messages", "add_generation_prompt"})
+    if taken:
+        raise EdgeseqError(f"--chat-template-kwargs: {', '.join(taken)} is set by the chat itself")
+    return value
+
+
 def check_text(text: str, what: str) -> str:
     try:
         text.encode("utf-8")

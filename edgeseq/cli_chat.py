@@ -170,13 +170,14 @@ def read_input(interactive: bool, rl) -> str | None:
         return "\n".join(lines)
 
 
-def repl(model, system=None, template=None, show_think=True, stop=(), sampling=None) -> None:
+def repl(model, system=None, template=None, show_think=True, stop=(), sampling=None, template_vars=None) -> None:
     from edgeseq.runtime.chat import Chat
 
-    c = Chat(model, system=system, template=template, stop=stop, **(sampling or {}))
+    c = Chat(model, system=system, template=template, stop=stop, template_vars=template_vars, **(sampling or {}))
     if system and c.template is not None:  # a template that refuses a system turn says so now, not each turn
         try:
-            c.template.render(c.messages + [{"role": "user", "content": "."}], add_generation_prompt=True)
+            c.template.render(c.messages + [{"role": "user", "content": "."}], add_generation_prompt=True,
+                              **c.template_vars)
         except EdgeseqError as e:
             raise EdgeseqError(f"--system: {e}") from None
     interactive = sys.stdin.isatty()

@@ -37,7 +37,8 @@ QUIT = ("/bye", "/exit", "/quit")
 
 
 class Chat:
-    def __init__(self, model, system: str | None = "", template=None, stop=(), **sampling):
+    def __init__(self, model, system: str | None = "", template=None, stop=(), template_vars=None, **sampling):
+        """template_vars: the chat template's own variables (e.g. {"enable_thinking": True} for Qwen3.5)."""
         from edgeseq.chat_template import for_model, from_spec
 
         self.model = model
@@ -46,6 +47,7 @@ class Chat:
         self.template = (from_spec(template, model.tokenizer) if template is not None
                          else for_model(model.manifest, model.tokenizer))
         self.system = system or ""
+        self.template_vars = dict(template_vars or {})
         self.stop = [s for s in stop if s]
         self.sampling = sampling
         self.done = False
@@ -134,7 +136,7 @@ class Chat:
             stops, ends = list(self.stop), None
         else:
             self.messages.append({"role": "user", "content": text})
-            target = self.template.render(self.messages, add_generation_prompt=True)
+            target = self.template.render(self.messages, add_generation_prompt=True, **self.template_vars)
             prompt = self._delta(target)
             stops = self.template.stop + self.stop
             ends = self.template.stop_token_ids
@@ -168,7 +170,7 @@ class Chat:
             # render the last reply as a marker: what follows it is its closing and the new turn
             mark = "\x00edgeseq-reply\x00"
             marked = [*self.messages[:prev], {**self.messages[prev], "content": mark}, self.messages[-1]]
-            text = self.template.render(marked, add_generation_prompt=True)
+            text = self.template.render(marked, add_generation_prompt=True, **self.template_vars)
             if text.count(mark) == 1:
                 delta = text[text.index(mark) + len(mark):]
                 if self._fed_stop and delta.startswith(self._fed_stop):

@@ -517,3 +517,39 @@ def test_llama_cpp_engine_chats_with_the_gguf_template(tmp_path):
                         "--temp", "0", "--threads", "1"], input="Hi\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "chat template GGUF tokenizer.chat_template" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_template_variables_reach_the_template(byte_mamba, tmp_path):
+    """--chat-template-kwargs '{"enable_thinking": true}' (Chat(template_vars=...)): Qwen3.5's generation
+    prompt opens a think section, each turn fed as transformers renders the conversation with the variable."""
+    import edgeseq
+    from edgeseq.runtime.chat import Chat
+    from edgeseq.runtime.session import Stats
+
+    text, bos, eos = _published("qwen3.5.jinja")
+    tok = hf_tokenizer(text, bos, eos)
+    b = _bundle_with(byte_mamba, tmp_path, {"jinja": text, "special_tokens": {}, "source": "qwen3.5"}, 2)
+    c = Chat(edgeseq.load(b), template_vars={"enable_thinking": True}, max_tokens=3, temperature=0)
+    fed = []
+
+    def scripted(prompt, **kw):
+        fed.append(prompt)
+        c.session.stats = Stats(stopped_by="end_token")
+        yield "hm\n</think>\n\n4"
+
+    c.session.generate = scripted
+    "".join(c.handle("2+2?"))
+    "".join(c.handle("and 3+3?"))
+    first = [{"role": "user", "content": "2+2?"}]
+    assert fed[0] == tok.apply_chat_template(first, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+    assert fed[0].endswith("<|im_start|>assistant\n<think>\n")
+    mark = "\x00reply\x00"
+    whole = tok.apply_chat_template([*first, {"role": "assistant", "content": mark},
+                                     {"role": "user", "content": "and 3+3?"}], tokenize=False,
+                                    add_generation_prompt=True, enable_thinking=True)
+    assert fed[1] == whole.split(mark)[1] == "<|im_end|>\n<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    plain = Chat(edgeseq.load(b), max_tokens=3, temperature=0)  # without it: the empty, closed section
+    fed.clear()
+    plain.session.generate = scripted
+    "".join(plain.handle("2+2?"))
+    assert fed[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
