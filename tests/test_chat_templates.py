@@ -279,6 +279,22 @@ def _fed(chat) -> list[str]:
     return prompts
 
 
+def _script(chat, reply: str) -> list[str]:
+    """The model replaced by a scripted reply ending on its end token (which is not fed); returns the list
+    that collects what each turn feeds."""
+    from edgeseq.runtime.session import Stats
+
+    fed = []
+
+    def scripted(prompt, **kw):
+        fed.append(prompt)
+        chat.session.stats = Stats(stopped_by="end_token")
+        yield reply
+
+    chat.session.generate = scripted
+    return fed
+
+
 def test_chat_feeds_only_what_the_template_adds(byte_mamba, tmp_path):
     import edgeseq
     from edgeseq.runtime.chat import Chat
@@ -333,18 +349,10 @@ def test_a_template_that_drops_old_thinking_feeds_only_the_new_turn(byte_mamba, 
     so the next turn feeds the reply's closing and the new user turn only (never the reply again)."""
     import edgeseq
     from edgeseq.runtime.chat import Chat
-    from edgeseq.runtime.session import Stats
 
     b = _bundle_with(byte_mamba, tmp_path, {"jinja": QWEN3, "special_tokens": {}, "source": "qwen3"}, 2)
     c = Chat(edgeseq.load(b), max_tokens=3, temperature=0)
-    fed = []
-
-    def scripted(prompt, **kw):  # the model's reply, ending on its end token (not fed)
-        fed.append(prompt)
-        c.session.stats = Stats(stopped_by="end_token")
-        yield "<think>\nhm\n</think>\n\n4"
-
-    c.session.generate = scripted
+    fed = _script(c, "<think>\nhm\n</think>\n\n4")
     "".join(c.handle("2+2?"))
     "".join(c.handle("and 3+3?"))
     assert fed == ["<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n",
@@ -452,21 +460,13 @@ def test_chat_with_a_published_template_feeds_what_transformers_renders(name, by
     new turn), so the state has seen exactly the conversation, the reply as the model said it."""
     import edgeseq
     from edgeseq.runtime.chat import Chat
-    from edgeseq.runtime.session import Stats
 
     text, bos, eos = _published(name)
     tok = hf_tokenizer(text, bos, eos)
     b = _bundle_with(byte_mamba, tmp_path, {"jinja": text, "special_tokens": {"bos_token": bos, "eos_token": eos},
                                             "source": name}, 2)
     c = Chat(edgeseq.load(b), system="Be brief.", max_tokens=3, temperature=0)
-    fed = []
-
-    def scripted(prompt, **kw):  # the model's reply, ending on its end token (not fed)
-        fed.append(prompt)
-        c.session.stats = Stats(stopped_by="end_token")
-        yield "Four."
-
-    c.session.generate = scripted
+    fed = _script(c, "Four.")
     "".join(c.handle("2+2?"))
     "".join(c.handle("and 3+3?"))
     system = [{"role": "system", "content": "Be brief."}]
@@ -524,20 +524,12 @@ def test_template_variables_reach_the_template(byte_mamba, tmp_path):
     prompt opens a think section, each turn fed as transformers renders the conversation with the variable."""
     import edgeseq
     from edgeseq.runtime.chat import Chat
-    from edgeseq.runtime.session import Stats
 
     text, bos, eos = _published("qwen3.5.jinja")
     tok = hf_tokenizer(text, bos, eos)
     b = _bundle_with(byte_mamba, tmp_path, {"jinja": text, "special_tokens": {}, "source": "qwen3.5"}, 2)
     c = Chat(edgeseq.load(b), template_vars={"enable_thinking": True}, max_tokens=3, temperature=0)
-    fed = []
-
-    def scripted(prompt, **kw):
-        fed.append(prompt)
-        c.session.stats = Stats(stopped_by="end_token")
-        yield "hm\n</think>\n\n4"
-
-    c.session.generate = scripted
+    fed = _script(c, "hm\n</think>\n\n4")
     "".join(c.handle("2+2?"))
     "".join(c.handle("and 3+3?"))
     first = [{"role": "user", "content": "2+2?"}]
@@ -549,7 +541,6 @@ def test_template_variables_reach_the_template(byte_mamba, tmp_path):
                                     add_generation_prompt=True, enable_thinking=True)
     assert fed[1] == whole.split(mark)[1] == "<|im_end|>\n<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n<think>\n"
     plain = Chat(edgeseq.load(b), max_tokens=3, temperature=0)  # without it: the empty, closed section
-    fed.clear()
-    plain.session.generate = scripted
+    fed = _script(plain, "4")
     "".join(plain.handle("2+2?"))
     assert fed[0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
