@@ -274,7 +274,23 @@ def test_cors(demo):
     c.close()
 
 
+def test_disconnect_while_waiting_for_a_whole_answer(demo):
+    """A non-streamed request whose client goes away: its row is freed within about a second."""
+    import socket
+
+    body = json.dumps({"model": "edgeseq-demo", "prompt": "And", "max_tokens": 1 << 20}).encode()
+    sock = socket.create_connection(("127.0.0.1", demo.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert _wait(lambda: demo.metrics()["edgeseq_rows_busy"] == 1)
+    sock.close()
+    assert _wait(lambda: demo.metrics()["edgeseq_rows_busy"] == 0)
+
+
 def test_metrics_text(demo):
+    for _ in range(2):  # the second resumes the first's prompt
+        demo.client().chat.completions.create(model="edgeseq-demo", messages=[{"role": "user", "content": "Amen"}],
+                                              max_tokens=2)
     m = demo.metrics()
     for k in ("edgeseq_prompt_tokens_total", "edgeseq_cached_tokens_total", "edgeseq_cache_hits_total",
               "edgeseq_queue_depth", "edgeseq_ttft_seconds_count",

@@ -242,6 +242,7 @@ class Server:
                       top_k=opts["top_k"], top_p=opts["top_p"], min_p=opts["min_p"],
                       repetition_penalty=opts["repetition_penalty"], seed=opts["seed"], stops=stops, ends=ends,
                       boundaries=bounds)
+        req.checked = time.monotonic()  # when _next last asked whether the client is still there
         try:
             self.scheduler.submit(req)
         except QueueFull:
@@ -290,13 +291,18 @@ class Server:
                              "choices": choices, "usage": _usage(usage)})
 
     async def _next(self, http: HttpRequest, events: asyncio.Queue, req):
-        """The next event; a client that went away while waiting cancels the request."""
+        """The next event; a client that went away cancels the request (checked about once a second, also
+        while events keep coming)."""
         while True:
+            now = time.monotonic()
+            if now - req.checked >= 1.0:
+                req.checked = now
+                if await http.is_disconnected():
+                    raise ClientDisconnect()
             try:
                 return await asyncio.wait_for(events.get(), 1.0)
             except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    raise ClientDisconnect() from None
+                pass
 
     def _cancel(self, req) -> None:
         req.cancelled = True

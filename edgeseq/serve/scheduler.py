@@ -53,6 +53,7 @@ class Request:
     ends: set[int] = field(default_factory=set)
     boundaries: list[int] = field(default_factory=list)  # token counts where an earlier message ends
     cancelled: bool = False
+    checked: float = 0.0  # the HTTP side's: when it last asked whether the client is still there
     # set by the scheduler
     cached: int = 0
     completion_tokens: int = 0
