@@ -320,6 +320,29 @@ def test_token_prompt_matches_transformers(byte_mamba):
         assert s.stop() == 0
 
 
+def test_attention_family_one_row_per_step():
+    """Zamba (the golden tiny bundle, a 12-token KV ring): its rows are sessions stepped one after another;
+    two concurrent requests give each session's own greedy tokens, a reply that fills the ring ends with
+    length, and a prompt that fills it is a 400."""
+    bundle = Path(__file__).resolve().parent / "data" / "golden" / "zamba" / "bundle"
+    model = edgeseq.load(str(bundle), max_context=12)
+    s = Server(bundle, "--parallel", 2, "--max-context", 12, "--alias", "z")
+    try:
+        c = s.client()
+        prompts = [[5, 42, 0], [63, 17, 31, 8]]
+        with ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: c.completions.create(model="z", prompt=p, max_tokens=4, temperature=0),
+                                prompts))
+        for p, r in zip(prompts, got):
+            assert r.choices[0].text == "".join(model.session().generate(p, max_tokens=4, temperature=0))
+        full = c.completions.create(model="z", prompt=prompts[1], max_tokens=100, temperature=0)
+        assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens <= 12 - 4
+        with pytest.raises(openai.BadRequestError, match="KV ring"):
+            c.completions.create(model="z", prompt=[1] * 12, max_tokens=1)
+    finally:
+        assert s.stop() == 0
+
+
 # -- limits, bad requests, disconnects, shutdown -------------------------------------------------------
 
 @pytest.fixture(scope="module")
