@@ -305,6 +305,26 @@ def bpe_mamba(tmp_path_factory) -> Built:
 # the registry of family cases (tests/families.py), built once per session
 # ---------------------------------------------------------------------------------------------
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """The conformance suite's tests case by case (in registry order), so each case's loaded models can go
+    when its checks are done."""
+    idx = [i for i, item in enumerate(items) if item.path.name == "test_conformance.py"]
+    if not idx:
+        return
+    import families
+
+    order = {cid: n for n, cid in enumerate(families.CASES)}
+
+    def key(i):
+        case = getattr(items[i], "callspec", None) and items[i].callspec.params.get("case")
+        return (order.get(getattr(case, "id", None), -1), i)
+
+    ordered = [items[j] for j in sorted(idx, key=key)]
+    for i, item in zip(idx, ordered):
+        items[i] = item
+
+
 @pytest.fixture(scope="session")
 def family_case(tmp_path_factory):
     """family_case("mamba/falcon"): the registered case built (checkpoint, reference logits, bundles on
@@ -354,6 +374,14 @@ def steps_alone(case: Exported, portable: bool) -> np.ndarray:
     cache = case.__dict__.setdefault("_steps", {})
     if portable not in cache:
         cache[portable] = step_all(case.model(portable).session(), case.ids)
+    return cache[portable]
+
+
+def plain_ort(case: Exported, portable: bool) -> "PlainOrt":
+    """The case's bundle in plain onnxruntime (cached per flavour: creating the sessions is the cost)."""
+    cache = case.__dict__.setdefault("_plain_ort", {})
+    if portable not in cache:
+        cache[portable] = PlainOrt(case.bundle(portable))
     return cache[portable]
 
 

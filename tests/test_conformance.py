@@ -15,10 +15,10 @@ import pytest
 
 import edgeseq
 import families
-from conftest import PlainOrt, TOL, graph_ops, max_diff, random_ids, step_all, steps_alone
+from conftest import TOL, graph_ops, max_diff, plain_ort, random_ids, step_all, steps_alone
 
 
-def params(check: str, **extra):
+def params(check: str):
     """pytest params (case, portable) for `check` over every registered case that runs it."""
     out = []
     for c in families.CASES.values():
@@ -37,9 +37,20 @@ def prefill_params():
     return pytest.mark.parametrize("case, portable, t", out)
 
 
+_CURRENT: list = []  # the built case the last test used
+
+
 @pytest.fixture
 def built(case, family_case):
-    return family_case(case.id)
+    """The case built (once per session). conftest runs this module's tests case by case; when the case
+    changes, the last one's loaded models (ONNX Runtime sessions) go, its bundles and reference stay (a
+    family file that uses the case loads them again)."""
+    b = family_case(case.id)
+    if _CURRENT and _CURRENT[0] is not b:
+        _CURRENT[0]._models.clear()
+        _CURRENT[0].__dict__.pop("_plain_ort", None)
+    _CURRENT[:] = [b]
+    return b
 
 
 def state_tol(x) -> float:
@@ -62,7 +73,7 @@ def test_rwkv_cpp_expected_logits(case, built, portable):
     assert np.abs(stepped - want).sum() < 1e-3 * 256 / 10  # rwkv.cpp's own test sums the differences
     assert np.abs(m.session().prefill(prompt) - want).max() < 1e-3
     assert np.abs(m.session().logits_all(prompt)[-1] - want).max() < 1e-3
-    app = PlainOrt(built.bundle(portable))
+    app = plain_ort(built, portable)
     steps, state = app.steps(prompt)
     assert np.abs(steps[-1] - want).max() < 1e-3
     last, pstate = app.run("prefill", prompt)
@@ -142,7 +153,7 @@ def test_graphs_with_plain_onnxruntime(case, built, portable):
     """Every graph driven by plain onnxruntime, names, shapes and initial values from the manifest, the
     state (and the position) fed back by hand. Sessions decode with the prefill graph, so this is also
     what proves the step graphs."""
-    app = PlainOrt(built.bundle(portable))
+    app = plain_ort(built, portable)
     for g in app.manifest["graphs"].values():
         assert g["inputs"][:2] == ["input_ids", "position"] if case.position else "position" not in g["inputs"]
     stepped, state = app.steps(built.ids)
@@ -211,8 +222,9 @@ def test_state_spec_names_and_shapes(case, built, portable):
         for name, out_name in zip(want, present):
             assert list(ins[name][1:]) == list(want[name][1:]), (kind, name)
             assert list(outs[out_name][1:]) == list(want[name][1:]), (kind, out_name)
-        if extra:
-            assert ins["position"] == [1], kind
+        if extra:  # int64, one per row (batch,) where the graphs take rows, else one for all (1,): as declared
+            assert ins["position"] == manifest["graphs"][kind]["tensors"]["position"]["shape"], kind
+            assert ins["position"] in ([1], ["batch"]), kind
     assert model.engine.session("step").get_inputs()[0].shape[1] == 1
     st = model.session().state()
     assert {k: v.shape for k, v in st.items()} == {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import PlainOrt, max_diff, step_all
+from conftest import max_diff, plain_ort, step_all
 from edgeseq.exporters.rwkvcpp import RwkvCppFile
 from families import FIXTURES, PROMPT, RWKV5_CPP as MODEL, RWKV5_SHAPE, RWKV5_TEXT as TEXT, numpy_rwkv5
 
@@ -37,7 +37,7 @@ def test_state_matches_reference(case, portable):
     s = case.model(portable).session()
     assert max_diff(s.prefill(TEXT), case.ref[-1]) < TOL
     got = s.state()
-    _, stepped = PlainOrt(case.bundle(portable)).steps(TEXT)
+    _, stepped = plain_ort(case, portable).steps(TEXT)
     for name, ref_state in case.ref_state.items():
         assert max_diff(got[name], ref_state) < TOL, name
         assert max_diff(stepped[name], ref_state) < TOL, name
