@@ -17,19 +17,19 @@ from edgeseq.kernels.attention import attention, attention_ref, rope, token_posi
 F = TensorProto.FLOAT
 
 
-def build(hq, hkv, hd, scale, window=None, softcap=None, early_exit=False):
+def build(hq, hkv, hd, scale, window=None, softcap=None, early_exit=False, batch=1):
     b = GraphBuilder({}, name="attn")
-    q = b.input("q", F, [1, hq, "T", hd])
-    k = b.input("k", F, [1, hkv, "T", hd])
-    v = b.input("v", F, [1, hkv, "T", hd])
-    rk = b.input("ring_k", F, [1, hkv, "R", hd])  # R symbolic: set by the arrays fed
-    rv = b.input("ring_v", F, [1, hkv, "R", hd])
-    pos = b.input("position", TensorProto.INT64, [1])
+    q = b.input("q", F, [batch, hq, "T", hd])
+    k = b.input("k", F, [batch, hkv, "T", hd])
+    v = b.input("v", F, [batch, hkv, "T", hd])
+    rk = b.input("ring_k", F, [batch, hkv, "R", hd])  # R symbolic: set by the arrays fed
+    rv = b.input("ring_v", F, [batch, hkv, "R", hd])
+    pos = b.input("position", TensorProto.INT64, ["rows"])  # (batch,), or (1,) for every row
     out, nk, nv = attention(b, q, k, v, rk, rv, pos, hq, hkv, hd, scale, window=window, softcap=softcap,
                             early_exit=early_exit)
-    b.output(out, "out", F, [1, hq, "T", hd])
-    b.output(nk, "new_k", F, [1, hkv, "R", hd])
-    b.output(nv, "new_v", F, [1, hkv, "R", hd])
+    b.output(out, "out", F, [batch, hq, "T", hd])
+    b.output(nk, "new_k", F, [batch, hkv, "R", hd])
+    b.output(nv, "new_v", F, [batch, hkv, "R", hd])
     return ort.InferenceSession(b.to_model().SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -107,6 +107,39 @@ def test_ring_equals_full_sequence_attention(name, inplace, early_exit):
         for pos in range(max(0, p - R), p):
             assert np.array_equal(rk[0, :, pos % R], k[:, pos]) and np.array_equal(rv[0, :, pos % R], v[:, pos])
     assert not (np.abs(want[:, -1]).sum() == 0)
+
+
+@pytest.mark.parametrize("early_exit", [False, True], ids=["full-ring", "early-exit"])
+@pytest.mark.parametrize("spread", ["wide", "short"])
+@pytest.mark.parametrize("name", ["gqa-wraps", "window-lt-ring-softcap"])
+def test_rows_at_different_positions_share_a_call(name, spread, early_exit):
+    """position (b,): three rows with their own histories and positions in one call give each row's
+    result alone (the numpy reference), for one token and for a chunk; a (1,) position still gives
+    every row the same one. wide: a fresh row, one mid-ring, one past the ring's length; short: all
+    under a third of the ring (the early exit's branch, where the rows behind the fullest one must not
+    see the stale slots it reads)."""
+    hq, hkv, hd, R, window, cap, _ = CASES[name]
+    scale = hd ** -0.5
+    sess = build(hq, hkv, hd, scale, window, cap, early_exit, batch=3)
+    rng = np.random.default_rng(7)
+    positions = np.array([0, 3, 2 * R + 1] if spread == "wide" else [0, 2, 1], np.int64)
+    rk = rng.standard_normal((3, hkv, R, hd)).astype(np.float32)  # row 0's ring is fresh: zeros
+    rv = rng.standard_normal((3, hkv, R, hd)).astype(np.float32)
+    rk[0], rv[0] = 0, 0
+    for t in (1, 4):
+        q = rng.standard_normal((3, hq, t, hd)).astype(np.float32)
+        k = rng.standard_normal((3, hkv, t, hd)).astype(np.float32)
+        v = rng.standard_normal((3, hkv, t, hd)).astype(np.float32)
+        feeds = {"q": q, "k": k, "v": v, "ring_k": rk, "ring_v": rv}
+        out, nk, nv = sess.run(None, {**feeds, "position": positions})
+        for r, p0 in enumerate(positions):
+            ref_out, ref_k, ref_v = attention_ref(q[r:r + 1], k[r:r + 1], v[r:r + 1], rk[r:r + 1], rv[r:r + 1],
+                                                  int(p0), scale, window, cap)
+            assert np.abs(out[r:r + 1] - ref_out).max() < 2e-5, (r, t)
+            assert np.array_equal(nk[r:r + 1], ref_k) and np.array_equal(nv[r:r + 1], ref_v), (r, t)
+        same, *_ = sess.run(None, {**feeds, "position": np.array([3], np.int64)})
+        ref_out, _, _ = attention_ref(q, k, v, rk, rv, 3, scale, window, cap)
+        assert np.abs(same - ref_out).max() < 2e-5
 
 
 def test_window_changes_the_result():

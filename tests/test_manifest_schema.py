@@ -81,7 +81,7 @@ def check_contract(bundle: Path):
             assert real[name] == (t["dtype"], t["shape"]), (kind, name)
         assert set(g["tensors"]) == set(others) | {"logits"}
         if "position" in g["tensors"]:
-            assert g["tensors"]["position"] == {"dtype": "int64", "shape": [1]}
+            assert g["tensors"]["position"] == {"dtype": "int64", "shape": ["batch"]}  # one per row
         batch = g.get("batch", "batch")
         assert g["tensors"]["input_ids"] == {"dtype": "int64", "shape": [batch, 1 if kind == "step" else "sequence"]}
         want_logits = [batch, "sequence", m["vocab_size"]] if g["logits"] == "all" else [batch, m["vocab_size"]]

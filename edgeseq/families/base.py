@@ -56,8 +56,8 @@ class Family:
     Config: ClassVar[type]
     # tokens per prefill call the runtime feeds: activations (and ONNX Runtime's arena) grow with it
     prefill_chunk: ClassVar[int] = 256
-    # families with attention: every graph takes `position` (int64 (1,), the absolute position of the
-    # first token of the call); `body` finds it as state["position"]
+    # families with attention: every graph takes `position` (int64 (batch,), each row's absolute position
+    # of the call's first token; (1,) gives every row the same one); `body` finds it as state["position"]
     uses_position: ClassVar[bool] = False
     # symbolic dims of the state spec and their defaults, resolved when a session is created:
     # {"max_context": 4096} for a full-attention KV ring (the manifest records the default)
@@ -151,7 +151,7 @@ class Family:
         ids = b.input("input_ids", TensorProto.INT64, ["batch", tokens if tokens else "sequence"])
         state_in = {}
         if self.uses_position:
-            state_in["position"] = b.input("position", TensorProto.INT64, [1])
+            state_in["position"] = b.input("position", TensorProto.INT64, ["batch"])
         for s in self.state_spec():
             state_in[s.input_name] = b.input(s.input_name, f32, ["batch", *s.shape])
         hidden, state_out = self.body(b, ids, state_in, tokens, fused)

@@ -255,13 +255,13 @@ class RecurrentGemma(Family):
     # -- graphs ----------------------------------------------------------------------------------
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
-        position = state["position"]  # int64 (1,): the graph assembly declares it (uses_position)
+        position = state["position"]  # int64 (b,): the graph assembly declares it (uses_position)
         x = b.w("embed").gather(ids)  # (b, t, d)
         if c.embed_scale != 1.0:
             x = x * c.embed_scale
-        pos = attn.token_positions(b, position, ids, 1)  # (t,) absolute positions
-        # 0 where a token starts a sequence (the RG-LRU reset), else 1: (1, t, 1)
-        keep = pos.gt(b.const(0, np.int64)).unsqueeze(0, 2).cast("float32")
+        pos = attn.token_positions(b, position, ids, 1)  # (b, t) absolute positions
+        # 0 where a token starts a sequence (the RG-LRU reset), else 1: (b, t, 1)
+        keep = pos.gt(b.const(0, np.int64)).unsqueeze(2).cast("float32")
         out = {}
         for i in range(c.n_layer):
             o = f"layers.{i}."
