@@ -16,8 +16,6 @@ from edgeseq.errors import EdgeseqError
 
 def check_weights(family, table: dict, where: str) -> None:
     """`table`: {canonical name: WeightInfo (shape, dtype)} as streamed into weights.bin."""
-    import onnx
-
     embed = table.get("embed")
     if embed is not None and embed.shape[:1] != (family.vocab_size,) and len(embed.shape) == 2:
         raise EdgeseqError(f"{where}: the embedding is {embed.shape}, but the vocabulary has {family.vocab_size} "
@@ -27,20 +25,53 @@ def check_weights(family, table: dict, where: str) -> None:
         if t is not None and family.vocab_size not in t.shape:
             raise EdgeseqError(f"{where}: the LM head is {t.shape}, but the vocabulary has {family.vocab_size} "
                                f"tokens")
+    # the portable step (batch 1, one token) reads every weight a step reads; the fused prefill (batch 1,
+    # two tokens) reads those only a prefill reads (RWKV-5's log_decay, which the fused LinearAttention
+    # takes in place of the step's decay: at half its width it passed before, and failed in ONNX Runtime)
+    for kind, fused, tokens in (("step", False, 1), ("prefill", True, 2)):
+        _check_graph(family, table, where, kind, fused, tokens)
+    # inference stops knowing shapes after the first fused contrib op (LinearAttention, ...), so the
+    # weights after it are checked by their layer-0 twins: every layer's weight of one name has one shape
+    _same_in_every_layer(family, table, where)
+
+
+def _same_in_every_layer(family, table: dict, where: str) -> None:
+    import re
+    from collections import Counter
+
+    groups: dict[str, list[tuple[str, tuple]]] = {}
+    for name, info in table.items():
+        m = re.match(r"(?:layers|blocks)\.\d+\.(.+)\Z", name)
+        if m:
+            groups.setdefault(m.group(1), []).append((name, tuple(info.shape)))
+    for suffix, items in groups.items():
+        shapes = Counter(shape for _, shape in items)
+        if len(shapes) > 1:
+            first = items[0][1] if shapes[items[0][1]] * 2 >= len(items) else shapes.most_common(1)[0][0]
+            odd = next((n, sh) for n, sh in items if sh != first)
+            like = next(n for n, sh in items if sh == first)
+            raise EdgeseqError(f"{where}: weight {odd[0]!r} is {odd[1]}, but {like!r} is {first} (the {family.name} "
+                               f"config gives every layer's {suffix} one shape)")
+
+
+def _check_graph(family, table: dict, where: str, kind: str, fused: bool, tokens: int) -> None:
+    import onnx
+
     try:
-        model = family.build_graph("step", table, fused=False).to_model({})
+        model = family.build_graph(kind, table, fused=fused).to_model({})
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise EdgeseqError(f"{where}: the weights do not fit the {family.name} config ({type(e).__name__}: "
                            f"{str(e)[:300]})") from None
-    for v in model.graph.input:  # batch 1: every shape concrete, so a Reshape that cannot be made is found
+    for v in model.graph.input:  # every shape concrete, so a Reshape that cannot be made is found
         for d in v.type.tensor_type.shape.dim:
             if d.HasField("dim_param") and d.dim_param in ("batch", "sequence"):
-                d.dim_value = 1  # (a KV ring's max_context stays symbolic)
+                d.dim_value = 1 if d.dim_param == "batch" else tokens  # (a KV ring's max_context stays symbolic)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as e:  # onnx's InferenceError / ValidationError: a tensor does not fit its operator
         first = str(e).split("\n")[0][:400]
-        raise EdgeseqError(f"{where}: the weights' shapes do not fit the {family.name} config ({first})") from None
+        raise EdgeseqError(f"{where}: the weights' shapes do not fit the {family.name} config ({first})"
+                           f"{_suspects(str(e), model, table)}") from None
     shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
               for vi in [*inferred.graph.value_info, *inferred.graph.input]}
     for out in inferred.graph.output:  # the state comes out as the state spec declares it
@@ -67,6 +98,8 @@ def check_weights(family, table: dict, where: str) -> None:
         if node.op_type != "LayerNormalization" or not node.input[0] in shapes:
             continue
         x = shapes[node.input[0]]
+        if not x:  # rank unknown (after a contrib op inference does not know): nothing to compare
+            continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
         want = x[axis:]
         for param in node.input[1:]:
@@ -74,6 +107,16 @@ def check_weights(family, table: dict, where: str) -> None:
             if param and got is not None and None not in want and len(got) and got != want[-len(got):]:
                 raise EdgeseqError(f"{where}: weight {_weight_name(param, table)} is {tuple(got)}, its layer norm "
                                    f"needs {tuple(want)} (the {family.name} config)")
+
+
+def _suspects(message: str, model, table: dict) -> str:
+    """The weights the failing node reads: inference names a node (`node name: Add_25`), not a weight."""
+    import re
+
+    m = re.search(r"node name: ([^)]+)\)", message)
+    node = next((n for n in model.graph.node if m and n.name == m.group(1)), None)
+    names = [i for i in (node.input if node is not None else ()) if i in table]
+    return f"; that node reads weight {', '.join(f'{n!r} {tuple(table[n].shape)}' for n in names)}" if names else ""
 
 
 def _weight_name(onnx_name: str, table: dict) -> str:

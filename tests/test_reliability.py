@@ -110,6 +110,27 @@ def test_gguf_tensor_at_half_width(seeds, tmp_path):
     refused(lambda: gguf_to_bundle(str(g), str(g.parent / "out")), g)
 
 
+def test_rwkv5_log_decay_at_half_width(tmp_path):
+    """A weight only the fused prefill reads (RWKV-5's log_decay, in an edgeseq-rwkv5 GGUF where it is
+    stored as is): the portable step graph never reads it, so it passed the check and the bundle failed
+    in ONNX Runtime at load. Now the fused prefill's shapes are inferred too, and the weight is named."""
+    from edgeseq.exporters.gguf_writer import export_gguf
+    from edgeseq.gguf_bundle import gguf_to_bundle
+
+    g = tmp_path / "case" / "m.gguf"
+    g.parent.mkdir()
+    export_gguf(str(seeds_mod.FIXTURES / "tiny-rwkv-5v2-730K-FP32.bin"), str(g))
+    gguf_to_bundle(str(g), str(tmp_path / "whole"))  # the file as written is accepted
+
+    def half(tensors, v="layers.1.att.log_decay"):
+        import dataclasses
+
+        raw, t = tensors[v]
+        tensors[v] = (raw[:len(raw) // 2].copy(), dataclasses.replace(t, shape=(t.shape[0] // 2,)))
+    gf.gguf_rewrite(g, g, edit_tensors=half)
+    refused(lambda: gguf_to_bundle(str(g), str(g.parent / "out")), g, "'layers.1.att.log_decay' is (32,)")
+
+
 def test_safetensors_vector_at_half_width(seeds, tmp_path):
     d = case(seeds, tmp_path, "safetensors")
     f = d / "model.safetensors"
