@@ -23,7 +23,7 @@ import torch
 from transformers import (RecurrentGemmaConfig, RecurrentGemmaForCausalLM, ZambaConfig, ZambaForCausalLM,
                           Zamba2Config, Zamba2ForCausalLM)
 
-from conftest import (SEQ_LEN, TOL, Built, Exported, add_noise, make_falcon_mamba, make_mamba, make_mamba2,
+from conftest import (SEQ_LEN, Built, Exported, add_noise, make_falcon_mamba, make_mamba, make_mamba2,
                       random_ids, write_state_spaces, write_tokenizer)
 
 FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
@@ -46,7 +46,7 @@ class FamilyCase:
     tokenizer: str = "bytes"  # the manifest's tokenizer kind
     prefill_at: tuple = (1, 2, 40)  # prefill lengths then steps
     prefill_all_tol: float | None = None  # logits_all's tolerance when not the case's `tol` (see the case)
-    fused_ops: dict = dataclasses.field(default_factory=dict)  # graph kind -> {op_type: present?}, None: standard ops only
+    fused_ops: dict = dataclasses.field(default_factory=dict)  # graph kind -> {op_type: present?}; None: standard ops
     portable_ops: dict = dataclasses.field(default_factory=dict)
     load: dict = dataclasses.field(default_factory=dict)  # edgeseq.load options of save/load/fork
     fork_at: int = 25

@@ -269,7 +269,8 @@ def test_save_load_fork(case, built, portable, tmp_path):
     assert saved.keys() == t.state().keys() and all(np.array_equal(saved[n], t.state()[n]) for n in saved)
     assert np.array_equal(step_all(t, ids[k:]), cont)  # identical, not just close
 
-    other = edgeseq.load(built.bundle(not portable), **case.load).session()  # one state layout for both
+    other_model = edgeseq.load(built.bundle(not portable), **case.load) if case.load else built.model(not portable)
+    other = other_model.session()  # one state layout for both flavours
     other.load_state(str(path))
     assert other.position == k
     assert max_diff(step_all(other, ids[k:]), ref[k:]) < tol

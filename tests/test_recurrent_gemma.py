@@ -19,11 +19,11 @@ import torch
 from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
 import edgeseq
-from conftest import SEQ_LEN, TOL, PlainOrt, as_f64, export_bundle, hf_logits64, max_diff, random_ids, step_all, \
-    steps_alone
+from conftest import SEQ_LEN, TOL, as_f64, export_bundle, hf_logits64, max_diff, plain_ort, random_ids, \
+    step_all, steps_alone
 from edgeseq.errors import EdgeseqError
 # tests/make_golden.py, tests/pi and test_gguf_runtime build RecurrentGemma models from these
-from families import RG_CONFIGS as CONFIGS, RG_WINDOW as WINDOW, add_rg_noise, make_recurrent_gemma  # noqa: F401
+from families import RG_CONFIGS as CONFIGS, RG_WINDOW as WINDOW, make_recurrent_gemma  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_the_window_is_what_hf_computes(mqa):
 def test_position_is_an_input_the_numbers_depend_on(mqa):
     """A prefill that starts at position 40 continues the sequence (the conformance suite's plain
     onnxruntime test); the same call at position 0 resets the RG-LRU and reads the ring as empty."""
-    app = PlainOrt(mqa.bundle(False))
+    app = plain_ort(mqa, False)
     _, mid = app.run("prefill", mqa.ids[:40])
     last, _ = app.run("prefill", mqa.ids[40:], mid, position=40)
     assert max_diff(last[0], mqa.ref[-1]) < TOL

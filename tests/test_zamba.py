@@ -13,7 +13,7 @@ import edgeseq
 from conftest import TOL, max_diff, random_ids, step_all
 from edgeseq.errors import EdgeseqError
 # tests/make_golden.py, tests/pi and test_gguf_runtime build Zamba models from these
-from families import ZAMBA_CONFIGS as CONFIGS, add_zamba_noise as add_noise, make_zamba  # noqa: F401
+from families import ZAMBA_CONFIGS as CONFIGS, make_zamba  # noqa: F401
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
