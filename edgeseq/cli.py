@@ -23,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run recurrent language models (Mamba, RWKV, Zamba, RecurrentGemma) with a fixed-size state.")
 app.add_typer(__import__("edgeseq.cli_cache", fromlist=["app"]).app, name="cache")
+__import__("edgeseq.cli_serve", fromlist=["register"]).register(app)  # edgeseq serve (docs/serve.md)
 
 ENGINE_HELP = "onnxruntime (default) | llama.cpp (GGUF files of mamba, mamba2, rwkv6, rwkv7; needs llama-cpp-python)"
 MODEL_HELP = ("bundle folder, .gguf file, or a checkpoint (HF folder, .pth, .bin, .pt) exported once into the cache; "

@@ -33,7 +33,7 @@ class Server:
     """`python -m edgeseq.cli_serve serve ARGS --port 0`, its stderr drained by a thread."""
 
     def __init__(self, *args):
-        cmd = [sys.executable, "-P", "-m", "edgeseq.cli_serve", "serve", *map(str, args), "--port", "0"]
+        cmd = [sys.executable, "-P", "-m", "edgeseq", "serve", *map(str, args), "--port", "0"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -509,7 +509,7 @@ def test_sigterm_drains_and_the_cache_dir_survives(small):
 
 def test_cli_errors(tmp_path):
     def run(*args):
-        p = subprocess.run([sys.executable, "-P", "-m", "edgeseq.cli_serve", "serve", *map(str, args)],
+        p = subprocess.run([sys.executable, "-P", "-m", "edgeseq", "serve", *map(str, args)],
                            capture_output=True, text=True, timeout=60)
         return p.returncode, p.stderr
 
