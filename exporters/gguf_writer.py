@@ -4,8 +4,8 @@
     generic edgeseq-<family> architecture) -> per-tensor type (kept-F32 rules, recipe, fallbacks) -> file
 
 The file is written under a temporary name beside OUT and renamed at the end: a failed export leaves
-nothing. It is streamed (two passes over the checkpoint: names and shapes, then the data one tensor at a
-time), and the weights are checked against the config (edgeseq.weight_check) before anything is written. Tokenizer keys follow llama.cpp's converter: `gpt2` (tokens, types, merges, `pre`) from a BPE
+nothing. It is streamed (one tensor at a time through a spool file beside OUT, see export_gguf), and the
+weights are checked against the config (edgeseq.weight_check) before the file is written. Tokenizer keys follow llama.cpp's converter: `gpt2` (tokens, types, merges, `pre`) from a BPE
 `tokenizer.json`, `rwkv` for the RWKV World vocabulary; a byte-level model (vocabulary of 256, no
 tokenizer file) is written as an `rwkv`-model vocabulary of the 256 single bytes, which llama.cpp's
 greedy matcher tokenizes byte for byte.
@@ -247,10 +247,10 @@ def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
-def _gguf_tensors(fam, amap, ckpt, vocab: int, canonical: dict | None = None):
-    """(GGUF name, array, shape as written) one at a time, in the file's order. `canonical` (a dict)
-    collects the canonical weights' shapes on the way, for the shape check. The embedding and head rows
-    are padded to `vocab` only when asked (`_pad_rows`): the shape says what the file holds."""
+def _gguf_tensors(fam, amap, ckpt, vocab: int, canonical: dict):
+    """(GGUF name, array, shape as written) one at a time, in the file's order; `canonical` collects the
+    canonical weights' shapes on the way, for the shape check. The embedding and head rows are padded
+    to `vocab` only where the caller pads them (`_pad_rows`): the shape says what the file holds."""
     from edgeseq.graph import WeightInfo
 
     def recorded(weights):
@@ -258,9 +258,7 @@ def _gguf_tensors(fam, amap, ckpt, vocab: int, canonical: dict | None = None):
             canonical[name] = WeightInfo(name, "float32", tuple(int(d) for d in a.shape), 0, 4 * int(a.size))
             yield name, a
 
-    weights = fam.convert(ckpt)
-    if canonical is not None:
-        weights = recorded(weights)
+    weights = recorded(fam.convert(ckpt))
     for name, a in (weights if amap is None else amap.to_gguf(fam, weights)):
         if len(name.encode()) >= 64:
             raise UnsupportedError(f"tensor name {name!r} is longer than GGUF's 63 bytes")
@@ -320,10 +318,14 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
     `chat_template`: a manifest-style spec (edgeseq.chat_template.load_template_option; `{}` for none);
     by default the checkpoint's own Jinja template, written as tokenizer.chat_template.
 
-    Streamed in two passes over the checkpoint, so memory holds about one tensor (as the ONNX export
-    does): the first converts each tensor only for its name and shape (the header, the shape check
-    and llama.cpp's per-tensor types need them all before any data), the second converts it again,
-    quantizes it and appends its bytes. The file is byte for byte what writing it from memory gives."""
+    Streamed, so memory holds about one tensor (as the ONNX export does): each tensor is converted once,
+    encoded and appended to a spool file beside OUT (the data section to be: GGUF's header, which
+    comes first, needs every tensor's name, shape and type). The weights' shapes are then checked
+    against the config, and the file written: metadata, tensor infos, the spooled bytes tensor by
+    tensor. token_embd's type depends on whether an output.weight follows (llama.cpp then treats it as
+    the head), so with a quantized recipe it is spooled as f32 and encoded at the end. The file is byte
+    for byte what writing it from memory gives; the price is disk: the spool, as large as the file,
+    until the file is complete."""
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -348,68 +350,74 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
     if chat_template is None:
         chat_template = checkpoint_template(checkpoint)
 
-    # pass 1: every tensor's name and shape; the canonical weights checked against the config
-    canonical: dict = {}
-    with safe_io.converting(checkpoint):
-        plan = [(name, shape) for name, _, shape in _gguf_tensors(fam, amap, ckpt, vocab, canonical)]
-    try:  # a tensor of the wrong shape is an error now, not a file llama.cpp or ONNX Runtime refuses later
-        check_weights(fam, canonical, checkpoint)
-    except EdgeseqError as e:
-        raise EdgeseqError(_name_the_weight(str(e), fam, canonical)) from None
-    shapes = dict(plan)
-    tied = "output.weight" not in shapes
-    types = [_choose(name, shape, quant, arch, tied) for name, shape in plan]
-
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.{os.getpid()}.tmp")
+    spool_path = tmp[:-len(".tmp")] + ".data.tmp"
     used: dict[str, int] = {}
     w = None
     try:
-        w = gguf.GGUFWriter(tmp, arch)
-        w.add_type("model")
-        name = os.path.basename(os.path.normpath(checkpoint))
-        w.add_name(name)
-        n_params = sum(int(np.prod(s)) for s in shapes.values())
-        w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
-        meta = generic_metadata(fam) if generic else amap.metadata(fam, shapes)
-        for key, value, kind in meta:
-            _add(w, key if generic else f"{arch}.{key}", value, kind)
-        w.add_file_type(FILE_TYPE[quant])
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        tok_keys, special_vocab = _tokenizer_keys(tok_spec, tok_file, vocab, _special_tokens(ckpt))
-        if chat_template is not None:  # ({}: --chat-template none)
-            _set_template(tok_keys, special_vocab, _template_text(chat_template))
-        for key, value, kind in tok_keys:
-            _add(w, key, value, kind)
-        if special_vocab is not None:
-            special_vocab.add_to_gguf(w, quiet=True)
-        if generic:
-            w.add_string("edgeseq.version", __version__)
-        for (tname, shape), t in zip(plan, types):
-            w.add_tensor_info(tname, shape, np.dtype(np.float32), _nbytes(shape, t), raw_dtype=Q[t])
-            used[t] = used.get(t, 0) + 1
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        # pass 2: each tensor converted again, encoded and written; only it and its bytes are held
-        items = _gguf_tensors(fam, amap, ckpt, vocab)
-        if progress:
-            from tqdm import tqdm
+        # 1. each tensor converted once, encoded and appended to the spool (the data section to be)
+        canonical: dict = {}
+        plan: list[list] = []  # [GGUF name, shape, type, offset in the spool, bytes, spooled as f32]
+        with open(spool_path, "w+b") as spool:
+            with safe_io.converting(checkpoint):
+                for tname, a, shape in _gguf_tensors(fam, amap, ckpt, vocab, canonical):
+                    if shape != a.shape:
+                        a = _pad_rows(a, shape[0])
+                    t = _choose(tname, shape, quant, arch, True)
+                    if t != _choose(tname, shape, quant, arch, False):
+                        t, data = None, np.ascontiguousarray(a, dtype=np.float32)  # token_embd: head or not?
+                    else:
+                        data = _encode(a, t)
+                    plan.append([tname, shape, t, spool.tell(), data.nbytes, t is None])
+                    data.tofile(spool)
+                    del a, data
+            # 2. the shapes checked against the config, before the file is written
+            try:  # a tensor of the wrong shape is an error now, not a file llama.cpp or ONNX Runtime refuses
+                check_weights(fam, canonical, checkpoint)
+            except EdgeseqError as e:
+                raise EdgeseqError(_name_the_weight(str(e), fam, canonical)) from None
+            shapes = {tname: shape for tname, shape, *_ in plan}
+            tied = "output.weight" not in shapes
+            for entry in plan:
+                entry[2] = entry[2] or _choose(entry[0], entry[1], quant, arch, tied)
+            # 3. the file: metadata, tensor infos, then the spooled data one tensor at a time
+            w = gguf.GGUFWriter(tmp, arch)
+            w.add_type("model")
+            w.add_name(os.path.basename(os.path.normpath(checkpoint)))
+            n_params = sum(int(np.prod(s)) for s in shapes.values())
+            w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+            meta = generic_metadata(fam) if generic else amap.metadata(fam, shapes)
+            for key, value, kind in meta:
+                _add(w, key if generic else f"{arch}.{key}", value, kind)
+            w.add_file_type(FILE_TYPE[quant])
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            tok_keys, special_vocab = _tokenizer_keys(tok_spec, tok_file, vocab, _special_tokens(ckpt))
+            if chat_template is not None:  # ({}: --chat-template none)
+                _set_template(tok_keys, special_vocab, _template_text(chat_template))
+            for key, value, kind in tok_keys:
+                _add(w, key, value, kind)
+            if special_vocab is not None:
+                special_vocab.add_to_gguf(w, quiet=True)
+            if generic:
+                w.add_string("edgeseq.version", __version__)
+            for tname, shape, t, *_ in plan:
+                w.add_tensor_info(tname, shape, np.dtype(np.float32), _nbytes(shape, t), raw_dtype=Q[t])
+                used[t] = used.get(t, 0) + 1
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            if progress:
+                from tqdm import tqdm
 
-            items = tqdm(items, total=len(plan), desc="tensors", unit="tensor", leave=False, disable=None)
-        n = 0
-        with safe_io.converting(checkpoint):
-            for tname, a, shape in items:
-                if n >= len(plan) or (tname, shape) != plan[n]:
-                    raise EdgeseqError(f"{checkpoint}: tensor {tname!r} {shape} differs between two reads of "
-                                       f"the checkpoint (was it changed while exporting?)")
-                if shape != a.shape:
-                    a = _pad_rows(a, shape[0])
-                w.write_tensor_data(_encode(a, types[n]))
-                n += 1
-            if n != len(plan):
-                raise EdgeseqError(f"{checkpoint}: fewer tensors on the second read (was it changed while exporting?)")
+                plan = tqdm(plan, desc="tensors", unit="tensor", leave=False, disable=None)
+            for tname, shape, t, offset, nbytes, as_f32 in plan:
+                spool.seek(offset)
+                if as_f32:  # its type known now
+                    w.write_tensor_data(_encode(np.fromfile(spool, np.float32, nbytes // 4).reshape(shape), t))
+                else:  # the bytes as spooled
+                    w.write_tensor_data(np.fromfile(spool, np.uint8, nbytes))
         w.close()
         safe_io.fsync_tree(tmp)
         os.replace(tmp, out)
@@ -421,5 +429,8 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
         if isinstance(e, OSError):  # a full disk: named, and the partial file is gone
             raise safe_io.disk_error(e, out) from None
         raise
+    finally:
+        if os.path.exists(spool_path):
+            os.remove(spool_path)
     return {"architecture": arch, "family": fam.name, "types": used, "generic_because": why_generic,
             "vocab": vocab}

@@ -61,8 +61,8 @@ def test_export_peak_memory_is_a_fraction_of_the_checkpoint(tmp_path, big_checkp
 
 
 def test_gguf_export_peak_memory_is_a_fraction_of_the_checkpoint(tmp_path, big_checkpoint):
-    """The GGUF writer streams as well (two passes over the checkpoint: shapes, then data), where it
-    once held every converted tensor until the end (measured: +80 MB here). The modules it loads on
+    """The GGUF writer streams as well (through a spool file beside the output), where it once held
+    every converted tensor until the end (measured: +80 MB here). The modules it loads on
     first use and the shape check's graph (about 12 MB, whatever the model's size) are counted before,
     by a small export in the same process first."""
     ckpt, out = big_checkpoint, tmp_path / "m.gguf"
