@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import edgeseq
-from conftest import TOL, max_diff
+from conftest import TOL, export_bundle, max_diff
 from edgeseq.serve.cache import StateCache, prefix_hashes
-from edgeseq.serve.rows import BatchRows, SingleRows
+from edgeseq.serve.rows import BatchRows, SingleRows, per_row_positions
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 FAMILIES = ["mamba", "falcon-mamba", "mamba2", "rwkv4", "rwkv5", "rwkv6", "rwkv7", "zamba", "zamba2",
@@ -26,6 +26,23 @@ def golden(name):
     e = json.loads((GOLDEN / name / "expected.json").read_text())
     model = edgeseq.load(str(GOLDEN / name / "bundle"), **e["load"])
     return model, e["ids"], np.asarray(e["logits"]["steps"], np.float32)
+
+
+_FRESH: dict = {}
+
+
+def fresh(name, tmp_path_factory):
+    """The golden case's checkpoint exported by today's code (the golden bundles of the attention families
+    predate per-row positions: their graphs take one position for every row)."""
+    import make_golden
+
+    if name not in _FRESH:
+        case = make_golden.CASES[name]
+        work = tmp_path_factory.mktemp(f"serve-{name}")
+        _FRESH[name] = export_bundle(case.build(work), work / "bundle", **case.export_kwargs())
+    _, ids, ref = golden(name)
+    e = json.loads((GOLDEN / name / "expected.json").read_text())
+    return edgeseq.load(str(_FRESH[name]), **e["load"]), ids, ref
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -138,9 +155,41 @@ def test_batched_rows_equal_single_rows(name):
     assert max_diff(fresh.step([ids[4]])[0], ref[4]) < TOL
 
 
+@pytest.mark.parametrize("name", ["zamba", "zamba2", "recurrent_gemma"])
+def test_attention_rows_at_their_own_positions_batch(name, tmp_path_factory):
+    """Bundles with one position per row: rows at different positions step together, each equal to its
+    own session; Zamba's rows stop at their full KV ring (None) and keep the state they had, the others
+    going on in the same steps."""
+    model, ids, ref = fresh(name, tmp_path_factory)
+    assert per_row_positions(model)
+    rows = BatchRows(model, 3)
+    solo = []
+    for k, n in enumerate((2, 5, 3)):
+        s = model.session()
+        s.prefill(ids[:n])
+        rows.add(k, s.state(), s.position, None)
+        solo.append(s)
+    for step in range(8):
+        got = rows.step([(step * 7 + i) % 64 for i in range(len(rows.owners))])
+        for i, owner in enumerate(list(rows.owners)):
+            t = (step * 7 + i) % 64
+            s = solo[owner]
+            if model.max_context and s.position + 1 > model.max_context:
+                assert got[i] is None, (name, step, owner)
+                before = s.state()
+                assert all(np.array_equal(before[k], v) for k, v in rows.state(owner).items())
+                rows.remove(owner)
+                continue
+            assert got[i] is not None and max_diff(got[i], s.step(t)) < TOL, (name, step, owner)
+    if name == "zamba":  # max_context 12: the row that began at 5 filled its ring after 7 steps, the 8th stopped it
+        assert 1 not in rows.owners
+
+
 @pytest.mark.parametrize("name", ["zamba", "recurrent_gemma"])
 def test_single_rows_for_attention_families(name):
+    """Bundles exported before per-row positions: one session per row, stepped in turn."""
     model, ids, ref = golden(name)
+    assert not per_row_positions(model)
     rows = SingleRows(model, 2)
     for k in range(2):
         s = rows.session()
@@ -189,12 +238,14 @@ def texts(events, n=1):
     return got
 
 
-@pytest.mark.parametrize("name", ["mamba2", "rwkv6", "zamba", "recurrent_gemma"])
-def test_scheduler_equals_sessions(name):
-    """Requests decoded together (batched rows, or one row per step for the attention families), with
-    n = 2 forks and a cache hit, give what each alone gives in a session; Zamba's 12-token KV ring ends a
-    reply with finish_reason length."""
-    model, ids, _ = golden(name)
+@pytest.mark.parametrize("name", ["mamba2", "rwkv6", "zamba", "recurrent_gemma", "zamba-fresh",
+                                  "recurrent_gemma-fresh"])
+def test_scheduler_equals_sessions(name, tmp_path_factory):
+    """Requests decoded together (batched rows; the attention families' older bundles one row per step),
+    with n = 2 forks and a cache hit, give what each alone gives in a session; Zamba's 12-token KV ring
+    ends a reply with finish_reason length."""
+    model, ids, _ = fresh(name[:-6], tmp_path_factory) if name.endswith("-fresh") else golden(name)
+    name = name.removesuffix("-fresh")
     reqs = [dict(ids=ids[:3], max_tokens=6), dict(ids=ids[:6], max_tokens=4, n=2),
             dict(ids=ids[:3] + [9], max_tokens=5)]
     events, sched = run_requests(model, reqs)

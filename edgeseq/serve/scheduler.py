@@ -26,7 +26,7 @@ import numpy as np
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.runtime.sampling import Sampler, SamplingOptions
-from edgeseq.serve.rows import BatchRows, SingleRows
+from edgeseq.serve.rows import BatchRows, SingleRows, per_row_positions
 
 
 class QueueFull(Exception):
@@ -130,7 +130,7 @@ class Scheduler:
         self.parallel = parallel
         self.queue_size = queue_size
         self.metrics = metrics
-        self.rows = SingleRows(model, parallel) if model.uses_position else BatchRows(model, parallel)
+        self.rows = BatchRows(model, parallel) if per_row_positions(model) else SingleRows(model, parallel)
         self.pre = model.session() if self.rows.batched else None  # prefills for the batched arena
         self.chunk = self.pre.prefill_chunk if self.pre else model.prefill_chunk
         self.waiting: deque[Request] = deque()
