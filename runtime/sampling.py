@@ -42,10 +42,25 @@ class Sampler:
             p[p < o.min_p * p.max()] = 0.0
             p /= p.sum()
         if o.top_p < 1.0:
-            order = np.argsort(-p)
-            cum = np.cumsum(p[order])
-            keep = order[: int(np.searchsorted(cum, o.top_p) + 1)]
+            keep = _nucleus(p, o.top_p)
             q = np.zeros_like(p)
             q[keep] = p[keep]
             p = q / q.sum()
-        return int(self.rng.choice(p.size, p=p))
+        # what Generator.choice(p.size, p=p) does, less its checks of p (finite, >= 0, sums to 1: true by
+        # construction here): the same draw from the same stream
+        cdf = np.cumsum(p)
+        cdf /= cdf[-1]
+        return int(cdf.searchsorted(self.rng.random(), side="right"))
+
+
+def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The likeliest tokens whose probabilities first reach `top_p`, likeliest first: the head of a full
+    descending sort, found by sorting only the k largest (k grown until they hold top_p)."""
+    k = min(p.size, 256)
+    while True:
+        top = np.argpartition(-p, k - 1)[:k] if k < p.size else np.arange(p.size)
+        top = top[np.argsort(-p[top], kind="stable")]
+        cum = np.cumsum(p[top])
+        if cum[-1] >= top_p or k == p.size:
+            return top[: int(np.searchsorted(cum, top_p) + 1)]
+        k = min(p.size, k * 8)
