@@ -1,0 +1,219 @@
+"""Qwen3.5 (dense): Gated DeltaNet layers and gated full-attention layers, three to one in the released
+models (transformers' Qwen3_5ForCausalLM, and the language model of Qwen3_5ForConditionalGeneration).
+
+Symbols: b batch · t tokens · d model width · L layers · H attention heads (Hkv key/value heads) ·
+hd head dim · rd = hd · partial_rotary_factor rotated channels · f MLP width · R the KV ring length
+(max_context, chosen per session).
+
+    x = embed(ids)                                   (b, t, d)
+    per layer i:
+        a = rms_norm(x) · (1 + w)                    every Qwen3.5 norm but the mixer's gated one
+        if layer_types[i] == "linear_attention":
+            x = x + gated_deltanet_i(a)              edgeseq.mixers.gated_deltanet
+        else:                                        full attention
+            [q, gate] = a Wq per head                (b, t, H, hd) each: q_proj interleaves them per head
+            q, k = rms_norm(q)·(1+wq), rms_norm(a Wk)·(1+wk)   per head (QK-norm)
+            q, k = rope(q, k) on the first rd channels          rotate-half, positions of text tokens
+            o = attention(q, k, a Wv over the ring) · sigmoid(gate)   scale hd^-1/2, causal, full
+            x = x + o Wo
+        m = rms_norm(x) · (1 + w)
+        x = x + (silu(m Wg) · m Wu) Wd
+    logits = head(rms_norm(x) · (1 + w))             tied or untied
+
+The (1 + w) norm weights are stored as 1 + w (the load transform), so the graphs use a plain RMS
+norm. Qwen3.5's multimodal RoPE (mrope_section) gives every channel the same angle when the three
+position rows are equal, as they are for text: plain RoPE here. Left out of
+Qwen3_5ForConditionalGeneration: the vision tower (`model.visual.*`) and the multi-token-prediction
+head (`mtp.*`); the export is the text model, which reads token ids only.
+
+State: per linear-attention layer `conv_state` (2K + V, k-1) and `recurrent_state` (Hv, dk, dv)
+(the mixer's); per full-attention layer the ring `key` / `value` (Hkv, max_context, hd), keys after
+RoPE and QK-norm (kernels/attention.py); `position`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeseq.errors import UnsupportedError
+from edgeseq.families import register
+from edgeseq.families.base import Family, StateTensor, cfg_get
+from edgeseq.families.common import embed, norm_and_head
+from edgeseq.graph import GraphBuilder, Value
+from edgeseq.kernels.attention import attention, rope, token_positions
+from edgeseq.kernels.ops import linear, rms_norm
+from edgeseq.mixers.gated_deltanet import GatedDeltaNetMixer
+from edgeseq.tensor_table import Row, t
+
+MAX_CONTEXT = 4096  # the default KV ring length recorded in the manifest; sessions may choose another
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+def one_plus(a: np.ndarray) -> np.ndarray:
+    """Qwen3.5's zero-centred norm weight w as the 1 + w the norm multiplies by (float64, one rounding)."""
+    return (1.0 + a.astype(np.float64)).astype(np.float32)
+
+
+@dataclass
+class Qwen35Config:
+    vocab_size: int
+    d_model: int
+    n_layer: int
+    layer_types: list[str]
+    ffn_dim: int
+    # full attention
+    attn_heads: int
+    kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    rope_theta: float
+    # Gated DeltaNet
+    lin_k_heads: int
+    lin_v_heads: int
+    lin_k_dim: int
+    lin_v_dim: int
+    d_conv: int
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+
+    def mixer(self) -> GatedDeltaNetMixer:
+        return GatedDeltaNetMixer(self.lin_k_heads, self.lin_v_heads, self.lin_k_dim, self.lin_v_dim, self.d_conv,
+                                  self.norm_eps)
+
+
+def read_qwen35_config(src) -> Qwen35Config:
+    where = f"{src.path}/config.json"
+    top = src.config
+    cfg = top.get("text_config") or top  # Qwen3_5ForConditionalGeneration nests the language model's
+    if "text_config" in top:
+        where += " text_config"
+    n = int(cfg_get(cfg, ("num_hidden_layers",), where=where))
+    types = cfg.get("layer_types")
+    if types is None:  # transformers' default: every `full_attention_interval`-th layer is full attention
+        every = int(cfg_get(cfg, ("full_attention_interval",), 4, where))
+        types = [FULL if (i + 1) % every == 0 else LINEAR for i in range(n)]
+    bad = sorted({x for x in types if x not in (LINEAR, FULL)})
+    if bad or len(types) != n:
+        raise UnsupportedError(f"{where}: layer_types must list {n} of {LINEAR!r} / {FULL!r}; got "
+                               + (f"{bad[0]!r}" if bad else f"{len(types)} entries"))
+    act = cfg_get(cfg, ("hidden_act",), "silu", where)
+    if act != "silu":
+        raise UnsupportedError(f"{where}: hidden_act {act!r} is not supported (silu)")
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rp.get("rope_type", rp.get("type", "default")) != "default":
+        raise UnsupportedError(f"{where}: rope_parameters.rope_type {rp.get('rope_type')!r} is not supported (default)")
+    theta = rp.get("rope_theta", cfg.get("rope_theta"))
+    if theta is None:
+        raise UnsupportedError(f"{where}: missing key; expected rope_parameters.rope_theta or rope_theta")
+    heads = int(cfg_get(cfg, ("num_attention_heads",), where=where))
+    d = int(cfg_get(cfg, ("hidden_size",), where=where))
+    hd = int(cfg_get(cfg, ("head_dim",), d // heads, where))
+    prf = float(rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25)))
+    lk, lv = int(cfg_get(cfg, ("linear_num_key_heads",), where=where)), int(cfg_get(cfg, ("linear_num_value_heads",),
+                                                                                   where=where))
+    if LINEAR in types and lv % lk:
+        raise UnsupportedError(f"{where}: linear_num_value_heads {lv} is not a multiple of linear_num_key_heads {lk}")
+    tie = top.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    return Qwen35Config(
+        vocab_size=int(cfg_get(cfg, ("vocab_size",), where=where)), d_model=d, n_layer=n, layer_types=list(types),
+        ffn_dim=int(cfg_get(cfg, ("intermediate_size",), where=where)),
+        attn_heads=heads, kv_heads=int(cfg_get(cfg, ("num_key_value_heads",), heads, where)), head_dim=hd,
+        rotary_dim=int(hd * prf), rope_theta=float(theta),
+        lin_k_heads=lk, lin_v_heads=lv, lin_k_dim=int(cfg_get(cfg, ("linear_key_head_dim",), where=where)),
+        lin_v_dim=int(cfg_get(cfg, ("linear_value_head_dim",), where=where)),
+        d_conv=int(cfg_get(cfg, ("linear_conv_kernel_dim",), 4, where)),
+        norm_eps=float(cfg_get(cfg, ("rms_norm_eps",), 1e-6, where)),
+        tie_embeddings=bool(tie) or not src.has("lm_head.weight"))
+
+
+def gated_attention(b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Value, position: Value, pos: Value,
+                    c: Qwen35Config, tokens: int | None) -> tuple[Value, Value, Value]:
+    """Qwen3.5's full attention on the normed input a (b, t, d). Returns (out (b, t, d), new rings)."""
+    H, Hkv, hd = c.attn_heads, c.kv_heads, c.head_dim
+    q, gate = linear(b, a, o + "q", o + "q_bias").reshape(0, 0, H, 2 * hd).split([hd, hd])  # (b, t, H, hd) each
+    k = linear(b, a, o + "k", o + "k_bias").reshape(0, 0, Hkv, hd)
+    v = linear(b, a, o + "v", o + "v_bias").reshape(0, 0, Hkv, hd).transpose(0, 2, 1, 3)  # (b, Hkv, t, hd)
+    q = rms_norm(b, q, o + "q_norm", c.norm_eps).transpose(0, 2, 1, 3)  # (b, H, t, hd)
+    k = rms_norm(b, k, o + "k_norm", c.norm_eps).transpose(0, 2, 1, 3)
+    q, k = (rope(b, x, pos, hd, c.rope_theta, c.rotary_dim) for x in (q, k))
+    # the prefill graphs (which also decode) read only the filled slots of a ring under a third full;
+    # the step graph stays free of control flow (mobile runtimes)
+    y, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, H, Hkv, hd, hd ** -0.5, early_exit=tokens != 1)
+    y = y.transpose(0, 2, 1, 3).reshape(0, 0, H * hd) * gate.reshape(0, 0, H * hd).sigmoid()
+    return linear(b, y, o + "o", o + "o_bias"), nk, nv
+
+
+@register("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
+class Qwen35(Family):
+    name = "qwen35"
+    Config = Qwen35Config
+    prefill_chunk = 128  # the attention scores grow with chunk x (ring + chunk)
+    uses_position = True
+    symbolic_dims = {"max_context": MAX_CONTEXT}
+
+    @classmethod
+    def read_config(cls, src) -> Qwen35Config:
+        return read_qwen35_config(src)
+
+    def layout(self, src):
+        # Qwen3_5ForConditionalGeneration keeps the language model under model.language_model.
+        return None, ("model.language_model." if src.has("model.language_model.embed_tokens.weight") else "model.")
+
+    def state_spec(self) -> list[StateTensor]:
+        c = self.config
+        out = []
+        for i, kind in enumerate(c.layer_types):
+            if kind == LINEAR:
+                out += c.mixer().state_spec(i)
+            else:
+                for s in ("key", "value"):
+                    out.append(StateTensor(i, s, (c.kv_heads, "max_context", c.head_dim),
+                                           f"full-attention {s}s, ring slot p % max_context"
+                                           + (" (after QK-norm and RoPE)" if s == "key" else "")))
+        return out
+
+    def tensors(self):
+        c = self.config
+        rows = [Row("embed", "{p}embed_tokens.weight")]
+        for i, kind in enumerate(c.layer_types):
+            m, o = f"{{p}}layers.{i}.", f"layers.{i}."
+            rows += [Row(o + "norm", m + "input_layernorm.weight", one_plus)]
+            if kind == LINEAR:
+                rows += c.mixer().tensors(m + "linear_attn.", o)
+            else:
+                a = m + "self_attn."
+                rows += [*(Row(f"{o}{n}", f"{a}{n}_proj.weight", t) for n in "qkvo"),
+                         *(Row(f"{o}{n}_bias", f"{a}{n}_proj.bias", optional=True) for n in "qkvo"),
+                         Row(o + "q_norm", a + "q_norm.weight", one_plus),
+                         Row(o + "k_norm", a + "k_norm.weight", one_plus)]
+            rows += [Row(o + "ffn_norm", m + "post_attention_layernorm.weight", one_plus),
+                     *(Row(f"{o}{n}", f"{m}mlp.{n}_proj.weight", t) for n in ("gate", "up", "down"))]
+        rows.append(Row("norm_f", "{p}norm.weight", one_plus))
+        if not c.tie_embeddings:
+            rows.append(Row("lm_head", "lm_head.weight", t))
+        return rows
+
+    def body(self, b: GraphBuilder, ids, state, tokens, fused):
+        c = self.config
+        mixer = c.mixer()
+        x = embed(b, ids)  # (b, t, d)
+        pos = token_positions(b, state["position"], ids, 1)  # (b, t)
+        out = {}
+        for i, kind in enumerate(c.layer_types):
+            o, p = f"layers.{i}.", f"past_key_values.{i}."
+            with b.scope(f"layers.{i}"):
+                a = rms_norm(b, x, o + "norm", c.norm_eps)
+                if kind == LINEAR:
+                    y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
+                        b, a, o, state[p + "conv_state"], state[p + "recurrent_state"], tokens == 1, fused)
+                else:
+                    y, out[f"present.{i}.key"], out[f"present.{i}.value"] = gated_attention(
+                        b, a, o, state[p + "key"], state[p + "value"], state["position"], pos, c, tokens)
+                x = x + y
+                m = rms_norm(b, x, o + "ffn_norm", c.norm_eps)
+                x = x + linear(b, linear(b, m, o + "gate").silu() * linear(b, m, o + "up"), o + "down")
+        return x, out
+
+    def head(self, b: GraphBuilder, hidden: str) -> str:
+        return norm_and_head(b, hidden, self.config.norm_eps, self.config.vocab_size)

@@ -1,0 +1,107 @@
+"""Gated DeltaNet's mixer (Yang, Kautz & Hatamizadeh 2024), as Qwen3.5 and Qwen3-Next use it
+(transformers' Qwen3_5GatedDeltaNet).
+
+Symbols: b batch · t tokens · d model width · Hk key/query heads · Hv value heads (= state heads; each
+key head serves Hv/Hk consecutive value heads) · dk, dv head dims · K = Hk·dk, V = Hv·dv ·
+c = 2K + V conv channels · k conv width.
+
+    [q, k, v] = silu(conv([h Wq; h Wk; h Wv]))    (b, t, c): one short causal conv before the split
+    q, k = l2norm(q), l2norm(k) per head           eps 1e-6 under the root, as transformers' l2norm
+    q, k repeated to Hv heads                      head j reads key head j // (Hv/Hk)
+    β = sigmoid(h Wb)                              (b, t, Hv)
+    g = A · softplus(h Wa + dt_bias)               (b, t, Hv), A = -exp(A_log) < 0
+    y = gated_delta(q / sqrt(dk), k, v, g, β)      (b, t, Hv, dv)   kernels/gdn.py
+    out = (rms_norm(y) · w · silu(h Wz)) Wo        the norm per value head (width dv), plain w
+
+State per layer: `conv_state` (c, k-1), the conv's last k-1 inputs (q, k, v before the conv); and
+`recurrent_state` (Hv, dk, dv), S with rows key channels and columns value channels: the layout of
+transformers' recurrent function and of ONNX Runtime's LinearAttention, so state files move between
+the flavours. Fused flavour: CausalConvWithState and LinearAttention(update_rule gated_delta), which
+matches the reference exactly (tests/test_gdn_kernel.py); portable: Conv and the Scan of gdn.step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeseq.graph import GraphBuilder, Value
+from edgeseq.kernels import gdn
+from edgeseq.kernels.conv import causal_conv
+from edgeseq.kernels.ops import linear, rms_norm
+from edgeseq.state import StateTensor
+from edgeseq.tensor_table import Row, t
+
+
+@dataclass(frozen=True)
+class GatedDeltaNetMixer:
+    k_heads: int
+    v_heads: int
+    k_dim: int
+    v_dim: int
+    d_conv: int
+    norm_eps: float = 1e-6  # the gated norm's (rms_norm_eps)
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.k_heads * self.k_dim + self.v_heads * self.v_dim
+
+    def state_spec(self, layer: int) -> list[StateTensor]:
+        return [StateTensor(layer, "conv_state", (self.conv_dim, self.d_conv - 1),
+                            "last k-1 inputs (q, k, v) of the Gated DeltaNet conv"),
+                StateTensor(layer, "recurrent_state", (self.v_heads, self.k_dim, self.v_dim),
+                            "gated delta rule state S (Hv, dk, dv): rows key channels, columns value channels")]
+
+    def tensors(self, m: str, o: str) -> list[Row]:
+        """The mixer's rows: canonical names under `o`, transformers' names under `m` (`…linear_attn.`)."""
+        cd, k = self.conv_dim, self.d_conv
+        return [
+            Row(o + "in_qkv", m + "in_proj_qkv.weight", t),
+            Row(o + "in_z", m + "in_proj_z.weight", t),
+            Row(o + "in_b", m + "in_proj_b.weight", t),
+            Row(o + "in_a", m + "in_proj_a.weight", t),
+            Row(o + "conv", m + "conv1d.weight", lambda a: np.ascontiguousarray(a.reshape(cd, 1, k))),
+            Row(o + "dt_bias", m + "dt_bias"),
+            # the recurrence needs the (negative) rate, not its log
+            Row(o + "A", m + "A_log", lambda a: -np.exp(a.astype(np.float64)).astype(np.float32)),
+            Row(o + "gnorm", m + "norm.weight"),  # plain w (not 1 + w): Qwen3_5RMSNormGated
+            Row(o + "out_proj", m + "out_proj.weight", t),
+        ]
+
+    def _heads(self, x: Value, n: int, dim: int, repeat: int) -> Value:
+        """(b, t, n·dim) -> (b, t, n·repeat, dim): each head repeated for `repeat` consecutive heads."""
+        x = x.reshape(0, 0, n, dim)
+        if repeat == 1:
+            return x
+        return x.unsqueeze(3).expand(1, 1, 1, repeat, 1).reshape(0, 0, n * repeat, dim)
+
+    def __call__(self, b: GraphBuilder, h: Value, o: str, conv_state: Value, state: Value, one_token: bool,
+                 fused: bool) -> tuple[Value, Value, Value]:
+        """The mixer on normed input h (b, t, d). Returns (out (b, t, d), new conv state, new S)."""
+        Hk, Hv, dk, dv = self.k_heads, self.v_heads, self.k_dim, self.v_dim
+        r = Hv // Hk
+        qkv, conv = causal_conv(b, linear(b, h, o + "in_qkv").transpose(0, 2, 1), conv_state, o + "conv", None,
+                                self.conv_dim, self.d_conv, silu=True, fused=fused)
+        q, k, v = qkv.transpose(0, 2, 1).split([Hk * dk, Hk * dk, Hv * dv])  # (b, t, K), (b, t, K), (b, t, V)
+
+        def l2norm(x):  # per head, then repeated to the value heads: (b, t, Hv, dk)
+            x = x.reshape(0, 0, Hk, dk)
+            return self._heads(x / ((x * x).sum(-1) + 1e-6).sqrt(), Hk, dk, r)
+
+        q, k = l2norm(q), l2norm(k)
+        beta = linear(b, h, o + "in_b").sigmoid()  # (b, t, Hv)
+        g = b.w(o + "A") * (linear(b, h, o + "in_a") + b.w(o + "dt_bias")).softplus()  # (b, t, Hv) log decay
+        if fused:
+            y, state = gdn.linear_attention(q.reshape(0, 0, Hv * dk), k.reshape(0, 0, Hv * dk), v, state=state,
+                                            log_decay=g, beta=beta, heads=Hv, scale=dk ** -0.5)
+            y = y.reshape(0, 0, Hv, dv)
+        else:
+            def rows(x, n):  # (b, t, Hv, n) -> (b, [t,] Hv, 1, n)
+                return x.reshape(-1, Hv, 1, n) if one_token else x.reshape(0, 0, Hv, 1, n)
+
+            y, state = gdn.gdn(state, q=rows(q * dk ** -0.5, dk), k=rows(k, dk), v=rows(v, dv),
+                               decay=rows(g.exp(), 1), beta=rows(beta, 1), one_token=one_token)
+            y = y.reshape(0, 0, Hv, dv) if not one_token else y.reshape(-1, 1, Hv, dv)  # (b, t, Hv, dv)
+        z = linear(b, h, o + "in_z").reshape(0, 0, Hv, dv)
+        y = (rms_norm(b, y, o + "gnorm", self.norm_eps) * z.silu()).reshape(0, 0, Hv * dv)
+        return linear(b, y, o + "out_proj"), conv, state
