@@ -311,6 +311,50 @@ def _set_template(tok_keys: list, special_vocab, text: str | None) -> None:
         tok_keys.append(("tokenizer.chat_template", text, "str"))
 
 
+def _spool(tensors, spool, quant: str, arch: str) -> list[list]:
+    """Each (GGUF name, array, shape) encoded and appended to `spool`; returns the plan, a row per tensor:
+    [name, shape, type, offset in the spool, bytes, spooled as f32]. token_embd's type with a quantized
+    recipe depends on whether an output.weight follows (llama.cpp then treats it as the head): it is
+    spooled as f32, its type left None, and encoded when the file is written."""
+    plan = []
+    for tname, a, shape in tensors:
+        if shape != a.shape:
+            a = _pad_rows(a, shape[0])
+        t = _choose(tname, shape, quant, arch, True)
+        if t != _choose(tname, shape, quant, arch, False):
+            t, data = None, np.ascontiguousarray(a, dtype=np.float32)
+        else:
+            data = _encode(a, t)
+        plan.append([tname, shape, t, spool.tell(), data.nbytes, t is None])
+        data.tofile(spool)
+        del a, data  # (only one tensor at a time)
+    return plan
+
+
+def _metadata(w, checkpoint: str, fam, amap, arch: str, shapes: dict, quant: str, ckpt, tok_spec: dict,
+              tok_file: str | None, vocab: int, chat_template) -> None:
+    """Every key-value pair: general.*, the architecture's (or edgeseq's generic) keys, the tokenizer."""
+    import gguf
+
+    generic = amap is None
+    w.add_type("model")
+    w.add_name(os.path.basename(os.path.normpath(checkpoint)))
+    w.add_size_label(gguf.size_label(sum(int(np.prod(s)) for s in shapes.values()), 0, 0, 0))
+    for key, value, kind in (generic_metadata(fam) if generic else amap.metadata(fam, shapes)):
+        _add(w, key if generic else f"{arch}.{key}", value, kind)
+    w.add_file_type(FILE_TYPE[quant])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tok_keys, special_vocab = _tokenizer_keys(tok_spec, tok_file, vocab, _special_tokens(ckpt))
+    if chat_template is not None:  # ({}: --chat-template none)
+        _set_template(tok_keys, special_vocab, _template_text(chat_template))
+    for key, value, kind in tok_keys:
+        _add(w, key, value, kind)
+    if special_vocab is not None:
+        special_vocab.add_to_gguf(w, quiet=True)
+    if generic:
+        w.add_string("edgeseq.version", __version__)
+
+
 def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | None = None, force: bool = False,
                 progress: bool = False, chat_template=None) -> dict:
     """Write `checkpoint` as the GGUF file `out`. Returns a summary (architecture, types used, why generic).
@@ -341,7 +385,6 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
     fam = read_family(ckpt, checkpoint)  # config checked against the file (docs/reliability.md)
     amap, why_generic = arch_for(fam)
     arch = amap.arch if amap else GENERIC_PREFIX + fam.name
-    generic = amap is None
     tok_spec, tok_file = _tokenizer_source(ckpt, tokenizer, fam)
     vocab = fam.vocab_size
     pad = PAD_VOCAB.get(arch)
@@ -349,31 +392,21 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
         vocab = -(-vocab // pad) * pad
     if chat_template is None:
         chat_template = checkpoint_template(checkpoint)
+    if progress:
+        from tqdm import tqdm
 
     parent = os.path.dirname(os.path.abspath(out)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.{os.getpid()}.tmp")
-    spool_path = tmp[:-len(".tmp")] + ".data.tmp"
-    used: dict[str, int] = {}
+    # beside OUT, named as safe_io's temporary files are (`.{name}.{pid}-...tmp`): the file, renamed over
+    # OUT at the end, and the spool; both removed on an error
+    tmp, spool_path = (os.path.join(parent, f".{os.path.basename(out)}.{os.getpid()}-{part}.tmp")
+                       for part in ("gguf", "data"))
     w = None
     try:
-        # 1. each tensor converted once, encoded and appended to the spool (the data section to be)
-        canonical: dict = {}
-        plan: list[list] = []  # [GGUF name, shape, type, offset in the spool, bytes, spooled as f32]
         with open(spool_path, "w+b") as spool:
+            canonical: dict = {}
             with safe_io.converting(checkpoint):
-                for tname, a, shape in _gguf_tensors(fam, amap, ckpt, vocab, canonical):
-                    if shape != a.shape:
-                        a = _pad_rows(a, shape[0])
-                    t = _choose(tname, shape, quant, arch, True)
-                    if t != _choose(tname, shape, quant, arch, False):
-                        t, data = None, np.ascontiguousarray(a, dtype=np.float32)  # token_embd: head or not?
-                    else:
-                        data = _encode(a, t)
-                    plan.append([tname, shape, t, spool.tell(), data.nbytes, t is None])
-                    data.tofile(spool)
-                    del a, data
-            # 2. the shapes checked against the config, before the file is written
+                plan = _spool(_gguf_tensors(fam, amap, ckpt, vocab, canonical), spool, quant, arch)
             try:  # a tensor of the wrong shape is an error now, not a file llama.cpp or ONNX Runtime refuses
                 check_weights(fam, canonical, checkpoint)
             except EdgeseqError as e:
@@ -382,41 +415,19 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
             tied = "output.weight" not in shapes
             for entry in plan:
                 entry[2] = entry[2] or _choose(entry[0], entry[1], quant, arch, tied)
-            # 3. the file: metadata, tensor infos, then the spooled data one tensor at a time
             w = gguf.GGUFWriter(tmp, arch)
-            w.add_type("model")
-            w.add_name(os.path.basename(os.path.normpath(checkpoint)))
-            n_params = sum(int(np.prod(s)) for s in shapes.values())
-            w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
-            meta = generic_metadata(fam) if generic else amap.metadata(fam, shapes)
-            for key, value, kind in meta:
-                _add(w, key if generic else f"{arch}.{key}", value, kind)
-            w.add_file_type(FILE_TYPE[quant])
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            tok_keys, special_vocab = _tokenizer_keys(tok_spec, tok_file, vocab, _special_tokens(ckpt))
-            if chat_template is not None:  # ({}: --chat-template none)
-                _set_template(tok_keys, special_vocab, _template_text(chat_template))
-            for key, value, kind in tok_keys:
-                _add(w, key, value, kind)
-            if special_vocab is not None:
-                special_vocab.add_to_gguf(w, quiet=True)
-            if generic:
-                w.add_string("edgeseq.version", __version__)
+            _metadata(w, checkpoint, fam, amap, arch, shapes, quant, ckpt, tok_spec, tok_file, vocab, chat_template)
             for tname, shape, t, *_ in plan:
                 w.add_tensor_info(tname, shape, np.dtype(np.float32), _nbytes(shape, t), raw_dtype=Q[t])
-                used[t] = used.get(t, 0) + 1
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            if progress:
-                from tqdm import tqdm
-
-                plan = tqdm(plan, desc="tensors", unit="tensor", leave=False, disable=None)
-            for tname, shape, t, offset, nbytes, as_f32 in plan:
+            rows = tqdm(plan, desc="tensors", unit="tensor", leave=False, disable=None) if progress else plan
+            for tname, shape, t, offset, nbytes, as_f32 in rows:  # the spooled data, one tensor at a time
                 spool.seek(offset)
                 if as_f32:  # its type known now
                     w.write_tensor_data(_encode(np.fromfile(spool, np.float32, nbytes // 4).reshape(shape), t))
-                else:  # the bytes as spooled
+                else:
                     w.write_tensor_data(np.fromfile(spool, np.uint8, nbytes))
         w.close()
         safe_io.fsync_tree(tmp)
@@ -432,5 +443,8 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
     finally:
         if os.path.exists(spool_path):
             os.remove(spool_path)
+    used: dict[str, int] = {}
+    for _, _, t, *_ in plan:
+        used[t] = used.get(t, 0) + 1
     return {"architecture": arch, "family": fam.name, "types": used, "generic_because": why_generic,
             "vocab": vocab}
