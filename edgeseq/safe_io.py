@@ -353,3 +353,140 @@ def replace_dir(tmp: str, out: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(out)))
     if aside:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+# -- untrusted templates -------------------------------------------------------------------------
+
+MAX_TEMPLATE_CHARS = 1 << 20  # the longest real chat template is tens of KB
+MAX_RENDER_CHARS = 1 << 22  # what one render may produce (a conversation of 4 M characters)
+MAX_RENDER_SECONDS = 2.0  # real templates render in milliseconds
+MAX_RENDER_GROWTH = 256 << 20  # peak memory a render may add
+_MAX_ARG = 1 << 20  # a number given to a filter or a global (a width, a count): no real template needs more
+
+
+class _Stop(BaseException):
+    """Raised inside a render that went over a limit (a BaseException: no template-level `except
+    Exception` in jinja's runtime may swallow it)."""
+
+
+def render_untrusted(env, source, context: dict, where: str, max_chars: int = MAX_RENDER_CHARS,
+                     seconds: float = MAX_RENDER_SECONDS) -> str:
+    """Render Jinja `source` (a chat template from a manifest, a GGUF or a checkpoint: untrusted) in the
+    sandboxed environment `env` with `context`, bounded: the text's length; nesting that overflows the
+    parser; the time (every line the template's code runs checks a deadline, so nested loops stop);
+    the output; the memory a render adds; the numbers given to filters and globals (`center(10**9)`);
+    `*`, `**` and `%` results (`'x' * 10**10`, `10 ** 10 ** 9`, `'%999999999d' % 1`). Anything that goes
+    wrong (a syntax error, `raise_exception`, a TypeError from bad messages, a limit) is one EdgeseqError
+    naming `where`. `env` is changed (its filters and globals wrapped): pass a fresh one."""
+    import resource
+    import sys
+    import time
+
+    import jinja2
+
+    if not isinstance(source, str):
+        raise EdgeseqError(f"{where}: the chat template is {_show(source)}, expected text")
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise EdgeseqError(f"{where}: the chat template has {len(source)} characters (at most "
+                           f"{MAX_TEMPLATE_CHARS} read)")
+    _bound_environment(env, max_chars)
+    deadline = time.monotonic() + seconds
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    ticks = [0]
+
+    def line(frame, event, arg):
+        ticks[0] += 1
+        if ticks[0] % 64 == 0 and time.monotonic() > deadline:
+            raise _Stop(f"it ran longer than {seconds} s")
+        # every line: one line may double a string (`{% set ns.s = ns.s ~ ns.s %}`)
+        if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0 > MAX_RENDER_GROWTH:
+            raise _Stop(f"it took more than {MAX_RENDER_GROWTH >> 20} MiB of memory")
+        return line
+
+    def call(frame, event, arg):  # only the template's own code is traced line by line
+        return line if frame.f_code.co_filename == "<template>" else None
+
+    old = sys.gettrace()
+    out, n = [], 0
+    try:
+        template = env.from_string(source)
+        sys.settrace(call)
+        for piece in template.generate(**context):
+            n += len(piece)
+            if n > max_chars:
+                raise _Stop(f"its output passed {max_chars} characters")
+            out.append(piece)
+    except _Stop as e:
+        raise EdgeseqError(f"{where}: the chat template was stopped: {e}") from None
+    except jinja2.TemplateSyntaxError as e:
+        raise EdgeseqError(f"{where}: the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+    except jinja2.TemplateError as e:  # raise_exception(...), a sandbox refusal, an undefined name
+        raise EdgeseqError(f"{where}: the chat template failed: {str(e)[:300]}") from None
+    except (RecursionError, MemoryError) as e:
+        raise EdgeseqError(f"{where}: the chat template nests or recurses too deeply or grows too large "
+                           f"({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 -- a template is code: any error it raises is the template's
+        raise EdgeseqError(f"{where}: the chat template failed on these messages ({type(e).__name__}: "
+                           f"{str(e)[:300]})") from None
+    finally:
+        sys.settrace(old)
+    return "".join(out)
+
+
+def _bound_environment(env, max_chars: int) -> None:
+    """`env`'s filters and globals refuse huge numbers and huge results; `*`, `**` and `%` are checked
+    before they compute (jinja's sandbox calls `call_binop` for the operators it intercepts)."""
+    import functools
+
+    def check_args(name, args, kwargs):
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > _MAX_ARG:
+                raise _Stop(f"{name}() was given {a} (at most {_MAX_ARG})")
+
+    def check_size(name, r):
+        if isinstance(r, (str, bytes, list, tuple, dict)) and len(r) > max_chars:
+            raise _Stop(f"{name}() made {len(r)} items (at most {max_chars})")
+        return r
+
+    def bounded(name, f, skip):
+        @functools.wraps(f)  # (keeps jinja's pass_context marks: the context comes first, then the value)
+        def g(*args, **kwargs):
+            check_args(name, args[skip + (1 if getattr(f, "jinja_pass_arg", None) else 0):], kwargs)
+            return check_size(name, f(*args, **kwargs))
+        return g
+
+    # a filter's first argument is its value (a message's number may be large); its options are not
+    env.filters = {k: bounded(k, f, 1) for k, f in env.filters.items()}
+    env.globals = {k: bounded(k, f, 0) if callable(f) and not isinstance(f, type) else f
+                   for k, f in env.globals.items()}
+    plain_call = env.call
+
+    def call(context, obj, *args, **kwargs):  # every call a template makes: 'x'.ljust(10**9), '{:>9999999}'.format
+        name = getattr(obj, "__name__", "a function")
+        check_args(name, args, kwargs)
+        return check_size(name, plain_call(context, obj, *args, **kwargs))
+    env.call = call
+    plain_wrap = env.wrap_str_format
+
+    def wrap_str_format(value):  # str.format as the sandbox hands it out: '{:>999999999}'.format(1)
+        f = plain_wrap(value)
+        if f is not None and re.search(r"\{[^}]*:[^}]*\d{7,}", value.__self__):
+            raise _Stop("a format asks for a huge width")
+        return f
+    env.wrap_str_format = wrap_str_format
+    plain_binop = env.call_binop
+
+    def call_binop(context, op, left, right):
+        if op == "**" and isinstance(left, (int, float)) and isinstance(right, (int, float)):
+            if abs(right) > 64 and abs(left) > 1:
+                raise _Stop(f"{left} ** {right} is too large")
+        if op == "*":
+            for s, k in ((left, right), (right, left)):
+                if isinstance(s, (str, list, tuple)) and isinstance(k, int) and len(s) * k > max_chars:
+                    raise _Stop(f"a sequence of {len(s)} repeated {k} times is too large")
+        if op == "%" and isinstance(left, str) and re.search(r"%[-+ #0]*(?:\*|\d{7,})|%[-+ #0]*\d*\.(?:\*|\d{7,})", left):
+            raise _Stop("a % format asks for a huge width")
+        return check_size(op, plain_binop(context, op, left, right))
+
+    env.intercepted_binops = frozenset({"*", "**", "%"})
+    env.call_binop = call_binop

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fuzz.chat import chat_file
+
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "rwkv-cpp-tiny"
 RWKV_CPP = FIXTURES / "tiny-rwkv-4v0-660K-FP32.bin"
 
@@ -154,8 +156,10 @@ def build_all(work: Path) -> dict[str, Path]:
     seeds = {"safetensors": work / "safetensors", "shards": work / "shards", "rwkvcpp": work / "rwkvcpp" / "m.bin",
              "gguf": work / "gguf" / "m.gguf", "bundle": work / "bundle", "state": work / "state" / "s.state",
              "world": work / "tok" / "rwkv_vocab_v20230424.txt", "tokenizer": work / "tok" / "tokenizer.json",
-             "pth": work / "pth" / "m.pth"}
+             "pth": work / "pth" / "m.pth", "chat": work / "chat" / "chat.json"}
     if done.exists():
+        if not seeds["chat"].exists():  # (seed folders built before chat templates were fuzzed)
+            chat_file(seeds["chat"])
         return seeds
     if work.exists():
         shutil.rmtree(work)
@@ -169,6 +173,7 @@ def build_all(work: Path) -> dict[str, Path]:
     world_vocab(seeds["world"])
     tokenizer_json(seeds["tokenizer"])
     pth_file(seeds["pth"])
+    chat_file(seeds["chat"])
     done.write_text("ok")
     os.sync()
     return seeds

@@ -10,12 +10,15 @@ live by format: checkpoints.py, gguf_files.py, bundles.py, texts.py (and chat te
     world        an RWKV World vocabulary: parsed, then a sample encoded and decoded
     tokenizer    a tokenizer.json: loaded, then a sample encoded and decoded
     pth          a BlinkDL .pth: export (torch.load weights_only)
+    chat         a chat template and messages: rendered through safe_io.render_untrusted
+    chat-as-is   the same through chat_template as it is (not in the test suite: see chat.py)
 """
 from __future__ import annotations
 
 import random
 
 from fuzz.bundles import _run_bundle, _run_state, bundle_mutations, state_mutations
+from fuzz.chat import _run_chat, _run_chat_as_is, chat_mutations
 from fuzz.checkpoints import _run_export, pth_mutations, rwkvcpp_mutations, shard_mutations, st_mutations
 from fuzz.gguf_files import _run_gguf, gguf_mutations
 from fuzz.mutations import Mutation
@@ -41,4 +44,6 @@ READERS = {
     "world": Reader("world", "world", world_mutations, _run_world),
     "tokenizer": Reader("tokenizer", "tokenizer", tokenizer_mutations, _run_tokenizer),
     "pth": Reader("pth", "pth", pth_mutations, _run_export),
+    "chat": Reader("chat", "chat", chat_mutations, _run_chat),
+    "chat-as-is": Reader("chat-as-is", "chat", chat_mutations, _run_chat_as_is),
 }
