@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import numpy as np
 
@@ -268,24 +267,6 @@ def _gguf_tensors(fam, amap, ckpt, vocab: int, canonical: dict):
         yield name, a, shape
 
 
-def _name_the_weight(message: str, fam, canonical: dict) -> str:
-    """check_weights' message, with the weights its failing node reads named: ONNX shape inference names
-    a node (`node name: /layers.0/Mul_7`); the canonical weights among that node's inputs are the suspects."""
-    m = re.search(r"node name: ([^)]+)\)", message)
-    if not m or "that node reads weight" in message:  # (weight_check may name them itself)
-        return message
-    try:
-        graph = fam.build_graph("step", canonical, fused=False).to_model({}).graph
-    except (KeyError, ValueError, IndexError, TypeError):  # no graph to look in: the message stands
-        return message
-    node = next((n for n in graph.node if n.name == m.group(1)), None)
-    names = [i for i in (node.input if node is not None else ()) if i in canonical]
-    if not names:
-        return message
-    said = ", ".join(f"{n!r} {canonical[n].shape}" for n in names)
-    return f"{message}; that node reads weight {said}"
-
-
 def _template_text(spec) -> str | None:
     """What tokenizer.chat_template holds for a manifest-style template spec: the Jinja text, or a
     plain-string template's name (llama.cpp and edgeseq's reader know "rwkv-world"); None for none."""
@@ -407,10 +388,8 @@ def export_gguf(checkpoint: str, out: str, quant: str = "f32", tokenizer: str | 
             canonical: dict = {}
             with safe_io.converting(checkpoint):
                 plan = _spool(_gguf_tensors(fam, amap, ckpt, vocab, canonical), spool, quant, arch)
-            try:  # a tensor of the wrong shape is an error now, not a file llama.cpp or ONNX Runtime refuses
-                check_weights(fam, canonical, checkpoint)
-            except EdgeseqError as e:
-                raise EdgeseqError(_name_the_weight(str(e), fam, canonical)) from None
+            # a tensor of the wrong shape is an error now (naming it), not a file llama.cpp or ONNX Runtime refuses
+            check_weights(fam, canonical, checkpoint)
             shapes = {tname: shape for tname, shape, *_ in plan}
             tied = "output.weight" not in shapes
             for entry in plan:

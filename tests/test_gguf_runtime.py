@@ -195,22 +195,25 @@ def test_generic_architecture_for_hybrid_families(tmp_path, family):
     assert a.position == b.position == 8
 
 
-def test_a_tensor_of_the_wrong_shape_is_named_and_nothing_is_written(tmp_path):
+@pytest.mark.parametrize("key, named", [("backbone.layers.0.norm.weight", "'layers.0.norm' (16,)"),
+                                        ("backbone.layers.1.mixer.conv1d.bias", "'layers.1.conv_bias' is (32,)")])
+def test_a_tensor_of_the_wrong_shape_is_named_and_nothing_is_written(tmp_path, key, named):
     """The writer checks the weights against the config before it writes (edgeseq.weight_check, as the
-    ONNX export does): a norm at half its width is an error naming that weight, on the command line
-    one `error:` line and exit status 1; no output and no temporary file are left."""
+    ONNX export does): a norm or a conv bias at half its width is an error naming that weight, on the
+    command line one `error:` line and exit status 1; no output and no temporary file are left."""
     from safetensors.numpy import load_file, save_file
 
     from edgeseq.errors import EdgeseqError
 
     ckpt = make_mamba(tmp_path / "hf", hidden_size=32)
     w = load_file(ckpt / "model.safetensors")
-    w["backbone.layers.0.norm.weight"] = w["backbone.layers.0.norm.weight"][:16].copy()
+    w[key] = w[key][:w[key].shape[0] // 2].copy()
     save_file(w, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(EdgeseqError, match=r"hf: .*'layers\.0\.norm' \(16,\)"):
+    with pytest.raises(EdgeseqError, match="hf: ") as failed:
         export_gguf(str(ckpt), str(tmp_path / "m.gguf"))
+    assert named in str(failed.value)
     r = _cli("export", str(ckpt), "-o", str(tmp_path / "m.gguf"))
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and "'layers.0.norm' (16,)" in r.stderr, r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and named in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
