@@ -131,6 +131,15 @@ def _recurrent_gemma(d: Path) -> Path:
         "intermediate_size": 32, "attention_window_size": 4})  # a window of 4: IDS wrap the ring
 
 
+def _qwen35(d: Path) -> Path:
+    import families  # noqa: F401  (first: it imports family_qwen35)
+    import family_qwen35
+
+    return family_qwen35.make_qwen35(d / "hf", seed=27, **{**family_qwen35.CONFIGS["3to1-gva2-untied"],
+                                                           "vocab_size": VOCAB, "hidden_size": 16,
+                                                           "intermediate_size": 32})
+
+
 _RWKV5 = _rwkv("5.2", dict(C=16, L=2, H=2, F=32), seed=31)
 _RWKV6 = _rwkv("6.0", dict(C=16, L=2, H=2, F=32, D_MIX=4, D_DECAY=4), seed=32)
 _RWKV7 = _rwkv("7", dict(C=16, L=2, H=2, F=32, D_W=4, D_A=4, D_V=4, D_G=4), seed=33)
@@ -153,6 +162,7 @@ CASES = {c.name: c for c in [
     Case("recurrent_gemma", "recurrent_gemma", _recurrent_gemma),
     Case("recurrent_gemma-portable", "recurrent_gemma", _recurrent_gemma, portable=True),
     Case("recurrent_gemma-int4", "recurrent_gemma", _recurrent_gemma, quant="int4"),
+    Case("qwen35", "qwen35", _qwen35, load=_RING),
 ]}
 
 
