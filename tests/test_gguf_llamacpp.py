@@ -358,6 +358,14 @@ def test_chat_template_in_llama_cpp_and_back(tmp_path):
             .render(messages) == "<|user|>\nhi<|end|>\n<|assistant|>\n")
     assert edgeseq.load(bundle).manifest["chat_template"]["jinja"] == TEMPLATE
 
+    # a BPE vocabulary goes through the gguf package's SpecialVocab, which reads tokenizer_config.json's
+    bpe = make_mamba(tmp_path / "bpe", seed=3, vocab_size=301, tokenizer_vocab=301)
+    (bpe / "chat_template.jinja").write_text(TEMPLATE)
+    (bpe / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'older' }}"}))
+    export_gguf(str(bpe), str(tmp_path / "bpe.gguf"))
+    llm = llama_cpp().Llama(str(tmp_path / "bpe.gguf"), vocab_only=True, verbose=False)
+    assert llm.metadata["tokenizer.ggml.model"] == "gpt2" and llm.metadata["tokenizer.chat_template"] == TEMPLATE
+
     # --chat-template NAME replaces it; none leaves the key out
     export_gguf(str(ckpt), str(out), force=True, chat_template=load_template_option("chatml"))
     with GGUFFile(out) as g:
