@@ -25,6 +25,12 @@ def check_weights(family, table: dict, where: str) -> None:
         if t is not None and family.vocab_size not in t.shape:
             raise EdgeseqError(f"{where}: the LM head is {t.shape}, but the vocabulary has {family.vocab_size} "
                                f"tokens")
+        # the head reads the embedding's width: a head of (vocab, C/2) made the graph's Reshape(-1, C/2)
+        # fold two tokens' hidden states into one row, which inference accepts and ONNX Runtime does not
+        if t is not None and embed is not None and len(embed.shape) == 2 and len(t.shape) == 2 \
+                and sorted(t.shape) != sorted((family.vocab_size, embed.shape[1])):
+            raise EdgeseqError(f"{where}: the LM head is {tuple(t.shape)}, but the embedding is {tuple(embed.shape)}: "
+                               f"the head must be ({family.vocab_size}, {embed.shape[1]}) or its transpose")
     # the portable step (batch 1, one token) reads every weight a step reads; the fused prefill (batch 1,
     # two tokens) reads those only a prefill reads (RWKV-5's log_decay, which the fused LinearAttention
     # takes in place of the step's decay: at half its width it passed before, and failed in ONNX Runtime)

@@ -239,6 +239,21 @@ def test_rwkvcpp_dims_that_overflow(seeds, tmp_path):
     refused(export_to(f, tmp_path), f)
 
 
+def test_rwkvcpp_head_at_half_width(seeds, tmp_path):
+    """head.weight (vocab, C/2): the head's Reshape(-1, C/2) folded two tokens' hidden states into one row,
+    which shape inference accepts; the bundle failed in ONNX Runtime at the first prefill."""
+    f = case(seeds, tmp_path, "rwkvcpp")
+    data = f.read_bytes()
+    pos, n_dims, name_len, end = next(r for r in ck.rwkvcpp_records(data)
+                                      if data[r[0] + 12 + 4 * r[1]:r[0] + 12 + 4 * r[1] + r[2]] == b"head.weight")
+    (c, vocab) = struct.unpack_from("<2i", data, pos + 12)  # ggml order: (C, vocab)
+    start = pos + 12 + 4 * n_dims + name_len
+    d = bytearray(data[:start + (end - start) // 2] + data[end:])  # the first half of the rows' data
+    struct.pack_into("<i", d, pos + 12, c // 2)
+    f.write_bytes(bytes(d))
+    refused(export_to(f, tmp_path), f, f"the LM head is ({vocab}, {c // 2})")
+
+
 # -- 7 and 8. manifest field types, and the allocations a manifest asks for ------------------------------
 
 @pytest.mark.parametrize("what, edit, words", [
