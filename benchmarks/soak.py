@@ -1,6 +1,6 @@
 """Soak: long generation runs, watching resident memory and the numbers (docs/reliability.md).
 
-    .venv/bin/python -P benchmarks/soak.py                       # the full run (about an hour on 2 cores)
+    nice -n 19 .venv/bin/python -P benchmarks/soak.py            # the full run (hours on 2 shared cores)
     .venv/bin/python -P benchmarks/soak.py --tokens 20000 --tiny-tokens 5000   # a shortened one
 
 For each shipped demo model (RWKV-7 and Mamba-2, byte-level) in f32 and int4: `--tokens` generated tokens
@@ -9,7 +9,7 @@ For each shipped demo model (RWKV-7 and Mamba-2, byte-level) in f32 and int4: `-
 (`--ring`, 64 tokens) and on_full="slide", so the ring wraps hundreds of times. Each model runs in its
 own process (one session, sampled tokens from a seeded generator, temperature 1). Reported per run:
 tokens/s, RSS after warm-up (the first 10 % of tokens) and its largest growth after that (must stay
-within 1 %), and every check of the logits and the state for NaN or inf (every 1,000 tokens).
+within 1 %; `--json` keeps RSS at every tenth of the run), and every check of the logits and the state for NaN or inf (every 1,000 tokens).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def soak(bundle: str, tokens: int, ring: int | None, seed: int = 0, every: int =
     rng = np.random.default_rng(seed)
     logits = s.prefill([1, 2, 3, 4])
     warm = max(every, tokens // 10)
-    rss_warm, rss_max, bad, checks = None, 0, [], 0
+    rss_warm, rss_max, bad, checks, series = None, 0, [], 0, []
     t0 = time.perf_counter()
     for i in range(1, tokens + 1):
         z = logits.astype(np.float64) - logits.max()
@@ -55,16 +55,19 @@ def soak(bundle: str, tokens: int, ring: int | None, seed: int = 0, every: int =
             checks += 1
             if not np.isfinite(logits).all() or not all(np.isfinite(a).all() for a in s.state().values()):
                 bad.append(i)
+            now = rss()
+            if i % max(every, tokens // 10) == 0:
+                series.append([i, round(now / 2 ** 20, 2)])  # (token, MB): the curve, in --json
             if i == warm:
-                rss_warm = rss()
+                rss_warm = now
             elif i > warm:
-                rss_max = max(rss_max, rss())
+                rss_max = max(rss_max, now)
     secs = time.perf_counter() - t0
     growth = (rss_max - rss_warm) / rss_warm * 100 if rss_warm and rss_max else 0.0
     return {"tokens": tokens, "tok_s": tokens / secs, "rss_warm_mb": (rss_warm or 0) / 2 ** 20,
             "rss_max_mb": rss_max / 2 ** 20, "growth_pct": growth, "nonfinite_at": bad, "checks": checks,
             "position": s.position, "ring": ring, "wraps": (s.position // ring) if ring else 0,
-            "state_kib": m.state_bytes / 1024}
+            "state_kib": m.state_bytes / 1024, "rss_mb": series}
 
 
 def export_all(work: str, names: list[str], quants: list[str]) -> list[tuple[str, str, str]]:
