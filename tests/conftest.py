@@ -248,6 +248,14 @@ class Exported:
         self._bundles: dict = {}
         self._models: dict = {}
 
+    def reference(self, ids) -> np.ndarray:
+        """The reference's logits of other ids (where the case keeps its reference at hand)."""
+        raise NotImplementedError(f"{self.ckpt}: no reference kept for other ids")
+
+    def tol_for(self, ref) -> float:
+        """The tolerance against other reference logits `ref` (the case's own: an absolute one)."""
+        return self.tol
+
     def bundle(self, portable: bool = False, quant: str = "f32") -> Path:
         key = (portable, quant)
         if key not in self._bundles:
@@ -270,6 +278,9 @@ class Built(Exported):
         self.hf = load_hf(hf_source or ckpt)  # the HF-layout twin of a state-spaces checkpoint
         self.hf64 = as_f64(self.hf)
         self.ref = hf_logits64(self.hf64, ids)
+
+    def reference(self, ids) -> np.ndarray:
+        return hf_logits64(self.hf64, ids)
 
     @functools.cached_property
     def cache64(self):

@@ -372,13 +372,18 @@ def _rwkv4_cpp(d: Path) -> Exported:
         sd[k] = torch.tensor(a)
     torch.save(sd, d / "m.pth")
     model = rwkv_model.RWKV(model=str(d / "m"), strategy="cpu fp32", verbose=False)
+    def reference(ids):
+        logits, state = [], None
+        for t in ids:
+            out, state = model.forward([t], state)
+            logits.append(out.numpy().copy())
+        return np.stack(logits)
+
     ids = np.random.default_rng(0).integers(0, 256, 64).tolist()
-    logits, state = [], None
-    for t in ids:
-        out, state = model.forward([t], state)
-        logits.append(out.numpy().copy())
-    ref = np.stack(logits)
-    return Exported(RWKV4_CPP, d, ids, ref, tol=tol(ref))
+    ref = reference(ids)
+    c = Exported(RWKV4_CPP, d, ids, ref, tol=tol(ref))
+    c.reference = reference
+    return c
 
 
 def make_hf_rwkv4(tmp_path_factory):
@@ -471,6 +476,7 @@ def _rwkv5_cpp(d: Path) -> Exported:
     ref, state = numpy_rwkv5(RWKV5_TEXT)
     c = Exported(RWKV5_CPP, d, RWKV5_TEXT, ref, tol=1e-3)
     c.ref_state = state
+    c.reference = lambda ids: numpy_rwkv5(ids)[0]
     return c
 
 

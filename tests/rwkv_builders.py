@@ -274,6 +274,9 @@ class RwkvCase:
     def tol(self) -> float:
         return tol(self.ref)
 
+    def tol_for(self, ref) -> float:
+        return tol(ref)
+
     def job(self) -> dict:
         return {"base": str(self.pth)[:-4], "version": self.version,
                 "seqs": [self.ids, self.ids[:FORK_AT] + self.other]}
