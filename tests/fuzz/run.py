@@ -1,4 +1,4 @@
-"""The fuzzer's command line. Long run (about 30 minutes on two cores), from the repository root:
+"""The fuzzer's command line. Long run (about 3 minutes on two shared cores), from the repository root:
 
     .venv/bin/python -P tests/fuzz/run.py --per-reader 400 --seed 1 --time-limit 10 --mem-gib 4
 
@@ -21,7 +21,8 @@ from fuzz.targets import READERS  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--readers", default=",".join(READERS))
+    # chat-as-is (chat_template's renderer as it is today) only when asked for: see tests/fuzz/chat.py
+    ap.add_argument("--readers", default=",".join(r for r in READERS if r != "chat-as-is"))
     ap.add_argument("--per-reader", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=10)
