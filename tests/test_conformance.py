@@ -164,6 +164,9 @@ def test_graphs_with_plain_onnxruntime(case, built, portable):
     assert max_diff(last[0], built.ref[-1]) < built.tol
     for name in state:
         assert max_diff(end[name], state[name]) < state_tol(state[name]), name
+    ref_state = getattr(built, "ref_state", None)  # the reference's state after the sequence, where it has one
+    for name, want in (ref_state or {}).items():
+        assert max_diff(state[name], want) < built.tol, name
     every, _ = app.run("prefill_all", built.ids)
     assert every.shape == (1, len(built.ids), built.ref.shape[1])
     assert max_diff(every[0], built.ref) < (case.prefill_all_tol or built.tol)
