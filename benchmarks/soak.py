@@ -27,9 +27,11 @@ TINY = ["mamba-tiny", "rwkv4-tiny", "rwkv5-tiny", "rwkv6-tiny", "zamba-tiny", "z
 RING = ("zamba", "zamba2")
 
 
-def rss() -> int:
+def rss(field: str = "VmRSS") -> int:
+    """Resident bytes: VmRSS, or its parts RssAnon (heap, arenas: what a leak grows) and RssFile (mapped
+    files: the weights, which the kernel may drop and read back)."""
     with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith(field + ":"))
 
 
 def soak(bundle: str, tokens: int, ring: int | None, seed: int = 0, every: int = 1000) -> dict:
@@ -57,7 +59,8 @@ def soak(bundle: str, tokens: int, ring: int | None, seed: int = 0, every: int =
                 bad.append(i)
             now = rss()
             if i % max(every, tokens // 10) == 0:
-                series.append([i, round(now / 2 ** 20, 2)])  # (token, MB): the curve, in --json
+                # (token, RSS, anon, file MB): the curve, in --json
+                series.append([i, *(round(rss(k) / 2 ** 20, 2) for k in ("VmRSS", "RssAnon", "RssFile"))])
             if i == warm:
                 rss_warm = now
             elif i > warm:
