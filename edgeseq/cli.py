@@ -462,7 +462,8 @@ def export(
         if fmt == "gguf":
             from edgeseq.exporters.gguf_writer import export_gguf
 
-            info = export_gguf(checkpoint, out, quant=quant, tokenizer=tokenizer, force=force, progress=False)
+            info = export_gguf(checkpoint, out, quant=quant, tokenizer=tokenizer, force=force, progress=False,
+                               chat_template=template)
             why = f" (edgeseq's own architecture: {info['generic_because']})" if info["generic_because"] else ""
             typer.echo(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB, {info['architecture']}{why}; tensors "
                        + ", ".join(f"{n} {k}" for k, n in sorted(info["types"].items())) + f") in "

@@ -199,7 +199,14 @@ class Table:
                 names = [fmt(names)] if isinstance(names, str) else [fmt(n) for n in names]
                 if e.optional and not all(src.has(n) for n in names):
                     continue
-                yield _fmt(e.name, i), e.loader(layout)(*(src.get(n) for n in names))
+                arrays = [src.get(n) for n in names]
+                try:
+                    out = e.loader(layout)(*arrays)
+                except ValueError as err:  # a reshape or concatenation the stored shapes do not fit
+                    shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, arrays))
+                    raise EdgeseqError(f"{src.path}: {shapes} does not fit this model's config "
+                                       f"(as {_fmt(e.name, i)}: {str(err)[:120]})") from None
+                yield _fmt(e.name, i), out
 
     # -- canonical <-> GGUF ------------------------------------------------------------------------
     def to_gguf(self, weights: Iterable[tuple[str, Array]], arch: str) -> Iterator[tuple[str, Array]]:

@@ -159,7 +159,7 @@ class Session:
         its own captured graph (run option gpu_graph_id), numbered per session so that two sessions of
         one model never replay each other's buffers."""
         if "position" in [i.name for i in self._step.get_inputs()]:
-            raise EdgeseqError("cuda_graph: graphs with a position input are not supported yet")
+            raise EdgeseqError("fixed_io / cuda_graph: graphs with a position input are not supported yet")
         self._ids_dev = ort.OrtValue.ortvalue_from_shape_and_type((1, 1), np.int64, dev, 0)
         self._logits_dev = ort.OrtValue.ortvalue_from_shape_and_type((1, self.model.vocab_size), np.float32, dev, 0)
         self._bindings = [self._bind(self._step, c, self._ids_dev) for c in (0, 1)]

@@ -30,6 +30,21 @@ def bundle(tmp_path_factory):
     return d / "bundle"
 
 
+def test_export_gguf_carries_the_chat_template_option(bundle, tmp_path):
+    """export -o x.gguf --chat-template NAME writes that template as tokenizer.chat_template; none writes none."""
+    from edgeseq.chat_template import NAMES
+    from edgeseq.gguf_file import GGUFFile
+
+    ckpt = bundle.parent / "ckpt"
+    for name in ("chatml", "none"):
+        out = tmp_path / f"{name}.gguf"
+        r = cli("export", ckpt, "-o", out, "--chat-template", name)
+        assert r.returncode == 0, r.stderr
+        with GGUFFile(str(out)) as g:
+            got = g.get("tokenizer.chat_template")
+        assert got == (NAMES["chatml"]["jinja"] if name == "chatml" else None), name
+
+
 def test_inspect_lists_state(bundle):
     r = cli("inspect", bundle)
     assert r.returncode == 0, r.stderr

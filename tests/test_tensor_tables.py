@@ -94,3 +94,21 @@ def test_a_weight_without_a_llamacpp_tensor_is_refused(gguf_case):
 
     with pytest.raises(UnsupportedError, match="layers.0.extra has no llama.cpp tensor"):
         list(amap.to_gguf(fam, iter([("layers.0.extra", np.zeros(3, np.float32))])))
+
+
+def test_a_stored_shape_that_does_not_fit_names_the_tensor():
+    from edgeseq.errors import EdgeseqError
+    from edgeseq.tensor_table import Row, Table, reshape
+
+    class Src:
+        path = "model.safetensors"
+
+        def has(self, name):
+            return True
+
+        def get(self, name):
+            return np.zeros(6, np.float32)
+
+    table = Table([Row("layers.{i}.w", "blocks.{i}.w", reshape(4))], n_layer=2)
+    with pytest.raises(EdgeseqError, match=r"model.safetensors: blocks.0.w \(6,\) does not fit .*layers.0.w"):
+        list(table.convert(Src()))
