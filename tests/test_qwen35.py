@@ -106,3 +106,81 @@ def test_bad_config_is_one_error_line(case, bad, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0] and "config.json" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+class _Reader:
+    """gguf-py's reader behind the few calls an ArchMap's `config` and a table's `from_gguf` make
+    (edgeseq's own reader refuses the converter's bool array `attention.recurrent_layers`: see Qwen35Gguf)."""
+
+    def __init__(self, path):
+        from gguf import GGUFReader
+
+        r = GGUFReader(str(path))
+        self.path, self.architecture = str(path), "qwen35"
+        self.kv = {f.name: f.contents() for f in r.fields.values() if not f.name.startswith("GGUF.")}
+        self.types = {f.name: [int(t) for t in f.types] for f in r.fields.values()}
+        self.arrays = {t.name: np.array(t.data) for t in r.tensors}
+        self.tensors = {n: type("T", (), {"shape": a.shape}) for n, a in self.arrays.items()}
+
+    def arch_key(self, key):
+        return f"qwen35.{key}"
+
+    def get(self, key, default=None, kind=None):
+        return self.kv.get(key, default)
+
+    def need(self, key, kind=None):
+        return self.kv[key]
+
+    def tensor(self, name):
+        return self.tensors[name]
+
+    def array(self, name):
+        return self.arrays[name]
+
+
+@pytest.mark.slow
+def test_same_tensors_and_metadata_as_llama_cpp_converter(tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py (--no-mtp) on a Qwen3.5 checkpoint with two value heads per key
+    head: every tensor the table writes (names, shapes, values: the value heads reordered to llama.cpp's
+    tiled order, 1 + w norms, -exp(A_log)) and every `qwen35.*` metadata key Qwen35Gguf writes (value and
+    type) equal the converter's; the converter's tensors read back through the table give the canonical
+    weights, and its metadata the family's config."""
+    from gguf import GGUFValueType as V
+    from gguf_helpers import converter_dir, write_neox_tokenizer
+    from family_qwen35 import make_qwen35
+    from edgeseq.families.qwen35 import Qwen35Gguf
+
+    ck = tmp_path / "hf"
+    ck.mkdir()
+    write_neox_tokenizer(ck)
+    make_qwen35(ck, seed=9, **{**CONFIGS["3to1-gva2-untied"], "vocab_size": 50288, "bos_token_id": 0,
+                               "eos_token_id": 0, "pad_token_id": 1})
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONSAFEPATH"}
+    r = subprocess.run([sys.executable, str(converter_dir() / "convert_hf_to_gguf.py"), str(ck), "--outtype", "f32",
+                        "--no-mtp", "--outfile", str(tmp_path / "ref.gguf")], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = _Reader(tmp_path / "ref.gguf")
+
+    src = Checkpoint(str(ck))
+    fam = Qwen35(Qwen35.read_config(src))
+    canon = dict(fam.convert(src))
+    ours = dict(fam.table().to_gguf(canon.items(), "qwen35"))
+    assert set(ours) == set(ref.arrays)
+    for n, a in ref.arrays.items():
+        assert ours[n].shape == a.shape, n
+        np.testing.assert_allclose(ours[n], a, rtol=1e-6, atol=1e-7, err_msg=n)
+    back = dict(fam.table().from_gguf(ref))
+    assert set(back) == set(canon)
+    for n, a in canon.items():
+        np.testing.assert_allclose(back[n], a, rtol=1e-6, atol=1e-7, err_msg=n)
+
+    kinds = {"u32": [V.UINT32], "f32": [V.FLOAT32], "bools": [V.ARRAY, V.BOOL], "i32s": [V.ARRAY, V.INT32]}
+    meta = Qwen35Gguf().metadata(fam, {})
+    assert {"qwen35." + k for k, _, _ in meta} == {k for k in ref.kv if k.startswith("qwen35.")}
+    for k, v, kind in meta:
+        assert ref.types["qwen35." + k] == kinds[kind], k
+        assert ref.kv["qwen35." + k] == (pytest.approx(v, rel=1e-6) if kind == "f32" else v), k
+    got = Qwen35Gguf().config(ref)  # the floats come back through float32
+    assert got.pop("norm_eps") == pytest.approx(fam.config.norm_eps, rel=1e-6)
+    assert Qwen35.Config(**got, norm_eps=fam.config.norm_eps) == fam.config

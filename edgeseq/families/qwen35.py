@@ -32,19 +32,21 @@ RoPE and QK-norm (kernels/attention.py); `position`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgeseq.errors import UnsupportedError
+from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
 from edgeseq.families.common import embed, norm_and_head
+from edgeseq.gguf_names import ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.attention import attention, rope, token_positions
 from edgeseq.kernels.ops import linear, rms_norm
 from edgeseq.mixers.gated_deltanet import GatedDeltaNetMixer
-from edgeseq.tensor_table import Row, t
+from edgeseq.tensor_table import T, Row, t
 
 MAX_CONTEXT = 4096  # the default KV ring length recorded in the manifest; sessions may choose another
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -76,6 +78,10 @@ class Qwen35Config:
     d_conv: int
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    # only for llama.cpp's GGUF metadata (the graphs do not read them)
+    context_length: int = 262144  # max_position_embeddings (never the KV ring: that is max_context)
+    full_attention_interval: int = 4
+    mrope_section: list[int] = dataclasses.field(default_factory=lambda: [11, 11, 10])
 
     def mixer(self) -> GatedDeltaNetMixer:
         return GatedDeltaNetMixer(self.lin_k_heads, self.lin_v_heads, self.lin_k_dim, self.lin_v_dim, self.d_conv,
@@ -124,7 +130,10 @@ def read_qwen35_config(src) -> Qwen35Config:
         lin_v_dim=int(cfg_get(cfg, ("linear_value_head_dim",), where=where)),
         d_conv=int(cfg_get(cfg, ("linear_conv_kernel_dim",), 4, where)),
         norm_eps=float(cfg_get(cfg, ("rms_norm_eps",), 1e-6, where)),
-        tie_embeddings=bool(tie) or not src.has("lm_head.weight"))
+        tie_embeddings=bool(tie) or not src.has("lm_head.weight"),
+        context_length=int(cfg_get(cfg, ("max_position_embeddings",), 262144, where)),
+        full_attention_interval=int(cfg_get(cfg, ("full_attention_interval",), 4, where)),
+        mrope_section=[int(x) for x in rp.get("mrope_section", [11, 11, 10])])
 
 
 def gated_attention(b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Value, position: Value, pos: Value,
@@ -142,6 +151,53 @@ def gated_attention(b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Va
     y, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, H, Hkv, hd, hd ** -0.5, early_exit=tokens != 1)
     y = y.transpose(0, 2, 1, 3).reshape(0, 0, H * hd) * gate.reshape(0, 0, H * hd).sigmoid()
     return linear(b, y, o + "o", o + "o_bias"), nk, nv
+
+
+class Qwen35Gguf(ArchMap):
+    """llama.cpp's `qwen35`, metadata as its converter writes it (run with --no-mtp: edgeseq leaves the
+    MTP head out). Tensors: the table's gguf column (value heads in llama.cpp's tiled order). Not yet
+    the family's `gguf`: `attention.recurrent_layers` is an array of bools, which exporters/gguf_writer.py
+    does not write and edgeseq/gguf_file.py refuses (its `_layers` keys are integers) — until both
+    change, Qwen3.5 GGUFs use the generic edgeseq-qwen35."""
+
+    arch = "qwen35"
+
+    def metadata(self, fam, shapes):
+        c = fam.config
+        return [u32("block_count", c.n_layer), u32("context_length", c.context_length),
+                u32("embedding_length", c.d_model), u32("feed_forward_length", c.ffn_dim),
+                u32("attention.head_count", c.attn_heads), u32("attention.head_count_kv", c.kv_heads),
+                f32("rope.freq_base", c.rope_theta), f32("attention.layer_norm_rms_epsilon", c.norm_eps),
+                u32("attention.key_length", c.head_dim), u32("attention.value_length", c.head_dim),
+                u32("ssm.conv_kernel", c.d_conv), u32("ssm.state_size", c.lin_k_dim),
+                u32("ssm.group_count", c.lin_k_heads), u32("ssm.time_step_rank", c.lin_v_heads),
+                u32("ssm.inner_size", c.lin_v_heads * c.lin_v_dim),
+                ("attention.recurrent_layers", [t == LINEAR for t in c.layer_types], "bools"),
+                u32("full_attention_interval", c.full_attention_interval),
+                u32("rope.dimension_count", c.rotary_dim),
+                ("rope.dimension_sections", (list(c.mrope_section) + [0, 0, 0, 0])[:4], "i32s")]
+
+    def config(self, g):
+        a = g.arch_key
+        vocab, d = g.tensor("token_embd.weight").shape
+        rec, n = [bool(x) for x in g.need(a("attention.recurrent_layers"))], g.need(a("block_count"), int)
+        if len(rec) != n:
+            raise EdgeseqError(f"{g.path}: attention.recurrent_layers has {len(rec)} entries, block_count is {n}")
+        hv, inner = g.need(a("ssm.time_step_rank"), int), g.need(a("ssm.inner_size"), int)
+        if hv <= 0 or inner % hv:
+            raise EdgeseqError(f"{g.path}: ssm.time_step_rank {hv} does not divide ssm.inner_size {inner}")
+        return dict(vocab_size=vocab, d_model=d, n_layer=n,
+                    layer_types=[LINEAR if r else FULL for r in rec],
+                    ffn_dim=g.need(a("feed_forward_length"), int), attn_heads=g.need(a("attention.head_count"), int),
+                    kv_heads=g.need(a("attention.head_count_kv"), int), head_dim=g.need(a("attention.key_length"), int),
+                    rotary_dim=g.need(a("rope.dimension_count"), int), rope_theta=float(g.need(a("rope.freq_base"))),
+                    lin_k_heads=g.need(a("ssm.group_count"), int), lin_v_heads=hv,
+                    lin_k_dim=g.need(a("ssm.state_size"), int), lin_v_dim=inner // hv,
+                    d_conv=g.need(a("ssm.conv_kernel"), int), norm_eps=float(g.need(a("attention.layer_norm_rms_epsilon"))),
+                    tie_embeddings="output.weight" not in g.tensors,
+                    context_length=g.need(a("context_length"), int),
+                    full_attention_interval=int(g.get(a("full_attention_interval"), 4)),
+                    mrope_section=[int(x) for x in g.get(a("rope.dimension_sections"), [11, 11, 10, 0])][:3])
 
 
 @register("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
@@ -175,23 +231,27 @@ class Qwen35(Family):
 
     def tensors(self):
         c = self.config
-        rows = [Row("embed", "{p}embed_tokens.weight")]
+        rows = [Row("embed", "{p}embed_tokens.weight", gguf="token_embd.weight")]
         for i, kind in enumerate(c.layer_types):
-            m, o = f"{{p}}layers.{i}.", f"layers.{i}."
-            rows += [Row(o + "norm", m + "input_layernorm.weight", one_plus)]
+            m, o, g = f"{{p}}layers.{i}.", f"layers.{i}.", f"blk.{i}."
+            rows += [Row(o + "norm", m + "input_layernorm.weight", one_plus, gguf=g + "attn_norm.weight")]
             if kind == LINEAR:
-                rows += c.mixer().tensors(m + "linear_attn.", o)
+                rows += c.mixer().tensors(m + "linear_attn.", o, g)
             else:
                 a = m + "self_attn."
-                rows += [*(Row(f"{o}{n}", f"{a}{n}_proj.weight", t) for n in "qkvo"),
-                         *(Row(f"{o}{n}_bias", f"{a}{n}_proj.bias", optional=True) for n in "qkvo"),
-                         Row(o + "q_norm", a + "q_norm.weight", one_plus),
-                         Row(o + "k_norm", a + "k_norm.weight", one_plus)]
-            rows += [Row(o + "ffn_norm", m + "post_attention_layernorm.weight", one_plus),
-                     *(Row(f"{o}{n}", f"{m}mlp.{n}_proj.weight", t) for n in ("gate", "up", "down"))]
-        rows.append(Row("norm_f", "{p}norm.weight", one_plus))
+                gg = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output"}
+                rows += [*(Row(f"{o}{n}", f"{a}{n}_proj.weight", t, gguf=f"{g}{gg[n]}.weight", codec=T) for n in "qkvo"),
+                         *(Row(f"{o}{n}_bias", f"{a}{n}_proj.bias", optional=True, gguf=f"{g}{gg[n]}.bias")
+                           for n in "qkvo"),
+                         Row(o + "q_norm", a + "q_norm.weight", one_plus, gguf=g + "attn_q_norm.weight"),
+                         Row(o + "k_norm", a + "k_norm.weight", one_plus, gguf=g + "attn_k_norm.weight")]
+            rows += [Row(o + "ffn_norm", m + "post_attention_layernorm.weight", one_plus,
+                         gguf=g + "post_attention_norm.weight"),
+                     *(Row(f"{o}{n}", f"{m}mlp.{n}_proj.weight", t, gguf=f"{g}ffn_{n}.weight", codec=T)
+                       for n in ("gate", "up", "down"))]
+        rows.append(Row("norm_f", "{p}norm.weight", one_plus, gguf="output_norm.weight"))
         if not c.tie_embeddings:
-            rows.append(Row("lm_head", "lm_head.weight", t))
+            rows.append(Row("lm_head", "lm_head.weight", t, gguf="output.weight", codec=T))
         return rows
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):

@@ -21,6 +21,7 @@ matches the reference exactly (tests/test_gdn_kernel.py); portable: Conv and the
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,19 @@ from edgeseq.kernels import gdn
 from edgeseq.kernels.conv import causal_conv
 from edgeseq.kernels.ops import linear, rms_norm
 from edgeseq.state import StateTensor
-from edgeseq.tensor_table import Row, t
+from edgeseq.tensor_table import T, Codec, Row, t
+
+
+def _heads_codec(hd: int, axis: int, hk: int, r: int) -> Codec:
+    """Value heads along `axis` (Hv·hd wide, Hv = hk·r) from grouped order [hk, r, hd] (transformers') to
+    tiled order [r, hk, hd] (llama.cpp's) and back; the identity when r = 1."""
+    def swap(a, first, second):
+        a = np.asarray(a)
+        shape = a.shape
+        x = a.reshape(*shape[:axis], first, second, hd, *shape[axis + 1:])
+        return np.ascontiguousarray(np.swapaxes(x, axis, axis + 1).reshape(shape))
+
+    return Codec(lambda a: swap(a, hk, r), lambda a: swap(a, r, hk))
 
 
 @dataclass(frozen=True)
@@ -52,20 +65,30 @@ class GatedDeltaNetMixer:
                 StateTensor(layer, "recurrent_state", (self.v_heads, self.k_dim, self.v_dim),
                             "gated delta rule state S (Hv, dk, dv): rows key channels, columns value channels")]
 
-    def tensors(self, m: str, o: str) -> list[Row]:
-        """The mixer's rows: canonical names under `o`, transformers' names under `m` (`…linear_attn.`)."""
-        cd, k = self.conv_dim, self.d_conv
+    def tensors(self, m: str, o: str, g: str = "blk.{i}.") -> list[Row]:
+        """The mixer's rows: canonical names under `o`, transformers' names under `m` (`…linear_attn.`),
+        llama.cpp's `qwen35` names under `g`. llama.cpp's converter reorders the value heads from grouped
+        by key head (head j reads key head j // r) to tiled (j reads j % Hk) where Hv != Hk: the V rows
+        of the qkv projection and the conv, z, a, b, A, dt_bias, and the columns of out_proj."""
+        cd, k, K = self.conv_dim, self.d_conv, 2 * self.k_heads * self.k_dim
+        v = functools.partial(_heads_codec, hk=self.k_heads, r=self.v_heads // self.k_heads)
+        qkv = Codec(lambda a: np.concatenate([a.T[:K], v(self.v_dim, 0).enc(a.T[K:])]),
+                    lambda a: np.ascontiguousarray(np.concatenate([a[:K], v(self.v_dim, 0).dec(a[K:])]).T))
+        conv = Codec(lambda a: np.concatenate([a[:K, 0], v(self.v_dim, 0).enc(a[K:, 0])]),
+                     lambda a: np.concatenate([a[:K], v(self.v_dim, 0).dec(a[K:])]).reshape(cd, 1, k))
         return [
-            Row(o + "in_qkv", m + "in_proj_qkv.weight", t),
-            Row(o + "in_z", m + "in_proj_z.weight", t),
-            Row(o + "in_b", m + "in_proj_b.weight", t),
-            Row(o + "in_a", m + "in_proj_a.weight", t),
-            Row(o + "conv", m + "conv1d.weight", lambda a: np.ascontiguousarray(a.reshape(cd, 1, k))),
-            Row(o + "dt_bias", m + "dt_bias"),
+            Row(o + "in_qkv", m + "in_proj_qkv.weight", t, gguf=g + "attn_qkv.weight", codec=qkv),
+            Row(o + "in_z", m + "in_proj_z.weight", t, gguf=g + "attn_gate.weight", codec=T.then(v(self.v_dim, 0))),
+            Row(o + "in_b", m + "in_proj_b.weight", t, gguf=g + "ssm_beta.weight", codec=T.then(v(1, 0))),
+            Row(o + "in_a", m + "in_proj_a.weight", t, gguf=g + "ssm_alpha.weight", codec=T.then(v(1, 0))),
+            Row(o + "conv", m + "conv1d.weight", lambda a: np.ascontiguousarray(a.reshape(cd, 1, k)),
+                gguf=g + "ssm_conv1d.weight", codec=conv),
+            Row(o + "dt_bias", m + "dt_bias", gguf=g + "ssm_dt.bias", codec=v(1, 0)),
             # the recurrence needs the (negative) rate, not its log
-            Row(o + "A", m + "A_log", lambda a: -np.exp(a.astype(np.float64)).astype(np.float32)),
-            Row(o + "gnorm", m + "norm.weight"),  # plain w (not 1 + w): Qwen3_5RMSNormGated
-            Row(o + "out_proj", m + "out_proj.weight", t),
+            Row(o + "A", m + "A_log", lambda a: -np.exp(a.astype(np.float64)).astype(np.float32), gguf=g + "ssm_a",
+                codec=v(1, 0)),
+            Row(o + "gnorm", m + "norm.weight", gguf=g + "ssm_norm.weight"),  # plain w (not 1 + w), per head
+            Row(o + "out_proj", m + "out_proj.weight", t, gguf=g + "ssm_out.weight", codec=T.then(v(self.v_dim, 1))),
         ]
 
     def _heads(self, x: Value, n: int, dim: int, repeat: int) -> Value:
