@@ -1,0 +1,183 @@
+"""LFM2: what is special to it: the configuration (layer_types and the older full_attn_idxs, the MLP
+width rule, the tie_embedding alias), the state against transformers' own cache, and GGUF: edgeseq's
+file equals what llama.cpp's converter writes (metadata, tensor names, shapes, values) and llama.cpp
+runs it to transformers' float64 logits within 1e-3. The common checks (transformers in float64, both
+flavours, the state contract, plain onnxruntime, save/load/fork) run over tests/family_lfm2.py's cases
+in tests/test_conformance.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import families  # noqa: F401  (first: the suite's helpers)
+from conftest import SEQ_LEN, Built, hf_logits64, random_ids
+from edgeseq.errors import EdgeseqError, UnsupportedError
+from edgeseq.exporters.checkpoint import Checkpoint
+from edgeseq.families.lfm2 import Lfm2
+from family_lfm2 import CONFIGS, DEFAULTS, _build, make_lfm2
+from gguf_helpers import convert, llama_cpp, write_neox_tokenizer
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def case(request, tmp_path_factory) -> Built:
+    return _build(request.param)(tmp_path_factory.mktemp("lfm2-" + request.param))
+
+
+def test_config(case):
+    hc = case.hf.config
+    c = Lfm2.read_config(Checkpoint(str(case.ckpt)))
+    assert c.layer_types == list(hc.layer_types) and c.n_layer == hc.num_hidden_layers
+    assert c.ffn_dim == case.hf.model.layers[0].feed_forward.w1.out_features  # transformers' width rule
+    assert (c.attn_heads, c.kv_heads, c.d_conv, c.head_dim) == (
+        hc.num_attention_heads, hc.num_key_value_heads, hc.conv_L_cache, hc.hidden_size // hc.num_attention_heads)
+    assert c.tie_embeddings == bool(hc.tie_word_embeddings) and c.conv_bias == bool(hc.conv_bias)
+    m = case.model(False)
+    assert m.manifest["family"] == "lfm2" and m.manifest["max_context"] == 4096
+
+
+def _edit_config(path, **kw):
+    f = path / "config.json"
+    cfg = json.loads(f.read_text())
+    for k, v in kw.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    f.write_text(json.dumps(cfg))
+
+
+def test_older_config_keys(tmp_path):
+    """Released configs name the attention layers by index (full_attn_idxs) and may say tie_embedding
+    and block_ff_dim: read as transformers reads them."""
+    ck = make_lfm2(tmp_path / "hf", hidden_size=32, num_hidden_layers=4, layer_types=["conv", "full_attention",
+                                                                                      "conv", "full_attention"])
+    _edit_config(ck, layer_types=None, full_attn_idxs=[1, 3], tie_word_embeddings=None, tie_embedding=True,
+                 intermediate_size=None, block_ff_dim=96)
+    c = Lfm2.read_config(Checkpoint(str(ck)))
+    assert c.layer_types == ["conv", "full_attention", "conv", "full_attention"]
+    assert c.ffn_dim == 64 and c.tie_embeddings
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(layer_types=["conv", "sliding_attention", "conv", "full_attention"]), "layer_types"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0}), "rope_type"),
+    (dict(head_dim=16), "head_dim"),
+])
+def test_unsupported_config(tmp_path, edit, message):
+    ck = make_lfm2(tmp_path / "hf")
+    _edit_config(ck, **edit)
+    with pytest.raises(UnsupportedError, match=message) as e:
+        Lfm2.read_config(Checkpoint(str(ck)))
+    assert "config.json" in str(e.value)
+
+
+def test_state_matches_transformers_cache(case):
+    """After 40 tokens: each conv layer's state (transformers keeps the last k inputs B·x, edgeseq the
+    last k-1) and each attention layer's keys (after QK-norm and RoPE) and values in ring slots 0..39,
+    against transformers' cache in float64."""
+    hc, n = case.hf.config, 40
+    with torch.no_grad():
+        cache = case.hf64(torch.tensor([case.ids[:n]]), use_cache=True).past_key_values
+    s = case.model(False).session()
+    s.prefill(case.ids[:n])
+    st = s.state()
+    for i, kind in enumerate(hc.layer_types):
+        if kind == "conv":
+            ref = cache.get_conv_state(i).double().numpy()[..., 1:]
+            got = st[f"past_key_values.{i}.conv_state"]
+            assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4 * max(1, np.abs(ref).max())
+        else:
+            for name, ref in (("key", cache.layers[i].keys), ("value", cache.layers[i].values)):
+                ref = ref.double().numpy()
+                got = st[f"past_key_values.{i}.{name}"][:, :, :n]
+                assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-4 * max(1, np.abs(ref).max())
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's lfm2
+# ---------------------------------------------------------------------------------------------------
+
+def _kv(reader) -> dict:
+    """{key: (GGUF types, the value's bytes)} as gguf-py reads a file (a reader edgeseq did not write);
+    bytes rather than values: decoding the 50k-token vocabulary takes seconds."""
+    return {f.name: ([int(x) for x in f.types], b"".join(p.tobytes() for p in f.parts[3:]))
+            for f in reader.fields.values() if not f.name.startswith("GGUF.")}
+
+
+# the converter title-cases the folder name; it names the NeoX pre-tokenizer from a table of hashes,
+# edgeseq "gpt-2" from the tokenizer.json (llama.cpp gives both GPT-2's regex)
+DIFFERENT_VALUES = {"general.name", "tokenizer.ggml.pre"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, compare", [("mqa-untied-conv4", True), ("gqa2-tied", False)])
+def test_same_file_as_llama_cpp_converter_and_llama_cpp_runs_it(tmp_path, name, compare):
+    """The converter's file once (10 s of the converter's start-up): the untied case, which has every
+    tensor; llama.cpp runs both the untied and the tied file (the head read from token_embd)."""
+    lc = llama_cpp()
+    from gguf import GGUFReader
+
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    ck = tmp_path / "hf"
+    ck.mkdir()
+    write_neox_tokenizer(ck)  # the converter needs a tokenizer it knows
+    make_lfm2(ck, seed=3, vocab_size=50304, bos_token_id=0, eos_token_id=0, pad_token_id=1, **CONFIGS[name])
+    ours = tmp_path / "ours.gguf"
+    info = export_gguf(str(ck), str(ours))
+    assert info["architecture"] == "lfm2" and info["generic_because"] is None
+    if compare:  # gguf-py's reader takes 4 s to open each file (the vocabulary)
+        a, b = GGUFReader(ours), GGUFReader(convert(ck, tmp_path / "ref.gguf"))
+        cfg = {**DEFAULTS, **CONFIGS[name]}  # the layer pattern: 0 key/value heads for a conv layer
+        assert list(b.fields["lfm2.attention.head_count_kv"].contents()) == [
+            0 if x == "conv" else cfg["num_key_value_heads"] for x in cfg["layer_types"]]
+        ka, kb = _kv(a), _kv(b)
+        assert set(ka) == set(kb)
+        for k in kb:
+            assert ka[k][0] == kb[k][0], k
+            assert k in DIFFERENT_VALUES or ka[k][1] == kb[k][1], (k, a.fields[k].contents(), b.fields[k].contents())
+        ta, tb = {x.name: x for x in a.tensors}, {x.name: x for x in b.tensors}
+        assert set(ta) == set(tb) and "output.weight" in tb
+        for n, x in tb.items():
+            assert (list(ta[n].shape), ta[n].tensor_type) == (list(x.shape), x.tensor_type), n
+            np.testing.assert_allclose(ta[n].data, x.data, rtol=1e-6, atol=1e-7, err_msg=n)
+
+    # llama.cpp runs edgeseq's file to transformers' greedy tokens and float64 logits (an f32 KV cache:
+    # its default f16 cache alone moves these logits by 2e-3)
+    prompt = random_ids(50304, 12, seed=4)
+    llm = lc.Llama(str(ours), n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
+    llm.eval(prompt)
+    greedy = []
+    for _ in range(6):
+        greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([greedy[-1]])
+    got = np.array(llm.scores[:len(prompt) + 6])
+    want = hf_logits64(ck, prompt + greedy)
+    assert [int(np.argmax(r)) for r in want[len(prompt) - 1:-1]] == greedy
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+
+
+def test_conv_bias_is_not_lfm2_gguf(case, tmp_path):
+    """llama.cpp's lfm2 has no conv biases: such a checkpoint is written as edgeseq's generic GGUF, and
+    says why."""
+    if not case.hf.config.conv_bias:
+        pytest.skip("a conv_bias case")
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    info = export_gguf(str(case.ckpt), str(tmp_path / "m.gguf"))
+    assert info["architecture"] != "lfm2" and "conv_bias" in info["generic_because"]
+
+
+@pytest.mark.xfail(strict=True, raises=EdgeseqError, reason="edgeseq/gguf_file.py reads attention.head_count_kv as an integer only; "
+                                       "llama.cpp's lfm2 writes one per layer (an array)")
+def test_gguf_round_trip_in_edgeseq(tmp_path):
+    import edgeseq
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    c = _build("gqa2-tied")(tmp_path)
+    export_gguf(str(c.ckpt), str(tmp_path / "m.gguf"))
+    s = edgeseq.load(tmp_path / "m.gguf").session()
+    assert np.abs(s.prefill(c.ids[:SEQ_LEN]) - c.ref[-1]).max() < c.tol
