@@ -171,8 +171,9 @@ def test_conv_bias_is_not_lfm2_gguf(case, tmp_path):
     assert info["architecture"] != "lfm2" and "conv_bias" in info["generic_because"]
 
 
-@pytest.mark.xfail(strict=True, raises=EdgeseqError, reason="edgeseq/gguf_file.py reads attention.head_count_kv as an integer only; "
-                                       "llama.cpp's lfm2 writes one per layer (an array)")
+@pytest.mark.xfail(strict=True, raises=EdgeseqError,
+                   reason="edgeseq/gguf_file.py reads attention.head_count_kv as an integer only; llama.cpp's lfm2 "
+                          "writes one per layer (an array)")
 def test_gguf_round_trip_in_edgeseq(tmp_path):
     import edgeseq
     from edgeseq.exporters.gguf_writer import export_gguf
