@@ -1,6 +1,7 @@
 """Qwen3.5 (dense) cases of the conformance suite: tiny random Qwen3_5ForCausalLM models (and one
 Qwen3_5ForConditionalGeneration, the layout Qwen3.5 ships in), transformers in float64 as the reference.
-tests/families.py registers CASES; tests/test_qwen35.py holds what is special to the family."""
+tests/families.py registers CASES (import `families` before this module: it imports this one at its end);
+tests/test_qwen35.py holds what is special to the family."""
 from __future__ import annotations
 
 import contextlib

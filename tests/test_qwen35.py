@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import edgeseq
 import families  # noqa: F401  (first: it imports family_qwen35 and registers its cases)
+from conftest import hf_logits64
 from family_qwen35 import CONFIGS, float64_delta_rule
 from edgeseq.exporters.checkpoint import Checkpoint
 from edgeseq.families.qwen35 import Qwen35
@@ -144,7 +144,8 @@ def test_same_tensors_and_metadata_as_llama_cpp_converter(tmp_path):
     head: every tensor the table writes (names, shapes, values: the value heads reordered to llama.cpp's
     tiled order, 1 + w norms, -exp(A_log)) and every `qwen35.*` metadata key Qwen35Gguf writes (value and
     type) equal the converter's; the converter's tensors read back through the table give the canonical
-    weights, and its metadata the family's config."""
+    weights, and its metadata the family's config; llama.cpp runs the converter's file to transformers'
+    float64 logits (1e-3)."""
     from gguf import GGUFValueType as V
     from gguf_helpers import converter_dir, write_neox_tokenizer
     from family_qwen35 import make_qwen35
@@ -153,8 +154,12 @@ def test_same_tensors_and_metadata_as_llama_cpp_converter(tmp_path):
     ck = tmp_path / "hf"
     ck.mkdir()
     write_neox_tokenizer(ck)
+    # llama.cpp's qwen35 needs dv = dk and mrope sections within half the rotated channels
     make_qwen35(ck, seed=9, **{**CONFIGS["3to1-gva2-untied"], "vocab_size": 50288, "bos_token_id": 0,
-                               "eos_token_id": 0, "pad_token_id": 1})
+                               "eos_token_id": 0, "pad_token_id": 1, "linear_value_head_dim": 8, "head_dim": 16,
+                               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                   "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+                                                   "mrope_interleaved": True}})
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONSAFEPATH"}
     r = subprocess.run([sys.executable, str(converter_dir() / "convert_hf_to_gguf.py"), str(ck), "--outtype", "f32",
                         "--no-mtp", "--outfile", str(tmp_path / "ref.gguf")], capture_output=True, text=True,
@@ -184,3 +189,13 @@ def test_same_tensors_and_metadata_as_llama_cpp_converter(tmp_path):
     got = Qwen35Gguf().config(ref)  # the floats come back through float32
     assert got.pop("norm_eps") == pytest.approx(fam.config.norm_eps, rel=1e-6)
     assert Qwen35.Config(**got, norm_eps=fam.config.norm_eps) == fam.config
+    assert Qwen35Gguf().supports(fam) is None
+
+    # llama.cpp runs the converter's file (the same tensors and keys) to transformers' float64 logits
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the llamacpp extra)")
+    ids = [5, 42, 0, 63, 17, 31, 8, 50, 1000, 20000, 7, 9]
+    with float64_delta_rule():
+        want = hf_logits64(ck, ids)
+    llm = llama_cpp.Llama(str(tmp_path / "ref.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids)
+    assert np.abs(np.array(llm.scores[:len(ids)]) - want).max() < 1e-3

@@ -162,6 +162,14 @@ class Qwen35Gguf(ArchMap):
 
     arch = "qwen35"
 
+    def supports(self, fam):
+        c = fam.config
+        if c.lin_k_dim != c.lin_v_dim:
+            return "llama.cpp's qwen35 needs linear_key_head_dim = linear_value_head_dim"
+        if sum(c.mrope_section) > c.rotary_dim // 2:
+            return "llama.cpp's qwen35 needs the mrope sections within half the rotated channels"
+        return None
+
     def metadata(self, fam, shapes):
         c = fam.config
         return [u32("block_count", c.n_layer), u32("context_length", c.context_length),
