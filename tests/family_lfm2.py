@@ -80,13 +80,11 @@ def lfm2_state(c: Built) -> dict:
 
 
 CONV_OP = {"CausalConvWithState": True}
-# no `gguf` check yet: edgeseq's GGUF reader refuses llama.cpp's per-layer head_count_kv (an array);
-# tests/test_lfm2.py checks the file against llama.cpp's converter and llama.cpp running it
 CASES = [FamilyCase(
     f"lfm2/{name}", "lfm2", _build(name),
     checks(step=B, prefill_all=B, prefill_then_steps=first and B or F, chunked=first and B,
            plain_ort=first and B, state_spec=F, state_constant=first and F, low_memory=first and F,
-           save_load_fork=first and F, flavour_ops=first),
+           save_load_fork=first and F, flavour_ops=first, gguf=first),
     state=lfm2_state, position=True, prefill_at=(1, 2, 40),
     fused_ops={k: CONV_OP for k in ("step", "prefill", "prefill_all")},
     portable_ops={k: {"CausalConvWithState": False, "Conv": True} for k in ("step", "prefill")},
