@@ -107,6 +107,31 @@ def _kv(reader) -> dict:
             for f in reader.fields.values() if not f.name.startswith("GGUF.")}
 
 
+class _Reader:
+    """gguf-py's reader behind the calls Lfm2Gguf.config and the table's from_gguf make."""
+
+    def __init__(self, r):
+        self.path = "converter.gguf"
+        self.kv = {f.name: f.contents() for f in r.fields.values() if f.name.startswith("lfm2.")}
+        self.arrays = {t.name: np.array(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in r.tensors}
+        self.tensors = {n: type("T", (), {"shape": a.shape}) for n, a in self.arrays.items()}
+
+    def arch_key(self, key):
+        return f"lfm2.{key}"
+
+    def get(self, key, default=None, kind=None):
+        return self.kv.get(key, default)
+
+    def need(self, key, kind=None):
+        return self.kv[key]
+
+    def tensor(self, name):
+        return self.tensors[name]
+
+    def array(self, name):
+        return self.arrays[name]
+
+
 @pytest.fixture
 def lfm2_map(monkeypatch):
     """Exports written as llama.cpp's lfm2 (Lfm2Gguf), which the family does not declare yet (its
@@ -151,6 +176,16 @@ def test_same_file_as_llama_cpp_converter_and_llama_cpp_runs_it(tmp_path, name, 
         for n, x in tb.items():
             assert (list(ta[n].shape), ta[n].tensor_type) == (list(x.shape), x.tensor_type), n
             np.testing.assert_allclose(ta[n].data, x.data, rtol=1e-6, atol=1e-7, err_msg=n)
+        # and back: Lfm2Gguf reads the converter's file to the checkpoint's config and weights
+        fam = Lfm2(Lfm2.read_config(Checkpoint(str(ck))))
+        got = Lfm2.Config(**Lfm2Gguf().config(_Reader(b)))
+        assert got.norm_eps == pytest.approx(fam.config.norm_eps, rel=1e-6)  # through float32
+        assert vars(got) == {**vars(fam.config), "norm_eps": got.norm_eps}
+        canonical = dict(fam.convert(Checkpoint(str(ck))))
+        back = dict(fam.table().from_gguf(_Reader(b)))
+        assert set(back) == set(canonical)
+        for n, x in back.items():
+            np.testing.assert_array_equal(x, canonical[n], err_msg=n)
 
     # llama.cpp runs edgeseq's file to transformers' greedy tokens and float64 logits (an f32 KV cache:
     # its default f16 cache alone moves these logits by 2e-3)
