@@ -378,7 +378,6 @@ def render_untrusted(env, source, context: dict, where: str, max_chars: int = MA
     `*`, `**` and `%` results (`'x' * 10**10`, `10 ** 10 ** 9`, `'%999999999d' % 1`). Anything that goes
     wrong (a syntax error, `raise_exception`, a TypeError from bad messages, a limit) is one EdgeseqError
     naming `where`. `env` is changed (its filters and globals wrapped): pass a fresh one."""
-    import resource
     import sys
     import time
 
@@ -391,7 +390,7 @@ def render_untrusted(env, source, context: dict, where: str, max_chars: int = MA
                            f"{MAX_TEMPLATE_CHARS} read)")
     _bound_environment(env, max_chars)
     deadline = time.monotonic() + seconds
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = _peak_rss()
     ticks = [0]
 
     def line(frame, event, arg):
@@ -399,7 +398,7 @@ def render_untrusted(env, source, context: dict, where: str, max_chars: int = MA
         if ticks[0] % 64 == 0 and time.monotonic() > deadline:
             raise _Stop(f"it ran longer than {seconds} s")
         # every line: one line may double a string (`{% set ns.s = ns.s ~ ns.s %}`)
-        if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0 > MAX_RENDER_GROWTH:
+        if rss0 is not None and _peak_rss() - rss0 > MAX_RENDER_GROWTH:
             raise _Stop(f"it took more than {MAX_RENDER_GROWTH >> 20} MiB of memory")
         return line
 
@@ -431,6 +430,18 @@ def render_untrusted(env, source, context: dict, where: str, max_chars: int = MA
     finally:
         sys.settrace(old)
     return "".join(out)
+
+
+def _peak_rss() -> int | None:
+    """The process's peak resident bytes (it only grows: a render is stopped when it has grown by
+    MAX_RENDER_GROWTH since the render began), or None where there is no `resource` module (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    import sys
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _bound_environment(env, max_chars: int) -> None:
