@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import Lfm2Config, Lfm2ForCausalLM
+from transformers import Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
-from conftest import SEQ_LEN, Built, random_ids
+from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
 from families import B, F, FamilyCase, checks, not_degenerate
 
 C, A = "conv", "full_attention"
@@ -28,6 +28,19 @@ CONFIGS = {
     "mha-bias-bf16": dict(layer_types=[C, A, A, C], hidden_size=48, num_attention_heads=2, num_key_value_heads=2,
                           conv_bias=True, intermediate_size=120, block_multiple_of=8, seed=2),
 }
+# LFM2-MoE: the first num_dense_layers layers dense, then sigmoid-routed experts
+MOE_CONFIGS = {
+    # top-2 of 4 experts, renormalised, expert bias, one dense layer
+    "moe-top2-of-4": dict(layer_types=[C, A, C, C], moe=dict(num_experts=4, num_experts_per_tok=2,
+                                                             moe_intermediate_size=16, num_dense_layers=1)),
+    # top-3 of 6, no renormalisation, a routed scaling of 1.5, no expert bias, untied, two dense layers
+    "moe-top3-of-6-untied": dict(layer_types=[A, C, C, A, C], num_hidden_layers=5, tie_word_embeddings=False,
+                                 num_key_value_heads=1,
+                                 moe=dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=12,
+                                          num_dense_layers=2, norm_topk_prob=False, routed_scaling_factor=1.5,
+                                          use_expert_bias=False)),
+}
+MARGIN = 1e-4  # the least gap between the k-th and (k+1)-th routing scores on the test ids (float64)
 NOISE = dict(matrix=1.5, conv=0.5, vector=0.3)  # randn * scale / sqrt(fan_in); vectors randn * 0.3
 
 
@@ -43,12 +56,19 @@ def add_lfm2_noise(model, seed):
                 p.add_(torch.randn(p.shape, generator=g) * scale / p.shape[-1] ** 0.5)
             else:
                 p.add_(torch.randn(p.shape, generator=g) * NOISE["vector"])
+        for name, buf in sorted(model.named_buffers()):
+            if name.endswith("expert_bias"):  # LFM2-MoE's routing bias (zeros at init)
+                buf.add_(torch.randn(buf.shape, generator=g) * 0.2)
     return model
 
 
-def make_lfm2(path, seed=0, dtype=torch.float32, **cfg) -> Path:
+def make_lfm2(path, seed=0, dtype=torch.float32, moe=None, **cfg) -> Path:
     torch.manual_seed(seed)
-    model = Lfm2ForCausalLM(Lfm2Config(**{**DEFAULTS, **cfg}))
+    if moe is None:
+        model = Lfm2ForCausalLM(Lfm2Config(**{**DEFAULTS, **cfg}))
+    else:
+        cfg = {k: v for k, v in {**DEFAULTS, **cfg}.items() if not k.startswith("block_")}
+        model = Lfm2MoeForCausalLM(Lfm2MoeConfig(**cfg, **moe))
     model = add_lfm2_noise(model.eval(), seed).to(dtype)
     path = Path(path)
     model.save_pretrained(path)
@@ -63,6 +83,50 @@ def _build(name):
         c = Built(make_lfm2(d / "hf", seed=seed, dtype=dtype, **cfg), d, random_ids(256, SEQ_LEN, seed=10))
         c.name = name
         not_degenerate(c.ref)
+        return c
+    return build
+
+
+def routing_margin(c: Built) -> float:
+    """The least gap between the k-th and (k+1)-th routing scores (sigmoid + expert_bias) over every MoE
+    layer and token of the case's ids, in the float64 reference."""
+    gaps, hooks = [], []
+
+    def hook(mod, inputs, out):
+        s = out[0].sigmoid()
+        if mod.use_expert_bias:
+            s = s + inputs[1]
+        top = s.sort(-1, descending=True).values
+        gaps.append(float((top[:, mod.top_k - 1] - top[:, mod.top_k]).min()))
+
+    for layer in c.hf64.model.layers:
+        if hasattr(layer.feed_forward, "gate"):
+            hooks.append(layer.feed_forward.gate.register_forward_hook(hook))
+    with torch.no_grad():
+        c.hf64(torch.tensor([c.ids]))
+    for h in hooks:
+        h.remove()
+    return min(gaps)
+
+
+class MoeBuilt(Built):
+    """Built with transformers' eager experts (its default grouped_mm kernel takes no float64)."""
+
+    def __init__(self, ckpt: Path, workdir: Path, ids: list[int]):
+        Exported.__init__(self, ckpt, workdir, ids)
+        self.hf = load_hf(ckpt)
+        self.hf.set_experts_implementation("eager")
+        self.hf64 = as_f64(self.hf)
+        self.ref = hf_logits64(self.hf64, ids)
+
+
+def _build_moe(name):
+    def build(d: Path) -> Built:
+        cfg = dict(MOE_CONFIGS[name])
+        c = MoeBuilt(make_lfm2(d / "hf", seed=cfg.pop("seed", 3), **cfg), d, random_ids(256, SEQ_LEN, seed=10))
+        c.name = name
+        not_degenerate(c.ref)
+        assert routing_margin(c) > MARGIN  # float32 and float64 choose the same experts
         return c
     return build
 
@@ -90,3 +154,12 @@ CASES = [FamilyCase(
     portable_ops={k: {"CausalConvWithState": False, "Conv": True} for k in ("step", "prefill")},
     load={"max_context": 128}, fork_at=30)
     for first, name in zip((True, False, False), CONFIGS)]
+MOE_CASES = [FamilyCase(
+    f"lfm2_moe/{name}", "lfm2_moe", _build_moe(name),
+    checks(step=B, prefill_all=B, prefill_then_steps=first and B or F, plain_ort=first and B, state_spec=F,
+           save_load_fork=first and F, flavour_ops=first, gguf=first),
+    state=lfm2_state, position=True, prefill_at=(1, 2, 40),
+    fused_ops={k: CONV_OP for k in ("step", "prefill", "prefill_all")},
+    portable_ops={k: {"CausalConvWithState": False, "Conv": True} for k in ("step", "prefill")},
+    load={"max_context": 128}, fork_at=30)
+    for first, name in zip((True, False), MOE_CONFIGS)]

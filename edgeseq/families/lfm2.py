@@ -211,15 +211,22 @@ class Lfm2(Family):
                          Row(o + "o", a + "out_proj.weight", t, gguf=g + "attn_output.weight", codec=T),
                          Row(o + "q_norm", a + "q_layernorm.weight", gguf=g + "attn_q_norm.weight"),
                          Row(o + "k_norm", a + "k_layernorm.weight", gguf=g + "attn_k_norm.weight")]
-            f = m + "feed_forward."
             rows += [Row(o + "ffn_norm", m + "ffn_norm.weight", gguf=g + "ffn_norm.weight"),
-                     Row(o + "gate", f + "w1.weight", t, gguf=g + "ffn_gate.weight", codec=T),
-                     Row(o + "up", f + "w3.weight", t, gguf=g + "ffn_up.weight", codec=T),
-                     Row(o + "down", f + "w2.weight", t, gguf=g + "ffn_down.weight", codec=T)]
+                     *self.ffn_rows(i, m + "feed_forward.", o, g)]
         rows.append(Row("norm_f", "model.embedding_norm.weight", gguf="token_embd_norm.weight"))
         if not c.tie_embeddings:
             rows.append(Row("lm_head", "lm_head.weight", t, gguf="output.weight", codec=T))
         return rows
+
+    def ffn_rows(self, i: int, f: str, o: str, g: str) -> list[Row]:
+        """Layer i's feed-forward rows (checkpoint names under f, canonical under o, GGUF under g)."""
+        return [Row(o + "gate", f + "w1.weight", t, gguf=g + "ffn_gate.weight", codec=T),
+                Row(o + "up", f + "w3.weight", t, gguf=g + "ffn_up.weight", codec=T),
+                Row(o + "down", f + "w2.weight", t, gguf=g + "ffn_down.weight", codec=T)]
+
+    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
+        """Layer i's feed-forward on the normed m (b, t, d)."""
+        return linear(b, linear(b, m, o + "gate").silu() * linear(b, m, o + "up"), o + "down")
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
@@ -238,7 +245,7 @@ class Lfm2(Family):
                         b, a, o, state[p + "key"], state[p + "value"], state["position"], pos, c, tokens)
                 x = x + y
                 m = rms_norm(b, x, o + "ffn_norm", c.norm_eps)
-                x = x + linear(b, linear(b, m, o + "gate").silu() * linear(b, m, o + "up"), o + "down")
+                x = x + self.ffn(b, m, o, i)
         return x, out
 
     def head(self, b: GraphBuilder, hidden: str) -> str:

@@ -1,0 +1,60 @@
+"""LFM2-MoE (Liquid AI; transformers' Lfm2MoeForCausalLM): LFM2 (edgeseq.families.lfm2: short-conv and
+attention layers, the same state) with a mixture-of-experts feed-forward after the first
+`num_dense_layers` layers (edgeseq.mixers.moe: sigmoid router, expert_bias for the choice, top-k
+renormalised, routed_scaling_factor). The dense layers' MLP is `intermediate_size` wide as given (no
+block_auto_adjust_ff_dim rule here). GGUF: the generic edgeseq-lfm2_moe (llama.cpp's lfm2moe is not
+mapped yet).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeseq.errors import UnsupportedError
+from edgeseq.families import register
+from edgeseq.families.base import cfg_get
+from edgeseq.families.lfm2 import Lfm2, Lfm2Config, read_lfm2_config
+from edgeseq.graph import GraphBuilder, Value
+from edgeseq.mixers.moe import MoeFeedForward
+from edgeseq.tensor_table import Row
+
+
+@dataclass
+class Lfm2MoeConfig(Lfm2Config):
+    n_dense: int = 2
+    n_experts: int = 32
+    top_k: int = 4
+    expert_dim: int = 1792
+    norm_topk: bool = True
+    routed_scaling: float = 1.0
+    expert_bias: bool = True
+
+    def moe(self) -> MoeFeedForward:
+        return MoeFeedForward(self.d_model, self.n_experts, self.top_k, self.expert_dim, self.norm_topk,
+                              self.routed_scaling, self.expert_bias)
+
+
+@register("Lfm2MoeForCausalLM")
+class Lfm2Moe(Lfm2):
+    name = "lfm2_moe"
+    Config = Lfm2MoeConfig
+    gguf = None
+
+    @classmethod
+    def read_config(cls, src) -> Lfm2MoeConfig:
+        cfg, where = src.config, f"{src.path}/config.json"
+        base = vars(read_lfm2_config(src))
+        base["ffn_dim"] = int(cfg_get(cfg, ("intermediate_size",), where=where))
+        E, k = int(cfg_get(cfg, ("num_experts",), where=where)), int(cfg_get(cfg, ("num_experts_per_tok",), where=where))
+        if not 0 < k <= E:
+            raise UnsupportedError(f"{where}: num_experts_per_tok {k} must be 1 to num_experts ({E})")
+        return Lfm2MoeConfig(**base, n_dense=int(cfg_get(cfg, ("num_dense_layers",), 2, where)), n_experts=E, top_k=k,
+                             expert_dim=int(cfg_get(cfg, ("moe_intermediate_size",), where=where)),
+                             norm_topk=bool(cfg.get("norm_topk_prob", True)),
+                             routed_scaling=float(cfg.get("routed_scaling_factor") or 1.0),
+                             expert_bias=bool(cfg.get("use_expert_bias", True)))
+
+    def ffn_rows(self, i: int, f: str, o: str, g: str) -> list[Row]:
+        return super().ffn_rows(i, f, o, g) if i < self.config.n_dense else self.config.moe().tensors(f, o)
+
+    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
+        return super().ffn(b, m, o, i) if i < self.config.n_dense else self.config.moe()(b, m, o)

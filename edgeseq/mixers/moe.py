@@ -1,0 +1,72 @@
+"""Mixture-of-experts feed-forward with sigmoid routing (transformers' Lfm2MoeSparseMoeBlock), in
+standard ops.
+
+Symbols: b batch · t tokens · d model width · E experts · k experts per token · f expert width.
+
+    s = sigmoid(h Wr)                               (b, t, E) router scores
+    chosen = the k largest of s + expert_bias       (the bias picks; it does not weigh)
+    w = s on the chosen, 0 elsewhere;  w = w / (Σw + 1e-6) when norm_topk_prob;  w = w · routed_scaling
+    out = Σ_e w_e · (silu(h W1_e) · h W3_e) W2_e
+
+The choice is a rank, not a TopK: expert e is chosen when fewer than k experts score above it (one
+comparison of every pair: E² per token, plain elementwise ops). Every expert runs on every token
+and the unchosen ones are weighed by 0: exact, E/k times the work of a sparse kernel, no data-dependent
+shapes (mobile runtimes). The experts are three plain matrices (d, E·f), (d, E·f), (E·f, d) (expert e's
+slice e·f..(e+1)·f), so the weights quantize as any MatMul's (MatMulNBits). Ties between the k-th and (k+1)-th scores
+choose both; tests keep a margin there so that float32 and float64 choose alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeseq.graph import GraphBuilder, Value
+from edgeseq.kernels.ops import linear
+from edgeseq.tensor_table import Row, t
+
+
+def cat_in(*mats: np.ndarray) -> np.ndarray:
+    """Per-expert torch Linear weights (f, d) as one (d, E·f) matrix: expert e's columns e·f..(e+1)·f."""
+    return np.ascontiguousarray(np.concatenate([m.T for m in mats], axis=1))
+
+
+def cat_out(*mats: np.ndarray) -> np.ndarray:
+    """Per-expert torch Linear weights (d, f) as one (E·f, d) matrix: expert e's rows e·f..(e+1)·f."""
+    return np.ascontiguousarray(np.concatenate([m.T for m in mats], axis=0))
+
+
+@dataclass(frozen=True)
+class MoeFeedForward:
+    d_model: int
+    n_experts: int
+    top_k: int
+    expert_dim: int
+    norm_topk: bool = True
+    scaling: float = 1.0
+    expert_bias: bool = True
+
+    def tensors(self, m: str, o: str) -> list[Row]:
+        """Canonical rows under `o`; transformers' per-expert checkpoint names under `m` (`…feed_forward.`)."""
+        E = self.n_experts
+        rows = [Row(o + "router", m + "gate.weight", t)]
+        if self.expert_bias:
+            rows.append(Row(o + "expert_bias", m + "expert_bias", lambda a: a.astype(np.float32)))
+        for n, w, load in (("gate", "w1", cat_in), ("up", "w3", cat_in), ("down", "w2", cat_out)):
+            rows.append(Row(f"{o}experts_{n}", [f"{m}experts.{e}.{w}.weight" for e in range(E)], load))
+        return rows
+
+    def __call__(self, b: GraphBuilder, h: Value, o: str) -> Value:
+        """The feed-forward on normed input h (b, t, d) -> (b, t, d)."""
+        s = linear(b, h, o + "router").sigmoid()  # (b, t, E)
+        r = s + b.w(o + "expert_bias") if self.expert_bias else s
+        above = r.unsqueeze(-2).gt(r.unsqueeze(-1)).cast("float32").sum(-1, keepdims=False)  # (b, t, E)
+        w = s * above.lt(float(self.top_k)).cast("float32")
+        if self.norm_topk:
+            w = w / (w.sum(-1) + 1e-6)
+        if self.scaling != 1.0:
+            w = w * self.scaling
+        E, f = self.n_experts, self.expert_dim
+        y = linear(b, h, o + "experts_gate").silu() * linear(b, h, o + "experts_up")  # (b, t, E·f)
+        y = (y.reshape(0, 0, E, f) * w.unsqueeze(-1)).reshape(0, 0, E * f)  # each expert's part weighed
+        return linear(b, y, o + "experts_down")  # the weighed sum over the experts in one MatMul
