@@ -45,6 +45,7 @@ _NUMBERS = _INTS + (6, 12)
 _INT_SUFFIXES = ("block_count", "_count", "_length", "_size", "_kernel", "_rank", "_token_id", "_dim", "alignment",
                  "_layers", "_version", "file_type", "head_count_kv")
 _BOOL_KEYS = ("add_space_prefix", "add_bos_token", "add_eos_token", "dt_b_c_rms")
+_BOOL_ARRAYS = ("recurrent_layers",)  # qwen35's attention.recurrent_layers: one per layer
 _STR_KEYS = ("general.architecture", "general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "edgeseq.family",
              "edgeseq.config", "edgeseq.state", "tokenizer.chat_template")
 _ARRAYS = {"tokenizer.ggml.tokens": (STRING,), "tokenizer.ggml.merges": (STRING,),
@@ -57,6 +58,8 @@ def expected_type(key: str):
     last = key.rsplit(".", 1)[-1]
     if key in _ARRAYS:
         return "an array", (ARRAY,), _ARRAYS[key]
+    if last in _BOOL_ARRAYS:
+        return "an array of bools", (ARRAY,), (7,)
     if key in _STR_KEYS:
         return "a string", (STRING,), None
     if last in _BOOL_KEYS:

@@ -236,6 +236,8 @@ def _add(w, key: str, value, kind: str) -> None:
         w.add_key_value(key, list(value), V.ARRAY, sub_type=V.INT32)
     elif kind == "f32s":
         w.add_key_value(key, list(value), V.ARRAY, sub_type=V.FLOAT32)
+    elif kind == "bools":
+        w.add_key_value(key, [bool(v) for v in value], V.ARRAY, sub_type=V.BOOL)
     else:
         raise ValueError(kind)
 

@@ -199,3 +199,18 @@ def test_same_tensors_and_metadata_as_llama_cpp_converter(tmp_path):
     llm = llama_cpp.Llama(str(tmp_path / "ref.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     llm.eval(ids)
     assert np.abs(np.array(llm.scores[:len(ids)]) - want).max() < 1e-3
+    del llm
+
+    # edgeseq's reader takes the converter's file (its bool array included) and runs it to the same logits
+    import edgeseq
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    model = edgeseq.load(str(tmp_path / "ref.gguf"))
+    assert model.family_name == "qwen35"
+    assert np.abs(model.session().logits_all(ids) - want).max() < 1e-3
+    # and llama.cpp runs the file edgeseq writes as llama.cpp's qwen35
+    info = export_gguf(str(ck), str(tmp_path / "ours.gguf"))
+    assert info["architecture"] == "qwen35" and not info["generic_because"]
+    llm = llama_cpp.Llama(str(tmp_path / "ours.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids)
+    assert np.abs(np.array(llm.scores[:len(ids)]) - want).max() < 1e-3

@@ -155,10 +155,7 @@ def gated_attention(b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Va
 
 class Qwen35Gguf(ArchMap):
     """llama.cpp's `qwen35`, metadata as its converter writes it (run with --no-mtp: edgeseq leaves the
-    MTP head out). Tensors: the table's gguf column (value heads in llama.cpp's tiled order). Not yet
-    the family's `gguf`: `attention.recurrent_layers` is an array of bools, which exporters/gguf_writer.py
-    does not write and edgeseq/gguf_file.py refuses (its `_layers` keys are integers) — until both
-    change, Qwen3.5 GGUFs use the generic edgeseq-qwen35."""
+    MTP head out). Tensors: the table's gguf column (value heads in llama.cpp's tiled order)."""
 
     arch = "qwen35"
 
@@ -211,6 +208,7 @@ class Qwen35Gguf(ArchMap):
 @register("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
 class Qwen35(Family):
     name = "qwen35"
+    gguf = Qwen35Gguf()  # llama.cpp runs it
     Config = Qwen35Config
     prefill_chunk = 128  # the attention scores grow with chunk x (ring + chunk)
     uses_position = True
