@@ -44,7 +44,8 @@ class Lfm2Moe(Lfm2):
         cfg, where = src.config, f"{src.path}/config.json"
         base = vars(read_lfm2_config(src))
         base["ffn_dim"] = int(cfg_get(cfg, ("intermediate_size",), where=where))
-        E, k = int(cfg_get(cfg, ("num_experts",), where=where)), int(cfg_get(cfg, ("num_experts_per_tok",), where=where))
+        E = int(cfg_get(cfg, ("num_experts",), where=where))
+        k = int(cfg_get(cfg, ("num_experts_per_tok",), where=where))
         if not 0 < k <= E:
             raise UnsupportedError(f"{where}: num_experts_per_tok {k} must be 1 to num_experts ({E})")
         return Lfm2MoeConfig(**base, n_dense=int(cfg_get(cfg, ("num_dense_layers",), 2, where)), n_experts=E, top_k=k,
