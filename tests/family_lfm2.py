@@ -62,7 +62,7 @@ def add_lfm2_noise(model, seed):
     return model
 
 
-def make_lfm2(path, seed=0, dtype=torch.float32, moe=None, **cfg) -> Path:
+def make_lfm2(path, seed=0, dtype=torch.float32, moe=None, shard=None, **cfg) -> Path:
     torch.manual_seed(seed)
     if moe is None:
         model = Lfm2ForCausalLM(Lfm2Config(**{**DEFAULTS, **cfg}))
@@ -71,7 +71,7 @@ def make_lfm2(path, seed=0, dtype=torch.float32, moe=None, **cfg) -> Path:
         model = Lfm2MoeForCausalLM(Lfm2MoeConfig(**cfg, **moe))
     model = add_lfm2_noise(model.eval(), seed).to(dtype)
     path = Path(path)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
     return path
 
 

@@ -61,6 +61,15 @@ def test_older_config_keys(tmp_path):
     assert c.ffn_dim == 64 and c.tie_embeddings
 
 
+def test_sharded_bf16_checkpoint(tmp_path):
+    """bf16 weights in several safetensors shards (an index file), as released checkpoints come."""
+    ck = make_lfm2(tmp_path / "hf", seed=5, dtype=torch.bfloat16, shard="40KB")
+    assert (ck / "model.safetensors.index.json").exists() and len(list(ck.glob("*.safetensors"))) > 2
+    c = Built(ck, tmp_path, random_ids(256, 24, seed=2))
+    s = c.model(False).session()
+    assert np.abs(s.prefill(c.ids) - c.ref[-1]).max() < c.tol
+
+
 @pytest.mark.parametrize("edit, message", [
     (dict(layer_types=["conv", "sliding_attention", "conv", "full_attention"]), "layer_types"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0}), "rope_type"),
