@@ -15,12 +15,20 @@ LEFT, UP, CTRL_C, CTRL_D = "\x1b[D", "\x1b[A", "\x03", "\x04"
 STATS = re.compile(rb"\[(\d+) tok, [\d.]+ tok/s \| prompt (\d+) tok.*?position (\d+).*?\]( \[stopped\])?")
 
 
+def default_sigint():
+    """In the child: Ctrl-C's default. A shell that starts a job in the background (`make test &`) makes
+    it ignore SIGINT, and the programs it runs inherit that; the tests press Ctrl-C on purpose."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(bundle, tmp_path, *args):
     env = {**os.environ, "EDGESEQ_MODEL": "", "EDGESEQ_CACHE": str(tmp_path / "cache"), "TERM": "xterm",
            "NO_COLOR": "1"}
     # greedy decoding of a random model never reaches its end token: -n -1 replies until Ctrl-C
     return pexpect.spawn(sys.executable, ["-m", "edgeseq", "chat", str(bundle), "--temp", "0", *args], env=env,
-                         timeout=60, dimensions=(40, 200), cwd=str(tmp_path))
+                         timeout=60, dimensions=(40, 200), cwd=str(tmp_path), preexec_fn=default_sigint)
 
 
 def settle():
@@ -153,7 +161,7 @@ def test_ctrl_c_stops_run_with_its_speed_line(byte_mamba):
 
     p = subprocess.Popen([sys.executable, "-m", "edgeseq", "run", str(byte_mamba.bundle()), "-p", "Hi", "-n", "-1",
                           "--temp", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={**os.environ, "EDGESEQ_MODEL": ""})
+                         env={**os.environ, "EDGESEQ_MODEL": ""}, preexec_fn=default_sigint)
     assert p.stdout.read(4).startswith(b"Hi")  # the reply streams
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
