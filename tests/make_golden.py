@@ -148,6 +148,14 @@ def _lfm2(d: Path) -> Path:
                                                        "hidden_size": 16, "intermediate_size": 48})
 
 
+def _lfm2_moe(d: Path) -> Path:
+    import families  # noqa: F401  (first: it imports family_lfm2)
+    import family_lfm2
+
+    return family_lfm2.make_lfm2(d / "hf", seed=29, **{**family_lfm2.MOE_CONFIGS["moe-top2-of-4"],
+                                                       "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32})
+
+
 _RWKV5 = _rwkv("5.2", dict(C=16, L=2, H=2, F=32), seed=31)
 _RWKV6 = _rwkv("6.0", dict(C=16, L=2, H=2, F=32, D_MIX=4, D_DECAY=4), seed=32)
 _RWKV7 = _rwkv("7", dict(C=16, L=2, H=2, F=32, D_W=4, D_A=4, D_V=4, D_G=4), seed=33)
@@ -172,6 +180,7 @@ CASES = {c.name: c for c in [
     Case("recurrent_gemma-int4", "recurrent_gemma", _recurrent_gemma, quant="int4"),
     Case("qwen35", "qwen35", _qwen35, load=_RING),
     Case("lfm2", "lfm2", _lfm2, load=_RING),
+    Case("lfm2_moe", "lfm2_moe", _lfm2_moe, load=_RING),
 ]}
 
 
