@@ -304,3 +304,15 @@ def test_moe_quantized_experts(moe_case, quant):
     if quant == "int8":
         got = moe_case.model(False, quant=quant).session().prefill(moe_case.ids[:40])
         assert np.abs(got - moe_case.ref[39]).max() < 0.5
+
+
+def test_mobile_bundles(tmp_path):
+    """The mobile export (ORT format, standard ops, no control flow in the step graph) of LFM2 and
+    LFM2-MoE steps to transformers' float64 logits."""
+    import edgeseq
+    from edgeseq.exporters.mobile import export_mobile
+
+    for c in (_build("gqa2-tied")(tmp_path / "dense"), _build_moe("moe-top2-of-4")(tmp_path / "moe")):
+        s = edgeseq.load(export_mobile(str(c.ckpt), str(c.workdir / "mobile"))).session()
+        got = np.array([s.step(i) for i in c.ids[:20]])
+        assert np.abs(got - c.ref[:20]).max() < c.tol
