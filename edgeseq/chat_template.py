@@ -69,17 +69,15 @@ def _environment():
 
 
 def render_jinja(template: str, messages: list[dict], add_generation_prompt: bool = True,
-                 special_tokens: dict | None = None, **kwargs) -> str:
-    """The text transformers' apply_chat_template(messages, tokenize=False, ...) gives for `template`."""
-    import jinja2
+                 special_tokens: dict | None = None, where: str = "chat template", **kwargs) -> str:
+    """The text transformers' apply_chat_template(messages, tokenize=False, ...) gives for `template`.
+    The template is untrusted code (a manifest's, a GGUF's, a checkpoint's): it runs bounded in time,
+    memory and output (safe_io.render_untrusted), and whatever goes wrong is one error naming `where`."""
+    from edgeseq import safe_io
 
-    try:
-        compiled = _environment().from_string(template)
-        return compiled.render(messages=messages, tools=kwargs.pop("tools", None),
-                               documents=kwargs.pop("documents", None), add_generation_prompt=add_generation_prompt,
-                               **(special_tokens or {}), **kwargs)
-    except jinja2.TemplateError as e:  # raise_exception(...) in the template, or a syntax error
-        raise EdgeseqError(f"chat template: {e}") from None
+    context = {"messages": messages, "tools": kwargs.pop("tools", None), "documents": kwargs.pop("documents", None),
+               "add_generation_prompt": add_generation_prompt, **(special_tokens or {}), **kwargs}
+    return safe_io.render_untrusted(_environment(), template, context, where)
 
 
 class Template:
@@ -91,6 +89,9 @@ class Template:
         self.stop: list[str] = []
         self.stop_token_ids: list[int] = []
         if "jinja" in spec:
+            if not isinstance(spec["jinja"], str):
+                raise EdgeseqError(f"{spec.get('source', name)}: the chat template is "
+                                   f"{type(spec['jinja']).__name__}, expected text")
             self.stop = [m for m in END_MARKERS if m in spec["jinja"]]
         else:
             self.stop = list(spec.get("stop") or [])
@@ -111,7 +112,7 @@ class Template:
         """variables: the template's own (enable_thinking, tools, ...); a plain-string template has none."""
         if "jinja" in self.spec:
             return render_jinja(self.spec["jinja"], messages, add_generation_prompt, self.spec.get("special_tokens"),
-                                **variables)
+                                where=str(self.spec.get("source") or self.name), **variables)
         return _render_plain(self.spec, messages, add_generation_prompt)
 
 

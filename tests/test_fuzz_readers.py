@@ -1,6 +1,6 @@
 """A short seeded run of the reader fuzzer (tests/fuzz): 30 structure-aware mutations of a tiny valid
-input for each of ten readers (chat templates through safe_io.render_untrusted; `chat-as-is`, the
-renderer chat_template has today, is left to the long run: its hangs would cost minutes here), each run in a worker process under a 20 s and 4 GiB limit. Every input
+input for each reader (chat templates through safe_io.render_untrusted and through chat_template's own
+Template, which calls it), each run in a worker process under a 20 s and 4 GiB limit. Every input
 must give a clean EdgeseqError naming it or be accepted where the mutation may be harmless: no
 traceback, crash, hang, blow-up, unnamed error, debris, and no silent accept of damage that must be
 refused. The long run is `python -P tests/fuzz/run.py --per-reader 400 --seed 1` (docs/reliability.md)."""
@@ -13,7 +13,7 @@ from fuzz.harness import fuzz
 from fuzz.targets import READERS
 
 PER_READER = 30
-SUITE = [r for r in READERS if r != "chat-as-is"]
+SUITE = list(READERS)
 
 
 @pytest.fixture(scope="module")

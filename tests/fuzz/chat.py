@@ -2,10 +2,9 @@
 and so are the messages (a server request). A case is one JSON file: {"template": Jinja text,
 "special_tokens": {...}, "messages": [...], "add_generation_prompt": true}.
 
-    chat        rendered through safe_io.render_untrusted in chat_template's own environment (what
-                chat_template.render_jinja should call: docs/reliability.md)
-    chat-as-is  chat_template.from_spec(...).render(...) as it is today (its errors are re-raised naming
-                the case, since the file is the fuzzer's; only tracebacks, hangs and blow-ups count)
+    chat        rendered through safe_io.render_untrusted in chat_template's own environment
+    chat-as-is  chat_template.from_spec(...).render(...), the path chat and serve take (it calls
+                render_untrusted; its errors are re-raised naming the case, since the file is the fuzzer's)
 
 Mutations: runaway loops (nested ranges, loops over long strings), recursion (a macro calling itself,
 100,000 parentheses, 5,000 nested ifs), huge outputs and allocations (`'x' * 10**10`, `center(10**9)`,

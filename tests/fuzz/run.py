@@ -21,8 +21,7 @@ from fuzz.targets import READERS  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # chat-as-is (chat_template's renderer as it is today) only when asked for: see tests/fuzz/chat.py
-    ap.add_argument("--readers", default=",".join(r for r in READERS if r != "chat-as-is"))
+    ap.add_argument("--readers", default=",".join(READERS))
     ap.add_argument("--per-reader", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=10)

@@ -11,7 +11,7 @@ live by format: checkpoints.py, gguf_files.py, bundles.py, texts.py (and chat te
     tokenizer    a tokenizer.json: loaded, then a sample encoded and decoded
     pth          a BlinkDL .pth: export (torch.load weights_only)
     chat         a chat template and messages: rendered through safe_io.render_untrusted
-    chat-as-is   the same through chat_template as it is (not in the test suite: see chat.py)
+    chat-as-is   the same through chat_template's Template (what chat and serve call)
 """
 from __future__ import annotations
 
