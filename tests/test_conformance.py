@@ -205,7 +205,7 @@ def test_state_spec_names_and_shapes(case, built, portable):
     assert [s["name"] for s in manifest["state"]] == list(want)
     assert [s["output"] for s in manifest["state"]] == present
     assert {s["name"]: tuple(s["shape"][1:]) for s in manifest["state"]} == {k: v[1:] for k, v in want.items()}
-    assert all(s["dtype"] == "float32" for s in manifest["state"])
+    assert all(s["dtype"] == "float32" and s["shape"][0] == "batch" for s in manifest["state"])
     init = {s["name"]: case.init.get(s["name"].rsplit(".", 1)[1], 0.0) for s in manifest["state"]}
     assert {s["name"]: s["init"] for s in manifest["state"]} == init
     ring = manifest.get("max_context")
