@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import families  # noqa: F401  (first: the suite's helpers)
-from conftest import SEQ_LEN, Built, hf_logits64, random_ids
+from conftest import SEQ_LEN, Built, as_f64, hf_logits64, load_hf, random_ids
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.exporters.checkpoint import Checkpoint
 from edgeseq.families.lfm2 import Lfm2, Lfm2Gguf
@@ -119,14 +119,14 @@ def _kv(reader) -> dict:
 class _Reader:
     """gguf-py's reader behind the calls Lfm2Gguf.config and the table's from_gguf make."""
 
-    def __init__(self, r):
-        self.path = "converter.gguf"
-        self.kv = {f.name: f.contents() for f in r.fields.values() if f.name.startswith("lfm2.")}
+    def __init__(self, r, arch):
+        self.path, self.arch = "converter.gguf", arch
+        self.kv = {f.name: f.contents() for f in r.fields.values() if f.name.startswith(arch + ".")}
         self.arrays = {t.name: np.array(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in r.tensors}
         self.tensors = {n: type("T", (), {"shape": a.shape}) for n, a in self.arrays.items()}
 
     def arch_key(self, key):
-        return f"lfm2.{key}"
+        return f"{self.arch}.{key}"
 
     def get(self, key, default=None, kind=None):
         return self.kv.get(key, default)
@@ -145,7 +145,10 @@ class _Reader:
 def lfm2_map(monkeypatch):
     """Exports written as llama.cpp's lfm2 (Lfm2Gguf), which the family does not declare yet (its
     `gguf`: edgeseq's reader does not take the per-layer head_count_kv)."""
+    from edgeseq.families.lfm2_moe import Lfm2Moe, Lfm2MoeGguf
+
     monkeypatch.setattr(Lfm2, "gguf", Lfm2Gguf())
+    monkeypatch.setattr(Lfm2Moe, "gguf", Lfm2MoeGguf())
 
 
 # the converter title-cases the folder name; it names the NeoX pre-tokenizer from a table of hashes,
@@ -154,10 +157,15 @@ DIFFERENT_VALUES = {"general.name", "tokenizer.ggml.pre"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, compare", [("mqa-untied-conv4", True), ("gqa2-tied", False)])
+@pytest.mark.parametrize("name, compare", [("mqa-untied-conv4", True), ("gqa2-tied", False), ("moe-top2-of-4", True)])
 def test_same_file_as_llama_cpp_converter_and_llama_cpp_runs_it(tmp_path, name, compare, lfm2_map):
-    """The converter's file once (10 s of the converter's start-up): the untied case, which has every
-    tensor; llama.cpp runs both the untied and the tied file (the head read from token_embd)."""
+    """The converter's file for the untied case, which has every lfm2 tensor, and for LFM2-MoE (lfm2moe;
+    10 s of the converter's start-up each); llama.cpp runs those and the tied file (the head read from
+    token_embd)."""
+    from edgeseq.families.lfm2_moe import Lfm2Moe
+
+    moe = name in MOE_CONFIGS
+    fam_cls, arch = (Lfm2Moe, "lfm2moe") if moe else (Lfm2, "lfm2")
     lc = llama_cpp()
     from gguf import GGUFReader
 
@@ -166,32 +174,35 @@ def test_same_file_as_llama_cpp_converter_and_llama_cpp_runs_it(tmp_path, name, 
     ck = tmp_path / "hf"
     ck.mkdir()
     write_neox_tokenizer(ck)  # the converter needs a tokenizer it knows
-    make_lfm2(ck, seed=3, vocab_size=50304, bos_token_id=0, eos_token_id=0, pad_token_id=1, **CONFIGS[name])
+    make_lfm2(ck, seed=3, vocab_size=50304, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+              **(MOE_CONFIGS if moe else CONFIGS)[name])
     ours = tmp_path / "ours.gguf"
     info = export_gguf(str(ck), str(ours))
-    assert info["architecture"] == "lfm2" and info["generic_because"] is None
+    assert info["architecture"] == arch and info["generic_because"] is None
     if compare:  # gguf-py's reader takes 4 s to open each file (the vocabulary)
         a, b = GGUFReader(ours), GGUFReader(convert(ck, tmp_path / "ref.gguf"))
-        cfg = {**DEFAULTS, **CONFIGS[name]}  # the layer pattern: 0 key/value heads for a conv layer
-        assert list(b.fields["lfm2.attention.head_count_kv"].contents()) == [
+        cfg = {**DEFAULTS, **(MOE_CONFIGS if moe else CONFIGS)[name]}  # 0 key/value heads for a conv layer
+        assert list(b.fields[f"{arch}.attention.head_count_kv"].contents()) == [
             0 if x == "conv" else cfg["num_key_value_heads"] for x in cfg["layer_types"]]
         ka, kb = _kv(a), _kv(b)
         assert set(ka) == set(kb)
         for k in kb:
             assert ka[k][0] == kb[k][0], k
-            assert k in DIFFERENT_VALUES or ka[k][1] == kb[k][1], (k, a.fields[k].contents(), b.fields[k].contents())
+            # the converter labels an MoE's size "{E}x{per expert}" (exporters/gguf_writer.py: the total)
+            same = DIFFERENT_VALUES | ({"general.size_label"} if moe else set())
+            assert k in same or ka[k][1] == kb[k][1], (k, a.fields[k].contents(), b.fields[k].contents())
         ta, tb = {x.name: x for x in a.tensors}, {x.name: x for x in b.tensors}
-        assert set(ta) == set(tb) and "output.weight" in tb
+        assert set(ta) == set(tb) and ("output.weight" in tb) == (not cfg["tie_word_embeddings"])
         for n, x in tb.items():
             assert (list(ta[n].shape), ta[n].tensor_type) == (list(x.shape), x.tensor_type), n
             np.testing.assert_allclose(ta[n].data, x.data, rtol=1e-6, atol=1e-7, err_msg=n)
         # and back: Lfm2Gguf reads the converter's file to the checkpoint's config and weights
-        fam = Lfm2(Lfm2.read_config(Checkpoint(str(ck))))
-        got = Lfm2.Config(**Lfm2Gguf().config(_Reader(b)))
+        fam = fam_cls(fam_cls.read_config(Checkpoint(str(ck))))
+        got = fam_cls.Config(**fam_cls.gguf.config(_Reader(b, arch)))
         assert got.norm_eps == pytest.approx(fam.config.norm_eps, rel=1e-6)  # through float32
         assert vars(got) == {**vars(fam.config), "norm_eps": got.norm_eps}
         canonical = dict(fam.convert(Checkpoint(str(ck))))
-        back = dict(fam.table().from_gguf(_Reader(b)))
+        back = dict(fam.table().from_gguf(_Reader(b, arch)))
         assert set(back) == set(canonical)
         for n, x in back.items():
             np.testing.assert_array_equal(x, canonical[n], err_msg=n)
@@ -206,7 +217,9 @@ def test_same_file_as_llama_cpp_converter_and_llama_cpp_runs_it(tmp_path, name, 
         greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([greedy[-1]])
     got = np.array(llm.scores[:len(prompt) + 6])
-    want = hf_logits64(ck, prompt + greedy)
+    hf = load_hf(ck)
+    hf.set_experts_implementation("eager")  # (grouped_mm takes no float64)
+    want = hf_logits64(as_f64(hf), prompt + greedy)
     assert [int(np.argmax(r)) for r in want[len(prompt) - 1:-1]] == greedy
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
 
@@ -316,3 +329,15 @@ def test_mobile_bundles(tmp_path):
         s = edgeseq.load(export_mobile(str(c.ckpt), str(c.workdir / "mobile"))).session()
         got = np.array([s.step(i) for i in c.ids[:20]])
         assert np.abs(got - c.ref[:20]).max() < c.tol
+
+
+def test_moe_without_llama_cpp_routing_is_generic_gguf(moe_case, tmp_path, lfm2_map):
+    """llama.cpp's lfm2moe renormalises the top k, scales by 1 and adds exp_probs_b: other routings are
+    written as edgeseq's generic GGUF, which says why."""
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    info = export_gguf(str(moe_case.ckpt), str(tmp_path / "m.gguf"))
+    if moe_case.name == "moe-top2-of-4":
+        assert info["architecture"] == "lfm2moe" and info["generic_because"] is None
+    else:
+        assert info["architecture"] == "edgeseq-lfm2_moe" and "norm_topk_prob" in info["generic_because"]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import cfg_get
-from edgeseq.families.lfm2 import Lfm2, Lfm2Config, read_lfm2_config
+from edgeseq.families.lfm2 import Lfm2, Lfm2Config, Lfm2Gguf, read_lfm2_config
+from edgeseq.gguf_names import u32
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.mixers.moe import MoeFeedForward
 from edgeseq.tensor_table import Row
@@ -31,6 +32,42 @@ class Lfm2MoeConfig(Lfm2Config):
     def moe(self) -> MoeFeedForward:
         return MoeFeedForward(self.d_model, self.n_experts, self.top_k, self.expert_dim, self.norm_topk,
                               self.routed_scaling, self.expert_bias)
+
+
+class Lfm2MoeGguf(Lfm2Gguf):
+    """llama.cpp's lfm2moe: lfm2's keys and names, the experts stacked (E, out, in), the router as
+    ffn_gate_inp, expert_bias as exp_probs_b; llama.cpp renormalises the top k and scales by 1."""
+
+    arch = "lfm2moe"
+    family = "lfm2_moe"
+
+    def supports(self, fam):
+        c = fam.config
+        if c.conv_bias:
+            return "llama.cpp's lfm2moe has no conv biases (conv_bias)"
+        if not (c.norm_topk and c.routed_scaling == 1.0 and c.expert_bias):
+            return "llama.cpp's lfm2moe needs norm_topk_prob, routed_scaling_factor 1 and use_expert_bias"
+        return None
+
+    def metadata(self, fam, shapes):
+        c = fam.config
+        base = {k: (k, v, kind) for k, v, kind in super().metadata(fam, shapes)}
+        order = ["block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+                 "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon"]
+        return [*(base[k] for k in order), u32("expert_count", c.n_experts), u32("expert_used_count", c.top_k),
+                u32("expert_feed_forward_length", c.expert_dim), u32("leading_dense_block_count", c.n_dense),
+                u32("expert_gating_func", 2), base["vocab_size"], base["shortconv.l_cache"]]  # 2: sigmoid
+
+    def config(self, g):
+        a = g.arch_key
+        out = super().config(g)
+        if int(g.get(a("expert_gating_func"), 2)) != 2:
+            from edgeseq.errors import EdgeseqError
+
+            raise EdgeseqError(f"{g.path}: expert_gating_func {g.get(a('expert_gating_func'))} is not sigmoid (2)")
+        return dict(out, n_dense=g.need(a("leading_dense_block_count"), int), n_experts=g.need(a("expert_count"), int),
+                    top_k=g.need(a("expert_used_count"), int), expert_dim=g.need(a("expert_feed_forward_length"), int),
+                    expert_bias=any(n.endswith("exp_probs_b.bias") for n in g.tensors))
 
 
 @register("Lfm2MoeForCausalLM")
@@ -55,7 +92,7 @@ class Lfm2Moe(Lfm2):
                              expert_bias=bool(cfg.get("use_expert_bias", True)))
 
     def ffn_rows(self, i: int, f: str, o: str, g: str) -> list[Row]:
-        return super().ffn_rows(i, f, o, g) if i < self.config.n_dense else self.config.moe().tensors(f, o)
+        return super().ffn_rows(i, f, o, g) if i < self.config.n_dense else self.config.moe().tensors(f, o, g)
 
     def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
         return super().ffn(b, m, o, i) if i < self.config.n_dense else self.config.moe()(b, m, o)

@@ -23,7 +23,7 @@ import numpy as np
 
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.ops import linear
-from edgeseq.tensor_table import Row, t
+from edgeseq.tensor_table import T, Codec, Row, t
 
 
 def cat_in(*mats: np.ndarray) -> np.ndarray:
@@ -46,14 +46,24 @@ class MoeFeedForward:
     scaling: float = 1.0
     expert_bias: bool = True
 
-    def tensors(self, m: str, o: str) -> list[Row]:
-        """Canonical rows under `o`; transformers' per-expert checkpoint names under `m` (`…feed_forward.`)."""
-        E = self.n_experts
-        rows = [Row(o + "router", m + "gate.weight", t)]
+    def tensors(self, m: str, o: str, g: str | None = None) -> list[Row]:
+        """Canonical rows under `o`; transformers' per-expert checkpoint names under `m` (`…feed_forward.`);
+        llama.cpp's under `g` (`blk.{i}.`; None: no GGUF names), the experts stacked (E, out, in)."""
+        E, f, d = self.n_experts, self.expert_dim, self.d_model
+        gg = (lambda n: g + n) if g is not None else (lambda n: None)
+        # canonical (d, E·f) <-> llama.cpp's (E, f, d); canonical (E·f, d) <-> (E, d, f)
+        into = Codec(lambda a: np.ascontiguousarray(a.reshape(d, E, f).transpose(1, 2, 0)),
+                     lambda a: np.ascontiguousarray(a.transpose(2, 0, 1).reshape(d, E * f)))
+        out = Codec(lambda a: np.ascontiguousarray(a.reshape(E, f, d).transpose(0, 2, 1)),
+                    lambda a: np.ascontiguousarray(a.transpose(0, 2, 1).reshape(E * f, d)))
+        rows = [Row(o + "router", m + "gate.weight", t, gguf=gg("ffn_gate_inp.weight"), codec=T)]
         if self.expert_bias:
-            rows.append(Row(o + "expert_bias", m + "expert_bias", lambda a: a.astype(np.float32)))
-        for n, w, load in (("gate", "w1", cat_in), ("up", "w3", cat_in), ("down", "w2", cat_out)):
-            rows.append(Row(f"{o}experts_{n}", [f"{m}experts.{e}.{w}.weight" for e in range(E)], load))
+            rows.append(Row(o + "expert_bias", m + "expert_bias", lambda a: a.astype(np.float32),
+                            gguf=gg("exp_probs_b.bias")))
+        for n, w, load, codec in (("gate", "w1", cat_in, into), ("up", "w3", cat_in, into),
+                                  ("down", "w2", cat_out, out)):
+            rows.append(Row(f"{o}experts_{n}", [f"{m}experts.{e}.{w}.weight" for e in range(E)], load,
+                            gguf=gg(f"ffn_{n}_exps.weight"), codec=codec))
         return rows
 
     def __call__(self, b: GraphBuilder, h: Value, o: str) -> Value:
