@@ -524,6 +524,8 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort, getattr(cx, "Abort", typer.Abort)):
         typer.echo("", err=True)
         sys.exit(130)
+    except RuntimeError as e:  # ONNX Runtime refusing a graph or its inputs at run time: one line, no traceback
+        _fail(f"the model failed to run: {str(e).strip().splitlines()[-1][:400]}")
     except BrokenPipeError:  # `edgeseq run ... | head`: stop quietly
         sys.stderr.close()
         sys.exit(0)

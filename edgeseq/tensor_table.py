@@ -109,6 +109,9 @@ class Row:
     codec: Codec = SAME
     optional: bool = False                 # absent from some checkpoints (biases); absent -> not yielded
     layers: Callable[[int], bool] | None = None  # the layers that have it (default: all)
+    # the canonical shape the config implies, for tensors no graph op checks (fused ops take them as they
+    # come): a checkpoint or GGUF that holds another is refused, naming the tensor
+    shape: tuple[int, ...] | None = None
 
     def source(self, layout: str | None) -> Source:
         return self.ckpt.get(layout, self.ckpt.get("*")) if isinstance(self.ckpt, Mapping) else self.ckpt
@@ -200,12 +203,13 @@ class Table:
                 if e.optional and not all(src.has(n) for n in names):
                     continue
                 arrays = [src.get(n) for n in names]
+                shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, arrays))
                 try:
                     out = e.loader(layout)(*arrays)
                 except ValueError as err:  # a reshape or concatenation the stored shapes do not fit
-                    shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, arrays))
                     raise EdgeseqError(f"{src.path}: {shapes} does not fit this model's config "
                                        f"(as {_fmt(e.name, i)}: {str(err)[:120]})") from None
+                _check_shape(e, i, out, lambda: f"{src.path}: {shapes}")
                 yield _fmt(e.name, i), out
 
     # -- canonical <-> GGUF ------------------------------------------------------------------------
@@ -256,7 +260,14 @@ class Table:
                 n = _fmt(e.gguf, i)
                 if e.optional and n not in g.tensors:
                     continue
-                yield _fmt(e.name, i), e.codec.dec(g.array(n))
+                a = g.array(n)
+                try:
+                    out = e.codec.dec(a)
+                except ValueError as err:
+                    raise EdgeseqError(f"{g.path}: tensor {n} {tuple(a.shape)} does not fit this model's config "
+                                       f"(as {_fmt(e.name, i)}: {str(err)[:120]})") from None
+                _check_shape(e, i, out, lambda: f"{g.path}: tensor {n} {tuple(a.shape)}")
+                yield _fmt(e.name, i), out
             elif isinstance(e, Fused):
                 for part, a in zip(e.parts, e.dec(g.array(_fmt(e.gguf, i)))):
                     yield _fmt(part, i), np.ascontiguousarray(a)
@@ -277,6 +288,12 @@ class Table:
             if isinstance(e, (Fused, Copy)) or (isinstance(e, Row) and e.gguf is not None):
                 out.add(_fmt(e.gguf, i))
         return out
+
+
+def _check_shape(e: Row, i: int | None, out: Array, what: Callable[[], str]) -> None:
+    if e.shape is not None and tuple(out.shape) != tuple(e.shape):
+        raise EdgeseqError(f"{what()} gives {_fmt(e.name, i)} of shape {tuple(out.shape)}; this model's config "
+                           f"needs {tuple(e.shape)}")
 
 
 def _read(src, spec, fmt) -> Array:

@@ -196,7 +196,9 @@ def test_generic_architecture_for_hybrid_families(tmp_path, family):
 
 
 @pytest.mark.parametrize("key, named", [("backbone.layers.0.norm.weight", "'layers.0.norm' (16,)"),
-                                        ("backbone.layers.1.mixer.conv1d.bias", "'layers.1.conv_bias' is (32,)")])
+                                        # the tensor table's shape, before the graphs are built
+                                        ("backbone.layers.1.mixer.conv1d.bias",
+                                         "conv1d.bias (32,) gives layers.1.conv_bias of shape (32,)")])
 def test_a_tensor_of_the_wrong_shape_is_named_and_nothing_is_written(tmp_path, key, named):
     """The writer checks the weights against the config before it writes (edgeseq.weight_check, as the
     ONNX export does): a norm or a conv bias at half its width is an error naming that weight, on the

@@ -466,3 +466,25 @@ def test_manifest_with_absurd_nesting(seeds, tmp_path):
     b = case(seeds, tmp_path, "bundle")
     (b / "edgeseq.json").write_text("[" * 100_000 + "]" * 100_000)
     refused(lambda: read_manifest(str(b)), b / "edgeseq.json", "nested")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_a_bias_at_half_width_in_every_layer_is_refused_at_export(tmp_path, fmt):
+    """The fused conv takes its bias as it comes and no shape inference checks it: a checkpoint whose
+    every conv bias is half as wide as the config needs exported and crashed at the first run. The
+    tensor table's shape refuses it, naming the tensor; nothing is written."""
+    from safetensors.numpy import load_file, save_file
+
+    from conftest import make_mamba
+
+    ckpt = make_mamba(tmp_path / "ck")
+    sd = load_file(str(ckpt / "model.safetensors"))
+    for k in [k for k in sd if k.endswith("conv1d.bias")]:
+        sd[k] = np.ascontiguousarray(sd[k][: sd[k].shape[0] // 2])
+    save_file(sd, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
+    r = subprocess.run([sys.executable, "-P", "-m", "edgeseq", "export", str(ckpt), "-o", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "conv1d.bias" in r.stderr and "needs (" in r.stderr, r.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -224,7 +224,7 @@ class RecurrentGemma(Family):
                              Row(o + n + "_bias", {k: v + n + ".bias" for k, v in t_.items()})]
                 # the package keeps the conv as (k, W), tap j multiplying x[t-(k-1)+j]; Conv1d as (W, 1, k)
                 rows += [Row(o + "conv", lru(i, "conv_w"), {"*": as_is, "package": lambda w: t(w)[:, None, :]}),
-                         Row(o + "conv_bias", lru(i, "conv_b")),
+                         Row(o + "conv_bias", lru(i, "conv_b"), shape=(c.lru_width,)),
                          Row(o + "gate_w", pair(lru(i, "input_w"), lru(i, "a_w")), rglru.fuse_gate_weight),
                          Row(o + "gate_b", pair(lru(i, "input_b"), lru(i, "a_b")), rglru.fuse_gate_bias),
                          Row(o + "neg_c", lru(i, "a_param"), rglru.neg_c)]

@@ -60,10 +60,10 @@ class Mamba2Mixer:
             Row(o + "in_proj_bias", m + "in_proj.bias", optional=True),
             Row(o + "conv", m + "conv1d.weight", reshape(cd, 1, k), gguf=g + "ssm_conv1d.weight",
                 codec=shaped((cd, k), (cd, 1, k))),
-            Row(o + "conv_bias", m + "conv1d.bias", optional=True, gguf=g + "ssm_conv1d.bias"),
-            Row(o + "dt_bias", m + "dt_bias", gguf=g + "ssm_dt.bias"),
+            Row(o + "conv_bias", m + "conv1d.bias", optional=True, gguf=g + "ssm_conv1d.bias", shape=(cd,)),
+            Row(o + "dt_bias", m + "dt_bias", gguf=g + "ssm_dt.bias", shape=(H,)),
             # the recurrence needs the (negative) rate, not its log
-            Row(o + "A", m + "A_log", lambda a: -np.exp(a), gguf=g + "ssm_a", codec=shaped((H, 1), (H,))),
+            Row(o + "A", m + "A_log", lambda a: -np.exp(a), gguf=g + "ssm_a", codec=shaped((H, 1), (H,)), shape=(H,)),
             # per channel: the skip needs no reshape (llama.cpp keeps it per head)
             Row(o + "D", m + "D", lambda a: np.repeat(a, P), gguf=g + "ssm_d", codec=per_head),
             Row(o + "gnorm", m + "norm.weight", gguf=g + "ssm_norm.weight",
