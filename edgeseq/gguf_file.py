@@ -46,6 +46,7 @@ _INT_SUFFIXES = ("block_count", "_count", "_length", "_size", "_kernel", "_rank"
                  "_layers", "_version", "file_type", "head_count_kv")
 _BOOL_KEYS = ("add_space_prefix", "add_bos_token", "add_eos_token", "dt_b_c_rms")
 _BOOL_ARRAYS = ("recurrent_layers",)  # qwen35's attention.recurrent_layers: one per layer
+_INT_OR_ARRAY = ("head_count_kv",)  # lfm2's: one per layer (0 for a conv layer)
 _STR_KEYS = ("general.architecture", "general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "edgeseq.family",
              "edgeseq.config", "edgeseq.state", "tokenizer.chat_template")
 _ARRAYS = {"tokenizer.ggml.tokens": (STRING,), "tokenizer.ggml.merges": (STRING,),
@@ -60,6 +61,8 @@ def expected_type(key: str):
         return "an array", (ARRAY,), _ARRAYS[key]
     if last in _BOOL_ARRAYS:
         return "an array of bools", (ARRAY,), (7,)
+    if last in _INT_OR_ARRAY:
+        return "an integer or an array of integers", _INTS + (ARRAY,), None
     if key in _STR_KEYS:
         return "a string", (STRING,), None
     if last in _BOOL_KEYS:
@@ -258,6 +261,13 @@ class GGUFFile:
             return
         what, vtypes, etypes = want
         got = self.kv_types[key]
+        if what == "an integer or an array of integers":  # one for the model, or one per layer
+            if got[0] == ARRAY and got[1] in _INTS:
+                value = np.asarray(value)
+                if value.size and not (0 <= value.min() and value.max() <= MAX_INT_VALUE):
+                    raise self._err(f"metadata {key} holds {value.min()}..{value.max()}, expected 0 to {MAX_INT_VALUE}")
+                return
+            what, vtypes = "an integer", _INTS
         if got[0] not in vtypes or etypes is not None and got[1] not in etypes:
             shown = TYPE_NAMES.get(got[0], got[0]) + (f" of {TYPE_NAMES.get(got[1], got[1])}" if len(got) > 1 else "")
             raise self._err(f"metadata {key} is {shown}, expected {what}"

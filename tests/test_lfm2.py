@@ -142,13 +142,8 @@ class _Reader:
 
 
 @pytest.fixture
-def lfm2_map(monkeypatch):
-    """Exports written as llama.cpp's lfm2 (Lfm2Gguf), which the family does not declare yet (its
-    `gguf`: edgeseq's reader does not take the per-layer head_count_kv)."""
-    from edgeseq.families.lfm2_moe import Lfm2Moe, Lfm2MoeGguf
-
-    monkeypatch.setattr(Lfm2, "gguf", Lfm2Gguf())
-    monkeypatch.setattr(Lfm2Moe, "gguf", Lfm2MoeGguf())
+def lfm2_map():
+    """The families declare llama.cpp's lfm2 / lfm2moe maps themselves (kept as a fixture name for the tests)."""
 
 
 # the converter title-cases the folder name; it names the NeoX pre-tokenizer from a table of hashes,
@@ -224,22 +219,21 @@ def test_same_file_as_llama_cpp_converter_and_llama_cpp_runs_it(tmp_path, name, 
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
 
 
-def test_conv_bias_is_not_lfm2_gguf(case, tmp_path, lfm2_map):
+def test_conv_bias_is_not_lfm2_gguf(tmp_path, tmp_path_factory):
     """llama.cpp's lfm2 has no conv biases: such a checkpoint is written as edgeseq's generic GGUF, and
     says why."""
-    if not case.hf.config.conv_bias:
-        pytest.skip("a conv_bias case")
+    import families
     from edgeseq.exporters.gguf_writer import export_gguf
+
+    case = families.built("lfm2/mha-bias-bf16", tmp_path_factory)  # the case with conv biases
+    assert case.hf.config.conv_bias
 
     info = export_gguf(str(case.ckpt), str(tmp_path / "m.gguf"))
     assert info["architecture"] != "lfm2" and "conv_bias" in info["generic_because"]
 
 
-@pytest.mark.xfail(strict=True, raises=EdgeseqError,
-                   reason="edgeseq/gguf_file.py reads attention.head_count_kv as an integer only; llama.cpp's lfm2 "
-                          "writes one per layer (an array)")
-def test_lfm2_gguf_read_back_in_edgeseq(tmp_path, lfm2_map):
-    """When this passes, Lfm2.gguf can become Lfm2Gguf() (and this test a plain one)."""
+def test_lfm2_gguf_read_back_in_edgeseq(tmp_path):
+    """edgeseq reads back the llama.cpp lfm2 file it writes (head_count_kv one per layer) to the reference."""
     import edgeseq
     from edgeseq.exporters.gguf_writer import export_gguf
 
@@ -300,12 +294,13 @@ def test_moe_unsupported_config(tmp_path):
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_moe_quantized_experts(moe_case, quant):
+def test_moe_quantized_experts(quant, tmp_path_factory):
     """int8 / int4 expert weights: the three expert matrices are plain MatMul weights (MatMulNBits). On
     these tiny noisy models int8 alone moves the last logits by 0.19 (dense LFM2) / 0.20 (this MoE case),
     int4 by 2.9 / 1.8 and flips routes: the logits bound is int8's, a sanity bound (logits' std 1.5)."""
-    if moe_case.name != "moe-top2-of-4":
-        pytest.skip("one case")
+    import families
+
+    moe_case = families.built("lfm2_moe/moe-top2-of-4", tmp_path_factory)
     import onnx
 
     bundle = moe_case.bundle(False, quant=quant)

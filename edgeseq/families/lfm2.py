@@ -172,10 +172,7 @@ def lfm2_attention(b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Val
 class Lfm2(Family):
     name = "lfm2"
     Config = Lfm2Config
-    # llama.cpp's lfm2 (Lfm2Gguf) writes head_count_kv per layer, an array edgeseq's GGUF reader does not take
-    # yet: until it does, exports are the generic edgeseq-lfm2, which edgeseq reads back (tests/test_lfm2.py
-    # writes lfm2 files with the map and runs them in llama.cpp)
-    gguf = None
+    gguf = Lfm2Gguf()  # llama.cpp runs it
     prefill_chunk = 128  # the attention scores grow with chunk x (ring + chunk)
     uses_position = True
     symbolic_dims = {"max_context": MAX_CONTEXT}

@@ -74,7 +74,7 @@ class Lfm2MoeGguf(Lfm2Gguf):
 class Lfm2Moe(Lfm2):
     name = "lfm2_moe"
     Config = Lfm2MoeConfig
-    gguf = None
+    gguf = Lfm2MoeGguf()  # llama.cpp runs it
 
     @classmethod
     def read_config(cls, src) -> Lfm2MoeConfig:
