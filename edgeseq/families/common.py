@@ -6,6 +6,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.ops import linear, linear_t, rms_norm
+from edgeseq.state import StateTensor
 
 
 def embed(b: GraphBuilder, ids: Value) -> Value:
@@ -66,3 +67,11 @@ def mixer_stack(b, x, state: dict, mixer, n_layer: int, norm_eps: float, one_tok
                 one_token, fused)
             x = x + y
     return x, out
+
+
+def ring_state(layer: int, kv_heads: int, head_dim: int, label: str, key_note: str = "") -> list[StateTensor]:
+    """A full-attention layer's state: key and value rings of `max_context` slots (kernels/attention.py),
+    allocated when a session starts."""
+    return [StateTensor(layer, kind, (kv_heads, "max_context", head_dim),
+                        f"{label} {kind}s, ring slot p % max_context" + (f" ({key_note})" if kind == "key" and key_note else ""))
+            for kind in ("key", "value")]

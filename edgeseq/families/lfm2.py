@@ -33,7 +33,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, norm_and_head
+from edgeseq.families.common import embed, norm_and_head, ring_state
 from edgeseq.gguf_names import ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.attention import attention, rope, token_positions
@@ -188,10 +188,7 @@ class Lfm2(Family):
             if kind == CONV:
                 out += c.mixer().state_spec(i)
             else:
-                for s in ("key", "value"):
-                    out.append(StateTensor(i, s, (c.kv_heads, "max_context", c.head_dim),
-                                           f"attention {s}s, ring slot p % max_context"
-                                           + (" (after QK-norm and RoPE)" if s == "key" else "")))
+                out += ring_state(i, c.kv_heads, c.head_dim, "attention", "after QK-norm and RoPE")
         return out
 
     def tensors(self):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, norm_and_head
+from edgeseq.families.common import embed, norm_and_head, ring_state
 from edgeseq.mixers.zyphra import GELU, MAX_CONTEXT, P, shared_attention, shared_blocks
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels.ops import linear, rms_norm
@@ -110,9 +110,7 @@ class Zamba(Family):
         for i in range(c.n_layer):
             out += mixer.state_spec(i)
             if i in c.hybrid_layers:
-                for kind in ("key", "value"):
-                    out.append(StateTensor(i, kind, (c.kv_heads, "max_context", c.attn_head_dim),
-                                           f"shared-attention {kind}s, ring slot p % max_context"))
+                out += ring_state(i, c.kv_heads, c.attn_head_dim, "shared-attention")
         return out
 
     def tensors(self):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, norm_and_head
+from edgeseq.families.common import embed, norm_and_head, ring_state
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels.attention import token_positions
 from edgeseq.kernels.ops import linear, rms_norm, split
@@ -139,10 +139,7 @@ class Zamba2(Family):
         for i in range(c.n_layer):
             out += mixer.state_spec(i)
             if i in c.hybrid_layers:
-                for kind in ("key", "value"):
-                    out.append(StateTensor(i, kind, (c.kv_heads, "max_context", c.attn_head_dim),
-                                           f"shared-attention {kind}s, ring slot p % max_context"
-                                           + (" (after RoPE)" if kind == "key" and c.mem_rope else "")))
+                out += ring_state(i, c.kv_heads, c.attn_head_dim, "shared-attention", "after RoPE" if c.mem_rope else "")
         return out
 
     def tensors(self):
