@@ -155,15 +155,14 @@ class Table:
 
     entries: list[Entry]
     n_layer: int
+    _items: list[tuple[Entry, int | None]] = field(init=False, repr=False)
     _by_name: dict[str, tuple[Entry, int | None]] = field(init=False, repr=False)
 
     def __post_init__(self):
-        self._by_name = {}
-        for e, i in self._expanded():
-            if isinstance(e, (Row, Derived)):
-                self._by_name[_fmt(e.name, i)] = (e, i)
+        self._items = self._expand()
+        self._by_name = {_fmt(e.name, i): (e, i) for e, i in self._items if isinstance(e, (Row, Derived))}
 
-    def _expanded(self) -> Iterator[tuple[Entry, int | None]]:
+    def _expand(self) -> list[tuple[Entry, int | None]]:
         """Entries in table order; a per-layer entry once per layer, layer by layer where it stands."""
         out: list[tuple[Entry, int | None]] = []
         run: list[Entry] = []
@@ -183,12 +182,12 @@ class Table:
                 flush()
                 out.append((e, None))
         flush()
-        return iter(out)
+        return out
 
     # -- checkpoint -> canonical -------------------------------------------------------------------
     def convert(self, src, layout: str | None = None, prefix: str = "") -> Iterator[tuple[str, Array]]:
         """(canonical name, array) for every row, read from checkpoint `src` in `layout`, one at a time."""
-        for e, i in self._expanded():
+        for e, i in self._items:
             if isinstance(e, Derived):
                 yield _fmt(e.name, i), e.make()
             elif isinstance(e, Row):
@@ -203,14 +202,7 @@ class Table:
                 if e.optional and not all(src.has(n) for n in names):
                     continue
                 arrays = [src.get(n) for n in names]
-                shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, arrays))
-                try:
-                    out = e.loader(layout)(*arrays)
-                except ValueError as err:  # a reshape or concatenation the stored shapes do not fit
-                    raise EdgeseqError(f"{src.path}: {shapes} does not fit this model's config "
-                                       f"(as {_fmt(e.name, i)}: {str(err)[:120]})") from None
-                _check_shape(e, i, out, lambda: f"{src.path}: {shapes}")
-                yield _fmt(e.name, i), out
+                yield _fmt(e.name, i), _made(e, i, e.loader(layout), arrays, src.path, names)
 
     # -- canonical <-> GGUF ------------------------------------------------------------------------
     def to_gguf(self, weights: Iterable[tuple[str, Array]], arch: str) -> Iterator[tuple[str, Array]]:
@@ -218,7 +210,7 @@ class Table:
         last part arrives, copies right after their original."""
         fused: dict[str, tuple[Fused, int | None]] = {}
         copies: dict[str, list[tuple[Copy, int | None]]] = {}
-        for e, i in self._expanded():
+        for e, i in self._items:
             if isinstance(e, Fused):
                 for part in e.parts:
                     fused[_fmt(part, i)] = (e, i)
@@ -251,7 +243,7 @@ class Table:
 
     def from_gguf(self, g) -> Iterator[tuple[str, Array]]:
         """Canonical tensors from GGUF file `g` (edgeseq.gguf_file.GGUFFile), in table order."""
-        for e, i in self._expanded():
+        for e, i in self._items:
             if isinstance(e, Derived):
                 yield _fmt(e.name, i), e.make()
             elif isinstance(e, Row):
@@ -260,14 +252,7 @@ class Table:
                 n = _fmt(e.gguf, i)
                 if e.optional and n not in g.tensors:
                     continue
-                a = g.array(n)
-                try:
-                    out = e.codec.dec(a)
-                except ValueError as err:
-                    raise EdgeseqError(f"{g.path}: tensor {n} {tuple(a.shape)} does not fit this model's config "
-                                       f"(as {_fmt(e.name, i)}: {str(err)[:120]})") from None
-                _check_shape(e, i, out, lambda: f"{g.path}: tensor {n} {tuple(a.shape)}")
-                yield _fmt(e.name, i), out
+                yield _fmt(e.name, i), _made(e, i, e.codec.dec, [g.array(n)], g.path, [f"tensor {n}"])
             elif isinstance(e, Fused):
                 for part, a in zip(e.parts, e.dec(g.array(_fmt(e.gguf, i)))):
                     yield _fmt(part, i), np.ascontiguousarray(a)
@@ -276,7 +261,7 @@ class Table:
         """{canonical matrix: (GGUF tensor, transposed)} for the rows whose GGUF tensor is the canonical
         one as it is or transposed: their quantized blocks can move into MatMulNBits unchanged."""
         out = {}
-        for e, i in self._expanded():
+        for e, i in self._items:
             if isinstance(e, Row) and e.gguf is not None and (e.codec is SAME or e.codec.transposed):
                 out[_fmt(e.name, i)] = (_fmt(e.gguf, i), e.codec.transposed)
         return out
@@ -284,16 +269,28 @@ class Table:
     def gguf_names(self) -> set[str]:
         """Every GGUF tensor name this table writes."""
         out = set()
-        for e, i in self._expanded():
+        for e, i in self._items:
             if isinstance(e, (Fused, Copy)) or (isinstance(e, Row) and e.gguf is not None):
                 out.add(_fmt(e.gguf, i))
         return out
 
 
-def _check_shape(e: Row, i: int | None, out: Array, what: Callable[[], str]) -> None:
+def _made(e: Row, i: int | None, fn: Callable[..., Array], arrays: list[Array], path: str,
+          names: list[str]) -> Array:
+    """Row e's canonical array from the stored one(s): a stored shape the transform cannot take, or a
+    result of another shape than the row declares, is an error naming the file and the stored tensors."""
+    def stored() -> str:
+        return f"{path}: " + ", ".join(f"{n} {tuple(a.shape)}" for n, a in zip(names, arrays))
+
+    try:
+        out = fn(*arrays)
+    except ValueError as err:  # a reshape or concatenation the stored shapes do not fit
+        raise EdgeseqError(f"{stored()} does not fit this model's config (as {_fmt(e.name, i)}: "
+                           f"{str(err)[:120]})") from None
     if e.shape is not None and tuple(out.shape) != tuple(e.shape):
-        raise EdgeseqError(f"{what()} gives {_fmt(e.name, i)} of shape {tuple(out.shape)}; this model's config "
+        raise EdgeseqError(f"{stored()} gives {_fmt(e.name, i)} of shape {tuple(out.shape)}; this model's config "
                            f"needs {tuple(e.shape)}")
+    return out
 
 
 def _read(src, spec, fmt) -> Array:

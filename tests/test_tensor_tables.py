@@ -21,6 +21,8 @@ GGUF_CASES = [name for name in CASES if make_golden.CASES[name].family in BY_FAM
 class _Gguf:
     """The part of edgeseq.gguf_file.GGUFFile that a table reads."""
 
+    path = "written.gguf"
+
     def __init__(self, tensors: dict[str, np.ndarray]):
         self.tensors = tensors
 
