@@ -31,9 +31,10 @@ ring holds positions p0-R .. p0-1 (the ones >= 0); slot j holds position p0-1 - 
         a runtime may bind a ring's input and output to one buffer: ONNX Runtime then writes T
         slots instead of copying the ring (edgeseq's session does; separate buffers work too).
 
-    rope(b, x, pos, head_dim, base, rotary_dim=None) -> x with rotary embedding applied
+    rope(b, x, pos, head_dim, base, rotary_dim=None, *, inv_freq=None) -> x with rotary embedding applied
         x (b, H, T, hd), pos (b, T) int64 absolute positions: the rotate-half (GPT-NeoX / Llama) form
-        on the first `rotary_dim` channels (all by default), the rest passed through.
+        on the first `rotary_dim` channels (all by default), the rest passed through; `inv_freq` gives
+        the frequencies outright (transformers' "proportional" RoPE: zeros past the rotated part).
 
     token_positions(b, position, x, axis) -> (b, T) int64: p0 + arange(T) per row, T = x.shape[axis].
 
@@ -56,11 +57,17 @@ def token_positions(b: GraphBuilder, position: Value, x: Value, axis: int) -> Va
     return position.unsqueeze(1) + b.arange(0, t).unsqueeze(0)
 
 
-def rope(b: GraphBuilder, x: Value, pos: Value, head_dim: int, base: float, rotary_dim: int | None = None) -> Value:
-    """Rotary embedding (rotate-half form) of x (b, H, T, hd) at positions pos (b, T)."""
-    rd = rotary_dim or head_dim
-    # as transformers computes it: inv_freq in float32 from an integer arange
-    inv_freq = (1.0 / (base ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd))).astype(np.float32)
+def rope(b: GraphBuilder, x: Value, pos: Value, head_dim: int, base: float, rotary_dim: int | None = None,
+         *, inv_freq: np.ndarray | None = None) -> Value:
+    """Rotary embedding (rotate-half form) of x (b, H, T, hd) at positions pos (b, T). `inv_freq` (rd/2,)
+    given: those frequencies (base unused) on the first rd = 2 len(inv_freq) channels."""
+    if inv_freq is not None:
+        inv_freq = np.asarray(inv_freq, np.float32)
+        rd = 2 * len(inv_freq)
+    else:
+        rd = rotary_dim or head_dim
+        # as transformers computes it: inv_freq in float32 from an integer arange
+        inv_freq = (1.0 / (base ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd))).astype(np.float32)
     ang = pos.cast("float32").unsqueeze(2) * b.const(inv_freq)  # (b, T, rd/2)
     ang = b.concat(ang, ang, axis=-1).unsqueeze(1)  # (b, 1, T, rd): every head
     cos, sin = ang.cos(), ang.sin()
