@@ -155,17 +155,26 @@ class Lfm2Gguf(ArchMap):
 
 
 def lfm2_attention(b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Value, position: Value, pos: Value,
-                   c: Lfm2Config, tokens: int | None) -> tuple[Value, Value, Value]:
-    """LFM2's attention on the normed input a (b, t, d). Returns (out (b, t, d), new rings)."""
+                   c: Lfm2Config, tokens: int | None, *, theta: float | None = None, inv_freq=None,
+                   window: int | None = None, gate: bool = False) -> tuple[Value, Value, Value]:
+    """LFM2's attention on the normed input a (b, t, d). Returns (out (b, t, d), new rings). LFM3 adds:
+    RoPE per layer type (`theta`, or the frequencies `inv_freq`), a sliding `window` (the ring is then the
+    window long), a sigmoid gate per head (`gate`: o + "g", applied before the output projection), and
+    q/k/v/o biases (o + "q_bias" ..., read where the weights hold them)."""
     H, Hkv, hd = c.attn_heads, c.kv_heads, c.head_dim
-    q = rms_norm(b, linear(b, a, o + "q").reshape(0, 0, H, hd), o + "q_norm", c.norm_eps).transpose(0, 2, 1, 3)
-    k = rms_norm(b, linear(b, a, o + "k").reshape(0, 0, Hkv, hd), o + "k_norm", c.norm_eps).transpose(0, 2, 1, 3)
-    v = linear(b, a, o + "v").reshape(0, 0, Hkv, hd).transpose(0, 2, 1, 3)  # (b, Hkv, t, hd)
-    q, k = (rope(b, x, pos, hd, c.rope_theta) for x in (q, k))
+    q = rms_norm(b, linear(b, a, o + "q", o + "q_bias").reshape(0, 0, H, hd), o + "q_norm", c.norm_eps)
+    k = rms_norm(b, linear(b, a, o + "k", o + "k_bias").reshape(0, 0, Hkv, hd), o + "k_norm", c.norm_eps)
+    v = linear(b, a, o + "v", o + "v_bias").reshape(0, 0, Hkv, hd).transpose(0, 2, 1, 3)  # (b, Hkv, t, hd)
+    theta = c.rope_theta if theta is None else theta
+    q, k = (rope(b, x.transpose(0, 2, 1, 3), pos, hd, theta, inv_freq=inv_freq) for x in (q, k))
     # the prefill graphs read only the filled slots of a ring under a third full; the step graph has no
     # control flow (mobile runtimes)
-    y, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, H, Hkv, hd, hd ** -0.5, early_exit=tokens != 1)
-    return linear(b, y.transpose(0, 2, 1, 3).reshape(0, 0, H * hd), o + "o"), nk, nv
+    y, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, H, Hkv, hd, hd ** -0.5, window=window,
+                          early_exit=tokens != 1 and window is None)  # (b, H, t, hd)
+    y = y.transpose(0, 2, 1, 3)  # (b, t, H, hd)
+    if gate:
+        y = y * linear(b, a, o + "g").sigmoid().unsqueeze(3)
+    return linear(b, y.reshape(0, 0, H * hd), o + "o", o + "o_bias"), nk, nv
 
 
 @register("Lfm2ForCausalLM")
@@ -185,11 +194,13 @@ class Lfm2(Family):
         c = self.config
         out = []
         for i, kind in enumerate(c.layer_types):
-            if kind == CONV:
-                out += c.mixer().state_spec(i)
-            else:
-                out += ring_state(i, c.kv_heads, c.head_dim, "attention", "after QK-norm and RoPE")
+            out += c.mixer().state_spec(i) if kind == CONV else self.attention_state(i, kind)
         return out
+
+    def attention_state(self, i: int, kind: str) -> list[StateTensor]:
+        """Attention layer i's state (its key and value rings)."""
+        c = self.config
+        return ring_state(i, c.kv_heads, c.head_dim, "attention", "after QK-norm and RoPE")
 
     def tensors(self):
         c = self.config
@@ -200,17 +211,24 @@ class Lfm2(Family):
             if kind == CONV:
                 rows += c.mixer().tensors(m + "conv.", o, g + "shortconv.")
             else:
-                a = m + "self_attn."
-                rows += [*(Row(o + n, f"{a}{n}_proj.weight", t, gguf=f"{g}attn_{n}.weight", codec=T) for n in "qkv"),
-                         Row(o + "o", a + "out_proj.weight", t, gguf=g + "attn_output.weight", codec=T),
-                         Row(o + "q_norm", a + "q_layernorm.weight", gguf=g + "attn_q_norm.weight"),
-                         Row(o + "k_norm", a + "k_layernorm.weight", gguf=g + "attn_k_norm.weight")]
+                rows += self.attention_rows(i, m + "self_attn.", o, g)
             rows += [Row(o + "ffn_norm", m + "ffn_norm.weight", gguf=g + "ffn_norm.weight"),
-                     *self.ffn_rows(i, m + "feed_forward.", o, g)]
+                     *self.ffn_rows(i, m + "feed_forward.", o, g), *self.layer_rows(i, m, o, g)]
         rows.append(Row("norm_f", "model.embedding_norm.weight", gguf="token_embd_norm.weight"))
         if not c.tie_embeddings:
             rows.append(Row("lm_head", "lm_head.weight", t, gguf="output.weight", codec=T))
         return rows
+
+    def attention_rows(self, i: int, a: str, o: str, g: str) -> list[Row]:
+        """Attention layer i's rows (checkpoint names under a, canonical under o, GGUF under g)."""
+        return [*(Row(o + n, f"{a}{n}_proj.weight", t, gguf=f"{g}attn_{n}.weight", codec=T) for n in "qkv"),
+                Row(o + "o", a + "out_proj.weight", t, gguf=g + "attn_output.weight", codec=T),
+                Row(o + "q_norm", a + "q_layernorm.weight", gguf=g + "attn_q_norm.weight"),
+                Row(o + "k_norm", a + "k_layernorm.weight", gguf=g + "attn_k_norm.weight")]
+
+    def layer_rows(self, i: int, m: str, o: str, g: str) -> list[Row]:
+        """Layer i's further rows (LFM3's sandwich norms); none in LFM2."""
+        return []
 
     def ffn_rows(self, i: int, f: str, o: str, g: str) -> list[Row]:
         """Layer i's feed-forward rows (checkpoint names under f, canonical under o, GGUF under g)."""
@@ -221,6 +239,15 @@ class Lfm2(Family):
     def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
         """Layer i's feed-forward on the normed m (b, t, d)."""
         return linear(b, linear(b, m, o + "gate").silu() * linear(b, m, o + "up"), o + "down")
+
+    def attention(self, b: GraphBuilder, a: Value, o: str, i: int, kind: str, ring_k: Value, ring_v: Value,
+                  position: Value, pos: Value, tokens: int | None) -> tuple[Value, Value, Value]:
+        """Attention layer i (of layer type `kind`) on the normed a (b, t, d): (out, new key ring, new value ring)."""
+        return lfm2_attention(b, a, o, ring_k, ring_v, position, pos, self.config, tokens)
+
+    def post_norm(self, b: GraphBuilder, y: Value, name: str) -> Value:
+        """A block's output before it joins the residual stream (LFM3's sandwich norm); as is in LFM2."""
+        return y
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
@@ -235,11 +262,11 @@ class Lfm2(Family):
                 if kind == CONV:
                     y, out[f"present.{i}.conv_state"] = mixer(b, a, o, state[p + "conv_state"], fused)
                 else:
-                    y, out[f"present.{i}.key"], out[f"present.{i}.value"] = lfm2_attention(
-                        b, a, o, state[p + "key"], state[p + "value"], state["position"], pos, c, tokens)
-                x = x + y
+                    y, out[f"present.{i}.key"], out[f"present.{i}.value"] = self.attention(
+                        b, a, o, i, kind, state[p + "key"], state[p + "value"], state["position"], pos, tokens)
+                x = x + self.post_norm(b, y, o + "post_norm")
                 m = rms_norm(b, x, o + "ffn_norm", c.norm_eps)
-                x = x + self.ffn(b, m, o, i)
+                x = x + self.post_norm(b, self.ffn(b, m, o, i), o + "post_ffn_norm")
         return x, out
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
