@@ -156,6 +156,15 @@ def _lfm2_moe(d: Path) -> Path:
                                                        "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32})
 
 
+def _lfm3(d: Path) -> Path:
+    import families  # noqa: F401  (first: it imports family_lfm3)
+    import family_lfm3
+
+    return family_lfm3.make_lfm3(d / "hf", seed=30, **{**family_lfm3.CONFIGS["swa7-gqa2-tied"], "vocab_size": VOCAB,
+                                                       "hidden_size": 16, "head_dim": 8, "intermediate_size": 32,
+                                                       "sliding_window": 3})
+
+
 _RWKV5 = _rwkv("5.2", dict(C=16, L=2, H=2, F=32), seed=31)
 _RWKV6 = _rwkv("6.0", dict(C=16, L=2, H=2, F=32, D_MIX=4, D_DECAY=4), seed=32)
 _RWKV7 = _rwkv("7", dict(C=16, L=2, H=2, F=32, D_W=4, D_A=4, D_V=4, D_G=4), seed=33)
@@ -181,6 +190,7 @@ CASES = {c.name: c for c in [
     Case("qwen35", "qwen35", _qwen35, load=_RING),
     Case("lfm2", "lfm2", _lfm2, load=_RING),
     Case("lfm2_moe", "lfm2_moe", _lfm2_moe, load=_RING),
+    Case("lfm3", "lfm3", _lfm3, load=_RING),  # sliding rings of 3 (IDS wrap them), a full ring of 12
 ]}
 
 
