@@ -7,6 +7,7 @@ in tests/test_conformance.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -336,3 +337,29 @@ def test_moe_without_llama_cpp_routing_is_generic_gguf(moe_case, tmp_path, lfm2_
         assert info["architecture"] == "lfm2moe" and info["generic_because"] is None
     else:
         assert info["architecture"] == "edgeseq-lfm2_moe" and "norm_topk_prob" in info["generic_because"]
+
+
+def test_moe_router_stays_f32_under_int4(tmp_path, monkeypatch):
+    """int4 flips LFM2-MoE routes: on this 16-expert model an int4 router alone (the rest f32) changes the
+    chosen experts of 28 % of token-layer routes (15 % in the first MoE layer), so the family keeps its
+    routers f32 (as llama.cpp's converter keeps ffn_gate_inp). With 16 experts the router is large enough
+    for the quantizer to take (it skips matrices under 16 rows): without the policy it goes 4-bit."""
+    from edgeseq.exporters.export import export
+    from edgeseq.families.base import Family
+    from edgeseq.families.lfm2_moe import Lfm2Moe
+
+    ck = make_lfm2(tmp_path / "hf", seed=5, layer_types=["conv", "full_attention", "conv"], num_hidden_layers=3,
+                   hidden_size=64, moe=dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=32,
+                                            num_dense_layers=1))
+
+    def quantized(out):
+        return json.loads((Path(export(str(ck), str(tmp_path / out), quant="int4")) / "edgeseq.json").read_text()
+                          )["quant"]["tensors"]
+
+    t = quantized("int4")
+    routers = [f"layers.{i}.router" for i in (1, 2)]
+    assert not any(r in t for r in routers), sorted(t)
+    assert t["layers.1.experts_up"]["bits"] == 4 and t["layers.0.in_proj"]["bits"] == 4  # the rest as the recipe
+    monkeypatch.setattr(Lfm2Moe, "quant_policy", Family.quant_policy)
+    t = quantized("int4-router")
+    assert all(t[r]["bits"] == 4 for r in routers)
