@@ -195,6 +195,15 @@ def small_ckpt(tmp_path_factory):
     (dict(rope_parameters={S: {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}), "rope_type 'yarn'"),
     (dict(head_dim=7), "head_dim 7"),
     (dict(num_key_value_heads=3), "num_key_value_heads 3"),
+    # malformed values: one line naming the key, not a traceback
+    (dict(num_attention_heads=0), "num_attention_heads must be a whole number"),
+    (dict(hidden_size="big"), "hidden_size must be a whole number"),
+    (dict(layer_types="conv"), "layer_types"),
+    (dict(layer_types=[C, {"type": "conv"}]), "layer_types"),
+    (dict(rope_parameters={S: 5}), "rope_parameters.sliding_attention must be an object"),
+    (dict(rope_parameters={S: {"rope_type": "proportional", "partial_rotary_factor": "half"}}),
+     "partial_rotary_factor must be a number"),
+    (dict(conv_L_cache=1), "conv_L_cache must be a whole number >= 2"),
 ])
 def test_unsupported_config(small_ckpt, tmp_path, edit, message):
     import shutil
