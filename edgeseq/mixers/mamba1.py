@@ -1,5 +1,6 @@
 """Mamba-1's mixer: the selective state-space layer (Gu & Dao 2023, Algorithm 2), with the variants
-the families use: FalconMamba's weightless RMS norms on dt, B and C, and Zamba's heads (x_proj and
+the families use: FalconMamba's weightless RMS norms on dt, B and C (Jamba's carry weights:
+`norm_weights`), and Zamba's heads (x_proj and
 dt_proj per head of hd = di / nh channels; one head is Mamba itself).
 
 Symbols: b batch · t tokens · d model width · di inner width · nh heads (hd = di/nh) · n state size ·
@@ -14,7 +15,7 @@ r dt rank · k conv width.
 
 ONNX Runtime's LinearAttention fits Mamba-1 only as one head per channel (d_k = n, d_v = 1), and
 measured slower that way than the Scan for both decode and prefill (docs/benchmarks.md), so both
-flavours use the Scan. Used by Mamba, FalconMamba and Zamba.
+flavours use the Scan. Used by Mamba, FalconMamba, Zamba and Jamba.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class Mamba1Mixer:
     dt_rank: int
     n_heads: int = 1  # Zamba's Mamba heads; 1 for Mamba
     rms_eps: float | None = None  # FalconMamba's norms on dt, B, C; None for Mamba
+    norm_weights: bool = False  # Jamba: those norms scale by weights (dt_norm, b_norm, c_norm)
 
     @property
     def head_dim(self) -> int:
@@ -74,7 +76,15 @@ class Mamba1Mixer:
             Row(o + "D", m + "D", reshape(di), gguf=g + "ssm_d"),
             Row(o + "out_proj", m + "out_proj.weight", t, gguf=g + "ssm_out.weight", codec=T),
             Row(o + "out_proj_bias", m + "out_proj.bias", optional=True),
+            *self.norm_rows(m, o, g),
         ]
+
+    def norm_rows(self, m: str, o: str, g: str) -> list[Row]:
+        """Jamba's weighted norms on dt, B and C (transformers' JambaMambaMixer names, llama.cpp's jamba)."""
+        if not self.norm_weights:
+            return []
+        return [Row(o + f"{x}_norm", f"{m}{x}_layernorm.weight", gguf=f"{g}ssm_{x}_norm.weight", shape=(size,))
+                for x, size in (("dt", self.dt_rank), ("b", self.d_state), ("c", self.d_state))]
 
     # -- graph -----------------------------------------------------------------------------------
     def __call__(self, b: GraphBuilder, h: Value, o: str, conv_state: Value, state: Value, one_token: bool,
@@ -88,7 +98,8 @@ class Mamba1Mixer:
         if self.n_heads == 1:
             dt, B, C = split(b, linear(b, xs, o + "x_proj"), [r, n, n])
             if self.rms_eps is not None:
-                dt, B, C = (rms_norm(b, v, None, self.rms_eps) for v in (dt, B, C))
+                w = (o + "dt_norm", o + "b_norm", o + "c_norm") if self.norm_weights else (None, None, None)
+                dt, B, C = (rms_norm(b, v, n, self.rms_eps) for v, n in zip((dt, B, C), w))
             dt = softplus(b, linear(b, dt, o + "dt_proj", o + "dt_bias"))  # (b, t, di)
             B, C = B.unsqueeze(2), C.unsqueeze(2)  # (b, t, 1, n): shared by every channel
         else:
