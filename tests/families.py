@@ -664,6 +664,8 @@ from family_lfm2 import CASES as LFM2_CASES, MOE_CASES as LFM2_MOE_CASES  # noqa
 register(*LFM2_CASES, *LFM2_MOE_CASES)
 from family_lfm3 import CASES as LFM3_CASES  # noqa: E402
 register(*LFM3_CASES)
+from family_jamba import CASES as JAMBA_CASES  # noqa: E402
+register(*JAMBA_CASES)
 
 def cases(*families: str) -> list[FamilyCase]:
     return [c for c in CASES.values() if c.family in families] if families else list(CASES.values())
