@@ -99,6 +99,29 @@ def test_ring_holds_transformers_keys(swa7):
             assert np.abs(got - ref).max() < 1e-4 * max(1, np.abs(ref).max()), (i, name)
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["fused", "portable"])
+def test_rows_at_their_own_positions(swa7, portable):
+    """Rows before, at and past the window (3, 7, 21 tokens) stacked into one batch and stepped / prefilled
+    together with their own positions: each row's logits and state as when it runs alone, and as
+    transformers' (what edgeseq serve relies on; tests/test_batch_rows.py's check for LFM3's rings)."""
+    from conftest import PlainOrt
+
+    app = PlainOrt(swa7.bundle(portable=portable), max_context=32)  # the full ring holds them all
+    ids, lengths = swa7.ids, [3, 7, 21]
+    rows = [app.steps(ids[:n]) for n in lengths]
+    state = {k: np.concatenate([s[k] for _, s in rows]) for k in rows[0][1]}
+    for kind, feed in (("step", [[ids[n]] for n in lengths]), ("prefill", [ids[n:n + 3] for n in lengths])):
+        g = app.manifest["graphs"][kind]
+        outs = app.sessions[kind].run(g["outputs"], {"input_ids": np.asarray(feed, np.int64),
+                                                     "position": np.array(lengths, np.int64), **state})
+        for r, n in enumerate(lengths):
+            alone_logits, alone_state = app.run(kind, feed[r], rows[r][1], position=n)
+            assert np.abs(outs[0][r] - alone_logits[0]).max() < 1e-5, (kind, r)
+            assert np.abs(outs[0][r] - swa7.ref[n + len(feed[r]) - 1]).max() < swa7.tol, (kind, r)
+            for s, o in zip(app.spec, outs[1:]):
+                assert np.abs(o[r] - alone_state[s["name"]][0]).max() < 1e-5, (kind, r, s["name"])
+
+
 # config variants, checked for logits only: (name, config over family_lfm3.DEFAULTS, config.json edits)
 VARIANTS = [
     ("window1", dict(sliding_window=1), {}),  # a sliding layer sees only its own token
