@@ -75,6 +75,12 @@ def test_sharded_bf16_checkpoint(tmp_path):
     (dict(layer_types=["conv", "sliding_attention", "conv", "full_attention"]), "layer_types"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0}), "rope_type"),
     (dict(head_dim=16), "head_dim"),
+    # malformed values: one line naming the key, not a traceback
+    (dict(hidden_size="big"), "hidden_size must be a whole number"),
+    (dict(num_key_value_heads=0), "num_key_value_heads must be a whole number >= 1"),
+    (dict(layer_types="conv"), "layer_types"),
+    (dict(rope_parameters=[1]), "rope_parameters must be an object"),
+    (dict(block_multiple_of=None, block_ffn_dim_multiplier="x"), "block_ffn_dim_multiplier must be a number"),
 ])
 def test_unsupported_config(tmp_path, edit, message):
     ck = make_lfm2(tmp_path / "hf")

@@ -69,52 +69,76 @@ class Lfm2Config:
         return ShortConvMixer(self.d_model, self.d_conv)
 
 
+def config_number(v, key: str, where: str, kind=int, low=1):
+    """A config.json value as `kind` (int: a whole number >= low; float: finite, and >= low unless low is
+    None), or one error naming the file and the key (a traceback otherwise)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    if ok and kind is int:
+        ok = float(v).is_integer() and v >= low
+    elif ok and low is not None:
+        ok = v >= low
+    if not ok:
+        want = f"a whole number >= {low}" if kind is int else ("a number" + (f" >= {low}" if low is not None else ""))
+        raise UnsupportedError(f"{where}: {key} must be {want}; got {v!r}")
+    return kind(v)
+
+
+def config_key(cfg: dict, names: tuple[str, ...], where: str, default=None, kind=int, low=1):
+    """The first of `names` in cfg (`default` when none; an error when no default) through config_number."""
+    v = cfg_get(cfg, names, where=where) if default is None else cfg_get(cfg, names, default, where)
+    return config_number(v, next((n for n in names if cfg.get(n) is not None), names[0]), where, kind, low)
+
+
 def ffn_width(cfg: dict, where: str) -> int:
     """transformers' Lfm2MLP width (and llama.cpp's converter's)."""
-    f = int(cfg_get(cfg, ("block_ff_dim", "intermediate_size"), where=where))
+    f = config_key(cfg, ("block_ff_dim", "intermediate_size"), where)
     if cfg.get("block_auto_adjust_ff_dim", True):
         f = int(2 * f / 3)
         mult = cfg.get("block_ffn_dim_multiplier", 1.0)
         if mult is not None:
-            f = int(mult * f)
-            m = int(cfg.get("block_multiple_of", 256))
+            f = int(config_number(mult, "block_ffn_dim_multiplier", where, float, 0.0) * f)
+            m = config_key(cfg, ("block_multiple_of",), where, 256)
             f = m * ((f + m - 1) // m)
     return f
 
 
 def read_lfm2_config(src) -> Lfm2Config:
     cfg, where = src.config, f"{src.path}/config.json"
-    n = int(cfg_get(cfg, ("num_hidden_layers",), where=where))
+    n = config_key(cfg, ("num_hidden_layers",), where)
     types = cfg.get("layer_types")
     if types is None:  # older configs: the attention layers' indices
         idx = cfg.get("full_attn_idxs")
         idx = list(range(n)) if idx is None else idx
+        if not isinstance(idx, list):
+            raise UnsupportedError(f"{where}: full_attn_idxs must list layer indices; got {idx!r}")
         types = [FULL if i in idx else CONV for i in range(n)]
-    bad = sorted({x for x in types if x not in (CONV, FULL)})
+    bad = [x for x in types if x not in (CONV, FULL)] if isinstance(types, list) else [types]
     if bad or len(types) != n:
         raise UnsupportedError(f"{where}: layer_types must list {n} of {CONV!r} / {FULL!r}; got "
                                + (f"{bad[0]!r}" if bad else f"{len(types)} entries"))
     rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(rp, dict):
+        raise UnsupportedError(f"{where}: rope_parameters must be an object; got {rp!r}")
     if rp.get("rope_type", rp.get("type", "default")) != "default":
         raise UnsupportedError(f"{where}: rope_parameters.rope_type {rp.get('rope_type')!r} is not supported (default)")
-    theta = rp.get("rope_theta", cfg.get("rope_theta", 1e6))
-    d = int(cfg_get(cfg, ("hidden_size",), where=where))
-    heads = int(cfg_get(cfg, ("num_attention_heads",), where=where))
-    kv = int(cfg_get(cfg, ("num_key_value_heads",), heads, where))
+    theta = config_number(rp.get("rope_theta", cfg.get("rope_theta", 1e6)), "rope_theta", where, float, 1e-9)
+    d = config_key(cfg, ("hidden_size",), where)
+    heads = config_key(cfg, ("num_attention_heads",), where)
+    kv = config_key(cfg, ("num_key_value_heads",), where, heads)
     if d % heads or heads % kv:
         raise UnsupportedError(f"{where}: hidden_size {d}, num_attention_heads {heads} and num_key_value_heads {kv} "
                                "must divide evenly")
     hd = cfg.get("head_dim")
-    if hd is not None and int(hd) != d // heads:
+    if hd is not None and hd != d // heads:
         raise UnsupportedError(f"{where}: head_dim {hd} other than hidden_size / num_attention_heads is not supported")
     tie = cfg.get("tie_embedding", cfg.get("tie_word_embeddings", True))
     return Lfm2Config(
-        vocab_size=int(cfg_get(cfg, ("vocab_size",), where=where)), d_model=d, n_layer=n, layer_types=list(types),
+        vocab_size=config_key(cfg, ("vocab_size",), where), d_model=d, n_layer=n, layer_types=list(types),
         ffn_dim=ffn_width(cfg, where), attn_heads=heads, kv_heads=kv,
-        d_conv=int(cfg_get(cfg, ("conv_L_cache",), 3, where)), rope_theta=float(theta),
-        norm_eps=float(cfg_get(cfg, ("norm_eps",), 1e-5, where)), conv_bias=bool(cfg.get("conv_bias", False)),
+        d_conv=config_key(cfg, ("conv_L_cache",), where, 3, low=2), rope_theta=theta,
+        norm_eps=config_key(cfg, ("norm_eps",), where, 1e-5, float, 0.0), conv_bias=bool(cfg.get("conv_bias", False)),
         tie_embeddings=bool(tie) or not src.has("lm_head.weight"),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 128000)))
+        max_position_embeddings=config_key(cfg, ("max_position_embeddings",), where, 128000))
 
 
 class Lfm2Gguf(ArchMap):

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
-from edgeseq.families.base import cfg_get
-from edgeseq.families.lfm2 import Lfm2, Lfm2Config, Lfm2Gguf, read_lfm2_config
+from edgeseq.families.lfm2 import Lfm2, Lfm2Config, Lfm2Gguf, config_key, config_number, read_lfm2_config
 from edgeseq.gguf_names import u32
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.mixers.moe import MoeFeedForward
@@ -80,15 +79,15 @@ class Lfm2Moe(Lfm2):
     def read_config(cls, src) -> Lfm2MoeConfig:
         cfg, where = src.config, f"{src.path}/config.json"
         base = vars(read_lfm2_config(src))
-        base["ffn_dim"] = int(cfg_get(cfg, ("intermediate_size",), where=where))
-        E = int(cfg_get(cfg, ("num_experts",), where=where))
-        k = int(cfg_get(cfg, ("num_experts_per_tok",), where=where))
+        base["ffn_dim"] = config_key(cfg, ("intermediate_size",), where)
+        E = config_key(cfg, ("num_experts",), where)
+        k = config_key(cfg, ("num_experts_per_tok",), where)
         if not 0 < k <= E:
             raise UnsupportedError(f"{where}: num_experts_per_tok {k} must be 1 to num_experts ({E})")
-        return Lfm2MoeConfig(**base, n_dense=int(cfg_get(cfg, ("num_dense_layers",), 2, where)), n_experts=E, top_k=k,
-                             expert_dim=int(cfg_get(cfg, ("moe_intermediate_size",), where=where)),
-                             norm_topk=bool(cfg.get("norm_topk_prob", True)),
-                             routed_scaling=float(cfg.get("routed_scaling_factor") or 1.0),
+        scaling = config_number(cfg.get("routed_scaling_factor") or 1.0, "routed_scaling_factor", where, float, None)
+        return Lfm2MoeConfig(**base, n_dense=config_key(cfg, ("num_dense_layers",), where, 2, low=0), n_experts=E,
+                             top_k=k, expert_dim=config_key(cfg, ("moe_intermediate_size",), where),
+                             norm_topk=bool(cfg.get("norm_topk_prob", True)), routed_scaling=scaling,
                              expert_bias=bool(cfg.get("use_expert_bias", True)))
 
     def ffn_rows(self, i: int, f: str, o: str, g: str) -> list[Row]:

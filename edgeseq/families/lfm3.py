@@ -36,8 +36,9 @@ import numpy as np
 
 from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
-from edgeseq.families.base import StateTensor, cfg_get
-from edgeseq.families.lfm2 import CONV, FULL, MAX_CONTEXT, Lfm2, Lfm2Config, lfm2_attention
+from edgeseq.families.base import StateTensor
+from edgeseq.families.lfm2 import (CONV, FULL, MAX_CONTEXT, Lfm2, Lfm2Config, config_key, config_number,
+                                    lfm2_attention)
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.ops import rms_norm
 from edgeseq.tensor_table import Either, Row, t
@@ -68,44 +69,27 @@ class Lfm3Config(Lfm2Config):
         return (f / np.float32(factor)).astype(np.float32)
 
 
-def _number(v, key: str, where: str, kind=int, low=1):
-    """A config value as `kind` (int: a whole number >= low; float: finite, >= low when low is given)."""
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-    if ok and kind is int:
-        ok = float(v).is_integer() and v >= low
-    elif ok and low is not None:
-        ok = v >= low
-    if not ok:
-        want = f"a whole number >= {low}" if kind is int else ("a number" + (f" >= {low}" if low is not None else ""))
-        raise UnsupportedError(f"{where}: {key} must be {want}; got {v!r}")
-    return kind(v)
-
-
-def _key(cfg: dict, names: tuple[str, ...], where: str, default=None, kind=int, low=1):
-    v = cfg_get(cfg, names, default, where) if default is not None else cfg_get(cfg, names, where=where)
-    return _number(v, names[0], where, kind, low)
-
-
 def _rope(rp: dict, kind: str, where: str) -> tuple:
     p = rp.get(kind, ROPE_DEFAULTS[kind]) if any(k in rp for k in (FULL, SLIDING)) else (rp or ROPE_DEFAULTS[kind])
     at = f"rope_parameters.{kind}"
     if not isinstance(p, dict):
         raise UnsupportedError(f"{where}: {at} must be an object; got {p!r}")
     kind_ = p.get("rope_type", p.get("type", "default"))
-    theta = _number(p.get("rope_theta", ROPE_DEFAULTS[kind]["rope_theta"]), at + ".rope_theta", where, float, 1e-9)
+    theta = config_number(p.get("rope_theta", ROPE_DEFAULTS[kind]["rope_theta"]), at + ".rope_theta", where, float,
+                          1e-9)
     if kind_ == "default":  # transformers' Lfm3 default RoPE rotates every channel (no partial factor)
         return theta, 1.0, 1.0
     if kind_ == "proportional":
-        share = _number(p.get("partial_rotary_factor", 1.0), at + ".partial_rotary_factor", where, float, 0.0)
+        share = config_number(p.get("partial_rotary_factor", 1.0), at + ".partial_rotary_factor", where, float, 0.0)
         if share > 1.0:
             raise UnsupportedError(f"{where}: {at}.partial_rotary_factor {share} is not in [0, 1]")
-        return theta, share, _number(p.get("factor", 1.0), at + ".factor", where, float, 1e-9)
+        return theta, share, config_number(p.get("factor", 1.0), at + ".factor", where, float, 1e-9)
     raise UnsupportedError(f"{where}: {at}.rope_type {kind_!r} is not supported (default, proportional)")
 
 
 def read_lfm3_config(src) -> Lfm3Config:
     cfg, where = src.config, f"{src.path}/config.json"
-    n = _key(cfg, ("num_hidden_layers",), where)
+    n = config_key(cfg, ("num_hidden_layers",), where)
     types = cfg.get("layer_types")
     if types is None:  # transformers' default pattern
         types = [FULL if i % 4 == 2 else SLIDING if i % 4 == 0 and i > 0 else CONV for i in range(n)]
@@ -113,18 +97,18 @@ def read_lfm3_config(src) -> Lfm3Config:
         bad = [x for x in types if x not in (CONV, FULL, SLIDING)] if isinstance(types, list) else []
         raise UnsupportedError(f"{where}: layer_types must list {n} of {CONV!r} / {SLIDING!r} / {FULL!r}; got "
                                + (f"{bad[0]!r}" if bad else f"{types!r}"))
-    d = _key(cfg, ("hidden_size",), where)
-    heads = _key(cfg, ("num_attention_heads",), where)
-    kv = _key(cfg, ("num_key_value_heads",), where, heads)
+    d = config_key(cfg, ("hidden_size",), where)
+    heads = config_key(cfg, ("num_attention_heads",), where)
+    kv = config_key(cfg, ("num_key_value_heads",), where, heads)
     if heads % kv:
         raise UnsupportedError(f"{where}: num_attention_heads {heads} must be a multiple of num_key_value_heads {kv}")
-    hd = _key(cfg, ("head_dim",), where, d // heads)
+    hd = config_key(cfg, ("head_dim",), where, d // heads)
     if hd % 2:
         raise UnsupportedError(f"{where}: head_dim {hd} must be even (RoPE rotates pairs)")
     window = cfg.get("sliding_window")
     if SLIDING in types or window is not None:
         try:
-            window = _number(window, "sliding_window", where)
+            window = config_number(window, "sliding_window", where)
         except UnsupportedError:
             if SLIDING in types:
                 raise UnsupportedError(f"{where}: sliding_window must be a positive number of tokens for the "
@@ -139,14 +123,15 @@ def read_lfm3_config(src) -> Lfm3Config:
     full_rope = _rope(rp, FULL, where) if FULL in types else ROPE_DEFAULTS_T[FULL]
     sliding_rope = _rope(rp, SLIDING, where) if SLIDING in types else ROPE_DEFAULTS_T[SLIDING]
     return Lfm3Config(
-        vocab_size=_key(cfg, ("vocab_size",), where), d_model=d, n_layer=n, layer_types=list(types),
-        ffn_dim=_key(cfg, ("intermediate_size",), where), attn_heads=heads, kv_heads=kv,
-        d_conv=_key(cfg, ("conv_L_cache",), where, 7, low=2), rope_theta=full_rope[0],
-        norm_eps=_key(cfg, ("norm_eps", "rms_norm_eps"), where, 1e-5, float, 0.0),
+        vocab_size=config_key(cfg, ("vocab_size",), where), d_model=d, n_layer=n, layer_types=list(types),
+        ffn_dim=config_key(cfg, ("intermediate_size",), where), attn_heads=heads, kv_heads=kv,
+        d_conv=config_key(cfg, ("conv_L_cache",), where, 7, low=2), rope_theta=full_rope[0],
+        norm_eps=config_key(cfg, ("norm_eps", "rms_norm_eps"), where, 1e-5, float, 0.0),
         conv_bias=bool(cfg.get("conv_bias", False)), tie_embeddings=bool(tie) or not src.has("lm_head.weight"),
-        max_position_embeddings=_key(cfg, ("max_position_embeddings",), where, 128000), head_dim=hd,
+        max_position_embeddings=config_key(cfg, ("max_position_embeddings",), where, 128000), head_dim=hd,
         window=window if window is not None else 256,
-        sandwich_norm=bool(cfg.get("use_sandwich_norm", True)), attention_gate=bool(cfg.get("use_attention_gate", True)),
+        sandwich_norm=bool(cfg.get("use_sandwich_norm", True)),
+        attention_gate=bool(cfg.get("use_attention_gate", True)),
         attention_bias=bool(cfg.get("attention_bias", False)), full_rope=full_rope, sliding_rope=sliding_rope)
 
 
