@@ -135,7 +135,7 @@ def read_lfm3_config(src) -> Lfm3Config:
         attention_bias=bool(cfg.get("attention_bias", False)), full_rope=full_rope, sliding_rope=sliding_rope)
 
 
-ROPE_DEFAULTS_T = {FULL: (1_000_000.0, 0.5, 1.0), SLIDING: (10_000.0, 1.0, 1.0)}
+ROPE_DEFAULTS_T = {k: _rope({}, k, "") for k in (FULL, SLIDING)}  # (theta, share, factor) of a type not in the model
 
 
 @register("Lfm3ForCausalLM")
