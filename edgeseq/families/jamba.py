@@ -130,6 +130,8 @@ def read_jamba_config(src) -> JambaConfig:
     moe = pattern(n, periods["expert_layer_period"], periods["expert_layer_offset"]) if E > 1 else []
     if moe and not 0 < k <= E:
         raise UnsupportedError(f"{where}: num_experts_per_tok {k} must be 1 to num_experts ({E})")
+    if not moe:  # no expert layer: k is unused, and llama.cpp aborts on a GGUF whose expert_used_count
+        k = max(1, min(k, E))  # exceeds expert_count (as the converter writes transformers' default k = 2, E = 1)
     mamba = next((i for i in range(n) if i not in attn), None)
     if mamba is None:
         raise UnsupportedError(f"{where}: attn_layer_period {periods['attn_layer_period']} leaves no Mamba layer")
