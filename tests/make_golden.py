@@ -165,6 +165,15 @@ def _lfm3(d: Path) -> Path:
                                                        "sliding_window": 3})
 
 
+def _jamba(d: Path) -> Path:
+    import families  # noqa: F401  (first: it imports family_jamba)
+    import family_jamba
+
+    cfg = {k: v for k, v in family_jamba.CONFIGS["moe-top2-of-4-tied"].items() if k != "seed"}
+    return family_jamba.make_jamba(d / "hf", seed=34, **{**cfg, "vocab_size": VOCAB, "hidden_size": 16,
+                                                         "intermediate_size": 32})
+
+
 _RWKV5 = _rwkv("5.2", dict(C=16, L=2, H=2, F=32), seed=31)
 _RWKV6 = _rwkv("6.0", dict(C=16, L=2, H=2, F=32, D_MIX=4, D_DECAY=4), seed=32)
 _RWKV7 = _rwkv("7", dict(C=16, L=2, H=2, F=32, D_W=4, D_A=4, D_V=4, D_G=4), seed=33)
@@ -191,6 +200,7 @@ CASES = {c.name: c for c in [
     Case("lfm2", "lfm2", _lfm2, load=_RING),
     Case("lfm2_moe", "lfm2_moe", _lfm2_moe, load=_RING),
     Case("lfm3", "lfm3", _lfm3, load=_RING),  # sliding rings of 3 (IDS wrap them), a full ring of 12
+    Case("jamba", "jamba", _jamba, load=_RING),  # Mamba-1 with dt/B/C norms, attention and experts on layers 1, 3
 ]}
 
 
