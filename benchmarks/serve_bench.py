@@ -21,7 +21,14 @@ The model: `demo` (the shipped byte-level RWKV-7, f32) or a shape of the harness
    5xx), p50/p99 latency of the good ones, and the server's RSS after each tenth of the run (flat once
    the cache is full: no leak per request).
 
-Not here yet: the same runs against llama.cpp's llama-server built from source (issue 17).
+--llama-server PATH: the same TTFT and throughput runs against llama.cpp's own server (a `llama-server`
+binary built from the llama.cpp sources of the pinned llama-cpp-python), both servers on one GGUF file (the
+model exported by edgeseq at --quant: int8 -> Q8_0, int4 -> Q4_0), the same text requests to the same
+OpenAI endpoint (/v1/completions, streamed), each server tokenizing with the GGUF's vocabulary. A random
+model's reply need not re-tokenize to the ids it was generated as, so a turn may reuse only the state at the
+end of the previous prompt: both servers report what they reused (cached_tokens). llama-server runs as a
+user would: `--parallel` as edgeseq's, a context of 2048 tokens a slot, its default prompt cache and
+context checkpoints.
 """
 from __future__ import annotations
 
@@ -107,6 +114,71 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+
+
+class LlamaServer(Server):
+    """llama.cpp's llama-server on a GGUF file; the same OpenAI endpoint as Server (stream() is shared)."""
+
+    def __init__(self, binary: str, gguf: str, parallel: int, threads: int | None):
+        import socket
+
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            self.port = sk.getsockname()[1]
+        t = ["-t", str(threads), "-tb", str(threads)] if threads else []
+        cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(self.port), "-np", str(parallel),
+               "-c", str(2048 * parallel), "--no-webui", *t]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise SystemExit(f"llama-server exited with {self.proc.returncode}: {' '.join(cmd)}")
+            time.sleep(0.2)
+        raise SystemExit("llama-server did not start")
+
+
+def versus_llama(a, res: dict) -> None:
+    """edgeseq serve and llama-server on one GGUF file, the same text requests (see the module's docstring)."""
+    sys.path.insert(0, HERE)
+    from harness.models import build
+
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    built = build(a.model, a.work)
+    gq = {"int8": "q8_0", "int4": "q4_0", "f32": "f32"}[a.quant]
+    gguf = os.path.join(a.work, a.model, f"{a.model}-{gq}-served.gguf")
+    if not os.path.isfile(gguf):
+        kw = {"tokenizer": built["tokenizer"]} if built["tokenizer"] else {}
+        export_gguf(built["checkpoint"], gguf, quant=gq, **kw)
+    res["gguf"] = gguf
+    turns = user_turns(a.turns, a.user_tokens, False)
+    par = max(a.clients)
+    servers = (("edgeseq", lambda: Server(gguf, "--parallel", par, "--cache-ram", 1024,
+                                          *(["--threads", a.threads] if a.threads else []))),
+               ("llama_server", lambda: LlamaServer(a.llama_server, gguf, par, a.threads)))
+    for label, start in servers:
+        s = start()
+        try:
+            s.stream({"prompt": user_turns(1, 8, False)[0][::-1], "max_tokens": 4})  # warm-up, unrelated
+            res[f"versus_{label}"] = {"ttft": chat_ttft(s, turns, a.reply_tokens, False),
+                                      "throughput": [throughput(s, c, a.decode, False) for c in a.clients]}
+        finally:
+            s.stop()
+    e, L = res["versus_edgeseq"], res["versus_llama_server"]
+    print(f"{a.model} on {os.path.basename(gguf)}: TTFT ms per turn, edgeseq serve / llama-server (cached tokens)")
+    for x, y in zip(e["ttft"], L["ttft"]):
+        print(f"{x['turn']:4d}  prompt {x['prompt_tokens']:5d} / {y['prompt_tokens']:5d}  {x['ttft_ms']:8.1f} "
+              f"({x['cached_tokens']:4d})  {y['ttft_ms']:8.1f} ({y['cached_tokens']:4d})  "
+              f"llama/edgeseq {y['ttft_ms'] / x['ttft_ms']:.2f}")
+    for x, y in zip(e["throughput"], L["throughput"]):
+        print(f"{x['clients']:2d} clients: edgeseq {x['tok_s']:7.1f} tok/s, llama-server {y['tok_s']:7.1f} tok/s, "
+              f"edgeseq/llama {x['tok_s'] / y['tok_s']:.2f}")
 
 
 def user_turns(n: int, words: int, byte_level: bool) -> list[str]:
@@ -204,7 +276,18 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/edgeseq-bench")
     p.add_argument("--load", type=int, default=0, metavar="N", help="also the load run of N requests")
     p.add_argument("--out", default=None)
+    p.add_argument("--llama-server", default=None, metavar="PATH",
+                   help="also the same runs against this llama-server binary, both on one GGUF (token-id prompts)")
+    p.add_argument("--only-versus", action="store_true", help="with --llama-server: only the side-by-side runs")
     a = p.parse_args()
+    if a.llama_server:
+        res = {"model": a.model, "quant": a.quant, "cpus": os.cpu_count(), "args": vars(a)}
+        versus_llama(a, res)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(res, f, indent=1)
+        if a.only_versus:
+            return
     bundle, byte_level = bundle_for(a.model, a.quant, a.work)
     extra = ["--threads", a.threads] if a.threads else []
     res = {"model": a.model, "quant": "f32" if a.model == "demo" else a.quant, "machine": platform.processor()

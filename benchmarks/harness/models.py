@@ -9,8 +9,8 @@ not degenerate and greedy decoding does not get stuck on one token. Two sources:
 - "pth": a BlinkDL RWKV .pth (v4, v5.2, v6, v7 "x070", fp32, keys and shapes as BlinkDL saves them);
   for the rwkv package and every exporter.
 
-A vocabulary other than 256 (byte-level) gets a trivial WordLevel tokenizer.json of exactly that size
-beside the checkpoint (the benchmarks feed token ids, never text). `tiny` shapes are the test suite's
+A vocabulary other than 256 (byte-level) gets a synthetic byte-level BPE tokenizer.json of exactly that
+size beside the checkpoint (the benchmarks feed token ids; a BPE file is what GGUF export and llama.cpp take). `tiny` shapes are the test suite's
 (seconds to build and to run); `-small` ones the same families at width 256; the others are released
 models' shapes (`note` says which, and where a shape is not exactly a released model's).
 """
@@ -122,6 +122,21 @@ SHAPES: dict[str, dict] = {
                       num_hidden_layers=18, num_attention_heads=16, num_key_value_heads=1, lru_width=2560,
                       intermediate_size=2 * 3 * 2048, attention_window_size=1024,
                       note="the Griffin paper's 1B (as recalled) with a 32,000-token vocabulary"),
+    "qwen35-0.8b": _hf("Qwen3_5TextConfig", "qwen35", vocab_size=248320, hidden_size=1024, num_hidden_layers=24,
+                       intermediate_size=3584, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+                       linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
+                       linear_value_head_dim=128, linear_conv_kernel_dim=4, tie_word_embeddings=True,
+                       layer_types=["full_attention" if i % 4 == 3 else "linear_attention" for i in range(24)],
+                       note="Qwen/Qwen3.5-0.8B's language model (as recalled: d 1024, 24 layers, every 4th full "
+                            "attention, 8/2 heads of 256, 16 linear heads of 128)"),
+    "lfm2-350m": _hf("Lfm2Config", "lfm2", vocab_size=65536, hidden_size=1024, intermediate_size=6656,
+                     num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+                     layer_types=["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16)],
+                     tie_word_embeddings=True, note="LiquidAI/LFM2-350M (feed-forward 4608 after auto-adjust)"),
+    "lfm2-1.2b": _hf("Lfm2Config", "lfm2", vocab_size=65536, hidden_size=2048, intermediate_size=12288,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     layer_types=["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16)],
+                     tie_word_embeddings=True, note="LiquidAI/LFM2-1.2B (feed-forward 8192 after auto-adjust)"),
     "recurrentgemma-2b": _hf("RecurrentGemmaConfig", "recurrent_gemma",
                              note="transformers' RecurrentGemmaConfig defaults: google/recurrentgemma-2b"),
 }
@@ -137,13 +152,30 @@ def vocab_of(shape: dict) -> int:
 # ---------------------------------------------------------------------------------------------------
 # builders (run in a child: they need torch, and transformers for "hf")
 # ---------------------------------------------------------------------------------------------------
-def write_wordlevel(path: str, vocab_size: int) -> None:
-    """A WordLevel tokenizer.json of exactly vocab_size tokens (ids are fed, never text)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def write_bpe(path: str, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer.json of exactly vocab_size tokens: the 256 byte symbols, then merges of
+    every pair of them, then of those pairs with a symbol (ids are fed, never text; the vocabulary only has
+    to be a valid BPE of the right size for GGUF export and llama.cpp)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet.sort()
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges, grown = [], list(alphabet)
+    while len(vocab) < vocab_size:
+        for left in list(grown):
+            for c in alphabet:
+                if len(vocab) == vocab_size:
+                    break
+                if left + c not in vocab:
+                    vocab[left + c] = len(vocab)
+                    merges.append((left, c))
+            if len(vocab) == vocab_size:
+                break
+        grown = [t for t in vocab if len(t) == len(grown[0]) + 1]
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     tok.save(path)
 
 
@@ -290,7 +322,7 @@ def build(name: str, root: str, seed: int = 0) -> dict:
     tok = None
     if vocab != 256:
         tok = os.path.join(d, "tokenizer.json")
-        write_wordlevel(tok, vocab)
+        write_bpe(tok, vocab)
     done = {"name": name, "shape": shape, "seed": seed, "family": shape["family"], "source": shape["source"],
             "checkpoint": ckpt, "tokenizer": tok, "vocab": vocab, "params": params}
     with open(stamp, "w") as f:

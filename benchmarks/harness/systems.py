@@ -171,10 +171,10 @@ class LlamaCpp(System):
     by the harness's edgeseq); f16 and the quants are made from it by llama.cpp's own quantizer, run in
     this system's Python (e.g. a native GGML_NATIVE=ON build in its own venv: --llamacpp-python)."""
     name = "llamacpp"
-    families = ("mamba", "mamba2", "rwkv6", "rwkv7")  # the architectures llama.cpp runs of edgeseq's GGUFs
-
     def skip(self, built, quant):
-        if built["family"] not in self.families:
+        from edgeseq.gguf_names import llama_archs  # the families whose GGUF llama.cpp runs
+
+        if built["family"] not in {m.family for m in llama_archs().values()}:
             return f"llama.cpp has no {built['family']} architecture"
         return super().skip(built, quant)
 
