@@ -257,7 +257,9 @@ class GraniteHybridGguf(ArchMap):
         kv = [c.kv_heads if i in c.attn_layers else 0 for i in range(c.n_layer)]
         out = [u32("block_count", c.n_layer),
                u32("context_length", c.max_position_embeddings if c.rope else 2 ** 20),
-               u32("embedding_length", c.d_model), u32("feed_forward_length", c.expert_dim),
+               # without experts llama.cpp sizes the MLP by feed_forward_length: the shared MLP's width (the
+               # converter writes intermediate_size, a file llama.cpp refuses when the two differ)
+               u32("embedding_length", c.d_model), u32("feed_forward_length", c.expert_dim if c.n_experts else c.ffn_dim),
                u32("attention.head_count", c.attn_heads), ("attention.head_count_kv", kv, "i32s"),
                f32("rope.freq_base", c.rope_theta), f32("attention.layer_norm_rms_epsilon", c.norm_eps)]
         if not c.bamba:
