@@ -12,7 +12,7 @@ G groups (B and C are shared by H/G heads) · n state size · k conv width.
 
 The state (b, H, n, P) is the layout of ONNX Runtime's LinearAttention (d_k = n, d_v = P), which the
 fused flavour uses directly: gated rule, per-head decay g = dt·A, k = B, v = dt·x, q = C.
-Used by Mamba2 and Zamba2 (and the Mamba-2 hybrids to come).
+Used by Mamba2, Zamba2 and Falcon-H1 (whose options: no gated norm, or the norm before the gate).
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ class Mamba2Mixer:
     norm_eps: float = 1e-5  # the gated group norm's
     dt_min: float = 0.0  # time_step_limit; (0, None) means no clipping
     dt_max: float | None = None
+    norm: bool = True  # the gated group norm; False: out_proj(y · silu(z)) (Falcon-H1's mamba_rms_norm off)
+    norm_before_gate: bool = False  # True: group_rms_norm(y) · silu(z) (Falcon-H1's mamba_norm_before_gate)
 
     @property
     def conv_dim(self) -> int:
@@ -66,8 +68,8 @@ class Mamba2Mixer:
             Row(o + "A", m + "A_log", lambda a: -np.exp(a), gguf=g + "ssm_a", codec=shaped((H, 1), (H,)), shape=(H,)),
             # per channel: the skip needs no reshape (llama.cpp keeps it per head)
             Row(o + "D", m + "D", lambda a: np.repeat(a, P), gguf=g + "ssm_d", codec=per_head),
-            Row(o + "gnorm", m + "norm.weight", gguf=g + "ssm_norm.weight",
-                codec=shaped((self.n_groups, self.d_inner // self.n_groups), (self.d_inner,))),
+            *([Row(o + "gnorm", m + "norm.weight", gguf=g + "ssm_norm.weight",
+                   codec=shaped((self.n_groups, self.d_inner // self.n_groups), (self.d_inner,)))] if self.norm else []),
             Row(o + "out_proj", m + "out_proj.weight", t, gguf=g + "ssm_out.weight", codec=T),
             Row(o + "out_proj_bias", m + "out_proj.bias", optional=True),
         ]
@@ -90,8 +92,13 @@ class Mamba2Mixer:
             dt = dt.clip(self.dt_min, self.dt_max if self.dt_max is not None else np.inf)
         dtx = xs * (dt @ b.w("head_expand"))  # (b, t, di): dt·x per channel
         y, state = self._ssd(b, dtx, dt, B, C, o, state, one_token, fused)  # (b, t, di)
-        y = (y + xs * b.w(o + "D")) * z.silu()
-        y = rms_norm(b, y, o + "gnorm", self.norm_eps, groups=G, width=self.d_inner)
+        y = y + xs * b.w(o + "D")
+        if self.norm and self.norm_before_gate:
+            y = rms_norm(b, y, o + "gnorm", self.norm_eps, groups=G, width=self.d_inner) * z.silu()
+        else:
+            y = y * z.silu()
+            if self.norm:
+                y = rms_norm(b, y, o + "gnorm", self.norm_eps, groups=G, width=self.d_inner)
         return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, state
 
     def _groups_to_heads(self, b: GraphBuilder, v: Value) -> Value:
