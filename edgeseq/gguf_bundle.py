@@ -36,6 +36,45 @@ from edgeseq.tokenizer import RwkvWorldTokenizer
 
 TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 3, 4, 5
 
+# -- byte-level BPE pre-tokenizers: llama.cpp's `tokenizer.ggml.pre` names and the tokenizer.json splits --
+# The Split regexes the released tokenizer.json files run before their ByteLevel step (use_regex off), as
+# the models publish them: Llama-3's (also cl100k's: DBRX, Granite-4.0; LFM2, Falcon-H1), Qwen2's (single
+# digits: Qwen2/2.5/3, Qwen3-Next), Qwen3.5's (letters with their combining marks) and Mistral's Tekken.
+# The exporter recognises a tokenizer by these (gguf_writer._pre_name); this reader rebuilds them.
+SPLIT_REGEX = {
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen35": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "tekken": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+              r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+              r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+# llama.cpp's pre names (llama-vocab.cpp) by the split they run and whether BPE skips the merges for a
+# pre-token that is itself a token (its `ignore_merges`, tokenizer.json's model.ignore_merges); names
+# not listed run GPT-2's regex inside the ByteLevel step ("gpt-2", "mpt", "olmo", "default", ...)
+PRE_SPLITS = {
+    **{n: ("llama3", True) for n in ("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral",
+                                      "midm-2.0", "lfm2")},
+    "dbrx": ("llama3", False), "smaug-bpe": ("llama3", False),
+    "qwen2": ("qwen2", False), "deepseek-r1-qwen": ("qwen2", False), "qwen35": ("qwen35", False),
+    "tekken": ("tekken", True),
+}
+# Qwen's tokenizers NFC-normalise first (llama.cpp does not: text already in NFC tokenizes alike)
+PRE_NFC = ("qwen2", "deepseek-r1-qwen", "qwen35")
+
+
+def hf_pre_tokenizer(pre: str | None) -> tuple[dict | None, dict, bool]:
+    """(normalizer, pre_tokenizer, ignore_merges) of a tokenizer.json for llama.cpp's pre name `pre`."""
+    if pre not in PRE_SPLITS:
+        return None, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, False
+    split, ignore_merges = PRE_SPLITS[pre]
+    steps = [{"type": "Split", "pattern": {"Regex": SPLIT_REGEX[split]}, "behavior": "Isolated", "invert": False},
+             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]
+    return ({"type": "NFC"} if pre in PRE_NFC else None), {"type": "Sequence", "pretokenizers": steps}, ignore_merges
+
 
 def _unescape_rwkv(tok: str) -> bytes:
     """llama.cpp's rwkv vocabulary keeps tokens as Python bytes reprs without b'' (\\xNN, \\n, \\\\ ...)."""
@@ -48,6 +87,8 @@ def _tokenizer(g: GGUFFile, tmp: str) -> tuple[dict, dict]:
     special = {"bos_token_id": g.get("tokenizer.ggml.bos_token_id"), "eos_token_id": g.get("tokenizer.ggml.eos_token_id")}
     stops = [t for t in (special["eos_token_id"], g.get("tokenizer.ggml.eot_token_id")) if t is not None]
     special["stop_token_ids"] = list(dict.fromkeys(int(t) for t in stops))
+    if g.get("tokenizer.ggml.add_bos_token") is not None:  # llama.cpp starts each text with BOS where true
+        special["add_bos"] = bool(g.get("tokenizer.ggml.add_bos_token")) and special["bos_token_id"] is not None
     tokens = g.get("tokenizer.ggml.tokens", [], list)
     types = g.get("tokenizer.ggml.token_type")
     types = [int(t) for t in types] if types is not None else [1] * len(tokens)
@@ -79,11 +120,12 @@ def _tokenizer(g: GGUFFile, tmp: str) -> tuple[dict, dict]:
                 added.append({"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": types[i] != TOKEN_CONTROL, "special": types[i] == TOKEN_CONTROL})
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-        tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-              "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+        normalizer, pre_tokenizer, ignore_merges = hf_pre_tokenizer(g.get("tokenizer.ggml.pre", None, str))
+        tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": normalizer,
+              "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": byte_level,
               "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                         "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                        "vocab": vocab, "merges": _merges(merges, vocab)}}
+                        "ignore_merges": ignore_merges, "vocab": vocab, "merges": _merges(merges, vocab)}}
         path = os.path.join(tmp, "tokenizer.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(tj, f, ensure_ascii=False)

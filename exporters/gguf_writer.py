@@ -86,8 +86,9 @@ def _rwkv_escape(b: bytes) -> bytes:
     return repr(b)[2:-1].encode("utf-8")
 
 
-def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict):
-    """(keys [(key, value, type)], a gguf.SpecialVocab to add or None)."""
+def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict, arch: str | None = None):
+    """(keys [(key, value, type)], a gguf.SpecialVocab to add or None); `arch` names the pre-tokenizer where
+    llama.cpp's converter gives a family's tokenizers their own name (_pre_name)."""
     kind = spec["kind"]
     keys: list[tuple[str, object, str]] = []
     if kind == "bytes":
@@ -119,7 +120,7 @@ def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict):
         import gguf
 
         sv = gguf.SpecialVocab(os.path.dirname(os.path.abspath(file)), load_merges=False, n_vocab=vocab)
-        keys = _sentencepiece_keys(file, vocab) if file.endswith(".model") else _bpe_keys(file, vocab)
+        keys = _sentencepiece_keys(file, vocab) if file.endswith(".model") else _bpe_keys(file, vocab, arch)
         return keys, sv
     for key, tid in (("bos", special.get("bos_token_id")), ("eos", special.get("eos_token_id"))):
         if tid is not None and 0 <= int(tid) < vocab:
@@ -127,7 +128,7 @@ def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict):
     return keys, None
 
 
-def _bpe_keys(path: str, vocab: int) -> list[tuple[str, object, str]]:
+def _bpe_keys(path: str, vocab: int, arch: str | None = None) -> list[tuple[str, object, str]]:
     """gpt2-model keys from a byte-level BPE tokenizer.json (tokens by id, types, merges, pre)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -140,9 +141,14 @@ def _bpe_keys(path: str, vocab: int) -> list[tuple[str, object, str]]:
                                f"tokenizer.json files (and the RWKV World vocabulary)")
     by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     types = {}
-    for t in tj.get("added_tokens") or []:
-        by_id[int(t["id"])] = t["content"]
-        types[int(t["id"])] = TOKEN_CONTROL if t.get("special") else TOKEN_USER_DEFINED
+    for t in tj.get("added_tokens") or []:  # typed as llama.cpp's converter types them
+        text = t["content"]
+        if t.get("special") or _looks_special(text):
+            types[int(t["id"])] = TOKEN_CONTROL
+        else:
+            text = text.replace("\u2581", " ")  # (a user-defined token's SentencePiece spaces, pre-normalised)
+            types[int(t["id"])] = TOKEN_USER_DEFINED
+        by_id[int(t["id"])] = text
     if by_id and max(by_id) >= vocab:
         raise EdgeseqError(f"{path}: token id {max(by_id)} is beyond the model's {vocab} embedding rows")
     tokens, ttypes = [], []
@@ -154,7 +160,7 @@ def _bpe_keys(path: str, vocab: int) -> list[tuple[str, object, str]]:
             tokens.append(f"[PAD{i}]".encode())
             ttypes.append(TOKEN_UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    keys = [("tokenizer.ggml.model", "gpt2", "str"), ("tokenizer.ggml.pre", _pre_name(tj), "str"),
+    keys = [("tokenizer.ggml.model", "gpt2", "str"), ("tokenizer.ggml.pre", _pre_name(tj, arch), "str"),
             ("tokenizer.ggml.tokens", tokens, "strs"), ("tokenizer.ggml.token_type", ttypes, "i32s")]
     if not merges:
         merges = [_inert_merge(by_id)]
@@ -206,16 +212,45 @@ def _inert_merge(by_id: dict[int, str]) -> str:
     raise EdgeseqError("tokenizer.json: cannot find a pair of tokens for llama.cpp's merges list")
 
 
-def _pre_name(tj: dict) -> str:
-    """llama.cpp's pre-tokenizer name. llama.cpp's converter identifies it by hashing the ids of a test
-    string against a table of known models; edgeseq reads the tokenizer.json instead: a plain
-    byte-level pre-tokenizer (GPT-2's regex: GPT-2, GPT-NeoX, Mamba) is `gpt-2`; anything else gets
-    llama.cpp's `default` regex, which may split some text differently than the original."""
+# the name llama.cpp's converter gives a family's released tokenizers (its table of hashes) where that
+# name differs from the split's own: LFM2's and Falcon-H1's Llama-3 split
+_FAMILY_PRE = {("llama3", "lfm2"): "lfm2", ("llama3", "lfm2moe"): "lfm2", ("llama3", "falcon-h1"): "falcon-h1"}
+
+
+def _pre_name(tj: dict, arch: str | None = None) -> str:
+    """llama.cpp's pre-tokenizer name (`tokenizer.ggml.pre`, which picks the regex llama.cpp splits text
+    with). llama.cpp's converter hashes the ids of a test string against a table of released models;
+    edgeseq reads the tokenizer.json instead: GPT-2's byte-level regex alone (GPT-2, GPT-NeoX, Mamba) is
+    `gpt-2`; a Split by one of the published regexes (gguf_bundle.SPLIT_REGEX) before a regex-free
+    ByteLevel step, after no normaliser or Qwen's NFC, is that split's name: `qwen2`, `qwen35`, `tekken`,
+    and for Llama-3's `lfm2` / `falcon-h1` for those families, else `llama-bpe` where BPE ignores merges
+    (Llama-3, Bamba) and `dbrx` where it does not (cl100k: Granite-4.0). Anything else gets llama.cpp's
+    `default` regex, which may split some text differently than the original."""
+    from edgeseq.gguf_bundle import SPLIT_REGEX
+
     pre = tj.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if (tj.get("normalizer") or {}).get("type") not in (None, "NFC"):
+        return "default"
     if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
         return "gpt-2"
+    if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[0].get("behavior") == "Isolated"
+            and not parts[0].get("invert") and parts[1].get("type") == "ByteLevel"
+            and not parts[1].get("use_regex", True)):
+        regex = (parts[0].get("pattern") or {}).get("Regex")
+        split = next((k for k, v in SPLIT_REGEX.items() if v == regex), None)
+        if split == "llama3":
+            return _FAMILY_PRE.get((split, arch)) or ("llama-bpe" if tj["model"].get("ignore_merges") else "dbrx")
+        if split is not None:
+            return split
     return "default"
+
+
+def _looks_special(text: str) -> bool:
+    """Added tokens llama.cpp's converter marks CONTROL though the tokenizer does not call them special."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")))
 
 
 # -- the export ---------------------------------------------------------------------------------------
@@ -314,6 +349,53 @@ def _spool(tensors, spool, quant: str, arch: str) -> list[list]:
     return plan
 
 
+def _param_counts(shapes: dict) -> tuple[int, int, int, int]:
+    """(total, shared, per-expert, expert count) parameters, counted as the gguf package's writer counts
+    them for llama.cpp's converter: a 3-D `*_exps.*` tensor holds one matrix per expert."""
+    total = shared = expert = n_sum = n_tensors = 0
+    for name, shape in shapes.items():
+        size = int(np.prod(shape))
+        total += size
+        if "_exps." in name and len(shape) >= 3:
+            count = shape[-2] if ".bias" in name else shape[-3]  # (numpy order: experts first)
+            expert += size // count
+            n_sum, n_tensors = n_sum + count, n_tensors + 1
+        else:
+            shared += size
+    return total, shared, expert, (n_sum // n_tensors if n_tensors else 0)
+
+
+def _general(w, checkpoint: str, shapes: dict) -> None:
+    """general.* as llama.cpp's converter writes them: the gguf package's Metadata from the checkpoint
+    folder (README.md's model card, config.json, generation_config.json's sampling settings, the folder
+    name's heuristics), the name falling back to the folder's, and the size label from the parameters
+    ("8x1.5B" for experts: the count, then shared plus one expert's parameters)."""
+    import gguf
+    from pathlib import Path
+
+    total, shared, expert, n_expert = _param_counts(shapes)
+    folder = Path(checkpoint) if os.path.isdir(checkpoint) else None
+    try:
+        meta = gguf.Metadata.load(None, folder, None, total)
+    except Exception as e:  # (yaml's and json's errors in a model card or config)
+        raise EdgeseqError(f"{checkpoint}: cannot read the model card or generation_config.json for GGUF "
+                           f"metadata ({type(e).__name__}: {e})") from None
+    gen = os.path.join(checkpoint, "generation_config.json") if folder else ""
+    if meta.sampling_penalty_repeat is None and os.path.isfile(gen):
+        try:  # the converter's gguf-py reads transformers' spelling too
+            with open(gen, encoding="utf-8") as f:
+                penalty = json.load(f).get("repetition_penalty")
+        except (OSError, ValueError, AttributeError):
+            penalty = None
+        if isinstance(penalty, (int, float)) and not isinstance(penalty, bool):
+            meta.sampling_penalty_repeat = penalty
+    if meta.name is None:
+        meta.name = os.path.basename(os.path.normpath(checkpoint))
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+    meta.set_gguf_meta_model(w)
+
+
 def _metadata(w, checkpoint: str, fam, amap, arch: str, shapes: dict, quant: str, ckpt, tok_spec: dict,
               tok_file: str | None, vocab: int, chat_template) -> None:
     """Every key-value pair: general.*, the architecture's (or edgeseq's generic) keys, the tokenizer."""
@@ -321,13 +403,12 @@ def _metadata(w, checkpoint: str, fam, amap, arch: str, shapes: dict, quant: str
 
     generic = amap is None
     w.add_type("model")
-    w.add_name(os.path.basename(os.path.normpath(checkpoint)))
-    w.add_size_label(gguf.size_label(sum(int(np.prod(s)) for s in shapes.values()), 0, 0, 0))
+    _general(w, checkpoint, shapes)
     for key, value, kind in (generic_metadata(fam) if generic else amap.metadata(fam, shapes)):
         _add(w, key if generic else f"{arch}.{key}", value, kind)
     w.add_file_type(FILE_TYPE[quant])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    tok_keys, special_vocab = _tokenizer_keys(tok_spec, tok_file, vocab, _special_tokens(ckpt))
+    tok_keys, special_vocab = _tokenizer_keys(tok_spec, tok_file, vocab, _special_tokens(ckpt), arch)
     if chat_template is not None:  # ({}: --chat-template none)
         _set_template(tok_keys, special_vocab, _template_text(chat_template))
     for key, value, kind in tok_keys:
