@@ -668,6 +668,8 @@ from family_jamba import CASES as JAMBA_CASES  # noqa: E402
 register(*JAMBA_CASES)
 from family_nemotron_h import CASES as NEMOTRON_H_CASES  # noqa: E402
 register(*NEMOTRON_H_CASES)
+from family_falcon_h1 import CASES as FALCON_H1_CASES  # noqa: E402
+register(*FALCON_H1_CASES)
 
 def cases(*families: str) -> list[FamilyCase]:
     return [c for c in CASES.values() if c.family in families] if families else list(CASES.values())
