@@ -250,6 +250,26 @@ def test_what_llama_cpp_cannot_run_is_generic_gguf(variant, tmp_path):
         assert info["architecture"] == "jamba" and info["generic_because"] is None
 
 
+def test_no_attention_layer_is_generic_gguf(tmp_path):
+    """Three layers with attention from layer 4: all Mamba. edgeseq runs it to transformers' float64
+    logits (without a cache: transformers' cache needs an attention layer); llama.cpp's jamba aborts the process on it (GGML_ASSERT(buffer): an empty KV cache), so the
+    GGUF is edgeseq's generic one."""
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    ck = make_jamba(tmp_path / "hf", num_hidden_layers=3, attn_layer_period=8, attn_layer_offset=4)
+    assert Jamba.read_config(Checkpoint(str(ck))).attn_layers == []
+    import edgeseq
+    from edgeseq.exporters.export import export
+
+    ids = random_ids(256, 16, seed=3)
+    hf = load_hf(ck)
+    hf.set_experts_implementation("eager")
+    s = edgeseq.load(export(str(ck), str(tmp_path / "b"))).session()
+    assert np.abs(np.array([s.step(i) for i in ids]) - hf_logits64(as_f64(hf), ids)).max() < 1e-4
+    info = export_gguf(str(ck), str(tmp_path / "m.gguf"))
+    assert info["architecture"] == "edgeseq-jamba" and "attention layers" in info["generic_because"]
+
+
 def test_dense_model_expert_used_count(tmp_path):
     """transformers' default num_experts_per_tok (2) on a model without experts (num_experts 1): the
     converter writes expert_used_count 2 > expert_count 1, on which llama.cpp aborts the process

@@ -32,7 +32,8 @@ dense layers stored as `experts.0`.
 
 State: per Mamba layer `conv_state` (di, k-1) and `recurrent_state` (di, n) (the mixer's); per attention
 layer the ring `key` / `value` (Hkv, max_context, hd); `position`. GGUF: llama.cpp's jamba (the layer
-pattern as head_count_kv per layer, 0 for a Mamba layer; MoE layers are those with ffn_gate_inp).
+pattern as head_count_kv per layer, 0 for a Mamba layer; MoE layers are those with ffn_gate_inp); models
+llama.cpp cannot run (projection biases, no conv bias, no attention layer) get the generic edgeseq-jamba.
 int4/int8 bundles keep the routers f32 and dt_proj 8-bit (quant_policy).
 """
 from __future__ import annotations
@@ -169,6 +170,8 @@ class JambaGguf(ArchMap):
             return "llama.cpp's jamba has no Mamba in/out projection biases (mamba_proj_bias)"
         if not c.conv_bias:
             return "llama.cpp's jamba needs the Mamba conv bias (mamba_conv_bias)"
+        if not c.attn_layers:  # measured: GGML_ASSERT(buffer) in ggml-backend.cpp (an empty KV cache)
+            return "llama.cpp's jamba aborts on a model without attention layers (attn_layer_offset)"
         return None
 
     def metadata(self, fam, shapes):
