@@ -668,6 +668,8 @@ from family_jamba import CASES as JAMBA_CASES  # noqa: E402
 register(*JAMBA_CASES)
 from family_nemotron_h import CASES as NEMOTRON_H_CASES  # noqa: E402
 register(*NEMOTRON_H_CASES)
+from family_granite_hybrid import CASES as GRANITE_HYBRID_CASES  # noqa: E402
+register(*GRANITE_HYBRID_CASES)
 from family_falcon_h1 import CASES as FALCON_H1_CASES  # noqa: E402
 register(*FALCON_H1_CASES)
 
