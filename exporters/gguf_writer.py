@@ -86,6 +86,10 @@ def _rwkv_escape(b: bytes) -> bytes:
     return repr(b)[2:-1].encode("utf-8")
 
 
+# architectures whose llama.cpp converter takes a tokenizer.model beside the tokenizer.json first
+_SPM_FIRST = ("jamba", "mamba2", "granitehybrid")
+
+
 def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict, arch: str | None = None):
     """(keys [(key, value, type)], a gguf.SpecialVocab to add or None); `arch` names the pre-tokenizer where
     llama.cpp's converter gives a family's tokenizers their own name (_pre_name)."""
@@ -119,7 +123,11 @@ def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict, arc
         # package's SpecialVocab: tokenizer.json, tokenizer_config.json, config.json beside the tokenizer)
         import gguf
 
-        sv = gguf.SpecialVocab(os.path.dirname(os.path.abspath(file)), load_merges=False, n_vocab=vocab)
+        folder = os.path.dirname(os.path.abspath(file))
+        spm = os.path.join(folder, "tokenizer.model")
+        if arch in _SPM_FIRST and os.path.basename(file) == "tokenizer.json" and os.path.isfile(spm):
+            file = spm  # (Jamba's, and Mamba-2's converter, read the SentencePiece model first)
+        sv = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab)
         keys = _sentencepiece_keys(file, vocab) if file.endswith(".model") else _bpe_keys(file, vocab, arch)
         return keys, sv
     for key, tid in (("bos", special.get("bos_token_id")), ("eos", special.get("eos_token_id"))):
@@ -194,9 +202,48 @@ def _sentencepiece_keys(path: str, vocab: int) -> list[tuple[str, object, str]]:
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-10000.0)
         types.append(TOKEN_UNUSED)
+    _spm_added(os.path.dirname(os.path.abspath(path)), tokens, scores, types)
     return [("tokenizer.ggml.model", "llama", "str"), ("tokenizer.ggml.pre", "default", "str"),
             ("tokenizer.ggml.tokens", tokens, "strs"), ("tokenizer.ggml.scores", scores, "f32s"),
             ("tokenizer.ggml.token_type", types, "i32s")]
+
+
+def _spm_added(folder: str, tokens: list, scores: list, types: list) -> None:
+    """The added tokens beside a SentencePiece model, as llama.cpp's converter writes them (score -1000):
+    added_tokens.json's are USER_DEFINED; tokenizer_config.json's added_tokens_decoder's CONTROL where
+    special or special-looking, else USER_DEFINED with their SentencePiece spaces written as spaces.
+    Ids past the vocabulary are left out (the converter warns and skips them)."""
+    def read(name):
+        f = os.path.join(folder, name)
+        if not os.path.isfile(f):
+            return {}
+        try:
+            with open(f, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as e:
+            raise EdgeseqError(f"{f}: not readable JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise EdgeseqError(f"{f}: expected a JSON object")
+        return data
+
+    def put(tid, text, ttype, where):
+        if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0 or not isinstance(text, str):
+            raise EdgeseqError(f"{os.path.join(folder, where)}: an added token needs a string and an id, got "
+                               f"{text!r}: {tid!r}")
+        if tid < len(tokens):
+            tokens[tid], scores[tid], types[tid] = text.encode("utf-8"), -1000.0, ttype
+
+    for text, tid in read("added_tokens.json").items():
+        put(tid, text, TOKEN_USER_DEFINED, "added_tokens.json")
+    decoder = read("tokenizer_config.json").get("added_tokens_decoder") or {}
+    for tid, data in (decoder.items() if isinstance(decoder, dict) else ()):
+        text = data.get("content") if isinstance(data, dict) else None
+        tid = int(tid) if isinstance(tid, str) and tid.isdigit() else tid
+        if isinstance(text, str) and (data.get("special") or _looks_special(text)):
+            put(tid, text, TOKEN_CONTROL, "tokenizer_config.json")
+        else:
+            put(tid, text.replace("\u2581", " ") if isinstance(text, str) else text, TOKEN_USER_DEFINED,
+                "tokenizer_config.json")
 
 
 def _inert_merge(by_id: dict[int, str]) -> str:

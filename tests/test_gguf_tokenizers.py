@@ -225,3 +225,49 @@ def test_broken_model_card_is_one_error(tmp_path):
     with pytest.raises(EdgeseqError, match="model card"):
         export_gguf(str(ckpt), str(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.slow
+def test_jamba_sentencepiece_as_llama_cpp_converter(tmp_path):
+    """Jamba ships tokenizer.model beside tokenizer.json: llama.cpp's converter writes the SentencePiece
+    model (`llama`, pre `default`), and so does edgeseq, with tokenizer_config.json's added tokens typed
+    as the converter types them; every tokenizer key equals the converter's, and llama.cpp and edgeseq's
+    reader tokenize as sentencepiece does."""
+    import sentencepiece as spm
+
+    import families  # noqa: F401
+    from family_jamba import make_jamba
+    from edgeseq.tokenizer import sentencepiece_to_tokenizer_json
+
+    ckpt = make_jamba(tmp_path / "jamba", vocab_size=408)
+    spm.SentencePieceTrainer.train(input=str(CORPUS), model_prefix=str(ckpt / "tokenizer"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   input_sentence_size=20000, minloglevel=2, user_defined_symbols=["<|tool|>", "<x>"],
+                                   # as Llama's and Jamba's: no normalisation (nmt_nfkc would fold "\n" into a space)
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    (ckpt / "tokenizer.json").write_text(sentencepiece_to_tokenizer_json(str(ckpt / "tokenizer.model")))
+    sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
+    tool, x = sp.piece_to_id("<|tool|>"), sp.piece_to_id("<x>")
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+        "added_tokens_decoder": {str(tool): {"content": "<|tool|>", "special": False},
+                                 str(x): {"content": "<x>", "special": False}},
+        "chat_template": TEMPLATE}))
+    ref = convert(ckpt, tmp_path / "ref.gguf")
+    ours = tmp_path / "ours.gguf"
+    export_gguf(str(ckpt), str(ours))
+    with GGUFFile(ours) as a, GGUFFile(ref) as b:
+        keys = {k for k in b.kv if k.startswith(("general.", "tokenizer."))}
+        assert keys == {k for k in a.kv if k.startswith(("general.", "tokenizer."))}
+        for k in sorted(keys):
+            assert a.kv_types[k] == b.kv_types[k], k
+            va, vb = a.kv[k], b.kv[k]
+            assert (np.array_equal(va, vb) if isinstance(vb, np.ndarray) else va == vb), k
+        assert a.kv["tokenizer.ggml.model"] == "llama" and a.kv["tokenizer.ggml.pre"] == "default"
+        types = [int(t) for t in a.kv["tokenizer.ggml.token_type"]]
+        assert (types[tool], types[x]) == (3, 4)  # "<|tool|>" looks special: CONTROL; "<x>" user-defined
+    text = CORPUS.read_text()[:1500] + " 3 33 333 café 日本 🚀  spaces\n\n"
+    llm = llama_cpp().Llama(str(ours), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text)
+    m = edgeseq.load(str(ours))
+    assert m.tokenizer.encode(text) == sp.encode(text) and m.manifest["add_bos"] is True
