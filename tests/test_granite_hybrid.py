@@ -141,15 +141,18 @@ def test_mobile_bundle(moe_case):
     assert np.abs(got - c.ref[:16]).max() < c.tol
 
 
-def test_router_stays_f32_under_int4(moe_case, tmp_path, monkeypatch):
+def test_router_stays_f32_under_int4(tmp_path, monkeypatch):
     """The routers stay f32 under int4 (as llama.cpp's converter keeps ffn_gate_inp f32; a 4-bit router
     flips routes: see lfm2_moe and jamba); the experts and the shared MLP go 4-bit. Without the policy
-    the router would go 4-bit too."""
+    the router (16 experts of d 64: large enough to quantize) would go 4-bit too."""
     from edgeseq.exporters.export import export
     from edgeseq.families.base import Family
 
+    ck = make_granite(tmp_path / "hf", "granite", seed=5, hidden_size=64, num_local_experts=16, intermediate_size=32,
+                      mamba_n_heads=8)
+
     def quantized(out):
-        path = Path(export(str(moe_case.ckpt), str(tmp_path / out), quant="int4"))
+        path = Path(export(str(ck), str(tmp_path / out), quant="int4"))
         return json.loads((path / "edgeseq.json").read_text())["quant"]["tensors"]
 
     q = quantized("int4")
