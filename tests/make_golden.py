@@ -174,6 +174,17 @@ def _jamba(d: Path) -> Path:
                                                          "intermediate_size": 32})
 
 
+def _granite_hybrid(d: Path) -> Path:
+    import families  # noqa: F401  (first: it imports family_granite_hybrid)
+    import family_granite_hybrid
+
+    kind, cfg = family_granite_hybrid.CONFIGS["moe-top2-of-4-untied"]
+    cfg = {k: v for k, v in cfg.items() if k != "seed"}
+    return family_granite_hybrid.make_granite(d / "hf", kind, seed=35, **{
+        **cfg, "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 8, "shared_intermediate_size": 24,
+        "mamba_n_heads": 4, "mamba_d_head": 8})
+
+
 _RWKV5 = _rwkv("5.2", dict(C=16, L=2, H=2, F=32), seed=31)
 _RWKV6 = _rwkv("6.0", dict(C=16, L=2, H=2, F=32, D_MIX=4, D_DECAY=4), seed=32)
 _RWKV7 = _rwkv("7", dict(C=16, L=2, H=2, F=32, D_W=4, D_A=4, D_V=4, D_G=4), seed=33)
@@ -201,6 +212,8 @@ CASES = {c.name: c for c in [
     Case("lfm2_moe", "lfm2_moe", _lfm2_moe, load=_RING),
     Case("lfm3", "lfm3", _lfm3, load=_RING),  # sliding rings of 3 (IDS wrap them), a full ring of 12
     Case("jamba", "jamba", _jamba, load=_RING),  # Mamba-1 with dt/B/C norms, attention and experts on layers 1, 3
+    # Granite-4.0-H: Mamba-2, RoPE attention on layer 1, softmax top-2-of-4 experts beside a shared MLP, multipliers
+    Case("granite_hybrid", "granite_hybrid", _granite_hybrid, load=_RING),
 ]}
 
 
