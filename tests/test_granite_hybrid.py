@@ -309,6 +309,20 @@ def test_what_llama_cpp_cannot_run_is_generic_gguf(variant, tmp_path):
     assert ("mamba_proj_bias" if variant.name.startswith("bamba") else "time_step_limit") in info["generic_because"]
 
 
+def test_all_mamba_model_is_generic_gguf(tmp_path):
+    """No attention layer: llama.cpp's granitehybrid aborts the process on such a file (its KV cache is
+    empty; tried with this edgeseq's file), so edgeseq writes its generic GGUF, saying why, and runs it."""
+    import edgeseq
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    ck = make_granite(tmp_path / "hf", "granite", seed=6, layer_types=[M] * 3, num_hidden_layers=3)
+    info = export_gguf(str(ck), str(tmp_path / "m.gguf"))
+    assert info["architecture"] == "edgeseq-granite_hybrid" and "without attention layers" in info["generic_because"]
+    ids = random_ids(256, 16, seed=3)
+    want = hf_logits64(as_f64(load_hf(ck)), ids)
+    assert np.abs(edgeseq.load(tmp_path / "m.gguf").session().prefill(ids) - want[-1]).max() < 1e-4
+
+
 # ---------------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------------

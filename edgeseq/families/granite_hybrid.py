@@ -246,6 +246,8 @@ class GraniteHybridGguf(ArchMap):
             return "llama.cpp's granitehybrid has no Mamba in/out projection biases (mamba_proj_bias)"
         if not c.conv_bias:
             return "llama.cpp's granitehybrid needs the Mamba conv bias (mamba_conv_bias)"
+        if not c.attn_layers:
+            return "llama.cpp's granitehybrid aborts on a model without attention layers (an empty KV cache)"
         if c.dt_min != 0.0 or c.dt_max is not None:
             return "llama.cpp's granitehybrid does not clamp dt (time_step_limit)"
         if c.rope and c.rotary_dim not in (c.head_dim, c.head_dim // 2):
