@@ -185,6 +185,16 @@ def _granite_hybrid(d: Path) -> Path:
         "mamba_n_heads": 4, "mamba_d_head": 8})
 
 
+def _nemotron_h(d: Path) -> Path:
+    import families  # noqa: F401  (first: it imports family_nemotron_h)
+    import family_nemotron_h
+
+    cfg = {k: v for k, v in family_nemotron_h.CONFIGS["ME*EME-moe-untied"].items() if k != "seed"}
+    return family_nemotron_h.make_nemotron_h(d / "hf", seed=36, **{
+        **cfg, "hybrid_override_pattern": "ME*-", "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32,
+        "mamba_num_heads": 4})
+
+
 _RWKV5 = _rwkv("5.2", dict(C=16, L=2, H=2, F=32), seed=31)
 _RWKV6 = _rwkv("6.0", dict(C=16, L=2, H=2, F=32, D_MIX=4, D_DECAY=4), seed=32)
 _RWKV7 = _rwkv("7", dict(C=16, L=2, H=2, F=32, D_W=4, D_A=4, D_V=4, D_G=4), seed=33)
@@ -214,6 +224,9 @@ CASES = {c.name: c for c in [
     Case("jamba", "jamba", _jamba, load=_RING),  # Mamba-1 with dt/B/C norms, attention and experts on layers 1, 3
     # Granite-4.0-H: Mamba-2, RoPE attention on layer 1, softmax top-2-of-4 experts beside a shared MLP, multipliers
     Case("granite_hybrid", "granite_hybrid", _granite_hybrid, load=_RING),
+    # Nemotron-H: every block kind (Mamba-2, sigmoid experts beside a shared expert, attention without RoPE,
+    # squared-ReLU MLP), one each
+    Case("nemotron_h", "nemotron_h_moe", _nemotron_h, load=_RING),
 ]}
 
 
