@@ -63,7 +63,7 @@ def add_qwen35_noise(model, seed):
 
 
 @contextlib.contextmanager
-def float64_delta_rule():
+def float64_delta_rule(module=modeling):
     """transformers runs the gated delta rule in float32 whatever the model's dtype (its torch functions
     cast their inputs); for the float64 reference, its chunked function is swapped for the same rule in
     float64: kernels/gdn.gdn_ref fed transformers' normalisation, scaling and head repeat, which
@@ -80,12 +80,12 @@ def float64_delta_rule():
         y, S = gdn_ref(S0, q, k, v, g, beta)
         return torch.tensor(y, dtype=value.dtype), (torch.tensor(S) if output_final_state else None)
 
-    saved = modeling.torch_chunk_gated_delta_rule
-    modeling.torch_chunk_gated_delta_rule = rule
+    saved = module.torch_chunk_gated_delta_rule  # `module`: the modeling module to patch (qwen3_5's by default)
+    module.torch_chunk_gated_delta_rule = rule
     try:
         yield
     finally:
-        modeling.torch_chunk_gated_delta_rule = saved
+        module.torch_chunk_gated_delta_rule = saved
 
 
 def make_qwen35(path, seed=0, conditional=False, dtype=torch.float32, **cfg) -> Path:

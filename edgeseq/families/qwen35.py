@@ -88,7 +88,9 @@ class Qwen35Config:
                                   self.norm_eps)
 
 
-def read_qwen35_config(src) -> Qwen35Config:
+def read_qwen35_config(src, dense: bool = True) -> Qwen35Config:
+    """The config of the dense model (`dense`: intermediate_size required) or of the MoE families'
+    shared part (intermediate_size 0 where absent)."""
     where = f"{src.path}/config.json"
     top = src.config
     cfg = top.get("text_config") or top  # Qwen3_5ForConditionalGeneration nests the language model's
@@ -123,7 +125,7 @@ def read_qwen35_config(src) -> Qwen35Config:
     tie = top.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
     return Qwen35Config(
         vocab_size=int(cfg_get(cfg, ("vocab_size",), where=where)), d_model=d, n_layer=n, layer_types=list(types),
-        ffn_dim=int(cfg_get(cfg, ("intermediate_size",), where=where)),
+        ffn_dim=int(cfg_get(cfg, ("intermediate_size",), *(() if dense else (0,)), where=where)),
         attn_heads=heads, kv_heads=int(cfg_get(cfg, ("num_key_value_heads",), heads, where)), head_dim=hd,
         rotary_dim=int(hd * prf), rope_theta=float(theta),
         lin_k_heads=lk, lin_v_heads=lv, lin_k_dim=int(cfg_get(cfg, ("linear_key_head_dim",), where=where)),
@@ -193,7 +195,7 @@ class Qwen35Gguf(ArchMap):
             raise EdgeseqError(f"{g.path}: ssm.time_step_rank {hv} does not divide ssm.inner_size {inner}")
         return dict(vocab_size=vocab, d_model=d, n_layer=n,
                     layer_types=[LINEAR if r else FULL for r in rec],
-                    ffn_dim=g.need(a("feed_forward_length"), int), attn_heads=g.need(a("attention.head_count"), int),
+                    ffn_dim=int(g.get(a("feed_forward_length"), 0)), attn_heads=g.need(a("attention.head_count"), int),
                     kv_heads=g.need(a("attention.head_count_kv"), int), head_dim=g.need(a("attention.key_length"), int),
                     rotary_dim=g.need(a("rope.dimension_count"), int), rope_theta=float(g.need(a("rope.freq_base"))),
                     lin_k_heads=g.need(a("ssm.group_count"), int), lin_v_heads=hv,
@@ -249,13 +251,21 @@ class Qwen35(Family):
                          Row(o + "q_norm", a + "q_norm.weight", one_plus, gguf=g + "attn_q_norm.weight"),
                          Row(o + "k_norm", a + "k_norm.weight", one_plus, gguf=g + "attn_k_norm.weight")]
             rows += [Row(o + "ffn_norm", m + "post_attention_layernorm.weight", one_plus,
-                         gguf=g + "post_attention_norm.weight"),
-                     *(Row(f"{o}{n}", f"{m}mlp.{n}_proj.weight", t, gguf=f"{g}ffn_{n}.weight", codec=T)
-                       for n in ("gate", "up", "down"))]
+                         gguf=g + "post_attention_norm.weight"), *self.ffn_rows(i, m + "mlp.", o, g)]
         rows.append(Row("norm_f", "{p}norm.weight", one_plus, gguf="output_norm.weight"))
         if not c.tie_embeddings:
             rows.append(Row("lm_head", "lm_head.weight", t, gguf="output.weight", codec=T))
         return rows
+
+    def ffn_rows(self, i: int, f: str, o: str, g: str) -> list[Row]:
+        """Layer i's feed-forward rows (checkpoint names under `f`, `…mlp.`): the dense MLP; the MoE
+        families override it with `ffn`."""
+        return [Row(f"{o}{n}", f"{f}{n}_proj.weight", t, gguf=f"{g}ffn_{n}.weight", codec=T)
+                for n in ("gate", "up", "down")]
+
+    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
+        """Layer i's feed-forward on the normed input m (b, t, d)."""
+        return linear(b, linear(b, m, o + "gate").silu() * linear(b, m, o + "up"), o + "down")
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
@@ -275,7 +285,7 @@ class Qwen35(Family):
                         b, a, o, state[p + "key"], state[p + "value"], state["position"], pos, c, tokens)
                 x = x + y
                 m = rms_norm(b, x, o + "ffn_norm", c.norm_eps)
-                x = x + linear(b, linear(b, m, o + "gate").silu() * linear(b, m, o + "up"), o + "down")
+                x = x + self.ffn(b, m, o, i)
         return x, out
 
     def head(self, b: GraphBuilder, hidden: str) -> str:
