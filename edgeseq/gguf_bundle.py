@@ -62,6 +62,8 @@ PRE_SPLITS = {
     "qwen2": ("qwen2", False), "deepseek-r1-qwen": ("qwen2", False), "qwen35": ("qwen35", False),
     "tekken": ("tekken", True),
 }
+# the names llama.cpp adds a BOS for where tokenizer.ggml.add_bos_token is absent
+PRE_ADDS_BOS = tuple(n for n, (split, ignore_merges) in PRE_SPLITS.items() if ignore_merges)
 # Qwen's tokenizers NFC-normalise first (llama.cpp does not: text already in NFC tokenizes alike)
 PRE_NFC = ("qwen2", "deepseek-r1-qwen", "qwen35")
 
@@ -87,8 +89,10 @@ def _tokenizer(g: GGUFFile, tmp: str) -> tuple[dict, dict]:
     special = {"bos_token_id": g.get("tokenizer.ggml.bos_token_id"), "eos_token_id": g.get("tokenizer.ggml.eos_token_id")}
     stops = [t for t in (special["eos_token_id"], g.get("tokenizer.ggml.eot_token_id")) if t is not None]
     special["stop_token_ids"] = list(dict.fromkeys(int(t) for t in stops))
-    if g.get("tokenizer.ggml.add_bos_token") is not None:  # llama.cpp starts each text with BOS where true
-        special["add_bos"] = bool(g.get("tokenizer.ggml.add_bos_token")) and special["bos_token_id"] is not None
+    add_bos = g.get("tokenizer.ggml.add_bos_token")  # llama.cpp starts each text with BOS where true
+    if add_bos is None:  # what llama.cpp does where the file does not say: SentencePiece, Llama-3's, Tekken's
+        add_bos = model == "llama" or (model == "gpt2" and g.get("tokenizer.ggml.pre", None, str) in PRE_ADDS_BOS)
+    special["add_bos"] = bool(add_bos) and special["bos_token_id"] is not None
     tokens = g.get("tokenizer.ggml.tokens", [], list)
     types = g.get("tokenizer.ggml.token_type")
     types = [int(t) for t in types] if types is not None else [1] * len(tokens)

@@ -30,7 +30,7 @@ _ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16"}
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 15, "q5_k": 17,
              "q6_k": 18, "bf16": 32}
 PAD_VOCAB = {"mamba": 8, "mamba2": 16}  # llama.cpp's converter pads these vocabularies (and needs the rows)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 2, 3, 4, 5
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 
 def parse_gguf_quant(name: str) -> str:
@@ -147,6 +147,8 @@ def _bpe_keys(path: str, vocab: int, arch: str | None = None) -> list[tuple[str,
     if model.get("type") != "BPE":
         raise UnsupportedError(f"{path}: a {model.get('type')} tokenizer; GGUF export supports byte-level BPE "
                                f"tokenizer.json files (and the RWKV World vocabulary)")
+    if model.get("byte_fallback"):
+        return _spm_json_keys(path, tj, vocab)
     by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     types = {}
     for t in tj.get("added_tokens") or []:  # typed as llama.cpp's converter types them
@@ -206,6 +208,57 @@ def _sentencepiece_keys(path: str, vocab: int) -> list[tuple[str, object, str]]:
     return [("tokenizer.ggml.model", "llama", "str"), ("tokenizer.ggml.pre", "default", "str"),
             ("tokenizer.ggml.tokens", tokens, "strs"), ("tokenizer.ggml.scores", scores, "f32s"),
             ("tokenizer.ggml.token_type", types, "i32s")]
+
+
+def _spm_json_keys(path: str, tj: dict, vocab: int) -> list[tuple[str, object, str]]:
+    """llama-model keys from a SentencePiece-style BPE tokenizer.json ("\u2581" for spaces, byte fallback:
+    what transformers makes of a tokenizer.model, as Jamba ships without one), where writing it as `gpt2`
+    would make llama.cpp treat "\u2581" as a letter. llama.cpp's converter (LlamaHfVocab) gives every
+    piece the score -1000, and llama.cpp's SentencePiece tokenizer, which merges the highest-scoring pair
+    first, then merges left to right instead of in the BPE's order; edgeseq scores each piece by the
+    rank of the first merge that makes it (-rank), so llama.cpp merges in the BPE's order. Types: <0xNN>
+    pieces BYTE, the unknown piece UNKNOWN, added tokens as for gpt2; add_space_prefix from the
+    normaliser's Prepend("\u2581") or a Metaspace pre-tokenizer that prepends."""
+    model = tj["model"]
+    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    if by_id and max(by_id) >= vocab:
+        raise EdgeseqError(f"{path}: token id {max(by_id)} is beyond the model's {vocab} embedding rows")
+    rank: dict[str, int] = {}
+    for r, m in enumerate(model.get("merges") or []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    types = {i: TOKEN_UNKNOWN if t == model.get("unk_token") else
+             TOKEN_BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else TOKEN_NORMAL
+             for i, t in by_id.items()}
+    # (a piece no merge makes is never made by the BPE: lowest; single characters are never merged into)
+    scores = {i: -float(rank[t]) if t in rank else -1e9 for i, t in by_id.items()}
+    for t in tj.get("added_tokens") or []:
+        text, i = t["content"], int(t["id"])
+        if i >= vocab:
+            raise EdgeseqError(f"{path}: token id {i} is beyond the model's {vocab} embedding rows")
+        if t.get("special") or _looks_special(text):
+            types[i] = TOKEN_CONTROL
+        elif i not in by_id or types.get(i) == TOKEN_NORMAL:
+            types[i], text = TOKEN_USER_DEFINED, text.replace("\u2581", " ")
+        by_id[i] = text
+        scores.setdefault(i, -1000.0)
+    tokens, sc, ty = [], [], []
+    for i in range(vocab):
+        tokens.append(by_id[i].encode("utf-8") if i in by_id else f"[PAD{i}]".encode())
+        sc.append(scores.get(i, -10000.0))
+        ty.append(types.get(i, TOKEN_UNUSED))
+
+    def steps(node):  # the normaliser's or pre-tokenizer's steps, Sequences flattened
+        node = node or {}
+        inner = node.get("normalizers") or node.get("pretokenizers")
+        return [x for n in inner for x in steps(n)] if inner else [node]
+
+    prefix = any(n.get("type") == "Prepend" and n.get("prepend") == "\u2581" for n in steps(tj.get("normalizer"))) \
+        or any(n.get("type") == "Metaspace" and n.get("prepend_scheme", "always") != "never"
+               and n.get("add_prefix_space", True) for n in steps(tj.get("pre_tokenizer")))
+    return [("tokenizer.ggml.model", "llama", "str"), ("tokenizer.ggml.pre", "default", "str"),
+            ("tokenizer.ggml.tokens", tokens, "strs"), ("tokenizer.ggml.scores", sc, "f32s"),
+            ("tokenizer.ggml.token_type", ty, "i32s"), ("tokenizer.ggml.add_space_prefix", prefix, "bool")]
 
 
 def _spm_added(folder: str, tokens: list, scores: list, types: list) -> None:

@@ -271,3 +271,55 @@ def test_jamba_sentencepiece_as_llama_cpp_converter(tmp_path):
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text)
     m = edgeseq.load(str(ours))
     assert m.tokenizer.encode(text) == sp.encode(text) and m.manifest["add_bos"] is True
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "dbrx", "qwen35"])
+def test_bos_where_the_file_does_not_say(tmp_path, pre):
+    """Without tokenizer.ggml.add_bos_token llama.cpp adds a BOS for some names (Llama-3's, Tekken's) and
+    not for others; edgeseq's reader does as llama.cpp does."""
+    split, nfc, ignore_merges = SETTINGS[pre]
+    ckpt = make_mamba(tmp_path / "hf", vocab_size=608)
+    tok = build_tokenizer(ckpt, split, nfc, ignore_merges)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    out = tmp_path / "m.gguf"
+    export_gguf(str(ckpt), str(out))
+    with GGUFFile(out) as g:
+        assert "tokenizer.ggml.add_bos_token" not in g.kv
+    llm = llama_cpp().Llama(str(out), vocab_only=True, verbose=False)
+    adds = llm.tokenize(b"hi", add_bos=True, special=False)[0] == tok.token_to_id("<|im_start|>")
+    assert adds == (pre == "llama-bpe")
+    assert edgeseq.load(str(out)).manifest["add_bos"] is adds
+
+
+def test_sentencepiece_style_tokenizer_json(tmp_path):
+    """A SentencePiece BPE shipped only as tokenizer.json (what transformers makes of a tokenizer.model:
+    "\u2581" for spaces, byte fallback) is written as a `llama` vocabulary, each piece scored by the rank of
+    the merge that makes it: llama.cpp and edgeseq's reader tokenize as sentencepiece and HF do (as
+    `gpt2`, llama.cpp would read "\u2581" as a letter)."""
+    import sentencepiece as spm
+
+    from edgeseq.tokenizer import sentencepiece_to_tokenizer_json
+
+    ckpt = make_mamba(tmp_path / "hf", vocab_size=408, bos_token_id=1, eos_token_id=2)
+    spm.SentencePieceTrainer.train(input=str(CORPUS), model_prefix=str(tmp_path / "sp"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.999,
+                                   input_sentence_size=20000, minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    (ckpt / "tokenizer.json").write_text(sentencepiece_to_tokenizer_json(str(tmp_path / "sp.model")))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "add_bos_token": True}))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    hf = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    text = CORPUS.read_text()[:3000] + " 3 33 333 café naïve 日本語 🚀  two  spaces\n\n\ttab x"
+    want = sp.encode(text)
+    assert hf.encode(text, add_special_tokens=False).ids == want
+    out = tmp_path / "m.gguf"
+    export_gguf(str(ckpt), str(out))
+    with GGUFFile(out) as g:
+        assert (g.kv["tokenizer.ggml.model"], g.kv["tokenizer.ggml.pre"]) == ("llama", "default")
+        assert bool(g.kv["tokenizer.ggml.add_space_prefix"]) is True
+    llm = llama_cpp().Llama(str(out), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
+    assert llm.tokenize(b"hi", add_bos=True)[0] == sp.bos_id()
+    m = edgeseq.load(str(out))
+    assert m.tokenizer.encode(text) == want and m.manifest["add_bos"] is True
