@@ -672,6 +672,8 @@ from family_granite_hybrid import CASES as GRANITE_HYBRID_CASES  # noqa: E402
 register(*GRANITE_HYBRID_CASES)
 from family_falcon_h1 import CASES as FALCON_H1_CASES  # noqa: E402
 register(*FALCON_H1_CASES)
+from family_qwen35_moe import CASES as QWEN35_MOE_CASES  # noqa: E402
+register(*QWEN35_MOE_CASES)
 
 def cases(*families: str) -> list[FamilyCase]:
     return [c for c in CASES.values() if c.family in families] if families else list(CASES.values())
