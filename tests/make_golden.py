@@ -195,6 +195,16 @@ def _nemotron_h(d: Path) -> Path:
         "mamba_num_heads": 4})
 
 
+def _falcon_h1(d: Path) -> Path:
+    import families  # noqa: F401  (first: it imports family_falcon_h1)
+    import family_falcon_h1
+
+    cfg = {k: v for k, v in family_falcon_h1.CONFIGS["mup-gqa-groups2"].items() if k != "seed"}
+    return family_falcon_h1.make_falcon_h1(d / "hf", seed=37, **{
+        **cfg, "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+        "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8})
+
+
 _RWKV5 = _rwkv("5.2", dict(C=16, L=2, H=2, F=32), seed=31)
 _RWKV6 = _rwkv("6.0", dict(C=16, L=2, H=2, F=32, D_MIX=4, D_DECAY=4), seed=32)
 _RWKV7 = _rwkv("7", dict(C=16, L=2, H=2, F=32, D_W=4, D_A=4, D_V=4, D_G=4), seed=33)
@@ -227,6 +237,8 @@ CASES = {c.name: c for c in [
     # Nemotron-H: every block kind (Mamba-2, sigmoid experts beside a shared expert, attention without RoPE,
     # squared-ReLU MLP), one each
     Case("nemotron_h", "nemotron_h_moe", _nemotron_h, load=_RING),
+    # Falcon-H1: attention (RoPE, GQA) and Mamba-2 (2 groups) in every layer, every μP multiplier folded in
+    Case("falcon_h1", "falcon_h1", _falcon_h1, load=_RING),
 ]}
 
 
