@@ -310,3 +310,21 @@ def test_cli_error_is_one_line_and_writes_nothing(case_mup, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "config.json" in lines[0], lines
     assert "ssm_multipliers" in lines[0]
     assert not out.exists()
+
+
+def test_config_defaults_as_transformers(case_mup, tmp_path):
+    """Keys a config.json may leave out get transformers' defaults: RoPE theta 10000 (FalconH1Config's
+    rope_parameters), mamba_rms_norm false, the norm before the gate, multipliers 1."""
+    from transformers import FalconH1Config
+
+    ck = tmp_path / "hf"
+    shutil.copytree(case_mup.ckpt, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    for k in ("rope_parameters", "mamba_rms_norm", "mamba_norm_before_gate", "key_multiplier", "ssm_multipliers"):
+        cfg.pop(k)
+    (ck / "config.json").write_text(json.dumps(cfg))
+    hc = FalconH1Config.from_pretrained(ck)
+    c = FalconH1.read_config(Checkpoint(str(ck)))
+    assert c.rope_theta == hc.rope_parameters["rope_theta"] == 10000.0
+    assert (c.mamba_norm, c.norm_before_gate) == (hc.mamba_rms_norm, hc.mamba_norm_before_gate) == (False, True)
+    assert c.key_multiplier == hc.key_multiplier == 1.0 and c.ssm_multipliers == list(hc.ssm_multipliers)

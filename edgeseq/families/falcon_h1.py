@@ -83,7 +83,7 @@ class FalconH1Config:
     n_groups: int
     d_state: int
     d_conv: int
-    rope_theta: float = 1e11
+    rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dt_min: float = 0.0  # time_step_limit; (0, None) means no clipping
     dt_max: float | None = None
@@ -205,7 +205,7 @@ def read_falcon_h1_config(src) -> FalconH1Config:
     return FalconH1Config(
         vocab_size=vocab, d_model=d, n_layer=n, ffn_dim=src.shape(M + "layers.0.feed_forward.up_proj.weight")[0],
         attn_heads=heads, kv_heads=kv, head_dim=hd, d_ssm=di, ssm_heads=hm, n_groups=g, d_state=n_state, d_conv=k,
-        rope_theta=_number(rp, "rope_theta", where, _number(cfg, "rope_theta", where, 1e11)),
+        rope_theta=_number(rp, "rope_theta", where, _number(cfg, "rope_theta", where, 10000.0)),
         norm_eps=_number(cfg, "rms_norm_eps", where, 1e-5), dt_min=lo, dt_max=None if hi == float("inf") else hi,
         mamba_norm=bool(cfg.get("mamba_rms_norm", False)), conv_bias=src.has(mx + "conv1d.bias"),
         biases=any(k.endswith(".bias") and ".conv1d." not in k for k in src.keys()),
@@ -267,7 +267,7 @@ class FalconH1Gguf(ArchMap):
                     kv_heads=int(g.get(a("attention.head_count_kv"), heads)),
                     head_dim=int(g.get(a("attention.key_length"), d // heads)), d_ssm=di, ssm_heads=hm,
                     n_groups=groups, d_state=g.need(a("ssm.state_size"), int), d_conv=g.need(a("ssm.conv_kernel"), int),
-                    rope_theta=float(g.get(a("rope.freq_base"), 1e11)),
+                    rope_theta=float(g.get(a("rope.freq_base"), 10000.0)),
                     norm_eps=float(g.get(a("attention.layer_norm_rms_epsilon"), 1e-5)),
                     mamba_norm="blk.0.ssm_norm.weight" in g.tensors, norm_before_gate=False,
                     tie_embeddings="output.weight" not in g.tensors,
