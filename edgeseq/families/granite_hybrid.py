@@ -38,7 +38,11 @@ other than d / H, RoPE scaling types.
 State: per Mamba layer `conv_state` (conv_dim, k-1) and `recurrent_state` (H_ssm, n, P) (the mixer's);
 per attention layer the ring `key` / `value` (Hkv, max_context, hd), keys after RoPE; `position`.
 GGUF: llama.cpp's granitehybrid, as its converter writes it (q and k rows permuted for llama.cpp's RoPE,
-the Mamba-2 tensors as its mamba2, the MoE as granitemoe's). One family for both architectures: one
+the Mamba-2 tensors as its mamba2, the MoE as granitemoe's), but where llama.cpp would not run it right:
+Bamba's q/k permuted on the rotary half only (the converter permutes whole heads, and llama.cpp then
+rotates other channel pairs than transformers; marked by the key edgeseq.rope_rotary_permute, so files
+without it, the converter's, read back right too), a dense model's feed_forward_length and
+expert_used_count, a Granite with RoPE's rope.scaling.finetuned. One family for both architectures: one
 llama.cpp architecture reads back to one edgeseq family.
 """
 from __future__ import annotations
@@ -95,6 +99,10 @@ class GraniteHybridConfig:
     proj_bias: bool = False
     tie_embeddings: bool = False
     bamba: bool = False  # Bamba's checkpoint names, and no multiplier keys in its GGUF
+    # GGUF q/k rows: "rotary" permutes each head's rotary part only (what llama.cpp's RoPE needs; edgeseq
+    # writes it, with the key edgeseq.rope_rotary_permute, where rd < hd), "head" the whole head (the
+    # converter's permute: llama.cpp then rotates Bamba's half heads wrongly); the same where rd = hd
+    qk_permute: str = "rotary"
     max_position_embeddings: int = 262144  # GGUF's context_length only; the ring is max_context
 
     @property
@@ -218,16 +226,22 @@ def read_granite_hybrid_config(src) -> GraniteHybridConfig:
         bamba=bamba, max_position_embeddings=int(cfg.get("max_position_embeddings") or 262144))
 
 
-def permute_rows(heads: int) -> Codec:
-    """canonical (d, heads·hd) <-> llama.cpp's q/k (heads·hd, d) with each head's rows reordered from
-    rotate-half pairs (j, j + hd/2) to adjacent pairs (2j, 2j+1), as its converter's permute writes them."""
+def permute_rows(heads: int, rotary: int | None = None) -> Codec:
+    """canonical (d, heads·hd) <-> llama.cpp's q/k (heads·hd, d), each head's first `rotary` rows (all by
+    default, as its converter's permute does) reordered from rotate-half pairs (j, j + rotary/2) to the
+    adjacent pairs (2j, 2j+1) llama.cpp's RoPE rotates; the rest of the head as it is."""
     def enc(a):
-        w = a.T
-        return np.ascontiguousarray(w.reshape(heads, 2, w.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(w.shape))
+        w = np.array(a.T)  # a copy: the rows are reordered in place
+        h = w.reshape(heads, w.shape[0] // heads, -1)  # (heads, hd, d)
+        r = rotary or h.shape[1]
+        h[:, :r] = h[:, :r].reshape(heads, 2, r // 2, -1).swapaxes(1, 2).reshape(heads, r, -1)
+        return np.ascontiguousarray(h.reshape(w.shape))
 
     def dec(w):
-        return np.ascontiguousarray(w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2)
-                                    .reshape(w.shape).T)
+        h = w.reshape(heads, w.shape[0] // heads, -1).copy()
+        r = rotary or h.shape[1]
+        h[:, :r] = h[:, :r].reshape(heads, r // 2, 2, -1).swapaxes(1, 2).reshape(heads, r, -1)
+        return np.ascontiguousarray(h.reshape(w.shape).T)
     return Codec(enc, dec)
 
 
@@ -271,9 +285,16 @@ class GraniteHybridGguf(ArchMap):
             out += [f32("attention.scale", c.scale), f32("embedding_scale", c.embedding_multiplier),
                     f32("residual_scale", c.residual_multiplier), f32("logit_scale", c.logits_scaling),
                     u32("expert_shared_feed_forward_length", c.ffn_dim)]
-        return out + [u32("ssm.conv_kernel", c.d_conv), u32("ssm.state_size", c.d_state),
-                      u32("ssm.group_count", c.n_groups), u32("ssm.inner_size", c.d_inner),
-                      u32("ssm.time_step_rank", c.ssm_heads), ("rope.scaling.finetuned", bool(c.rope), "bool")]
+        out += [u32("ssm.conv_kernel", c.d_conv), u32("ssm.state_size", c.d_state),
+                u32("ssm.group_count", c.n_groups), u32("ssm.inner_size", c.d_inner),
+                u32("ssm.time_step_rank", c.ssm_heads), ("rope.scaling.finetuned", bool(c.rope), "bool")]
+        if self.partial(c):  # q/k permuted on the rotary part only: a reader must know (see qk_permute)
+            out.append(("edgeseq.rope_rotary_permute", True, "bool"))
+        return out
+
+    @staticmethod
+    def partial(c) -> bool:
+        return bool(c.rope and c.qk_permute == "rotary" and c.rotary_dim and c.rotary_dim < c.head_dim)
 
     def config(self, g):
         a = g.arch_key
@@ -306,6 +327,7 @@ class GraniteHybridGguf(ArchMap):
                     logits_scaling=float(g.get(a("logit_scale"), 1.0) or 1.0),
                     norm_eps=float(g.get(a("attention.layer_norm_rms_epsilon"), 1e-6)), conv_bias=True,
                     tie_embeddings="output.weight" not in g.tensors, bamba=bamba,
+                    qk_permute="rotary" if g.get(a("edgeseq.rope_rotary_permute")) else "head",
                     max_position_embeddings=int(g.get(a("context_length"), 262144)))
 
 
@@ -372,8 +394,9 @@ class GraniteHybrid(Family):
             rows.append(Row(o + "norm", m + "input_layernorm.weight", gguf=g + "attn_norm.weight"))
             if i in c.attn_layers:
                 a = m + "self_attn."
-                rows += [Row(o + "q", a + "q_proj.weight", t, gguf=g + "attn_q.weight", codec=permute_rows(c.attn_heads)),
-                         Row(o + "k", a + "k_proj.weight", t, gguf=g + "attn_k.weight", codec=permute_rows(c.kv_heads)),
+                rd = c.rotary_dim if c.rope and c.qk_permute == "rotary" else None
+                rows += [Row(o + "q", a + "q_proj.weight", t, gguf=g + "attn_q.weight", codec=permute_rows(c.attn_heads, rd)),
+                         Row(o + "k", a + "k_proj.weight", t, gguf=g + "attn_k.weight", codec=permute_rows(c.kv_heads, rd)),
                          Row(o + "v", a + "v_proj.weight", t, gguf=g + "attn_v.weight", codec=T),
                          Row(o + "o", a + "o_proj.weight", t, gguf=g + "attn_output.weight", codec=T)]
             else:
