@@ -113,6 +113,34 @@ def test_fused_expert_layout(moe_case, tmp_path):
         np.testing.assert_array_equal(got[n], want[n], err_msg=n)
 
 
+def test_sharded_bf16_checkpoint(tmp_path):
+    """bf16 weights in several safetensors shards (an index file), as released checkpoints come; every
+    block kind."""
+    from safetensors import safe_open
+
+    import edgeseq
+    from edgeseq.exporters.export import export
+
+    ck = make_nemotron_h(tmp_path / "hf", seed=4, dtype=torch.bfloat16, shard="30KB", hybrid_override_pattern="ME*-")
+    shards = sorted(ck.glob("*.safetensors"))
+    assert (ck / "model.safetensors.index.json").exists() and len(shards) > 2
+    dtypes = {}
+    for f in shards:
+        with safe_open(str(f), "pt") as h:
+            dtypes.update({k: h.get_slice(k).get_dtype() for k in h.keys()})
+    assert dtypes["backbone.layers.1.mixer.experts.0.up_proj.weight"] == dtypes["backbone.embeddings.weight"] == "BF16"
+    hf = load_hf(ck)
+    hf.set_experts_implementation("eager")
+    hf64 = as_f64(hf)
+    ids = random_ids(256, 24, seed=2)
+    from family_nemotron_h import MARGIN, routing_margin
+
+    assert routing_margin(hf64, ids) > MARGIN
+    ref = hf_logits64(hf64, ids)
+    s = edgeseq.load(export(str(ck), str(tmp_path / "b")), max_context=64).session()
+    assert np.abs(s.prefill(ids) - ref[-1]).max() < 1e-4
+
+
 def test_permute_rows_round_trip():
     a = np.random.default_rng(0).standard_normal((32, 4 * 12)).astype(np.float32)
     c = permute_rows(4)
