@@ -86,8 +86,9 @@ def _rwkv_escape(b: bytes) -> bytes:
     return repr(b)[2:-1].encode("utf-8")
 
 
-# architectures whose llama.cpp converter takes a tokenizer.model beside the tokenizer.json first
-_SPM_FIRST = ("jamba", "mamba2", "granitehybrid")
+# architectures whose llama.cpp converter takes a tokenizer.model beside the tokenizer.json first (Jamba's,
+# Mamba-2's and so Granite-hybrid's and Bamba's, Qwen2's and so Qwen3-Next's and Qwen3.5's set_vocab)
+_SPM_FIRST = ("jamba", "mamba2", "granitehybrid", "qwen3next", "qwen35", "qwen35moe")
 
 
 def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict, arch: str | None = None):
@@ -126,7 +127,7 @@ def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict, arc
         folder = os.path.dirname(os.path.abspath(file))
         spm = os.path.join(folder, "tokenizer.model")
         if arch in _SPM_FIRST and os.path.basename(file) == "tokenizer.json" and os.path.isfile(spm):
-            file = spm  # (Jamba's, and Mamba-2's converter, read the SentencePiece model first)
+            file = spm
         sv = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab)
         keys = _sentencepiece_keys(file, vocab) if file.endswith(".model") else _bpe_keys(file, vocab, arch)
         return keys, sv
