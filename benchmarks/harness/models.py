@@ -137,6 +137,21 @@ SHAPES: dict[str, dict] = {
                      num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      layer_types=["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i in range(16)],
                      tie_word_embeddings=True, note="LiquidAI/LFM2-1.2B (feed-forward 8192 after auto-adjust)"),
+    "falcon-h1-0.5b": _hf("FalconH1Config", "falcon_h1", vocab_size=32784, hidden_size=1024, intermediate_size=2048,
+                          num_hidden_layers=36, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                          mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
+                          mamba_d_conv=4, mamba_expand=2, tie_word_embeddings=False,
+                          note="tiiuae/Falcon-H1-0.5B (transformers' table: 36 layers, d 1024, 8/2 attention heads, "
+                               "24 Mamba heads of 64, state 128; vocabulary and MLP width as recalled)"),
+    "granite-4.0-h-350m": _hf("GraniteMoeHybridConfig", "granite_hybrid", vocab_size=100352, hidden_size=768,
+                              num_hidden_layers=32, num_attention_heads=12, num_key_value_heads=4,
+                              num_local_experts=0, shared_intermediate_size=2048, intermediate_size=2048,
+                              mamba_n_heads=48, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=128,
+                              mamba_d_conv=4, mamba_expand=2, position_embedding_type="nope",
+                              layer_types=["attention" if i in (10, 13, 17, 27) else "mamba" for i in range(32)],
+                              tie_word_embeddings=True,
+                              note="ibm-granite/granite-4.0-h-350m, dense (as recalled: d 768, 32 layers of which 4 "
+                                   "attention, 12/4 heads, 48 Mamba heads of 32, state 128, MLP 2048)"),
     "recurrentgemma-2b": _hf("RecurrentGemmaConfig", "recurrent_gemma",
                              note="transformers' RecurrentGemmaConfig defaults: google/recurrentgemma-2b"),
 }
