@@ -167,17 +167,45 @@ def _weight_of(b: GraphBuilder, init_name: str) -> str | None:
     return None
 
 
+def moe_expert_readers(b: GraphBuilder) -> set[int]:
+    """The nodes (by id) that read a stored expert matrix only to lay it out for a com.microsoft MoE: the
+    Reshape/Transpose/Concat chains edgeseq.mixers.moe builds from the canonical (d, E·f) / (E·f, d) MatMul
+    weights. Those weights count as MatMul weights: the recipe quantizes them as it would for MatMulNBits,
+    and the fused flavour's MoE block then reads those bytes through QMoE (or falls back to MatMulNBits)."""
+    made = {out: node for node in b.nodes for out in node.output}
+    found: set[int] = set()
+
+    def back(value: str) -> None:
+        node = made.get(value)
+        if node is None or node.op_type not in ("Reshape", "Transpose", "Concat"):
+            return
+        data = node.input if node.op_type == "Concat" else node.input[:1]
+        for inp in data:
+            if _weight_of(b, inp) is not None:
+                found.add(id(node))
+            else:
+                back(inp)
+
+    for node in b.nodes:
+        if node.op_type == "MoE" and node.domain == MS_DOMAIN:
+            for pos in (2, 4, 6):  # fc1, fc2, fc3 experts' weights
+                if pos < len(node.input) and node.input[pos]:
+                    back(node.input[pos])
+    return found
+
+
 def collect_usage(builders: list[GraphBuilder]) -> dict[str, set[str]]:
     """For every stored weight: how the graphs use it ('matmul', 'gemm_t', 'gather' or 'other:<op>')."""
     uses: dict[str, set[str]] = {}
     for b in builders:
+        moe = moe_expert_readers(b)
         for node in _builder_nodes(b):
             for pos, inp in enumerate(node.input):
                 w = _weight_of(b, inp)
                 if w is None:
                     continue
                 attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-                if node.op_type == "MatMul" and pos == 1:
+                if id(node) in moe and (pos == 0 or node.op_type == "Concat") or node.op_type == "MatMul" and pos == 1:
                     use = "matmul"
                 elif (node.op_type == "Gemm" and pos == 1 and attrs.get("transB") == 1 and not attrs.get("transA")
                       and len(node.input) == 2 and attrs.get("alpha", 1.0) == 1.0):
