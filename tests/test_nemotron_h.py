@@ -344,6 +344,20 @@ def test_unsupported_config(plain_ckpt, tmp_path, edit, error, message):
     assert "config.json" in str(e.value) or str(ck) in str(e.value)
 
 
+def test_hub_style_config_reads_the_same(plain_ckpt, tmp_path):
+    """The hub's config.json spellings (the pattern as hybrid_override_pattern, mamba_n_groups,
+    mamba_dt_limit with JSON's Infinity, no layers_block_type) give the config transformers' save gives."""
+    ck = tmp_path / "hf"
+    shutil.copytree(plain_ckpt, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    groups = cfg.pop("n_groups")
+    for k in ("layers_block_type", "time_step_limit"):
+        cfg.pop(k)
+    cfg.update(hybrid_override_pattern="ME*-", mamba_n_groups=groups, num_hidden_layers=4)
+    (ck / "config.json").write_text(json.dumps(cfg)[:-1] + ', "mamba_dt_limit": [0.0, Infinity]}')
+    assert NemotronH.read_config(Checkpoint(str(ck))) == NemotronH.read_config(Checkpoint(str(plain_ckpt)))
+
+
 def test_cli_error_is_one_line_and_writes_nothing(plain_ckpt, tmp_path):
     ck = tmp_path / "hf"
     shutil.copytree(plain_ckpt, ck)
