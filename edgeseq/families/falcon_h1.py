@@ -235,7 +235,7 @@ class FalconH1Gguf(ArchMap):
             return ("llama.cpp's falcon-h1 has no projection, attention or MLP biases (mamba_proj_bias, "
                     "projectors_bias, attention_bias, mlp_bias)")
         if not c.conv_bias:
-            return "llama.cpp's falcon-h1 needs the Mamba conv bias (mamba_conv_bias)"
+            return "llama.cpp's falcon-h1 needs the Mamba conv bias (mamba_conv_bias; without it llama.cpp crashes)"
         if c.mamba_norm and c.norm_before_gate:
             return "llama.cpp's falcon-h1 applies the Mamba norm after the gate (mamba_norm_before_gate)"
         if c.dt_min > 0 or c.dt_max is not None:
