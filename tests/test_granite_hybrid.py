@@ -402,6 +402,22 @@ def test_unsupported_config(plain_ckpt, tmp_path, edit, error, message):
     assert "config.json" in str(e.value) or str(ck) in str(e.value)
 
 
+def test_hub_layer_type_names(plain_ckpt, tmp_path):
+    """The hub's configs spell the layer types mamba / attention (transformers 5.25 saves linear_attention /
+    full_attention); both read to the same layers, and a Granite config without layer_types is all Mamba
+    (transformers' default), which these weights (attention on layer 1) contradict."""
+    ck = tmp_path / "hf"
+    shutil.copytree(plain_ckpt, ck)
+    _edit_config(ck, layer_types=[M, A, M, M])
+    assert GraniteHybrid.read_config(Checkpoint(str(ck))).attn_layers == [1]
+    assert GraniteHybrid.read_config(Checkpoint(str(plain_ckpt))).attn_layers == [1]
+    cfg = json.loads((ck / "config.json").read_text())
+    del cfg["layer_types"]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgeseqError, match="the weights lack"):
+        GraniteHybrid.read_config(Checkpoint(str(ck)))
+
+
 def test_cli_error_is_one_line_and_writes_nothing(plain_ckpt, tmp_path):
     ck = tmp_path / "hf"
     shutil.copytree(plain_ckpt, ck)

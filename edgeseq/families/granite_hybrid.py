@@ -187,9 +187,9 @@ def read_granite_hybrid_config(src) -> GraniteHybridConfig:
         raise EdgeseqError(f"{where}: time_step_limit {lim!r} is not two numbers") from None
     mamba = next(i for i in range(n) if i not in attn)
     m = f"model.layers.{mamba}.mamba."
-    for i in (attn[0] if attn else None, mamba):  # the weights follow the declared pattern
-        want = f"model.layers.{i}.self_attn.q_proj.weight" if i in attn else m + "A_log"
-        if i is not None and not src.has(want):
+    for i in range(n):  # the weights follow the declared pattern
+        want = f"model.layers.{i}.self_attn.q_proj.weight" if i in attn else f"model.layers.{i}.mamba.A_log"
+        if not src.has(want):
             raise EdgeseqError(f"{src.path}: config.json's layer types put layer {i} as "
                                f"{'attention' if i in attn else 'Mamba'}, but the weights lack {want}")
     H = src.shape(m + "A_log")[0]
