@@ -44,7 +44,7 @@ import numpy as np
 
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
-from edgeseq.families.base import Family, StateTensor, cfg_get
+from edgeseq.families.base import Family, StateTensor
 from edgeseq.families.common import embed, head_is_embedding, norm_and_head, ring_state
 from edgeseq.families.lfm2 import config_key, config_number
 from edgeseq.gguf_names import ArchMap, f32, u32
@@ -95,9 +95,6 @@ class NemotronHConfig:
     conv_bias: bool = True
     proj_bias: bool = False
     tie_embeddings: bool = False
-
-    def kinds(self, kind: str) -> list[int]:
-        return [i for i, k in enumerate(self.pattern) if k == kind]
 
     def mixer(self) -> Mamba2Mixer:
         return Mamba2Mixer(self.ssm_heads * self.ssm_head_dim, self.ssm_heads, self.ssm_head_dim, self.n_groups,
