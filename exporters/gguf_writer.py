@@ -128,8 +128,12 @@ def _tokenizer_keys(spec: dict, file: str | None, vocab: int, special: dict, arc
         spm = os.path.join(folder, "tokenizer.model")
         if arch in _SPM_FIRST and os.path.basename(file) == "tokenizer.json" and os.path.isfile(spm):
             file = spm
-        sv = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab)
         keys = _sentencepiece_keys(file, vocab) if file.endswith(".model") else _bpe_keys(file, vocab, arch)
+        try:  # (after the keys: a tokenizer.json it cannot parse is named by _bpe_keys)
+            sv = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab)
+        except (ValueError, TypeError, AttributeError, KeyError) as e:  # JSON errors are ValueErrors
+            raise EdgeseqError(f"{folder}: its tokenizer_config.json, tokenizer.json or config.json does not "
+                               f"give the special tokens ({type(e).__name__}: {e})") from None
         return keys, sv
     for key, tid in (("bos", special.get("bos_token_id")), ("eos", special.get("eos_token_id"))):
         if tid is not None and 0 <= int(tid) < vocab:
@@ -145,6 +149,8 @@ def _bpe_keys(path: str, vocab: int, arch: str | None = None) -> list[tuple[str,
         model = tj["model"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EdgeseqError(f"{path}: not a readable tokenizer.json ({e})") from None
+    if not isinstance(model, dict) or not isinstance(model.get("vocab", {}), dict):
+        raise EdgeseqError(f"{path}: not a tokenizer.json (its \"model\" is not an object with a \"vocab\" object)")
     if model.get("type") != "BPE":
         raise UnsupportedError(f"{path}: a {model.get('type')} tokenizer; GGUF export supports byte-level BPE "
                                f"tokenizer.json files (and the RWKV World vocabulary)")
@@ -330,15 +336,18 @@ def _pre_name(tj: dict, arch: str | None = None) -> str:
     from edgeseq.gguf_bundle import SPLIT_REGEX
 
     pre = tj.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if (tj.get("normalizer") or {}).get("type") not in (None, "NFC"):
+    parts = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    norm = tj.get("normalizer") or {}
+    if (not isinstance(parts, list) or not all(isinstance(p, dict) for p in [*parts, norm])
+            or norm.get("type") not in (None, "NFC")):
         return "default"
     if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
         return "gpt-2"
     if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[0].get("behavior") == "Isolated"
             and not parts[0].get("invert") and parts[1].get("type") == "ByteLevel"
             and not parts[1].get("use_regex", True)):
-        regex = (parts[0].get("pattern") or {}).get("Regex")
+        pattern = parts[0].get("pattern")
+        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
         split = next((k for k, v in SPLIT_REGEX.items() if v == regex), None)
         if split == "llama3":
             return _FAMILY_PRE.get((split, arch)) or ("llama-bpe" if tj["model"].get("ignore_merges") else "dbrx")

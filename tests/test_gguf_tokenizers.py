@@ -323,3 +323,24 @@ def test_sentencepiece_style_tokenizer_json(tmp_path):
     assert llm.tokenize(b"hi", add_bos=True)[0] == sp.bos_id()
     m = edgeseq.load(str(out))
     assert m.tokenizer.encode(text) == want and m.manifest["add_bos"] is True
+
+
+def test_unreadable_tokenizer_json_is_one_error(tmp_path):
+    ckpt = make_mamba(tmp_path / "hf", vocab_size=608)
+    build_tokenizer(ckpt, "llama3")
+    (ckpt / "tokenizer.json").write_text("{bad")
+    with pytest.raises(EdgeseqError, match="tokenizer.json"):
+        export_gguf(str(ckpt), str(tmp_path / "m.gguf"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_malformed_pre_tokenizer_is_default_and_malformed_model_an_error(tmp_path):
+    for pre in ("x", {"type": "Sequence", "pretokenizers": 3}, {"type": "Sequence", "pretokenizers": ["x"]},
+                {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": "x", "behavior": "Isolated"},
+                                                       {"type": "ByteLevel", "use_regex": False}]}):
+        assert _pre_name({"pre_tokenizer": pre, "normalizer": None, "model": {}}, "lfm2") == "default"
+    ckpt = make_mamba(tmp_path / "hf", vocab_size=608)
+    (ckpt / "tokenizer.json").write_text(json.dumps({"model": ["BPE"]}))
+    with pytest.raises(EdgeseqError, match="tokenizer.json"):
+        export_gguf(str(ckpt), str(tmp_path / "m.gguf"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
