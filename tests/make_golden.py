@@ -185,14 +185,16 @@ def _granite_hybrid(d: Path) -> Path:
         "mamba_n_heads": 4, "mamba_d_head": 8})
 
 
-def _nemotron_h(d: Path) -> Path:
-    import families  # noqa: F401  (first: it imports family_nemotron_h)
-    import family_nemotron_h
+def _nemotron_h(pattern: str, seed: int):
+    def build(d: Path) -> Path:
+        import families  # noqa: F401  (first: it imports family_nemotron_h)
+        import family_nemotron_h
 
-    cfg = {k: v for k, v in family_nemotron_h.CONFIGS["ME*EME-moe-untied"].items() if k != "seed"}
-    return family_nemotron_h.make_nemotron_h(d / "hf", seed=36, **{
-        **cfg, "hybrid_override_pattern": "ME*-", "vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32,
-        "mamba_num_heads": 4})
+        cfg = {k: v for k, v in family_nemotron_h.CONFIGS["ME*EME-moe-untied"].items() if k != "seed"}
+        return family_nemotron_h.make_nemotron_h(d / "hf", seed=seed, **{
+            **cfg, "hybrid_override_pattern": pattern, "vocab_size": VOCAB, "hidden_size": 16,
+            "intermediate_size": 32, "mamba_num_heads": 4})
+    return build
 
 
 def _falcon_h1(d: Path) -> Path:
@@ -234,9 +236,10 @@ CASES = {c.name: c for c in [
     Case("jamba", "jamba", _jamba, load=_RING),  # Mamba-1 with dt/B/C norms, attention and experts on layers 1, 3
     # Granite-4.0-H: Mamba-2, RoPE attention on layer 1, softmax top-2-of-4 experts beside a shared MLP, multipliers
     Case("granite_hybrid", "granite_hybrid", _granite_hybrid, load=_RING),
-    # Nemotron-H: every block kind (Mamba-2, sigmoid experts beside a shared expert, attention without RoPE,
-    # squared-ReLU MLP), one each
-    Case("nemotron_h", "nemotron_h_moe", _nemotron_h, load=_RING),
+    # Nemotron-H: Mamba-2, attention without RoPE, squared-ReLU MLP; with sigmoid experts beside a shared
+    # expert in place of the MLP (the family nemotron_h_moe)
+    Case("nemotron_h", "nemotron_h", _nemotron_h("M*-M", 36), load=_RING),
+    Case("nemotron_h_moe", "nemotron_h_moe", _nemotron_h("ME*E", 38), load=_RING),
     # Falcon-H1: attention (RoPE, GQA) and Mamba-2 (2 groups) in every layer, every μP multiplier folded in
     Case("falcon_h1", "falcon_h1", _falcon_h1, load=_RING),
 ]}
