@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers.models.qwen3_5_moe.modeling_qwen3_5_moe as modeling
+import transformers.models.qwen3_next.modeling_qwen3_next as next_modeling
 from transformers import (Qwen3_5MoeConfig, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration,
-                          Qwen3_5MoeTextConfig)
+                          Qwen3_5MoeTextConfig, Qwen3NextConfig, Qwen3NextForCausalLM)
 
 from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
 from families import B, F, FamilyCase, checks, not_degenerate
@@ -21,6 +22,12 @@ CONFIGS = {
     # the released pattern (three Gated DeltaNet layers, then attention), top-2 of 4 experts with a
     # shared expert in every layer, two value heads per key head, tied head
     "top2-of-4-tied": dict(tie_word_embeddings=True),
+}
+# Qwen3-Next: fused in_proj_qkvz / in_proj_ba; decoder_sparse_step / mlp_only_layers pick the sparse layers
+NEXT_CONFIGS = {
+    # top-2 of 6 experts, layer 1 a dense MLP (mlp_only_layers), untied, attention second
+    "top2-of-6-untied-dense1": dict(num_experts=6, mlp_only_layers=[1], layer_types=[L, A, L, L],
+                                    tie_word_embeddings=False),
 }
 # seed 0: edgeseq's float32 logits 7e-5 from the float64 reference (transformers' own float32 forward 5e-5);
 # over seeds 0-9 this tiny model's conditioning puts either 4e-5 to 4e-4 from it
@@ -38,6 +45,15 @@ def make_qwen35_moe(path, seed=0, conditional=False, dtype=torch.float32, shard=
         model = Qwen3_5MoeForConditionalGeneration(config)
     else:
         model = Qwen3_5MoeForCausalLM(Qwen3_5MoeTextConfig(**text))
+    model = add_qwen35_noise(model.eval(), seed).to(dtype)
+    path = Path(path)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return path
+
+
+def make_qwen3_next(path, seed=0, dtype=torch.float32, shard=None, **cfg) -> Path:
+    torch.manual_seed(seed)
+    model = Qwen3NextForCausalLM(Qwen3NextConfig(**{**DEFAULTS, **MOE, **cfg}))
     model = add_qwen35_noise(model.eval(), seed).to(dtype)
     path = Path(path)
     model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
@@ -90,6 +106,16 @@ def build_qwen35_moe(name: str, d: Path, cfg: dict | None = None, seed: int = 0)
     return c
 
 
+def build_qwen3_next(name: str, d: Path, cfg: dict | None = None, seed: int = 3) -> MoeBuilt:
+    cfg = dict(NEXT_CONFIGS[name] if cfg is None else cfg)
+    seed = cfg.pop("seed", seed)
+    c = MoeBuilt(make_qwen3_next(d / "hf", seed=seed, **cfg), d, random_ids(256, SEQ_LEN, seed=10), next_modeling)
+    c.name = name
+    not_degenerate(c.ref)
+    assert routing_margin(c.hf64, c.ids, next_modeling) > MARGIN  # float32 and float64 choose the same experts
+    return c
+
+
 CASES = [FamilyCase(
     f"qwen35_moe/{name}", "qwen35_moe", (lambda n: lambda d: build_qwen35_moe(n, d))(name),
     checks(step=B, prefill_all=B, prefill_then_steps=B, plain_ort=B, state_spec=F, save_load_fork=F,
@@ -98,3 +124,11 @@ CASES = [FamilyCase(
     fused_ops={k: CONV_LA for k in ("step", "prefill", "prefill_all")},
     portable_ops={"prefill": {"Scan": True, "LinearAttention": False}}, load={"max_context": 128}, fork_at=30)
     for name in CONFIGS]
+CASES += [FamilyCase(
+    f"qwen3_next/{name}", "qwen3_next", (lambda n: lambda d: build_qwen3_next(n, d))(name),
+    checks(step=B, prefill_all=B, prefill_then_steps=F, plain_ort=B, state_spec=F, save_load_fork=F,
+           flavour_ops=True, gguf=True),
+    state=qwen35_state, position=True, prefill_at=(1, 2, 40),
+    fused_ops={k: CONV_LA for k in ("step", "prefill", "prefill_all")},
+    portable_ops={"prefill": {"Scan": True, "LinearAttention": False}}, load={"max_context": 128}, fork_at=30)
+    for name in NEXT_CONFIGS]

@@ -203,7 +203,10 @@ def compare_with_converter(tmp_path, ck, fam_cls, arch, module, ids, conv_args=(
     assert info["architecture"] == arch and not info["generic_because"]
     errs = {}
     for name in ("ref.gguf", "ours.gguf"):
-        llm = llama_cpp.Llama(str(tmp_path / name), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+        # an f32 KV cache (type 0): llama.cpp's default f16 cache alone moved a Qwen3-Next test model's logits
+        # by 2e-2 (1.5e-4 with f32)
+        llm = llama_cpp.Llama(str(tmp_path / name), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                              type_k=0, type_v=0)
         llm.eval(ids)
         errs[name] = float(np.abs(np.array(llm.scores[:len(ids)]) - want).max())
         del llm

@@ -18,6 +18,10 @@ State per layer: `conv_state` (c, k-1), the conv's last k-1 inputs (q, k, v befo
 transformers' recurrent function and of ONNX Runtime's LinearAttention, so state files move between
 the flavours. Fused flavour: CausalConvWithState and LinearAttention(update_rule gated_delta), which
 matches the reference exactly (tests/test_gdn_kernel.py); portable: Conv and the Scan of gdn.step.
+
+Checkpoint layouts: Qwen3.5's separate in_proj_qkv / in_proj_z / in_proj_b / in_proj_a, or (`qkvz`)
+Qwen3-Next's fused in_proj_qkvz / in_proj_ba, interleaved per key head, split on loading into the same
+canonical tensors (the graphs do not change).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from edgeseq.kernels import gdn
 from edgeseq.kernels.conv import causal_conv
 from edgeseq.kernels.ops import linear, rms_norm
 from edgeseq.state import StateTensor
-from edgeseq.tensor_table import T, Codec, Row, t
+from edgeseq.tensor_table import T, Codec, Fused, Row, t
 
 
 def _heads_codec(hd: int, axis: int, hk: int, r: int) -> Codec:
@@ -54,6 +58,9 @@ class GatedDeltaNetMixer:
     v_dim: int
     d_conv: int
     norm_eps: float = 1e-6  # the gated norm's (rms_norm_eps)
+    # Qwen3-Next's layout: the checkpoint's fused in_proj_qkvz / in_proj_ba, interleaved per key head, and
+    # llama.cpp's qwen3next names (value heads left grouped, b and a fused as ssm_ba)
+    qkvz: bool = False
 
     @property
     def conv_dim(self) -> int:
@@ -65,11 +72,62 @@ class GatedDeltaNetMixer:
                 StateTensor(layer, "recurrent_state", (self.v_heads, self.k_dim, self.v_dim),
                             "gated delta rule state S (Hv, dk, dv): rows key channels, columns value channels")]
 
-    def tensors(self, m: str, o: str, g: str = "blk.{i}.") -> list[Row]:
+    def _qkvz_split(self, a: np.ndarray) -> list[np.ndarray]:
+        """Qwen3-Next's in_proj_qkvz (Hk·(2dk + 2r·dv), d), per key head [q, k, v, z] (transformers'
+        fix_query_key_value_ordering), as the rows of q (K, d), k (K, d), v (V, d), z (V, d): value
+        heads in grouped order (head j of key head j // r), as in_proj_qkv / in_proj_z hold them."""
+        Hk, dk, rv = self.k_heads, self.k_dim, self.v_heads // self.k_heads * self.v_dim
+        x = np.asarray(a).reshape(Hk, 2 * dk + 2 * rv, -1)
+        cuts = np.cumsum([dk, dk, rv])
+        return [p.reshape(-1, x.shape[-1]) for p in np.split(x, cuts, axis=1)]
+
+    def _ba_split(self, a: np.ndarray) -> list[np.ndarray]:
+        """Qwen3-Next's in_proj_ba (Hk·2r, d), per key head [b, a], as b (Hv, d) and a (Hv, d)."""
+        r = self.v_heads // self.k_heads
+        x = np.asarray(a).reshape(self.k_heads, 2 * r, -1)
+        return [x[:, :r].reshape(self.v_heads, -1), x[:, r:].reshape(self.v_heads, -1)]
+
+    def _fused_rows(self, m: str, o: str, g: str) -> list:
+        """Qwen3-Next's rows: the fused projections split on loading; llama.cpp's qwen3next keeps the value
+        heads grouped and fuses b and a per key head (ssm_ba, the checkpoint's in_proj_ba as it is)."""
+        cd, k, K, Hv = self.conv_dim, self.d_conv, 2 * self.k_heads * self.k_dim, self.v_heads
+        r = Hv // self.k_heads
+
+        def qkv(a):
+            q, kk, v, _ = self._qkvz_split(a)
+            return np.ascontiguousarray(np.concatenate([q, kk, v]).T)
+
+        def ba_enc(parts):
+            b_, a_ = (p.T.reshape(self.k_heads, r, -1) for p in parts)
+            return np.ascontiguousarray(np.concatenate([b_, a_], axis=1).reshape(2 * Hv, -1))
+
+        conv = Codec(lambda a: np.ascontiguousarray(a[:, 0]), lambda a: np.ascontiguousarray(a.reshape(cd, 1, k)))
+        q = m + "in_proj_qkvz.weight"
+        ba = m + "in_proj_ba.weight"
+        return [
+            Row(o + "in_qkv", q, qkv, gguf=g + "attn_qkv.weight", codec=T),
+            Row(o + "in_z", q, lambda a: np.ascontiguousarray(self._qkvz_split(a)[3].T), gguf=g + "attn_gate.weight",
+                codec=T),
+            Row(o + "in_b", ba, lambda a: np.ascontiguousarray(self._ba_split(a)[0].T)),
+            Row(o + "in_a", ba, lambda a: np.ascontiguousarray(self._ba_split(a)[1].T)),
+            Fused(g + "ssm_ba.weight", (o + "in_b", o + "in_a"), ba_enc,
+                  lambda a: [np.ascontiguousarray(x.T) for x in self._ba_split(a)]),
+            Row(o + "conv", m + "conv1d.weight", lambda a: np.ascontiguousarray(a.reshape(cd, 1, k)),
+                gguf=g + "ssm_conv1d.weight", codec=conv),
+            Row(o + "dt_bias", m + "dt_bias", gguf=g + "ssm_dt.bias"),
+            Row(o + "A", m + "A_log", lambda a: -np.exp(a.astype(np.float64)).astype(np.float32), gguf=g + "ssm_a"),
+            Row(o + "gnorm", m + "norm.weight", gguf=g + "ssm_norm.weight"),
+            Row(o + "out_proj", m + "out_proj.weight", t, gguf=g + "ssm_out.weight", codec=T),
+        ]
+
+    def tensors(self, m: str, o: str, g: str = "blk.{i}.") -> list:
         """The mixer's rows: canonical names under `o`, transformers' names under `m` (`…linear_attn.`),
         llama.cpp's `qwen35` names under `g`. llama.cpp's converter reorders the value heads from grouped
         by key head (head j reads key head j // r) to tiled (j reads j % Hk) where Hv != Hk: the V rows
-        of the qkv projection and the conv, z, a, b, A, dt_bias, and the columns of out_proj."""
+        of the qkv projection and the conv, z, a, b, A, dt_bias, and the columns of out_proj. With `qkvz`,
+        Qwen3-Next's fused projections and llama.cpp's qwen3next names (_fused_rows)."""
+        if self.qkvz:
+            return self._fused_rows(m, o, g)
         cd, k, K = self.conv_dim, self.d_conv, 2 * self.k_heads * self.k_dim
         v = functools.partial(_heads_codec, hk=self.k_heads, r=self.v_heads // self.k_heads)
         qkv = Codec(lambda a: np.concatenate([a.T[:K], v(self.v_dim, 0).enc(a.T[K:])]),
