@@ -32,7 +32,7 @@ full_attention; Bamba's `attn_layer_indices`.
 
 Supported: GQA/MQA, RoPE (default type) or none (`position_embedding_type` rope | nope | null), Mamba
 conv bias on or off, Mamba in/out projection biases (ONNX only), time_step_limit, tied or untied head,
-any multipliers. Left out (a clear error): hidden_act other than silu, attention or MLP biases, a head_dim
+any multipliers. The fused flavour runs the experts as ONNX Runtime's com.microsoft MoE (mixers.moe). Left out (a clear error): hidden_act other than silu, attention or MLP biases, a head_dim
 other than d / H, RoPE scaling types.
 
 State: per Mamba layer `conv_state` (conv_dim, k-1) and `recurrent_state` (H_ssm, n, P) (the mixer's);
@@ -462,7 +462,7 @@ class GraniteHybrid(Family):
                 s = o + ("shared_" if moe else "")
                 f = linear(b, linear(b, h, s + "gate").silu() * linear(b, h, s + "up"), s + "down")
                 if moe:
-                    f = moe(b, h, o) + f
+                    f = moe(b, h, o, fused) + f
                 x = x + scaled(f)
         return x, out
 
