@@ -129,13 +129,20 @@ def granite_state(c: Built) -> dict:
 
 
 FUSED_OPS = {"CausalConvWithState": True, "LinearAttention": True}
-CASES = [FamilyCase(
-    f"granite_hybrid/{name}", "granite_hybrid", _build(name),
-    checks(step=B, prefill_all=B, prefill_then_steps=first and B or F, chunked=first and B,
-           plain_ort=first and B, state_spec=F, state_constant=first and F, low_memory=first and F,
-           save_load_fork=first and F, flavour_ops=first, gguf=True),
-    state=granite_state, position=True, prefill_at=(1, 2, 40),
-    fused_ops={k: FUSED_OPS for k in ("step", "prefill", "prefill_all")},
-    portable_ops={k: {"CausalConvWithState": False, "LinearAttention": False} for k in ("step", "prefill")},
-    load={"max_context": 128}, fork_at=30)
-    for first, name in zip((True, False, False), CONFIGS)]
+PORTABLE_OPS = {"CausalConvWithState": False, "LinearAttention": False}
+
+
+def _case(name: str, first: bool) -> FamilyCase:
+    moe = {"MoE": "moe" in name}  # the experts: ONNX Runtime's com.microsoft MoE in the fused flavour only
+    return FamilyCase(
+        f"granite_hybrid/{name}", "granite_hybrid", _build(name),
+        checks(step=B, prefill_all=B, prefill_then_steps=first and B or F, chunked=first and B,
+               plain_ort=first and B, state_spec=F, state_constant=first and F, low_memory=first and F,
+               save_load_fork=first and F, flavour_ops=first or "moe" in name, gguf=True),
+        state=granite_state, position=True, prefill_at=(1, 2, 40),
+        fused_ops={k: {**FUSED_OPS, **moe} for k in ("step", "prefill", "prefill_all")},
+        portable_ops={k: {**PORTABLE_OPS, "MoE": False} for k in ("step", "prefill")},
+        load={"max_context": 128}, fork_at=30)
+
+
+CASES = [_case(name, first) for first, name in zip((True, False, False), CONFIGS)]
