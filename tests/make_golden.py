@@ -207,6 +207,23 @@ def _falcon_h1(d: Path) -> Path:
         "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8})
 
 
+def _qwen35_moe(d: Path) -> Path:
+    import families  # noqa: F401  (first: it imports family_qwen35_moe)
+    import family_qwen35_moe
+
+    return family_qwen35_moe.make_qwen35_moe(d / "hf", seed=40, **{
+        **family_qwen35_moe.CONFIGS["top2-of-4-tied"], "vocab_size": VOCAB, "hidden_size": 16})
+
+
+def _qwen3_next(d: Path) -> Path:
+    import families  # noqa: F401  (first: it imports family_qwen35_moe)
+    import family_qwen35_moe
+
+    return family_qwen35_moe.make_qwen3_next(d / "hf", seed=41, **{
+        **family_qwen35_moe.NEXT_CONFIGS["top2-of-6-untied-dense1"], "vocab_size": VOCAB, "hidden_size": 16,
+        "intermediate_size": 32})
+
+
 _RWKV5 = _rwkv("5.2", dict(C=16, L=2, H=2, F=32), seed=31)
 _RWKV6 = _rwkv("6.0", dict(C=16, L=2, H=2, F=32, D_MIX=4, D_DECAY=4), seed=32)
 _RWKV7 = _rwkv("7", dict(C=16, L=2, H=2, F=32, D_W=4, D_A=4, D_V=4, D_G=4), seed=33)
@@ -242,6 +259,10 @@ CASES = {c.name: c for c in [
     Case("nemotron_h_moe", "nemotron_h_moe", _nemotron_h("ME*E", 38), load=_RING),
     # Falcon-H1: attention (RoPE, GQA) and Mamba-2 (2 groups) in every layer, every μP multiplier folded in
     Case("falcon_h1", "falcon_h1", _falcon_h1, load=_RING),
+    # Qwen3.5-MoE: Qwen3.5's layers with softmax top-2-of-4 experts beside a gated shared expert
+    Case("qwen35_moe", "qwen35_moe", _qwen35_moe, load=_RING),
+    # Qwen3-Next: fused in_proj_qkvz / in_proj_ba, top-2-of-6 experts, layer 1 a dense MLP
+    Case("qwen3_next", "qwen3_next", _qwen3_next, load=_RING),
 ]}
 
 
