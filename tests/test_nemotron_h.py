@@ -229,44 +229,31 @@ def test_moe_same_file_as_llama_cpp_converter_and_llama_cpp_runs_it(tmp_path):
     assert np.abs(np.array(llm.scores[:len(prompt)]) - want).max() < 1e-3
 
 
-@pytest.mark.slow
-def test_dense_gguf_llama_cpp_runs_and_tensors_equal_the_converters(tmp_path):
-    """A dense model (M, *, - blocks): edgeseq writes llama.cpp's nemotron_h, which llama.cpp runs within
-    1e-3 of transformers. The pinned converter reads the config through transformers, whose NemotronHConfig
-    always holds num_experts_per_tok, so it writes every Nemotron-H as nemotron_h_moe, with the MLP layers'
-    feed_forward_length 0: llama.cpp then takes them for Mamba layers and refuses the file. Its tensors are
-    still the right ones: they equal edgeseq's, name for name, and so do the keys both architectures share."""
+def test_dense_gguf_is_nemotron_h_and_llama_cpp_runs_it(tmp_path):
+    """A dense model (M, *, - blocks, byte vocabulary): edgeseq writes llama.cpp's nemotron_h (MLP widths
+    per layer in feed_forward_length, no expert keys), which llama.cpp runs within 1e-3 of transformers.
+    (The pinned converter reads the config through transformers, whose NemotronHConfig always holds
+    num_experts_per_tok, so it writes every Nemotron-H as nemotron_h_moe, the MLP layers' feed_forward_length
+    0: llama.cpp then takes them for Mamba layers and refuses the file. Measured once, not run here: the
+    converter costs 8 s; its tensors equalled edgeseq's name for name, and so did the keys both share.)"""
     lc = llama_cpp()
     from gguf import GGUFReader
 
     from edgeseq.exporters.gguf_writer import export_gguf
 
-    ck = _neox_checkpoint(tmp_path, "M-M*-M-tied")
+    ck = make_nemotron_h(tmp_path / "hf", seed=3, hybrid_override_pattern="M-M*-M-")
     ours = tmp_path / "ours.gguf"
     info = export_gguf(str(ck), str(ours))
     assert info["architecture"] == "nemotron_h" and info["generic_because"] is None
-    prompt = random_ids(50280, 12, seed=4)
+    kv = _kv(GGUFReader(ours))
+    assert kv["nemotron_h.feed_forward_length"][1] == [0, 48, 0, 0, 48, 0, 48]
+    assert kv["nemotron_h.attention.head_count_kv"][1] == [0, 0, 0, 2, 0, 0, 0]
+    assert not any(".expert_" in k for k in kv)
+    prompt = random_ids(256, 12, seed=4)
     want = hf_logits64(as_f64(load_hf(ck)), prompt)
     llm = lc.Llama(str(ours), n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
     llm.eval(prompt)
     assert np.abs(np.array(llm.scores[:len(prompt)]) - want).max() < 1e-3
-    ref = convert(ck, tmp_path / "ref.gguf")
-    a, b = GGUFReader(ours), GGUFReader(ref)
-    assert b.fields["general.architecture"].contents() == "nemotron_h_moe"  # the converter's misreading
-    ka = _kv(a)
-    kb = {k.replace("nemotron_h_moe.", "nemotron_h."): v for k, v in _kv(b).items()}
-    assert kb["nemotron_h.feed_forward_length"][1] == [0] * 7 and ka["nemotron_h.feed_forward_length"][1] == [
-        0, 48, 0, 0, 48, 0, 48]
-    moe_only = {k for k in kb if ".expert_" in k}
-    assert set(ka) == set(kb) - moe_only
-    for k in ka:
-        if k not in DIFFERENT_VALUES | {"general.architecture", "nemotron_h.feed_forward_length"}:
-            assert ka[k] == kb[k], k
-    ta, tb = {x.name: x for x in a.tensors}, {x.name: x for x in b.tensors}
-    assert set(ta) == set(tb)
-    for n, x in tb.items():
-        assert (list(ta[n].shape), ta[n].tensor_type) == (list(x.shape), x.tensor_type), n
-        np.testing.assert_allclose(ta[n].data, x.data, rtol=1e-6, atol=1e-7, err_msg=n)
 
 
 @pytest.mark.xfail(strict=True, raises=EdgeseqError,
