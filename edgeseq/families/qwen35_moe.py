@@ -11,8 +11,8 @@ Symbols: d model width · E experts · k experts per token · f expert width · 
 
 Checkpoints: transformers' save_pretrained writes the experts per expert
 (`mlp.experts.{e}.{gate,up,down}_proj.weight`); fused 3-D experts (`mlp.experts.gate_up_proj` (E, 2f, d),
-`mlp.experts.down_proj` (E, d, f): transformers' in-memory layout, the layout some releases ship) are read
-too. Left out of Qwen3_5MoeForConditionalGeneration as for Qwen3.5: the vision tower and the MTP head.
+`mlp.experts.down_proj` (E, d, f): transformers' in-memory layout, which llama.cpp's converter also
+accepts) are read too. Left out of Qwen3_5MoeForConditionalGeneration as for Qwen3.5: the vision tower and the MTP head.
 GGUF: llama.cpp's qwen35moe (the converter run with --no-mtp). int4/int8 bundles keep the routers and
 the shared-expert gates f32 (quant_policy).
 """
