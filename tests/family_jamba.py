@@ -124,7 +124,8 @@ CASES = [FamilyCase(
            plain_ort=first and B, state_spec=F, state_constant=first and F, low_memory=first and F,
            save_load_fork=first and F, flavour_ops=first, gguf=first),
     state=jamba_state, position=True, prefill_at=(1, 2, 40),
-    fused_ops={k: CONV_OP for k in ("step", "prefill", "prefill_all")},
-    portable_ops={k: {"CausalConvWithState": False} for k in ("step", "prefill")},
+    # the fused flavour's experts: ONNX Runtime's MoE (softmax routing, not renormalised: exact)
+    fused_ops={k: {**CONV_OP, "MoE": first} for k in ("step", "prefill", "prefill_all")},
+    portable_ops={k: {"CausalConvWithState": False, "MoE": False} for k in ("step", "prefill")},
     load={"max_context": 128}, fork_at=30)
     for first, name in zip((True, False), CONFIGS)]

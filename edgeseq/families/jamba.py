@@ -321,7 +321,7 @@ class Jamba(Family):
                 x = x + y
                 m = rms_norm(b, x, o + "ffn_norm", c.norm_eps)
                 if i in c.moe_layers:
-                    x = x + moe(b, m, o)
+                    x = x + moe(b, m, o, fused=fused)  # fused: ONNX Runtime's MoE / QMoE where exact
                 else:
                     x = x + linear(b, linear(b, m, o + "gate").silu() * linear(b, m, o + "up"), o + "down")
         return x, out
