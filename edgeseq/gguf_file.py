@@ -46,7 +46,7 @@ _INT_SUFFIXES = ("block_count", "_count", "_length", "_size", "_kernel", "_rank"
                  "_layers", "_version", "file_type", "head_count_kv")
 _BOOL_KEYS = ("add_space_prefix", "add_bos_token", "add_eos_token", "dt_b_c_rms")
 _BOOL_ARRAYS = ("recurrent_layers",)  # qwen35's attention.recurrent_layers: one per layer
-_INT_OR_ARRAY = ("head_count_kv",)  # lfm2's: one per layer (0 for a conv layer)
+_INT_OR_ARRAY = ("head_count_kv", "feed_forward_length")  # one per layer: lfm2's heads (0: conv), nemotron_h's widths
 _STR_KEYS = ("general.architecture", "general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "edgeseq.family",
              "edgeseq.config", "edgeseq.state", "tokenizer.chat_template")
 _ARRAYS = {"tokenizer.ggml.tokens": (STRING,), "tokenizer.ggml.merges": (STRING,),

@@ -126,10 +126,7 @@ CASES = [FamilyCase(
     f"nemotron_h/{name}", family, _build(name),
     checks(step=B, prefill_all=B, prefill_then_steps=first and B or F, chunked=first and B,
            plain_ort=first and B, state_spec=F, state_constant=first and F, low_memory=first and F,
-           save_load_fork=first and F, flavour_ops=first,
-           # edgeseq's GGUF reader takes feed_forward_length as one integer, nemotron_h writes one per
-           # layer (edgeseq/gguf_file.py's _INT_OR_ARRAY lacks it): the round trip waits for that change
-           gguf=False),
+           save_load_fork=first and F, flavour_ops=first),
     state=nemotron_h_state, position=True, prefill_at=(1, 2, 40),
     fused_ops={"prefill": FUSED_OPS}, portable_ops={"prefill": {k: False for k in FUSED_OPS}},
     load={"max_context": 128}, fork_at=30)

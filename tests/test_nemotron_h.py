@@ -256,9 +256,6 @@ def test_dense_gguf_is_nemotron_h_and_llama_cpp_runs_it(tmp_path):
     assert np.abs(np.array(llm.scores[:len(prompt)]) - want).max() < 1e-3
 
 
-@pytest.mark.xfail(strict=True, raises=EdgeseqError,
-                   reason="edgeseq/gguf_file.py takes feed_forward_length as one integer; nemotron_h writes one "
-                   "per layer (llama.cpp's reading of it): _INT_OR_ARRAY needs 'feed_forward_length'")
 def test_edgeseq_reads_nemotron_h_gguf(moe_case, tmp_path):
     """edgeseq reads back the nemotron_h_moe file it writes (the pattern from head_count_kv,
     feed_forward_length and ffn_gate_inp) and runs it to the reference."""
