@@ -121,14 +121,16 @@ CASES = [FamilyCase(
     checks(step=B, prefill_all=B, prefill_then_steps=B, plain_ort=B, state_spec=F, save_load_fork=F,
            flavour_ops=True, gguf=True),
     state=qwen35_state, position=True, prefill_at=(1, 2, 40),
-    fused_ops={k: CONV_LA for k in ("step", "prefill", "prefill_all")},
-    portable_ops={"prefill": {"Scan": True, "LinearAttention": False}}, load={"max_context": 128}, fork_at=30)
+    fused_ops={k: {**CONV_LA, "MoE": True} for k in ("step", "prefill", "prefill_all")},
+    portable_ops={"prefill": {"Scan": True, "LinearAttention": False, "MoE": False}}, load={"max_context": 128},
+    fork_at=30)
     for name in CONFIGS]
 CASES += [FamilyCase(
     f"qwen3_next/{name}", "qwen3_next", (lambda n: lambda d: build_qwen3_next(n, d))(name),
     checks(step=B, prefill_all=B, prefill_then_steps=F, plain_ort=B, state_spec=F, save_load_fork=F,
            flavour_ops=True, gguf=True),
     state=qwen35_state, position=True, prefill_at=(1, 2, 40),
-    fused_ops={k: CONV_LA for k in ("step", "prefill", "prefill_all")},
-    portable_ops={"prefill": {"Scan": True, "LinearAttention": False}}, load={"max_context": 128}, fork_at=30)
+    fused_ops={k: {**CONV_LA, "MoE": True} for k in ("step", "prefill", "prefill_all")},
+    portable_ops={"prefill": {"Scan": True, "LinearAttention": False, "MoE": False}}, load={"max_context": 128},
+    fork_at=30)
     for name in NEXT_CONFIGS]

@@ -263,8 +263,8 @@ class Qwen35(Family):
         return [Row(f"{o}{n}", f"{f}{n}_proj.weight", t, gguf=f"{g}ffn_{n}.weight", codec=T)
                 for n in ("gate", "up", "down")]
 
-    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
-        """Layer i's feed-forward on the normed input m (b, t, d)."""
+    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int, fused: bool = False) -> Value:
+        """Layer i's feed-forward on the normed input m (b, t, d); `fused`: the fused flavour's graph."""
         return linear(b, linear(b, m, o + "gate").silu() * linear(b, m, o + "up"), o + "down")
 
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
@@ -285,7 +285,7 @@ class Qwen35(Family):
                         b, a, o, state[p + "key"], state[p + "value"], state["position"], pos, c, tokens)
                 x = x + y
                 m = rms_norm(b, x, o + "ffn_norm", c.norm_eps)
-                x = x + self.ffn(b, m, o, i)
+                x = x + self.ffn(b, m, o, i, fused)
         return x, out
 
     def head(self, b: GraphBuilder, hidden: str) -> str:

@@ -13,7 +13,8 @@ Checkpoints: transformers' save_pretrained writes the experts per expert
 (`mlp.experts.{e}.{gate,up,down}_proj.weight`); fused 3-D experts (`mlp.experts.gate_up_proj` (E, 2f, d),
 `mlp.experts.down_proj` (E, d, f): transformers' in-memory layout, which llama.cpp's converter also
 accepts) are read too. Left out of Qwen3_5MoeForConditionalGeneration as for Qwen3.5: the vision tower and the MTP head.
-GGUF: llama.cpp's qwen35moe (the converter run with --no-mtp). int4/int8 bundles keep the routers and
+The fused flavour runs the experts on ONNX Runtime's com.microsoft MoE (QMoE under int8/int4 where
+mixers.moe can), the portable one in standard ops. GGUF: llama.cpp's qwen35moe (the converter run with --no-mtp). int4/int8 bundles keep the routers and
 the shared-expert gates f32 (quant_policy).
 """
 from __future__ import annotations
@@ -95,10 +96,11 @@ def moe_rows(c, f: str, o: str, g: str) -> list[Row]:
     return rows
 
 
-def moe_ffn(c, b: GraphBuilder, m: Value, o: str) -> Value:
-    """The routed experts plus the gated shared expert on the normed input m (b, t, d)."""
+def moe_ffn(c, b: GraphBuilder, m: Value, o: str, fused: bool = False) -> Value:
+    """The routed experts plus the gated shared expert on the normed input m (b, t, d); the fused flavour
+    runs the experts on ONNX Runtime's com.microsoft MoE / QMoE (mixers.moe: exact for softmax routing)."""
     shared = linear(b, linear(b, m, o + "shexp_gate").silu() * linear(b, m, o + "shexp_up"), o + "shexp_down")
-    return c.moe()(b, m, o) + linear(b, m, o + "shexp_router").sigmoid() * shared
+    return c.moe()(b, m, o, fused) + linear(b, m, o + "shexp_router").sigmoid() * shared
 
 
 def moe_metadata(c) -> list:
@@ -150,8 +152,8 @@ class Qwen35Moe(Qwen35):
     def ffn_rows(self, i: int, f: str, o: str, g: str) -> list[Row]:
         return moe_rows(self.config, f, o, g)
 
-    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
-        return moe_ffn(self.config, b, m, o)
+    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int, fused: bool = False) -> Value:
+        return moe_ffn(self.config, b, m, o, fused)
 
     def quant_policy(self, name, shape):
         """The routers and the shared-expert gates stay f32 under int4 and int8 (E x d and 1 x d: a few

@@ -131,7 +131,7 @@ class Qwen3Next(Qwen35Moe):
             return moe_rows(self.config, f, o, g)
         return Qwen35.ffn_rows(self, i, f, o, g)  # the dense MLP
 
-    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
+    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int, fused: bool = False) -> Value:
         if i in self.config.moe_layers:
-            return moe_ffn(self.config, b, m, o)
-        return Qwen35.ffn(self, b, m, o, i)
+            return moe_ffn(self.config, b, m, o, fused)
+        return Qwen35.ffn(self, b, m, o, i, fused)
