@@ -173,6 +173,8 @@ def checkpoint_template(path: str) -> dict | None:
                 cfg = json.load(f)
         except (OSError, ValueError) as e:
             raise EdgeseqError(f"{cfg_path}: cannot read ({e})") from None
+        if not isinstance(cfg, dict):
+            raise EdgeseqError(f"{cfg_path}: not a JSON object")
     text, source = None, None
     jinja_file = os.path.join(folder, "chat_template.jinja")
     json_file = os.path.join(folder, "chat_template.json")

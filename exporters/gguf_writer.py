@@ -29,7 +29,8 @@ _ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16"}
 # llama_ftype of each recipe (general.file_type); K-quant recipes are the _M mixes' numbers
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 15, "q5_k": 17,
              "q6_k": 18, "bf16": 32}
-PAD_VOCAB = {"mamba": 8, "mamba2": 16}  # llama.cpp's converter pads these vocabularies (and needs the rows)
+PAD_VOCAB = {"mamba": 8, "mamba2": 16, "granitehybrid": 8, "nemotron_h": 8, "nemotron_h_moe": 8}  # llama.cpp's converter pads these
+# vocabularies (granitehybrid: where it has Mamba layers, as every file of that name edgeseq writes does) and needs the rows
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 

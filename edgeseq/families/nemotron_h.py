@@ -218,8 +218,6 @@ class NemotronHGguf(ArchMap):
         c = fam.config
         if c.proj_bias:
             return "llama.cpp's nemotron_h has no Mamba in/out projection biases (use_bias)"
-        if c.vocab_size % 8:
-            return "llama.cpp's converter pads the vocabulary to a multiple of 8 (the embedding too); this one is not"
         if "E" in c.pattern and "-" in c.pattern:
             return "llama.cpp's nemotron_h_moe takes every feed-forward block as MoE (the pattern has both - and E)"
         return None
