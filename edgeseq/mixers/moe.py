@@ -38,11 +38,13 @@ Gated experts are activation "swiglu" with alpha 1, beta 0 (g·sigmoid(g)·u = s
 takes only interleaved (swiglu_fusion 1: fc1 (E, 2f, d) rows g0, u0, g1, u1, ...); ungated silu is "silu".
 fc1/fc3 are (E, f, d), fc2 (E, d, f): the graph reshapes and transposes the canonical matrices into that
 (ONNX Runtime folds those nodes into initializers when the session starts: the shared weights file keeps one
-layout for both flavours and the quantizer). QMoE reads the bytes the int8/int4 recipe wrote for MatMulNBits
+layout for both flavours and the quantizer; it folds up to 1 GiB per tensor, so larger expert stacks keep the
+dense form, see `_folds`). QMoE reads the bytes the int8/int4 recipe wrote for MatMulNBits
 (per output row, blocks along the input), regrouped per expert the same way; it needs one bit width and one
 block for the three matrices, a block that divides d and f, and (int4) an even number of blocks per expert row
-of fc2, else the experts stay MatMulNBits in the dense form. QMoE runs at accuracy level 4 (int8
-activations, as the recipe's default for MatMulNBits; its int8 kernel has no other). Routed scaling
+of fc2, else the experts stay MatMulNBits in the dense form. QMoE gets no accuracy_level (onnxruntime 1.30
+rejects the attribute; 1.32's default, 0, keeps f32 activations for int4, its int8 kernel always rounds them to
+int8). Routed scaling
 multiplies the op's output. The op takes (b, t, d) and one router row per token.
 """
 from __future__ import annotations
@@ -110,9 +112,10 @@ class MoeFeedForward:
         """The feed-forward on normed input h (b, t, d) -> (b, t, d); `fused`: the contrib op where exact."""
         if fused and self.act != "relu2":
             q = self._quantized(b, o)
-            if q is not None:
+            if q is not None and self._folds(q[0]):
                 return self._qmoe(b, h, o, *q)
-            if not self.expert_bias and (self.score == "softmax" or self.norm_topk) and not self._placeholders(b, o):
+            if (not self.expert_bias and (self.score == "softmax" or self.norm_topk) and not self._placeholders(b, o)
+                    and self._folds(32)):
                 return self._moe(b, h, o)
         r = linear(b, h, o + "router")  # (b, t, E)
         s = r.sigmoid() if self.score == "sigmoid" else r.softmax(-1)
@@ -139,6 +142,12 @@ class MoeFeedForward:
     def _placeholders(self, b: GraphBuilder, o: str) -> bool:
         """The experts were quantized (their float names are placeholders the MatMulNBits rewrite replaces)."""
         return any(b.weights[f"{o}experts_{n}"].offset == -1 for n in self._mats())
+
+    def _folds(self, bits: int) -> bool:
+        """ONNX Runtime folds the layout nodes into initializers only up to 1 GiB per node output (its
+        constant folding's limit); past that it would redo the interleave and transposes on every call
+        (Qwen3.5-35B-A3B's f32 fc1, 2 GiB: a 3.9 s decode step against 0.48 s dense), so the dense form."""
+        return self.n_experts * 2 * self.expert_dim * self.d_model * bits // 8 <= 1 << 30
 
     def _attrs(self, act: str) -> dict:
         a = dict(k=self.top_k, activation_type=act, normalize_routing_weights=int(self.norm_topk))
@@ -215,5 +224,5 @@ class MoeFeedForward:
         if weigh is not None:
             ins.append(weigh)
         y = b.op("QMoE", *ins, domain="com.microsoft", expert_weight_bits=bits, block_size=block,
-                 accuracy_level=4, weights_prepacked=0, **self._attrs("swiglu" if self.gated else "silu"))
+                 **self._attrs("swiglu" if self.gated else "silu"))
         return self._finish(y)
