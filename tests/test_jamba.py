@@ -333,20 +333,22 @@ def test_cli_error_is_one_line_and_writes_nothing(plain_ckpt, tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="exporters/export.py's _tokenizer_source picks tokenizer.json over "
-                   "tokenizer.model, so the GGUF gets gpt2 keys; llama.cpp's jamba converter reads tokenizer.model "
-                   "first (llama keys)")
-def test_gguf_tokenizer_prefers_sentencepiece_as_the_converter(plain_ckpt, tmp_path):
+def test_gguf_tokenizer_prefers_sentencepiece_as_the_converter(tmp_path):
     """Released Jamba folders may hold both tokenizer.model and tokenizer.json; llama.cpp's converter then
-    writes the SentencePiece model (tokenizer.ggml.model "llama", scores), as the file-to-file test checks
-    with tokenizer.model alone. With both, export_gguf takes tokenizer.json and writes "gpt2" keys today
-    (measured on Mistral's model; known, reported)."""
-    from edgeseq.exporters.export import _tokenizer_source
+    writes the SentencePiece model (tokenizer.ggml.model "llama", scores), and so does edgeseq's GGUF."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    ck = tmp_path / "hf"
-    shutil.copytree(plain_ckpt, ck)
-    (ck / "tokenizer.model").write_bytes(b"")
-    (ck / "tokenizer.json").write_text("{}")
-    src = Checkpoint(str(ck))
-    _, file = _tokenizer_source(src, None, Jamba(Jamba.read_config(src)))
-    assert file.endswith("tokenizer.model")
+    from edgeseq.exporters.gguf_writer import export_gguf
+    from edgeseq.gguf_file import GGUFFile
+
+    cfg = dict(CONFIGS["dense-untied-period3"])
+    ck = make_jamba(tmp_path / "hf", seed=cfg.pop("seed", 3), **{**cfg, "vocab_size": 32000})
+    shutil.copyfile(mistral_v1(), ck / "tokenizer.model")  # mistral_common is a test extra
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(str(ck / "tokenizer.json"))
+    export_gguf(str(ck), str(tmp_path / "m.gguf"))
+    g = GGUFFile(str(tmp_path / "m.gguf"))
+    assert g.get("tokenizer.ggml.model") == "llama"
+    assert len(g.get("tokenizer.ggml.scores")) == 32000
