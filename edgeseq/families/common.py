@@ -5,6 +5,7 @@ import numpy as np
 
 from edgeseq.errors import EdgeseqError
 from edgeseq.graph import GraphBuilder, Value
+from edgeseq.kernels.attention import attention, rope
 from edgeseq.kernels.ops import linear, linear_t, rms_norm
 from edgeseq.state import StateTensor
 
@@ -21,6 +22,29 @@ def norm_and_head(b: GraphBuilder, hidden: Value, eps: float, vocab: int) -> Val
     if b.has_weight("lm_head"):
         return linear(b, h, "lm_head")
     return linear_t(b, h, "embed", vocab)
+
+
+def gqa_attention(b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Value, position: Value,
+                  tokens: int | None, heads: int, kv_heads: int, head_dim: int, *, scale: float | None = None,
+                  pos: Value | None = None, theta: float = 10000.0, rotary_dim: int | None = None
+                  ) -> tuple[Value, Value, Value]:
+    """Grouped-query attention of the hybrids on the KV ring (Jamba, Bamba/Granite, Falcon-H1, Nemotron-H),
+    on the normed input a (b, t, d): q/k/v = a W (+ o+"q_bias"... where the weights hold them), RoPE on the
+    first `rotary_dim` channels at `pos` (b, t) when pos is given, attention over the ring (scale
+    head_dim^-1/2 unless given), output projection. Returns (out (b, t, d), new ring k, new ring v)."""
+    H, Hkv, hd = heads, kv_heads, head_dim
+
+    def split(name: str, n: int) -> Value:  # (b, n, t, hd)
+        return linear(b, a, o + name, o + name + "_bias").reshape(0, 0, n, hd).transpose(0, 2, 1, 3)
+
+    q, k, v = split("q", H), split("k", Hkv), split("v", Hkv)
+    if pos is not None:
+        q, k = (rope(b, x, pos, hd, theta, rotary_dim or hd) for x in (q, k))
+    # the prefill graphs read only the filled slots of a ring under a third full; the step graph has no
+    # control flow (mobile runtimes)
+    y, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, H, Hkv, hd, hd ** -0.5 if scale is None else scale,
+                          early_exit=tokens != 1)  # (b, H, t, hd)
+    return linear(b, y.transpose(0, 2, 1, 3).reshape(0, 0, H * hd), o + "o", o + "o_bias"), nk, nv
 
 
 def pick(src, candidates: list[str], what: str) -> str:

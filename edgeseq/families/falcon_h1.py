@@ -57,10 +57,10 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, norm_and_head, ring_state
+from edgeseq.families.common import embed, gqa_attention, norm_and_head, ring_state
 from edgeseq.gguf_names import ArchMap, f32, u32
-from edgeseq.graph import GraphBuilder, Value
-from edgeseq.kernels.attention import attention, rope, token_positions
+from edgeseq.graph import GraphBuilder
+from edgeseq.kernels.attention import token_positions
 from edgeseq.kernels.ops import linear, rms_norm
 from edgeseq.mixers.mamba2 import Mamba2Mixer
 from edgeseq.tensor_table import T, Derived, Row, t
@@ -358,21 +358,6 @@ class FalconH1(Family):
     def layout(self, src):
         return ("tied" if not src.has("lm_head.weight") and not self.config.tie_embeddings else None), ""
 
-    def attention(self, b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Value, position: Value,
-                  pos: Value, tokens: int | None) -> tuple[Value, Value, Value]:
-        """Attention on the normed a (b, t, d) (its multipliers folded into q/k/v/o): (out (b, t, d), new rings)."""
-        c = self.config
-        H, Hkv, hd = c.attn_heads, c.kv_heads, c.head_dim
-        q = linear(b, a, o + "q", o + "q_bias").reshape(0, 0, H, hd).transpose(0, 2, 1, 3)  # (b, H, t, hd)
-        k = linear(b, a, o + "k", o + "k_bias").reshape(0, 0, Hkv, hd).transpose(0, 2, 1, 3)  # (b, Hkv, t, hd)
-        v = linear(b, a, o + "v", o + "v_bias").reshape(0, 0, Hkv, hd).transpose(0, 2, 1, 3)
-        q, k = rope(b, q, pos, hd, c.rope_theta), rope(b, k, pos, hd, c.rope_theta)
-        # the prefill graphs read only the filled slots of a ring under a third full; the step graph has
-        # no control flow (mobile runtimes)
-        y, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, H, Hkv, hd, hd ** -0.5,
-                              early_exit=tokens != 1)  # (b, H, t, hd)
-        return linear(b, y.transpose(0, 2, 1, 3).reshape(0, 0, H * hd), o + "o", o + "o_bias"), nk, nv
-
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
         mixer = c.mixer()
@@ -385,8 +370,9 @@ class FalconH1(Family):
                 a = rms_norm(b, x, o + "norm", c.norm_eps)
                 s, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
                     b, a, o, state[p + "conv_state"], state[p + "recurrent_state"], tokens == 1, fused)
-                y, out[f"present.{i}.key"], out[f"present.{i}.value"] = self.attention(
-                    b, a, o, state[p + "key"], state[p + "value"], state["position"], pos, tokens)
+                y, out[f"present.{i}.key"], out[f"present.{i}.value"] = gqa_attention(  # its multipliers folded into q/k/v/o
+                    b, a, o, state[p + "key"], state[p + "value"], state["position"], tokens, c.attn_heads,
+                    c.kv_heads, c.head_dim, pos=pos, theta=c.rope_theta)
                 x = x + (s + y)
                 m = rms_norm(b, x, o + "ffn_norm", c.norm_eps)
                 h = linear(b, m, o + "gate", o + "gate_bias").silu() * linear(b, m, o + "up", o + "up_bias")

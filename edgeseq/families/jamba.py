@@ -46,10 +46,10 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, norm_and_head, ring_state
+from edgeseq.families.common import embed, gqa_attention, norm_and_head, ring_state
 from edgeseq.gguf_names import ArchMap, f32, u32
-from edgeseq.graph import GraphBuilder, Value
-from edgeseq.kernels.attention import attention
+from edgeseq.graph import GraphBuilder
+
 from edgeseq.kernels.ops import linear, rms_norm
 from edgeseq.mixers.mamba1 import Mamba1Mixer
 from edgeseq.mixers.moe import MoeFeedForward
@@ -289,20 +289,6 @@ class Jamba(Family):
             rows.append(Row("lm_head", "lm_head.weight", t, gguf="output.weight", codec=T))
         return rows
 
-    def attention(self, b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Value, position: Value,
-                  tokens: int | None) -> tuple[Value, Value, Value]:
-        """Attention on the normed a (b, t, d), no positional encoding: (out (b, t, d), new rings)."""
-        c = self.config
-        H, Hkv, hd = c.attn_heads, c.kv_heads, c.head_dim
-        q = linear(b, a, o + "q").reshape(0, 0, H, hd).transpose(0, 2, 1, 3)  # (b, H, t, hd)
-        k = linear(b, a, o + "k").reshape(0, 0, Hkv, hd).transpose(0, 2, 1, 3)  # (b, Hkv, t, hd)
-        v = linear(b, a, o + "v").reshape(0, 0, Hkv, hd).transpose(0, 2, 1, 3)
-        # the prefill graphs read only the filled slots of a ring under a third full; the step graph has
-        # no control flow (mobile runtimes)
-        y, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, H, Hkv, hd, hd ** -0.5,
-                              early_exit=tokens != 1)  # (b, H, t, hd)
-        return linear(b, y.transpose(0, 2, 1, 3).reshape(0, 0, H * hd), o + "o"), nk, nv
-
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
         mixer, moe = c.mixer(), c.moe()
@@ -313,8 +299,9 @@ class Jamba(Family):
             with b.scope(f"layers.{i}"):
                 a = rms_norm(b, x, o + "norm", c.norm_eps)
                 if i in c.attn_layers:
-                    y, out[f"present.{i}.key"], out[f"present.{i}.value"] = self.attention(
-                        b, a, o, state[p + "key"], state[p + "value"], state["position"], tokens)
+                    y, out[f"present.{i}.key"], out[f"present.{i}.value"] = gqa_attention(
+                        b, a, o, state[p + "key"], state[p + "value"], state["position"], tokens, c.attn_heads,
+                        c.kv_heads, c.head_dim)  # no positional encoding
                 else:
                     y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = mixer(
                         b, a, o, state[p + "conv_state"], state[p + "recurrent_state"], tokens == 1, fused)

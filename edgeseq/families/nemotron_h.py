@@ -45,11 +45,11 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.common import embed, head_is_embedding, norm_and_head, ring_state
+from edgeseq.families.common import embed, gqa_attention, head_is_embedding, norm_and_head, ring_state
 from edgeseq.families.lfm2 import config_key, config_number
 from edgeseq.gguf_names import ArchMap, f32, u32
-from edgeseq.graph import GraphBuilder, Value
-from edgeseq.kernels.attention import attention
+from edgeseq.graph import GraphBuilder
+
 from edgeseq.kernels.ops import linear, rms_norm
 from edgeseq.mixers.mamba2 import Mamba2Mixer
 from edgeseq.mixers.moe import MoeFeedForward
@@ -401,18 +401,6 @@ class NemotronH(Family):
             return rows
         return rows + [Row("lm_head", "lm_head.weight", t, gguf="output.weight", codec=T)]
 
-    def attention(self, b: GraphBuilder, a: Value, o: str, ring_k: Value, ring_v: Value, position: Value,
-                  tokens: int | None) -> tuple[Value, Value, Value]:
-        """Attention on the normed a (b, t, d), no positional encoding: (out (b, t, d), new rings)."""
-        c = self.config
-        H, Hkv, hd = c.attn_heads, c.kv_heads, c.head_dim
-        q = linear(b, a, o + "q").reshape(0, 0, H, hd).transpose(0, 2, 1, 3)  # (b, H, t, hd)
-        k = linear(b, a, o + "k").reshape(0, 0, Hkv, hd).transpose(0, 2, 1, 3)  # (b, Hkv, t, hd)
-        v = linear(b, a, o + "v").reshape(0, 0, Hkv, hd).transpose(0, 2, 1, 3)
-        y, nk, nv = attention(b, q, k, v, ring_k, ring_v, position, H, Hkv, hd, hd ** -0.5,
-                              early_exit=tokens != 1)  # (b, H, t, hd)
-        return linear(b, y.transpose(0, 2, 1, 3).reshape(0, 0, H * hd), o + "o"), nk, nv
-
     def body(self, b: GraphBuilder, ids, state, tokens, fused):
         c = self.config
         x = embed(b, ids)  # (b, t, d)
@@ -425,8 +413,9 @@ class NemotronH(Family):
                     y, out[f"present.{i}.conv_state"], out[f"present.{i}.recurrent_state"] = c.mixer()(
                         b, a, o, state[p + "conv_state"], state[p + "recurrent_state"], tokens == 1, fused)
                 elif kind == "*":
-                    y, out[f"present.{i}.key"], out[f"present.{i}.value"] = self.attention(
-                        b, a, o, state[p + "key"], state[p + "value"], state["position"], tokens)
+                    y, out[f"present.{i}.key"], out[f"present.{i}.value"] = gqa_attention(
+                        b, a, o, state[p + "key"], state[p + "value"], state["position"], tokens, c.attn_heads,
+                        c.kv_heads, c.head_dim)  # no positional encoding
                 elif kind == "-":
                     u = linear(b, a, o + "up").relu()
                     y = linear(b, u * u, o + "down")
