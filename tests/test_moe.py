@@ -296,22 +296,13 @@ EXPERTS_FUSED = {"on": True}  # the fixture's switch: the block's fused path in 
 
 @pytest.fixture
 def fused_lfm2_moe(monkeypatch):
-    """Lfm2Moe's ffn with the graph's flavour passed to the block (the family does not pass it yet)."""
+    """Lfm2Moe's experts in a fused bundle on the block's fused path (the family's own choice) or, with
+    EXPERTS_FUSED off, on its dense form: the two bundles to compare."""
     from edgeseq.families import lfm2_moe
 
-    build = lfm2_moe.Lfm2Moe.build_graph
-
-    def build_graph(self, kind, weights, fused, *a, **kw):
-        self._fused = fused
-        return build(self, kind, weights, fused, *a, **kw)
-
-    def ffn(self, b, m, o, i):
-        if i < self.config.n_dense:
-            return lfm2_moe.Lfm2.ffn(self, b, m, o, i)
-        return self.config.moe()(b, m, o, fused=self._fused and EXPERTS_FUSED["on"])
-
-    monkeypatch.setattr(lfm2_moe.Lfm2Moe, "build_graph", build_graph)
-    monkeypatch.setattr(lfm2_moe.Lfm2Moe, "ffn", ffn)
+    ffn = lfm2_moe.Lfm2Moe.ffn
+    monkeypatch.setattr(lfm2_moe.Lfm2Moe, "ffn",
+                        lambda self, b, m, o, i, fused=False: ffn(self, b, m, o, i, fused and EXPERTS_FUSED["on"]))
     EXPERTS_FUSED["on"] = True
     yield
     EXPERTS_FUSED["on"] = True

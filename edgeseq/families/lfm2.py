@@ -260,8 +260,8 @@ class Lfm2(Family):
                 Row(o + "up", f + "w3.weight", t, gguf=g + "ffn_up.weight", codec=T),
                 Row(o + "down", f + "w2.weight", t, gguf=g + "ffn_down.weight", codec=T)]
 
-    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
-        """Layer i's feed-forward on the normed m (b, t, d)."""
+    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int, fused: bool = False) -> Value:
+        """Layer i's feed-forward on the normed m (b, t, d) (`fused`: the graph's flavour, for the experts)."""
         return linear(b, linear(b, m, o + "gate").silu() * linear(b, m, o + "up"), o + "down")
 
     def attention(self, b: GraphBuilder, a: Value, o: str, i: int, kind: str, ring_k: Value, ring_v: Value,
@@ -290,7 +290,7 @@ class Lfm2(Family):
                         b, a, o, i, kind, state[p + "key"], state[p + "value"], state["position"], pos, tokens)
                 x = x + self.post_norm(b, y, o + "post_norm")
                 m = rms_norm(b, x, o + "ffn_norm", c.norm_eps)
-                x = x + self.post_norm(b, self.ffn(b, m, o, i), o + "post_ffn_norm")
+                x = x + self.post_norm(b, self.ffn(b, m, o, i, fused), o + "post_ffn_norm")
         return x, out
 
     def head(self, b: GraphBuilder, hidden: str) -> str:

@@ -93,8 +93,8 @@ class Lfm2Moe(Lfm2):
     def ffn_rows(self, i: int, f: str, o: str, g: str) -> list[Row]:
         return super().ffn_rows(i, f, o, g) if i < self.config.n_dense else self.config.moe().tensors(f, o, g)
 
-    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int) -> Value:
-        return super().ffn(b, m, o, i) if i < self.config.n_dense else self.config.moe()(b, m, o)
+    def ffn(self, b: GraphBuilder, m: Value, o: str, i: int, fused: bool = False) -> Value:
+        return super().ffn(b, m, o, i) if i < self.config.n_dense else self.config.moe()(b, m, o, fused=fused)
 
     def quant_policy(self, name, shape):
         """The routers stay f32 under int4 and int8: E x d each, a few hundredths of a percent of the
