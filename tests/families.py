@@ -135,11 +135,11 @@ def _mamba2(name):
 
 
 def mamba_state(c: Built) -> dict:
-    """Mamba-1's state per layer: the conv's last K-1 inputs (d_inner, K-1), the SSM state (d_inner, n)."""
+    """Mamba-1's state per layer: the conv's last K-1 inputs (d_inner, K-1), the SSM state (n, d_inner)."""
     hc, out = c.hf.config, {}
     for i in range(hc.num_hidden_layers):
         out[f"past_key_values.{i}.conv_state"] = (1, hc.intermediate_size, hc.conv_kernel - 1)
-        out[f"past_key_values.{i}.recurrent_state"] = (1, hc.intermediate_size, hc.state_size)
+        out[f"past_key_values.{i}.recurrent_state"] = (1, hc.state_size, hc.intermediate_size)
     return out
 
 
@@ -259,7 +259,7 @@ def zamba_state(c: Built) -> dict:
     di = hc.mamba_expand * hc.hidden_size
     for i, t in enumerate(hc.layers_block_type):
         out[f"past_key_values.{i}.conv_state"] = (1, di, hc.mamba_d_conv - 1)
-        out[f"past_key_values.{i}.recurrent_state"] = (1, di, hc.mamba_d_state)
+        out[f"past_key_values.{i}.recurrent_state"] = (1, hc.mamba_d_state, di)
         if t == "hybrid":
             for k in ("key", "value"):
                 out[f"past_key_values.{i}.{k}"] = (1, hc.num_key_value_heads, "max_context", hc.attention_head_dim)

@@ -110,7 +110,7 @@ def jamba_state(c: Built) -> dict:
     for i, kind in enumerate(hc.layers_block_type):
         if kind == "mamba":
             out[f"past_key_values.{i}.conv_state"] = (1, di, hc.mamba_d_conv - 1)
-            out[f"past_key_values.{i}.recurrent_state"] = (1, di, hc.mamba_d_state)
+            out[f"past_key_values.{i}.recurrent_state"] = (1, hc.mamba_d_state, di)
         else:
             for k in ("key", "value"):
                 out[f"past_key_values.{i}.{k}"] = (1, hc.num_key_value_heads, "max_context", hd)

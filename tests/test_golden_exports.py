@@ -14,8 +14,9 @@ written by tests/make_golden.py with the code of the day. Two promises are check
     1e-6 times the logits' scale (a few float32 ulps of logits of magnitude ~1-10).
 (b) the checkpoint rebuilt by the same seeded builder and exported by today's code has, in every graph,
     the same weight initializers (the tensors of weights.bin; inline constants are numbered by a
-    counter and excluded), the same inputs and outputs in the same order, and logits within 1e-5 of
-    the recorded ones (a rewrite may reorder float operations; fused ops stay where they are).
+    counter and excluded), the same inputs and outputs in the same order, and logits within 1e-5 times
+    max(1, the logits' scale) of the recorded ones (a rewrite may reorder float operations; fused ops
+    stay where they are).
 """
 from __future__ import annotations
 
@@ -94,4 +95,5 @@ def test_new_export_keeps_names_and_logits(name, tmp_path):
                                  f"gone {sorted(want_w - got_w)}")
     # the state file is the new bundle's own (a state file belongs to its bundle's weights.bin)
     got = session_logits(bundle, e["load"], tmp_path / "prompt.state", save=True)
-    _compare(name, got, from_json_logits(e["logits"]), NEW_EXPORT_TOL)
+    want = from_json_logits(e["logits"])
+    _compare(name, got, want, NEW_EXPORT_TOL * max(1.0, max(float(np.abs(v).max()) for v in want.values())))

@@ -170,14 +170,18 @@ def test_attention_rows_at_their_own_positions_batch(name, tmp_path_factory):
         rows.add(k, s.state(), s.position, None)
         solo.append(s)
     for step in range(8):
+        kept = {owner: rows.state(owner) for owner in rows.owners}
         got = rows.step([(step * 7 + i) % 64 for i in range(len(rows.owners))])
         for i, owner in enumerate(list(rows.owners)):
             t = (step * 7 + i) % 64
             s = solo[owner]
             if model.max_context and s.position + 1 > model.max_context:
                 assert got[i] is None, (name, step, owner)
-                before = s.state()
-                assert all(np.array_equal(before[k], v) for k, v in rows.state(owner).items())
+                # the row keeps exactly the state it had, which is its own session's (to float32 rounding:
+                # a batched MatMul may sum in another order than a single row's)
+                after = rows.state(owner)
+                assert all(np.array_equal(kept[owner][k], v) for k, v in after.items())
+                assert all(max_diff(v, s.state()[k]) < TOL for k, v in after.items())
                 rows.remove(owner)
                 continue
             assert got[i] is not None and max_diff(got[i], s.step(t)) < TOL, (name, step, owner)

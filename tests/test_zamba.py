@@ -35,7 +35,8 @@ def test_config_read_from_checkpoint(case):
 def test_stop_and_slide_at_max_context(case):
     m = edgeseq.load(case.bundle(False), max_context=20)
     s = m.session()
-    assert max_diff(s.prefill(case.ids[:20]), case.ref[19]) < TOL
+    ref = case.ref[19]
+    assert max_diff(s.prefill(case.ids[:20]), ref) < TOL * max(1.0, float(np.abs(ref).max()))  # as conformance
     with pytest.raises(EdgeseqError, match="context full: 20 tokens"):
         s.step(case.ids[20])
     slide = edgeseq.load(case.bundle(True), max_context=20, on_full="slide")

@@ -9,9 +9,14 @@ r dt rank · k conv width.
     [x, z] = in_proj(h);  x = silu(conv(x))                     (b, t, di)
     [dt, B, C] = x_proj(x)            (per head)                dt (b, t, nh, r), B, C (b, t, nh, n)
     dt = softplus(dt_proj(dt) + dt_bias)   (per head)           (b, t, di)
-    s_t = exp(dt·A) ⊙ s_{t-1} + (dt·x_t) ⊗ B_t                  s (b, di, n)
-    y_t = s_t · C_t + D ⊙ x_t                                   (b, di)
+    s_t = exp(dt·A) ⊙ s_{t-1} + B_t ⊗ (dt·x_t)                  s (b, n, di)
+    y_t = C_t · s_t + D ⊙ x_t                                   (b, di)
     out = out_proj(y · silu(z))
+
+The state is kept (n, di), channels innermost (transformers' cache is its transpose): every broadcast
+of the recurrence then runs over whole rows of di (ONNX Runtime's broadcasting Muls over (di, 1) x (1, n)
+were 2x slower for one sequence and 5-7x for 16, docs/benchmarks.md), and y_t = C_t @ s_t is one MatMul
+where B and C are shared by the channels.
 
 ONNX Runtime's LinearAttention fits Mamba-1 only as one head per channel (d_k = n, d_v = 1), and
 measured slower that way than the Scan for both decode and prefill (docs/benchmarks.md), so both
@@ -23,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeseq.graph import GraphBuilder, Value
-from edgeseq.kernels import scan as ssm
 from edgeseq.kernels.conv import causal_conv
 from edgeseq.kernels.ops import linear, rms_norm, softplus, split
 from edgeseq.state import StateTensor
@@ -46,7 +50,8 @@ class Mamba1Mixer:
 
     def state_spec(self, layer: int) -> list[StateTensor]:
         return [StateTensor(layer, "conv_state", (self.d_inner, self.d_conv - 1), "last k-1 inputs of the causal conv"),
-                StateTensor(layer, "recurrent_state", (self.d_inner, self.d_state), "SSM state h (di, n)")]
+                StateTensor(layer, "recurrent_state", (self.d_state, self.d_inner),
+                                            "SSM state h (n, di): transformers' (di, n) transposed")]
 
     # -- tensors ---------------------------------------------------------------------------------
     def tensors(self, m: str, o: str = "layers.{i}.", g: str = "blk.{i}.", zamba: bool = False) -> list[Row]:
@@ -101,20 +106,54 @@ class Mamba1Mixer:
                 w = (o + "dt_norm", o + "b_norm", o + "c_norm") if self.norm_weights else (None, None, None)
                 dt, B, C = (rms_norm(b, v, n, self.rms_eps) for v, n in zip((dt, B, C), w))
             dt = softplus(b, linear(b, dt, o + "dt_proj", o + "dt_bias"))  # (b, t, di)
-            B, C = B.unsqueeze(2), C.unsqueeze(2)  # (b, t, 1, n): shared by every channel
         else:
             nh, hd = self.n_heads, self.head_dim
             dbc = (xs.reshape(0, 0, nh, 1, hd) @ b.w(o + "x_proj")).reshape(0, 0, nh, r + 2 * n)
             dt, B, C = split(b, dbc, [r, n, n])  # (b, t, nh, r | n | n)
             dt = dt.unsqueeze(3) @ b.w(o + "dt_proj")  # (b, t, nh, 1, hd)
             dt = softplus(b, dt.reshape(0, 0, di) + b.w(o + "dt_bias"))
-            B, C = self._per_channel(b, B), self._per_channel(b, C)
-        a = (dt.unsqueeze(-1) * b.w(o + "A")).exp()  # (b, t, di, n)
-        u = (dt * xs).unsqueeze(-1) * B  # (b, t, di, n)
-        y, state = ssm.selective_scan(state, a=a, u=u, c=C, reduce_axis=-1, one_token=one_token)  # (b, t, di)
+            B, C = self._per_channel(b, B), self._per_channel(b, C)  # (b, t, n, di)
+        y, state = self._recurrence(b, state, dt, xs, B, C, b.w(o + "A").transpose(1, 0), one_token)
         y = (y + xs * b.w(o + "D")) * z.silu()
         return linear(b, y, o + "out_proj", o + "out_proj_bias"), conv, state
 
+    def _recurrence(self, b: GraphBuilder, state: Value, dt: Value, xs: Value, B: Value, C: Value, a_t: Value,
+                    one_token: bool) -> tuple[Value, Value]:
+        """The selective scan in the (n, di) layout: dt, xs (b, t, di); B, C (b, t, n) shared by the
+        channels, or (b, t, n, di) per channel (Zamba's heads); a_t = A transposed (n, di); state (b, n, di).
+        One token: t = 1 serves as the axis B broadcasts over, so the step needs no Squeeze or Unsqueeze.
+        Returns (y (b, t, di), new state)."""
+        n, di = self.d_state, self.d_inner
+        shared = self.n_heads == 1
+        dx = dt * xs  # (b, t, di)
+        if one_token:
+            a = (dt * a_t).exp()  # (b, 1, di) * (n, di) -> (b, n, di)
+            u = dx * (B.reshape(0, n, 1) if shared else B.reshape(0, n, di))
+            c = C if shared else C.reshape(0, n, di)  # (b, 1, n) | (b, n, di)
+            y, state = self._step(state, a, u, c)
+            return y, state  # y (b, 1, di)
+
+        def body(h, a, u, c):
+            y, h = self._step(h, a, u, c)
+            return [h], [y]
+
+        a = (dt.unsqueeze(2) * a_t).exp()  # (b, t, n, di)
+        u = dx.unsqueeze(2) * (B.unsqueeze(3) if shared else B)
+        c = C.unsqueeze(2) if shared else C  # (b, t, 1, n) | (b, t, n, di)
+        (state,), (y,) = b.recur(body, [state], [a, u, c], False, name="ssm")
+        return y.reshape(0, 0, di), state  # (b, t, 1, di) -> (b, t, di)
+
+    def _step(self, h: Value, a: Value, u: Value, c: Value) -> tuple[Value, Value]:
+        """One token: h (b, n, di); c (b, 1, n) shared (y = c @ h) or (b, n, di) per channel (y = ones @ (h * c):
+        a MatMul sums in the same order for any number of rows, where ReduceSum over axis 1 does not).
+        Returns (y (b, 1, di), new h)."""
+        h = a * h + u
+        if self.n_heads == 1:
+            return c @ h, h
+        ones = Value(h.b.const(np.ones((1, self.d_state))), h.b)
+        return ones @ (h * c), h
+
     def _per_channel(self, b: GraphBuilder, v: Value) -> Value:
-        """(b, t, nh, n) -> (b, t, di, n): each head's B or C over its hd channels."""
-        return v.unsqueeze(3).expand(1, 1, 1, self.head_dim, 1).reshape(0, 0, self.d_inner, self.d_state)
+        """(b, t, nh, n) -> (b, t, n, di): each head's B or C over its hd channels."""
+        return (v.transpose(0, 1, 3, 2).unsqueeze(4).expand(1, 1, 1, 1, self.head_dim)
+                .reshape(0, 0, self.d_state, self.d_inner))
