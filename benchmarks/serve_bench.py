@@ -27,7 +27,7 @@ model exported by edgeseq at --quant: int8 -> Q8_0, int4 -> Q4_0), the same text
 OpenAI endpoint (/v1/completions, streamed), each server tokenizing with the GGUF's vocabulary. A random
 model's reply need not re-tokenize to the ids it was generated as, so a turn may reuse only the state at the
 end of the previous prompt: both servers report what they reused (cached_tokens). llama-server runs as a
-user would: `--parallel` as edgeseq's, a context of 2048 tokens a slot, its default prompt cache and
+user would: `--parallel` as edgeseq's, a context of 8192 tokens a slot (a 10-turn history outgrows 2048), its default prompt cache and
 context checkpoints.
 """
 from __future__ import annotations
@@ -127,7 +127,7 @@ class LlamaServer(Server):
             self.port = sk.getsockname()[1]
         t = ["-t", str(threads), "-tb", str(threads)] if threads else []
         cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(self.port), "-np", str(parallel),
-               "-c", str(2048 * parallel), "--no-webui", *t]
+               "-c", str(8192 * parallel), "--no-webui", *t]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(600):
             try:
