@@ -1,6 +1,8 @@
 """Pieces several families share: embedding lookup, the LM head, and checkpoint-name helpers."""
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import numpy as np
 
 from edgeseq.errors import EdgeseqError
@@ -99,3 +101,15 @@ def ring_state(layer: int, kv_heads: int, head_dim: int, label: str, key_note: s
     return [StateTensor(layer, kind, (kv_heads, "max_context", head_dim),
                         f"{label} {kind}s, ring slot p % max_context" + (f" ({key_note})" if kind == "key" and key_note else ""))
             for kind in ("key", "value")]
+
+
+def hybrid_state(attention: Iterable[bool | None], mixer: Callable, ring: Callable[[int], list[StateTensor]]
+                 ) -> list[StateTensor]:
+    """A hybrid stack's state in layer order: layer i holds its key and value rings, ring(i), where
+    `attention` yields True; the recurrent mixer's state, mixer().state_spec(i), where False; nothing where
+    None (a layer of MLP or MoE only). `mixer` is the config's factory, called only for mixer layers."""
+    out = []
+    for i, att in enumerate(attention):
+        if att is not None:
+            out += ring(i) if att else mixer().state_spec(i)
+    return out

@@ -55,7 +55,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, gqa_attention, norm_and_head, ring_state
+from edgeseq.families.common import embed, gqa_attention, hybrid_state, norm_and_head, ring_state
 from edgeseq.gguf_names import ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder
 from edgeseq.kernels.attention import token_positions
@@ -366,11 +366,9 @@ class GraniteHybrid(Family):
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
-        out = []
-        for i in range(c.n_layer):
-            out += (ring_state(i, c.kv_heads, c.head_dim, "attention", "after RoPE" if c.rope else "no RoPE")
-                    if i in c.attn_layers else c.mixer().state_spec(i))
-        return out
+        note = "after RoPE" if c.rope else "no RoPE"
+        return hybrid_state((i in c.attn_layers for i in range(c.n_layer)), c.mixer,
+                            lambda i: ring_state(i, c.kv_heads, c.head_dim, "attention", note))
 
     def moe_rows(self, m: str, o: str, g: str) -> list[Row]:
         """The shared MoE block's rows with Granite's names: fused 3-D experts and the router's `layer`."""

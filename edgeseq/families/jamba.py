@@ -46,7 +46,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, gqa_attention, norm_and_head, ring_state
+from edgeseq.families.common import embed, gqa_attention, hybrid_state, norm_and_head, ring_state
 from edgeseq.gguf_names import ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder
 
@@ -237,11 +237,8 @@ class Jamba(Family):
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
-        out = []
-        for i in range(c.n_layer):
-            out += (ring_state(i, c.kv_heads, c.head_dim, "attention", "no RoPE") if i in c.attn_layers
-                    else c.mixer().state_spec(i))
-        return out
+        return hybrid_state((i in c.attn_layers for i in range(c.n_layer)), c.mixer,
+                            lambda i: ring_state(i, c.kv_heads, c.head_dim, "attention", "no RoPE"))
 
     def layout(self, src):
         fused = any(k.endswith("feed_forward.experts.gate_up_proj") for k in src.keys())

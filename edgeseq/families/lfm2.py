@@ -33,7 +33,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, norm_and_head, ring_state
+from edgeseq.families.common import embed, hybrid_state, norm_and_head, ring_state
 from edgeseq.gguf_names import ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.attention import attention, rope, token_positions
@@ -216,10 +216,8 @@ class Lfm2(Family):
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
-        out = []
-        for i, kind in enumerate(c.layer_types):
-            out += c.mixer().state_spec(i) if kind == CONV else self.attention_state(i, kind)
-        return out
+        return hybrid_state((kind != CONV for kind in c.layer_types), c.mixer,
+                            lambda i: self.attention_state(i, c.layer_types[i]))
 
     def attention_state(self, i: int, kind: str) -> list[StateTensor]:
         """Attention layer i's state (its key and value rings)."""

@@ -45,7 +45,8 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor
-from edgeseq.families.common import embed, gqa_attention, head_is_embedding, norm_and_head, ring_state
+from edgeseq.families.common import (embed, gqa_attention, head_is_embedding, hybrid_state, norm_and_head,
+                                     ring_state)
 from edgeseq.families.lfm2 import config_key, config_number
 from edgeseq.gguf_names import ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder
@@ -348,13 +349,9 @@ class NemotronH(Family):
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
-        out = []
-        for i, k in enumerate(c.pattern):
-            if k == "M":
-                out += c.mixer().state_spec(i)
-            elif k == "*":
-                out += ring_state(i, c.kv_heads, c.head_dim, "attention", "no RoPE")
-        return out
+        # M: Mamba-2 (its state), *: attention (its rings), - and E: MLP and MoE blocks (no state)
+        return hybrid_state(({"M": False, "*": True}.get(k) for k in c.pattern), c.mixer,
+                            lambda i: ring_state(i, c.kv_heads, c.head_dim, "attention", "no RoPE"))
 
     def layout(self, src):
         p = "model." if src.has("model.embeddings.weight") else "backbone."

@@ -40,7 +40,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import Family, StateTensor, cfg_get
-from edgeseq.families.common import embed, norm_and_head, ring_state
+from edgeseq.families.common import embed, hybrid_state, norm_and_head, ring_state
 from edgeseq.gguf_names import ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.kernels.attention import attention, rope, token_positions
@@ -226,13 +226,8 @@ class Qwen35(Family):
 
     def state_spec(self) -> list[StateTensor]:
         c = self.config
-        out = []
-        for i, kind in enumerate(c.layer_types):
-            if kind == LINEAR:
-                out += c.mixer().state_spec(i)
-            else:
-                out += ring_state(i, c.kv_heads, c.head_dim, "full-attention", "after QK-norm and RoPE")
-        return out
+        return hybrid_state((kind != LINEAR for kind in c.layer_types), c.mixer,
+                            lambda i: ring_state(i, c.kv_heads, c.head_dim, "full-attention", "after QK-norm and RoPE"))
 
     def tensors(self):
         c = self.config
