@@ -11,6 +11,7 @@ against those.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -108,6 +109,33 @@ MAMBA2_CONFIGS = {  # name: (layout, config). num_heads * head_dim = expand * hi
 def not_degenerate(ref) -> None:
     """The reference must vary, or agreement with it would prove little."""
     assert ref.std() > 0.5 and len(set(ref.argmax(-1).tolist())) > 8
+
+
+def softmax_scores(router, inputs, out):
+    """The routing scores of a softmax router: (tokens, experts) from the router logits out[0]."""
+    return out[0].softmax(-1)
+
+
+def routing_margin(hf64, ids, routers, scores=softmax_scores, around=None) -> float:
+    """The least gap between the k-th and (k+1)-th routing scores over every router of `routers` (modules
+    with a `top_k`) and every token of `ids`, in the float64 reference `hf64`; inf without routers. A case's
+    MoE models keep it above a margin so that float32 and float64 choose the same experts.
+    scores(router, inputs, out): the (tokens, experts) scores the top-k picks from; `around`: a context the
+    forward runs in."""
+    gaps = []
+
+    def hook(mod, inputs, out):
+        top = scores(mod, inputs, out).sort(-1, descending=True).values
+        gaps.append(float((top[:, mod.top_k - 1] - top[:, mod.top_k]).min()))
+
+    hooks = [r.register_forward_hook(hook) for r in routers]
+    try:
+        with around or contextlib.nullcontext(), torch.no_grad():
+            hf64(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return min(gaps, default=float("inf"))
 
 
 def _mamba(name):

@@ -9,6 +9,7 @@ import torch
 from transformers import BambaConfig, BambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
 
 from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
+import families
 from families import B, F, FamilyCase, checks, not_degenerate
 
 M, A = "mamba", "attention"
@@ -82,21 +83,8 @@ class GraniteBuilt(Built):
 
 def routing_margin(hf64, ids) -> float:
     """The least gap between the k-th and (k+1)-th softmax router scores over every MoE layer and token."""
-    gaps, hooks = [], []
-
-    def hook(mod, inputs, out):
-        top = out[0].softmax(-1).sort(-1, descending=True).values
-        gaps.append(float((top[:, mod.top_k - 1] - top[:, mod.top_k]).min()))
-
-    for layer in hf64.model.layers:
-        moe = getattr(layer, "block_sparse_moe", None)
-        if moe is not None:
-            hooks.append(moe.router.register_forward_hook(hook))
-    with torch.no_grad():
-        hf64(torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    return min(gaps, default=float("inf"))
+    moes = (getattr(layer, "block_sparse_moe", None) for layer in hf64.model.layers)
+    return families.routing_margin(hf64, ids, [moe.router for moe in moes if moe is not None])
 
 
 def build_granite(name: str, d: Path, spec: tuple | None = None) -> GraniteBuilt:

@@ -8,6 +8,7 @@ import torch
 from transformers import JambaConfig, JambaForCausalLM
 
 from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
+import families
 from families import B, F, FamilyCase, checks, not_degenerate
 
 DEFAULTS = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -74,20 +75,8 @@ class JambaBuilt(Built):
 def routing_margin(hf64, ids) -> float:
     """The least gap between the k-th and (k+1)-th routing scores (softmax) over every MoE layer and token
     of `ids`, in the float64 reference; inf without experts."""
-    gaps, hooks = [], []
-
-    def hook(mod, inputs, out):
-        top = out[0].softmax(-1).sort(-1, descending=True).values
-        gaps.append(float((top[:, mod.top_k - 1] - top[:, mod.top_k]).min()))
-
-    for layer in hf64.model.layers:
-        if hasattr(layer.feed_forward, "router"):
-            hooks.append(layer.feed_forward.router.register_forward_hook(hook))
-    with torch.no_grad():
-        hf64(torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    return min(gaps, default=float("inf"))
+    return families.routing_margin(hf64, ids, [layer.feed_forward.router for layer in hf64.model.layers
+                                               if hasattr(layer.feed_forward, "router")])
 
 
 def build_jamba(name: str, d: Path, cfg: dict | None = None, seed: int = 3) -> JambaBuilt:

@@ -8,6 +8,7 @@ import torch
 from transformers import Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
 from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
+import families
 from families import B, F, FamilyCase, checks, not_degenerate
 
 C, A = "conv", "full_attention"
@@ -89,24 +90,14 @@ def _build(name):
 
 def routing_margin(c: Built) -> float:
     """The least gap between the k-th and (k+1)-th routing scores (sigmoid + expert_bias) over every MoE
-    layer and token of the case's ids, in the float64 reference."""
-    gaps, hooks = [], []
+    layer and token of the case's ids, in the float64 reference; an error without MoE layers."""
 
-    def hook(mod, inputs, out):
-        s = out[0].sigmoid()
-        if mod.use_expert_bias:
-            s = s + inputs[1]
-        top = s.sort(-1, descending=True).values
-        gaps.append(float((top[:, mod.top_k - 1] - top[:, mod.top_k]).min()))
+    def scores(gate, inputs, out):
+        return out[0].sigmoid() + inputs[1] if gate.use_expert_bias else out[0].sigmoid()
 
-    for layer in c.hf64.model.layers:
-        if hasattr(layer.feed_forward, "gate"):
-            hooks.append(layer.feed_forward.gate.register_forward_hook(hook))
-    with torch.no_grad():
-        c.hf64(torch.tensor([c.ids]))
-    for h in hooks:
-        h.remove()
-    return min(gaps)
+    gates = [layer.feed_forward.gate for layer in c.hf64.model.layers if hasattr(layer.feed_forward, "gate")]
+    assert gates, "no MoE layer in the reference"
+    return families.routing_margin(c.hf64, c.ids, gates, scores)
 
 
 class MoeBuilt(Built):

@@ -9,6 +9,7 @@ import torch
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
+import families
 from families import B, F, FamilyCase, checks, not_degenerate
 
 DEFAULTS = dict(vocab_size=256, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -77,21 +78,10 @@ class NemotronHBuilt(Built):
 def routing_margin(hf64, ids) -> float:
     """The least gap between the k-th and (k+1)-th choice scores (sigmoid + correction bias) over every
     MoE layer and token of `ids`, in the float64 reference; inf without experts."""
-    gaps, hooks = [], []
-
-    def hook(mod, inputs, out):
-        s = out[0].sigmoid() + mod.e_score_correction_bias
-        top = s.sort(-1, descending=True).values
-        gaps.append(float((top[:, mod.top_k - 1] - top[:, mod.top_k]).min()))
-
-    for layer in hf64.model.layers:
-        if hasattr(layer.mixer, "gate") and hasattr(layer.mixer.gate, "e_score_correction_bias"):
-            hooks.append(layer.mixer.gate.register_forward_hook(hook))
-    with torch.no_grad():
-        hf64(torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    return min(gaps, default=float("inf"))
+    gates = [layer.mixer.gate for layer in hf64.model.layers
+             if hasattr(layer.mixer, "gate") and hasattr(layer.mixer.gate, "e_score_correction_bias")]
+    return families.routing_margin(hf64, ids, gates,
+                                   lambda gate, inputs, out: out[0].sigmoid() + gate.e_score_correction_bias)
 
 
 def build_nemotron_h(name: str, d: Path, cfg: dict | None = None, seed: int = 3) -> NemotronHBuilt:

@@ -13,6 +13,7 @@ from transformers import (Qwen3_5MoeConfig, Qwen3_5MoeForCausalLM, Qwen3_5MoeFor
                           Qwen3_5MoeTextConfig, Qwen3NextConfig, Qwen3NextForCausalLM)
 
 from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
+import families
 from families import B, F, FamilyCase, checks, not_degenerate
 from family_qwen35 import CONV_LA, DEFAULTS, add_qwen35_noise, float64_delta_rule, qwen35_state
 
@@ -78,21 +79,9 @@ class MoeBuilt(Built):
 
 def routing_margin(hf64, ids, module=modeling) -> float:
     """The least gap between the k-th and (k+1)-th routing scores (softmax) over every MoE layer and token
-    of `ids`, in the float64 reference."""
-    gaps, hooks = [], []
-
-    def hook(mod, inputs, out):
-        top = out[0].softmax(-1).sort(-1, descending=True).values
-        gaps.append(float((top[:, mod.top_k - 1] - top[:, mod.top_k]).min()))
-
-    for mod in hf64.modules():
-        if type(mod).__name__.endswith("TopKRouter"):
-            hooks.append(mod.register_forward_hook(hook))
-    with float64_delta_rule(module), torch.no_grad():
-        hf64(torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    return min(gaps, default=float("inf"))
+    of `ids`, in the float64 reference (the delta rule in float64 too)."""
+    routers = [mod for mod in hf64.modules() if type(mod).__name__.endswith("TopKRouter")]
+    return families.routing_margin(hf64, ids, routers, around=float64_delta_rule(module))
 
 
 def build_qwen35_moe(name: str, d: Path, cfg: dict | None = None, seed: int = 0) -> MoeBuilt:
