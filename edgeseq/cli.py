@@ -46,12 +46,12 @@ def _main(version: bool = typer.Option(False, "--version", "-V", callback=_versi
     """Run recurrent language models (Mamba, RWKV, Zamba, RecurrentGemma) with a fixed-size state."""
 
 
-def _load(path: str, threads, device="cpu", max_context=None, on_full="stop", engine=None, cuda_graph=False):
+def _load(path: str, threads, device="cpu", max_context=None, on_full="stop", engine=None, cuda_graph=None):
     import edgeseq
 
     extra = {"engine": engine} if engine else {}  # GGUF files: onnxruntime (default) or llama.cpp
-    if cuda_graph:
-        extra["cuda_graph"] = True
+    if cuda_graph is not None:  # unset: the model's default (on for device cuda where the step graph allows)
+        extra["cuda_graph"] = cuda_graph
     return edgeseq.load(path, device=device, threads=threads, max_context=max_context, on_full=on_full, **extra)
 
 
@@ -122,8 +122,9 @@ def run(
                                   "the end instead of streaming"),
     threads: Threads = None,
     device: Device = "cpu",
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: decode through the step "
-                                    "graph under ONNX Runtime CUDA graphs (docs/devices.md)"),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="with --device cuda: "
+                                              "decode through the step graph under ONNX Runtime CUDA graphs (the "
+                                              "default there for models without attention; docs/cuda.md)"),
     max_context: MaxContext = None,
     on_full: OnFull = "stop",
     engine: Engine = None,
@@ -304,8 +305,9 @@ def bench(
     repeat: int = _opt(3, "--repeat", "-r", metavar="N", help="timed runs; the median is reported, with min-max"),
     json_out: bool = typer.Option(False, "--json", help="print the results as one JSON object"),
     device: Device = "cpu",
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="with --device cuda: decode through the step "
-                                    "graph under ONNX Runtime CUDA graphs (docs/devices.md)"),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help="with --device cuda: "
+                                              "decode through the step graph under ONNX Runtime CUDA graphs (the "
+                                              "default there for models without attention; docs/cuda.md)"),
     max_context: MaxContext = None,
     on_full: OnFull = "stop",
     engine: Engine = None,

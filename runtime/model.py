@@ -15,7 +15,7 @@ from edgeseq.tokenizer import load_tokenizer
 
 class Model:
     def __init__(self, path: str, device: str = "cpu", threads: int | None = None, low_memory: bool = False,
-                 max_context: int | None = None, on_full: str = "stop", cuda_graph: bool = False,
+                 max_context: int | None = None, on_full: str = "stop", cuda_graph: bool | None = None,
                  fixed_io: bool = False):
         self.path = path
         self.manifest = m = read_manifest(path)
@@ -42,6 +42,9 @@ class Model:
         self.prefill_chunk = int(m["graphs"].get("prefill", {}).get("chunk") or 256)  # mobile: step graph only
         self.stop_token_ids = [int(t) for t in m.get("stop_token_ids") or []]
         self.tokenizer = load_tokenizer(path, m["tokenizer"])
+        if cuda_graph is None:  # CUDA graphs by default on the GPU, where the step graph allows them (no position
+            # input: the attention families' per-call position is not captured yet); cuda_graph=False turns them off
+            cuda_graph = device == "cuda" and not self.uses_position and "step" in m["graphs"]
         if fixed_io and not cuda_graph and self.uses_position:
             raise EdgeseqError(f"{path}: fixed_io: graphs with a position input ({self.family_name}) are not "
                                f"supported yet")
@@ -95,7 +98,8 @@ class Model:
 def load(path, device: str = "cpu", threads: int | None = None, **options) -> Model:
     """options: low_memory, max_context (KV ring length of full-attention models; default the
     manifest's), on_full ("stop" or "slide", when a full-attention session reaches max_context),
-    cuda_graph (device "cuda": decode under CUDA graphs), fixed_io (decode through the step graph with
+    cuda_graph (device "cuda": decode under CUDA graphs; the default there for graphs without a position
+    input, False turns it off), fixed_io (decode through the step graph with
     every input and output bound once to fixed buffers, as cuda_graph does, without capturing: on the
     CPU too; see edgeseq.runtime.engine_ort)."""
     path = os.fspath(path)
