@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgeseq.errors import EdgeseqError, UnsupportedError
+from edgeseq.errors import UnsupportedError
 from edgeseq.families import register
 from edgeseq.families.base import cfg_get
-from edgeseq.families.qwen35 import LINEAR, Qwen35, read_qwen35_config
+from edgeseq.families.qwen35 import Qwen35, Qwen35Gguf, read_qwen35_config
 from edgeseq.families.qwen35_moe import (Qwen35Moe, Qwen35MoeConfig, moe_config_keys, moe_ffn, moe_gguf_config,
                                          moe_metadata, moe_rows)
-from edgeseq.gguf_names import ArchMap, f32, u32
 from edgeseq.graph import GraphBuilder, Value
 from edgeseq.mixers.gated_deltanet import GatedDeltaNetMixer
 from edgeseq.mixers.moe import MoeFeedForward
@@ -63,7 +62,7 @@ def read_qwen3_next_config(src) -> Qwen3NextConfig:
     return Qwen3NextConfig(**base, **moe, moe_layers=sparse, norm_topk=bool(cfg.get("norm_topk_prob", True)))
 
 
-class Qwen3NextGguf(ArchMap):
+class Qwen3NextGguf(Qwen35Gguf):
     """llama.cpp's `qwen3next`, metadata as its converter writes it (run with --no-mtp). Tensors: the
     table's gguf column (value heads grouped, b and a fused as ssm_ba)."""
 
@@ -80,40 +79,14 @@ class Qwen3NextGguf(ArchMap):
         return None
 
     def metadata(self, fam, shapes):
-        c = fam.config
-        return [u32("block_count", c.n_layer), u32("context_length", c.context_length),
-                u32("embedding_length", c.d_model), u32("feed_forward_length", c.ffn_dim),
-                u32("attention.head_count", c.attn_heads), u32("attention.head_count_kv", c.kv_heads),
-                f32("rope.freq_base", c.rope_theta), f32("attention.layer_norm_rms_epsilon", c.norm_eps),
-                u32("attention.key_length", c.head_dim), u32("attention.value_length", c.head_dim),
-                *moe_metadata(c),
-                u32("ssm.conv_kernel", c.d_conv), u32("ssm.state_size", c.lin_k_dim),
-                u32("ssm.group_count", c.lin_k_heads), u32("ssm.time_step_rank", c.lin_v_heads),
-                u32("ssm.inner_size", c.lin_v_heads * c.lin_v_dim),
-                ("attention.recurrent_layers", [t == LINEAR for t in c.layer_types], "bools"),
-                u32("full_attention_interval", c.full_attention_interval),
-                u32("rope.dimension_count", c.rotary_dim)]
+        """qwen35's keys, the experts' after attention.value_length (the converter's order), no rope sections."""
+        keys = [m for m in super().metadata(fam, shapes) if m[0] != "rope.dimension_sections"]
+        at = next(i for i, m in enumerate(keys) if m[0] == "attention.value_length") + 1
+        return keys[:at] + moe_metadata(fam.config) + keys[at:]
 
     def config(self, g):
-        a = g.arch_key
-        vocab, d = g.tensor("token_embd.weight").shape
-        rec, n = [bool(x) for x in g.need(a("attention.recurrent_layers"))], g.need(a("block_count"), int)
-        if len(rec) != n:
-            raise EdgeseqError(f"{g.path}: attention.recurrent_layers has {len(rec)} entries, block_count is {n}")
-        hv, inner = g.need(a("ssm.time_step_rank"), int), g.need(a("ssm.inner_size"), int)
-        if hv <= 0 or inner % hv:
-            raise EdgeseqError(f"{g.path}: ssm.time_step_rank {hv} does not divide ssm.inner_size {inner}")
-        return dict(vocab_size=vocab, d_model=d, n_layer=n, layer_types=[LINEAR if r else "full_attention" for r in rec],
-                    ffn_dim=int(g.get(a("feed_forward_length"), 0)), attn_heads=g.need(a("attention.head_count"), int),
-                    kv_heads=g.need(a("attention.head_count_kv"), int), head_dim=g.need(a("attention.key_length"), int),
-                    rotary_dim=g.need(a("rope.dimension_count"), int), rope_theta=float(g.need(a("rope.freq_base"))),
-                    lin_k_heads=g.need(a("ssm.group_count"), int), lin_v_heads=hv,
-                    lin_k_dim=g.need(a("ssm.state_size"), int), lin_v_dim=inner // hv,
-                    d_conv=g.need(a("ssm.conv_kernel"), int),
-                    norm_eps=float(g.need(a("attention.layer_norm_rms_epsilon"))),
-                    tie_embeddings="output.weight" not in g.tensors, context_length=g.need(a("context_length"), int),
-                    full_attention_interval=int(g.get(a("full_attention_interval"), 4)),
-                    moe_layers=list(range(n)), **moe_gguf_config(g))
+        n = g.need(g.arch_key("block_count"), int)
+        return dict(super().config(g), moe_layers=list(range(n)), **moe_gguf_config(g))
 
 
 @register("Qwen3NextForCausalLM")
