@@ -276,8 +276,10 @@ class Built(Exported):
     def __init__(self, ckpt: Path, workdir: Path, ids: list[int], hf_source: Path | None = None):
         super().__init__(ckpt, workdir, ids)
         self.hf = load_hf(hf_source or ckpt)  # the HF-layout twin of a state-spaces checkpoint
+        # MoE models: transformers' eager experts (its default grouped_mm kernel takes no float64); no-op elsewhere
+        self.hf.set_experts_implementation("eager")
         self.hf64 = as_f64(self.hf)
-        self.ref = hf_logits64(self.hf64, ids)
+        self.ref = self.reference(ids)
 
     def reference(self, ids) -> np.ndarray:
         return hf_logits64(self.hf64, ids)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import BambaConfig, BambaForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
 
-from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
+from conftest import SEQ_LEN, Built, random_ids
 import families
 from families import B, F, FamilyCase, checks, not_degenerate
 
@@ -69,28 +69,16 @@ def make_granite(path, kind="granite", seed=0, dtype=torch.float32, shard=None, 
     return path
 
 
-class GraniteBuilt(Built):
-    """Built with transformers' eager experts (its default grouped_mm kernel takes no float64)."""
-
-    def __init__(self, ckpt: Path, workdir: Path, ids: list[int]):
-        Exported.__init__(self, ckpt, workdir, ids)
-        self.hf = load_hf(ckpt)
-        if hasattr(self.hf, "set_experts_implementation"):
-            self.hf.set_experts_implementation("eager")
-        self.hf64 = as_f64(self.hf)
-        self.ref = hf_logits64(self.hf64, ids)
-
-
 def routing_margin(hf64, ids) -> float:
     """The least gap between the k-th and (k+1)-th softmax router scores over every MoE layer and token."""
     moes = (getattr(layer, "block_sparse_moe", None) for layer in hf64.model.layers)
     return families.routing_margin(hf64, ids, [moe.router for moe in moes if moe is not None])
 
 
-def build_granite(name: str, d: Path, spec: tuple | None = None) -> GraniteBuilt:
+def build_granite(name: str, d: Path, spec: tuple | None = None) -> Built:
     kind, cfg = CONFIGS[name] if spec is None else spec
     cfg = dict(cfg)
-    c = GraniteBuilt(make_granite(d / "hf", kind, seed=cfg.pop("seed", 3), **cfg), d,
+    c = Built(make_granite(d / "hf", kind, seed=cfg.pop("seed", 3), **cfg), d,
                      random_ids(cfg.get("vocab_size", 256), SEQ_LEN, seed=10))
     c.name = name
     not_degenerate(c.ref)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import JambaConfig, JambaForCausalLM
 
-from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
+from conftest import SEQ_LEN, Built, random_ids
 import families
 from families import B, F, FamilyCase, checks, not_degenerate
 
@@ -60,18 +60,6 @@ def make_jamba(path, seed=0, dtype=torch.float32, shard=None, **cfg) -> Path:
     return path
 
 
-class JambaBuilt(Built):
-    """Built with transformers' eager experts (its default grouped_mm kernel takes no float64)."""
-
-    def __init__(self, ckpt: Path, workdir: Path, ids: list[int]):
-        Exported.__init__(self, ckpt, workdir, ids)
-        self.hf = load_hf(ckpt)
-        if hasattr(self.hf, "set_experts_implementation"):
-            self.hf.set_experts_implementation("eager")
-        self.hf64 = as_f64(self.hf)
-        self.ref = hf_logits64(self.hf64, ids)
-
-
 def routing_margin(hf64, ids) -> float:
     """The least gap between the k-th and (k+1)-th routing scores (softmax) over every MoE layer and token
     of `ids`, in the float64 reference; inf without experts."""
@@ -79,9 +67,9 @@ def routing_margin(hf64, ids) -> float:
                                                if hasattr(layer.feed_forward, "router")])
 
 
-def build_jamba(name: str, d: Path, cfg: dict | None = None, seed: int = 3) -> JambaBuilt:
+def build_jamba(name: str, d: Path, cfg: dict | None = None, seed: int = 3) -> Built:
     cfg = dict(CONFIGS[name] if cfg is None else cfg)
-    c = JambaBuilt(make_jamba(d / "hf", seed=cfg.pop("seed", seed), **cfg), d,
+    c = Built(make_jamba(d / "hf", seed=cfg.pop("seed", seed), **cfg), d,
                    random_ids(cfg.get("vocab_size", 256), SEQ_LEN, seed=10))
     c.name = name
     not_degenerate(c.ref)

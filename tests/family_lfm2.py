@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
-from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
+from conftest import SEQ_LEN, Built, random_ids
 import families
 from families import B, F, FamilyCase, checks, not_degenerate
 
@@ -100,21 +100,10 @@ def routing_margin(c: Built) -> float:
     return families.routing_margin(c.hf64, c.ids, gates, scores)
 
 
-class MoeBuilt(Built):
-    """Built with transformers' eager experts (its default grouped_mm kernel takes no float64)."""
-
-    def __init__(self, ckpt: Path, workdir: Path, ids: list[int]):
-        Exported.__init__(self, ckpt, workdir, ids)
-        self.hf = load_hf(ckpt)
-        self.hf.set_experts_implementation("eager")
-        self.hf64 = as_f64(self.hf)
-        self.ref = hf_logits64(self.hf64, ids)
-
-
 def _build_moe(name):
     def build(d: Path) -> Built:
         cfg = dict(MOE_CONFIGS[name])
-        c = MoeBuilt(make_lfm2(d / "hf", seed=cfg.pop("seed", 3), **cfg), d, random_ids(256, SEQ_LEN, seed=10))
+        c = Built(make_lfm2(d / "hf", seed=cfg.pop("seed", 3), **cfg), d, random_ids(256, SEQ_LEN, seed=10))
         c.name = name
         not_degenerate(c.ref)
         assert routing_margin(c) > MARGIN  # float32 and float64 choose the same experts

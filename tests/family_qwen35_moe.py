@@ -12,7 +12,7 @@ import transformers.models.qwen3_next.modeling_qwen3_next as next_modeling
 from transformers import (Qwen3_5MoeConfig, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration,
                           Qwen3_5MoeTextConfig, Qwen3NextConfig, Qwen3NextForCausalLM)
 
-from conftest import SEQ_LEN, Built, Exported, as_f64, hf_logits64, load_hf, random_ids
+from conftest import SEQ_LEN, Built, hf_logits64, random_ids
 import families
 from families import B, F, FamilyCase, checks, not_degenerate
 from family_qwen35 import CONV_LA, DEFAULTS, add_qwen35_noise, float64_delta_rule, qwen35_state
@@ -62,15 +62,11 @@ def make_qwen3_next(path, seed=0, dtype=torch.float32, shard=None, **cfg) -> Pat
 
 
 class MoeBuilt(Built):
-    """Built with transformers' eager experts (its default grouped_mm kernel takes no float64) and the
-    delta rule in float64."""
+    """Built with the delta rule in float64."""
 
     def __init__(self, ckpt: Path, workdir: Path, ids: list[int], module=modeling):
-        Exported.__init__(self, ckpt, workdir, ids)
-        self.hf = load_hf(ckpt)
-        self.hf.set_experts_implementation("eager")
-        self.hf64, self.module = as_f64(self.hf), module
-        self.ref = self.reference(ids)
+        self.module = module
+        super().__init__(ckpt, workdir, ids)
 
     def reference(self, ids) -> np.ndarray:
         with float64_delta_rule(self.module):

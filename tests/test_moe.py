@@ -319,13 +319,13 @@ def test_lfm2_moe_both_flavours(quant, tmp_path, fused_lfm2_moe):
     from the fused one by about 2 (measured)."""
     import edgeseq
     import families  # noqa: F401  (registers the cases; family_lfm2 imports from it)
-    from conftest import SEQ_LEN, export_bundle, random_ids
+    from conftest import SEQ_LEN, Built, export_bundle, random_ids
     from family_lfm2 import MARGIN as LFM2_MARGIN
-    from family_lfm2 import MOE_CONFIGS, MoeBuilt, make_lfm2, routing_margin
+    from family_lfm2 import MOE_CONFIGS, make_lfm2, routing_margin
 
     cfg = dict(MOE_CONFIGS["moe-top2-of-4"])
     cfg["moe"] = {**cfg["moe"], "moe_intermediate_size": 32}  # int4 QMoE: two blocks of 16 per expert row of fc2
-    c = MoeBuilt(make_lfm2(tmp_path / "hf", seed=3, **cfg), tmp_path, random_ids(256, SEQ_LEN, seed=10))
+    c = Built(make_lfm2(tmp_path / "hf", seed=3, **cfg), tmp_path, random_ids(256, SEQ_LEN, seed=10))
     assert routing_margin(c) > LFM2_MARGIN
     level = 0 if quant == "int4" else 4
     runs = [("portable", True, True), ("fused", False, True)] if quant == "f32" else \
