@@ -77,9 +77,12 @@ $(VENV)/.web: $(VENV)/.test examples/package-lock.json
 
 # -P: the repository root stays off sys.path, so its top-level kernels/, runtime/, ... folders never
 # shadow an installed package (transformers imports one called `kernels`); tests import edgeseq.* only
+# pytest-xdist: TEST_WORKERS processes (one per core of CI's 2), each test file whole in one of them
+# (--dist loadfile: a file's module fixtures are built once); TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= 2
 test: $(VENV)/.test $(VENV)/.llamacpp $(VENV)/.web
 	$(BIN)/python .ci/lock.py check
-	$(BIN)/python -P -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -P -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # edgeseq on 64-bit Arm Linux (Debian arm64, Python 3.11) emulated with qemu-user: the demo, the runtime's
 # tests, logits against x86, memory (docs/devices.md section 4; root, ~30+ minutes; not part of CI)
