@@ -28,7 +28,7 @@ from edgeseq.errors import EdgeseqError, UnsupportedError
 from edgeseq.families.base import GRAPH_KINDS
 from edgeseq.gguf_file import GGUFFile
 from edgeseq.gguf_names import family_of
-from edgeseq.graph import WeightStore
+from edgeseq.graph import WeightInfo, WeightStore
 from edgeseq import safe_io
 from edgeseq.integrity import sample_entry
 from edgeseq.weight_check import check_weights
@@ -206,35 +206,55 @@ def _merges(merges: list[str], vocab: dict) -> list[str]:
 _REQUANT = ("Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
-def _repack_plan(g: GGUFFile, fam, store_table, matrices: dict, portable: bool, requant8: bool) -> dict:
-    """{canonical weight: QuantSpec} for the quantized matrices the graphs use only through MatMul
-    (transposed), a transposed-head Gemm or the embedding Gather, whose GGUF tensor is the weight as
-    (N, K). Q4_0 / Q8_0 blocks feed MatMulNBits (or GatherBlockQuantized) as they are; the other block
-    types (K-quants, Q4_1, Q5_x: MatMulNBits has no layout for them) are dequantized and re-quantized to
-    8 bits in blocks of 32 (`requant8`): measured, 0.47 % rms against the stored weights, which moves a
-    Q6_K matrix's error against the original f32 from 1.77 % to 1.82 % (Q4_K: 7.18 % to 7.19 %), and
-    holds it in ~1.1 bytes a weight instead of f32's 4."""
-    if portable:
-        return {}  # the portable flavour's QDQ layout differs; those weights stay dequantized
+def _bits_kept(t, requant8: bool) -> int | None:
+    """MatMulNBits' bits for GGUF matrix `t` (N, K): 4 or 8 for Q4_0 / Q8_0 blocks as they are, 8 for the
+    other block types (K-quants, Q4_1, Q5_x: MatMulNBits has no layout for them) re-quantized in blocks of
+    32 (`requant8`): measured, 0.47 % rms against the stored weights, which moves a Q6_K matrix's error
+    against the original f32 from 1.77 % to 1.82 % (Q4_K: 7.18 % to 7.19 %), and holds it in ~1.1 bytes a
+    weight instead of f32's 4. None: the matrix is read as float32."""
+    if t is None or len(t.shape) != 2:
+        return None
+    if t.type_name in ("Q4_0", "Q8_0"):
+        return 4 if t.type_name == "Q4_0" else 8
+    if requant8 and t.type_name in _REQUANT and t.shape[1] % 32 == 0:
+        return 8
+    return None
+
+
+def _repack_plan(g: GGUFFile, fam, store_table, kept: dict) -> dict:
+    """{canonical weight: QuantSpec} for the matrices of `kept` ({name: (GGUF tensor, transposed)}, their
+    blocks kept) that the graphs use only through MatMul (transposed), a transposed-head Gemm or the
+    embedding Gather, whose GGUF tensor is the weight as (N, K)."""
     from edgeseq.quant.onnx_quant import QuantSpec, collect_usage
 
     uses = collect_usage([fam.build_graph(kind, store_table, fused=True) for kind in GRAPH_KINDS])
     specs = {}
-    for name, (src, transposed) in matrices.items():
-        t = g.tensors.get(src)
-        if t is None or name not in uses or len(t.shape) != 2:
+    for name, (src, transposed) in kept.items():
+        u = uses.get(name)
+        if u is None:
             continue
-        if t.type_name in ("Q4_0", "Q8_0"):
-            bits = 4 if t.type_name == "Q4_0" else 8
-        elif requant8 and t.type_name in _REQUANT and t.shape[1] % 32 == 0:
-            bits = 8
-        else:
-            continue
-        u = uses[name]
         if (transposed and u == {"matmul"}) or (not transposed and u <= {"gemm_t", "gather"}):
+            t = g.tensors[src]
             n, k = t.shape
-            specs[name] = QuantSpec(name, bits, 32, n, k, transposed, tuple(sorted(u)))
+            specs[name] = QuantSpec(name, _bits_kept(t, True), 32, n, k, transposed, tuple(sorted(u)))
     return specs
+
+
+class _Deferred:
+    """GGUF file `g` whose `array` gives the tensors named in `names` as zero-strided placeholders of their
+    shape: the matrices whose blocks move into MatMulNBits are not dequantized (and written as float32)
+    only to be thrown away; the few the graphs use otherwise are read for real afterwards."""
+
+    def __init__(self, g: GGUFFile, names: set):
+        self._g, self._names = g, names
+
+    def array(self, name: str) -> np.ndarray:
+        if name in self._names:
+            return np.broadcast_to(np.float32(0), self._g.tensors[name].shape)
+        return self._g.array(name)
+
+    def __getattr__(self, attr):
+        return getattr(self._g, attr)
 
 
 def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = False,
@@ -252,17 +272,25 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
     try:
         with GGUFFile(path) as g:
             fam, weights, matrices = family_of(g)
+            # the matrices that may keep their blocks (the portable flavour's QDQ layout differs: none)
+            kept = {} if portable else {n: m for n, m in matrices.items()
+                                        if _bits_kept(g.tensors.get(m[0]), requant8)}
             wpath = os.path.join(tmp, "weights.bin")
+            order, deferred = [], {}
             # the files are closed whatever is raised (a file left open would keep the temporary folder's
             # space until the process ends, and warns); a store's close() may be called twice
             with safe_io.converting(path), closing(WeightStore(wpath)) as store:
-                for name, array in weights():
-                    store.add(name, np.ascontiguousarray(array, dtype=np.float32))
+                for name, array in weights(_Deferred(g, {src for src, _ in kept.values()})):
+                    order.append(name)
+                    if name in kept:  # a placeholder: its shape only, for the checks and the plan
+                        deferred[name] = WeightInfo(name, "float32", tuple(array.shape), -1, 4 * array.size)
+                    else:
+                        store.add(name, np.ascontiguousarray(array, dtype=np.float32))
                 weights_hash = store.close()
-            check_weights(fam, store.table, path)  # shapes against the config (docs/reliability.md)
-            table = store.table
-            specs = _repack_plan(g, fam, table, matrices, portable, requant8)
-            if specs:
+            table = {**store.table, **deferred}
+            check_weights(fam, table, path)  # shapes against the config (docs/reliability.md)
+            specs = _repack_plan(g, fam, table, kept) if kept else {}
+            if deferred:
                 from edgeseq.quant.gguf_quants import repack_for_matmulnbits
                 from edgeseq.quant.onnx_quant import build_table, quantize_blocks
 
@@ -270,7 +298,8 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
                 # plain reads, not a memory map: mapped pages would count in this process's resident set
                 # until the end (the whole f32 file), read pages are freed with each array
                 with open(wpath, "rb") as src, closing(WeightStore(wpath + ".q")) as store:
-                    for name, info in sorted(old.items(), key=lambda kv: kv[1].offset):
+                    for name in order:
+                        info = old[name]
                         if name in specs:
                             gname = matrices[name][0]
                             t = g.tensors[gname]
@@ -281,6 +310,10 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
                                 parts = (q, scales.reshape(-1), zp.reshape(-1))
                             for suffix, a in zip((".q", ".scales", ".zp"), parts):
                                 store.add(name + suffix, np.ascontiguousarray(a))
+                        elif name in deferred:  # kept blocks the graphs use otherwise: float32 after all
+                            gname, transposed = matrices[name]
+                            a = g.array(gname)
+                            store.add(name, np.ascontiguousarray(a.T if transposed else a))
                         else:
                             src.seek(info.offset)
                             store.add(name, np.fromfile(src, dtype=info.dtype, count=info.nbytes // np.dtype(

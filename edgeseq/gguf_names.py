@@ -151,12 +151,13 @@ def generic_family(g) -> tuple[object, Callable, dict]:
     except TypeError as e:
         raise EdgeseqError(f"{g.path}: edgeseq.config does not fit the {name} family ({e})") from None
     # canonical layouts: only (N, K) matrices (embedding, transposed heads) have their blocks along K
-    return fam, lambda: ((n, g.array(n)) for n in g.tensors), {n: (n, False) for n in g.tensors}
+    return fam, lambda src=g: ((n, src.array(n)) for n in src.tensors), {n: (n, False) for n in g.tensors}
 
 
 def family_of(g):
     """(family instance, canonical weight iterator factory, {canonical matrix: (GGUF tensor, transposed)})
-    for any GGUF edgeseq reads."""
+    for any GGUF edgeseq reads. The factory reads `g`, or what it is given in its place (an object with
+    `array(name)`, `tensors` and `path`)."""
     from edgeseq.safe_io import check_config, check_layers
 
     arch = g.architecture
@@ -181,7 +182,7 @@ def family_of(g):
     check_config(config, g.path, max_layers=len(g.tensors))  # before anything loops over n_layer
     check_layers(config, g.tensors, g.path)
     fam = cls(config)
-    return fam, lambda: m.from_gguf(fam, g), m.matrices(fam)
+    return fam, lambda src=g: m.from_gguf(fam, src), m.matrices(fam)
 
 
 def summary(path: str) -> str:

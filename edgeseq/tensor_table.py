@@ -17,6 +17,7 @@ Row kinds:
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 
@@ -259,12 +260,15 @@ class Table:
 
     def matrices(self) -> dict[str, tuple[str, bool]]:
         """{canonical matrix: (GGUF tensor, transposed)} for the rows whose GGUF tensor is the canonical
-        one as it is or transposed: their quantized blocks can move into MatMulNBits unchanged."""
-        out = {}
+        one as it is or transposed: their quantized blocks can move into MatMulNBits unchanged. A GGUF
+        tensor that more than one row reads is left out (its float values are needed anyway)."""
+        out, reads = {}, Counter()
         for e, i in self._items:
+            if isinstance(e, (Row, Fused)) and e.gguf is not None:
+                reads[_fmt(e.gguf, i)] += 1
             if isinstance(e, Row) and e.gguf is not None and (e.codec is SAME or e.codec.transposed):
                 out[_fmt(e.name, i)] = (_fmt(e.gguf, i), e.codec.transposed)
-        return out
+        return {n: m for n, m in out.items() if reads[m[0]] == 1}
 
     def gguf_names(self) -> set[str]:
         """Every GGUF tensor name this table writes."""

@@ -106,7 +106,8 @@ def dequantize(raw: np.ndarray, name: str, shape) -> np.ndarray:
     if t == "F16":
         return data.view(np.float16).astype(np.float32).reshape(shape)
     if t in ("BF16",) + LEGACY:
-        return gq.dequantize(data.reshape(-1, nbytes), GGMLQuantizationType[t]).reshape(shape)
+        # rows of the tensor's width, not of one block: gguf's dequantizer makes one numpy pass per 16 rows
+        return gq.dequantize(data.reshape(-1, n // qk * nbytes), GGMLQuantizationType[t]).reshape(shape)
     blocks = data.reshape(-1, nbytes)
     fn = {"Q4_K": _dq4k, "Q5_K": _dq5k, "Q6_K": _dq6k}[t]
     return fn(blocks).reshape(shape)

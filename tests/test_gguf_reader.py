@@ -145,8 +145,8 @@ def test_a_failed_conversion_leaves_no_file_open(tmp_path, monkeypatch, where):
         def failing_family_of(gf):
             fam, weights, matrices = family_of(gf)
 
-            def some_weights():
-                for i, item in enumerate(weights()):
+            def some_weights(*src):
+                for i, item in enumerate(weights(*src)):
                     if i == 3:
                         raise ValueError("cannot reshape")
                     yield item
@@ -165,3 +165,22 @@ def test_a_failed_conversion_leaves_no_file_open(tmp_path, monkeypatch, where):
     # (the GGUF's own memory map stays open while arrays viewing it live in the traceback: read-only)
     assert failed.value is not None and _open_files_under(out) == []
     assert list(out.iterdir()) == []
+
+
+def test_kept_blocks_read_as_float32_when_no_matmul_takes_them(tmp_path, monkeypatch):
+    """The Q8_0 matrices are not dequantized in the first pass (their blocks go to MatMulNBits); when the
+    plan keeps none of them, each is read as float32 after all, and weights.bin holds the very bytes the
+    portable conversion (which dequantizes everything in one pass) writes."""
+    from conftest import make_mamba
+    from edgeseq import gguf_bundle
+    from edgeseq.exporters.gguf_writer import export_gguf
+
+    g = tmp_path / "m.gguf"
+    export_gguf(str(make_mamba(tmp_path / "hf", hidden_size=64)), str(g), quant="q8_0")
+    plans = []
+    monkeypatch.setattr(gguf_bundle, "_repack_plan", lambda *a: plans.append(a[3]) or {})
+    gguf_bundle.gguf_to_bundle(str(g), str(tmp_path / "fused"))
+    gguf_bundle.gguf_to_bundle(str(g), str(tmp_path / "portable"), portable=True)
+    assert len(plans) == 1 and len(plans[0]) >= 4  # the in/x/dt/out projections of each layer were kept
+    read = [(tmp_path / b / "weights.bin").read_bytes() for b in ("fused", "portable")]
+    assert read[0] == read[1]

@@ -11,7 +11,8 @@ libraries (before the baseline memory reading) and `open(artifact, threads)` ret
     edgeseq-portable  the portable flavour's bundle (standard ONNX ops only)
     edgeseq-lowmem    the fused bundle with low_memory=True (ONNX Runtime's prepacking off)
     edgeseq-mobile    `export --mobile` (step.ort), loaded by edgeseq
-    edgeseq-gguf      edgeseq.load(x.gguf) of `edgeseq export --format gguf` (converted at load)
+    edgeseq-gguf      edgeseq.load(x.gguf) of `edgeseq export --format gguf`, a first load each time (converted
+                      at load into an empty cache folder)
     llamacpp          llama-cpp-python on edgeseq's f32 GGUF; other quants made from it by llama.cpp's
                       own quantizer (llama_model_quantize); Llama.eval of one token at a time
     llamacpp-gguf     llama-cpp-python on the very file edgeseq-gguf runs (edgeseq's writer, any quant)
@@ -25,8 +26,11 @@ native llama.cpp build.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 # --quant: (ONNX bundle quant, GGUF quant); None: the format has no such quant
 QUANTS = {"f32": ("f32", "f32"), "f16": ("f16", "f16"), "int8": ("int8", "q8_0"), "q8_0": ("int8", "q8_0"),
@@ -142,6 +146,13 @@ class EdgeseqGguf(Edgeseq):
         return ctx.once(out, lambda: self._spawn(ctx, "export", {"kind": "gguf", "checkpoint": built["checkpoint"],
                                                                  "tokenizer": built["tokenizer"], "out": out,
                                                                  "quant": q}))
+
+    def open(self, artifact, built, threads, max_context=None):
+        # a first load each time (load_s includes the conversion): an empty cache folder of this child's own
+        cache = tempfile.mkdtemp(prefix="edgeseq-bench-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["EDGESEQ_CACHE"] = cache
+        return super().open(artifact, built, threads, max_context)
 
 
 class EdgeseqRunner:
