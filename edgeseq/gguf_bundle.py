@@ -305,8 +305,9 @@ def gguf_to_bundle(path: str, out: str, portable: bool = False, force: bool = Fa
                             t = g.tensors[gname]
                             if t.type_name in ("Q4_0", "Q8_0"):  # the blocks as they are
                                 parts = repack_for_matmulnbits(g.raw(gname), t.type_name, t.shape)
-                            else:  # dequantized (N, K), re-quantized to 8 bits
-                                q, scales, zp = quantize_blocks(g.array(gname), 8, 32)
+                            else:  # dequantized (N, K), re-quantized to 8 bits by min-max: a shrunk
+                                # range's search gave the same error (0.468 % rms, a Q6_K embedding) in 6x the time
+                                q, scales, zp = quantize_blocks(g.array(gname), 8, 32, shrink=(1.0,))
                                 parts = (q, scales.reshape(-1), zp.reshape(-1))
                             for suffix, a in zip((".q", ".scales", ".zp"), parts):
                                 store.add(name + suffix, np.ascontiguousarray(a))

@@ -47,9 +47,10 @@ _CHUNK = 1 << 22  # weights per vectorised pass (bounds temporary memory)
 
 
 # -- block quantization -------------------------------------------------------------------------
-def quantize_blocks(w: np.ndarray, bits: int, block: int):
+def quantize_blocks(w: np.ndarray, bits: int, block: int, shrink: tuple = _SHRINK):
     """w (N, K) f32 -> q uint8 (N, nblk, block) unpacked, scales f32 (N, nblk), zp uint8 (N, nblk).
-    K is padded with zeros to a whole number of blocks (MatMulNBits does the same)."""
+    K is padded with zeros to a whole number of blocks (MatMulNBits does the same). Each block keeps
+    the best of its min-max range shrunk by each factor of `shrink` (lowest squared error)."""
     n, k = w.shape
     nblk = -(-k // block)
     if nblk * block != k:
@@ -61,16 +62,16 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int):
     zps = np.empty(x.shape[0], np.uint8)
     step = max(1, _CHUNK // block)
     for a in range(0, x.shape[0], step):
-        q[a:a + step], scales[a:a + step], zps[a:a + step] = _fit(x[a:a + step], qmax)
+        q[a:a + step], scales[a:a + step], zps[a:a + step] = _fit(x[a:a + step], qmax, shrink)
     return q.reshape(n, nblk, block), scales.reshape(n, nblk), zps.reshape(n, nblk)
 
 
-def _fit(x: np.ndarray, qmax: int):
+def _fit(x: np.ndarray, qmax: int, shrink: tuple):
     lo = np.minimum(x.min(axis=1), 0.0)
     hi = np.maximum(x.max(axis=1), 0.0)
     best_err = np.full(x.shape[0], np.inf, np.float32)
     best = None
-    for f in _SHRINK:
+    for f in shrink:
         s = (hi - lo) * f / qmax
         s = np.where(s > 0, s, 1.0).astype(np.float32)
         z = np.clip(np.rint(-lo * f / s), 0, qmax)
