@@ -53,6 +53,17 @@ class OrtEngine:
         self._next_graph_id = 1
         self.decode_graph = "prefill" if "prefill" in manifest["graphs"] and not self.fixed_io else "step"
         self._sessions: dict[str, object] = {}
+        self._prefill_ro = None
+
+    def prefill_run_options(self):
+        """RunOptions of a prefill run on the CPU: ONNX Runtime's arena gives back what the run's
+        activations took (a 256-token prefill grew a mamba-130m process by 43 MiB for good) when the run
+        ends; decode steps keep theirs (small, and their allocations are on every token's path)."""
+        if self._prefill_ro is None:
+            self._prefill_ro = self.ort.RunOptions()
+            if self.device == "cpu":
+                self._prefill_ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return self._prefill_ro
 
     def new_graph_ids(self, n: int) -> list[int]:
         """Fresh CUDA graph ids (run option gpu_graph_id; 0 is ONNX Runtime's own, -1 means no capture)."""

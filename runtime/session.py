@@ -232,7 +232,7 @@ class Session:
             self._pos[0] = self.position
             io = self._bind(sess, self._cur, ort.OrtValue.ortvalue_from_numpy(chunk.reshape(1, -1)))
             io.bind_ortvalue_output("logits", self._logits_ov)
-            sess.run_with_iobinding(io)
+            sess.run_with_iobinding(io, self.model.engine.prefill_run_options())
             self._cur ^= 1
             self.position += int(chunk.size)
             self._has_logits = True
@@ -255,7 +255,7 @@ class Session:
         if self._pos_ov is not None:
             feeds["position"] = np.array([self.position], np.int64)
         feeds.update({s.input_name: ov.numpy() for s, ov in zip(self.spec, self._bufs[self._cur])})
-        outs = sess.run(None, feeds)
+        outs = sess.run(None, feeds, self.model.engine.prefill_run_options())
         self.set_state({s.input_name: o for s, o in zip(self.spec, outs[1:])}, self.position + ids.shape[1],
                        outs[0][0][-1])
         return outs[0][0]
