@@ -56,7 +56,7 @@ class OrtEngine:
         self._prefill_ro = None
 
     def prefill_run_options(self):
-        """RunOptions of a prefill run on the CPU: ONNX Runtime's arena gives back what the run's
+        """RunOptions of a prompt's last run on the CPU: ONNX Runtime's arena gives back what the prompt's
         activations took (a 256-token prefill grew a mamba-130m process by 43 MiB for good) when the run
         ends; decode steps keep theirs (small, and their allocations are on every token's path)."""
         if self._prefill_ro is None:

@@ -232,7 +232,9 @@ class Session:
             self._pos[0] = self.position
             io = self._bind(sess, self._cur, ort.OrtValue.ortvalue_from_numpy(chunk.reshape(1, -1)))
             io.bind_ortvalue_output("logits", self._logits_ov)
-            sess.run_with_iobinding(io, self.model.engine.prefill_run_options())
+            # the arena shrinks once, after the prompt's last chunk (each chunk's activations fit the last's)
+            last = a + step >= ids.size
+            sess.run_with_iobinding(io, self.model.engine.prefill_run_options() if last else None)
             self._cur ^= 1
             self.position += int(chunk.size)
             self._has_logits = True
