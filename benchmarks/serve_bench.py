@@ -25,8 +25,9 @@ The model: `demo` (the shipped byte-level RWKV-7, f32) or a shape of the harness
 binary built from the llama.cpp sources of the pinned llama-cpp-python), both servers on one GGUF file (the
 model exported by edgeseq at --quant: int8 -> Q8_0, int4 -> Q4_0), the same text requests to the same
 OpenAI endpoint (/v1/completions, streamed), each server tokenizing with the GGUF's vocabulary. A random
-model's reply need not re-tokenize to the ids it was generated as, so a turn may reuse only the state at the
-end of the previous prompt: both servers report what they reused (cached_tokens). llama-server runs as a
+model's reply need not re-tokenize to the ids it was generated as: edgeseq keeps a reply's own ids when its
+text comes back (docs/serve.md), so it resumes the state after the reply; both servers report what they
+reused (cached_tokens). llama-server runs as a
 user would: `--parallel` as edgeseq's, a context of 8192 tokens a slot (a 10-turn history outgrows 2048), its default prompt cache and
 context checkpoints.
 """
@@ -199,7 +200,7 @@ def chat_ttft(server: Server, turns: list[str], reply: int, byte_level: bool) ->
         r = server.stream({"prompt": prompt, "max_tokens": reply, "temperature": 0})
         out.append({"turn": i + 1, "ttft_ms": round(r["ttft"] * 1000, 1), "prompt_tokens": r["usage"]["prompt_tokens"],
                     "cached_tokens": r["usage"]["prompt_tokens_details"]["cached_tokens"]})
-        history = prompt + sep + r["text"] if not byte_level else prompt + r["text"]
+        history = prompt + r["text"]  # the reply as it came, then the next turn's words after a space
     return out
 
 

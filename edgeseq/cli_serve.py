@@ -45,6 +45,9 @@ def serve(
                                           "Runtime's choice)"),
     max_context: Optional[int] = typer.Option(None, "--max-context", "--ctx-size", "-c", metavar="N",
                                               help="KV ring length of full-attention models (Zamba, Zamba2)"),
+    retokenize: bool = typer.Option(False, "--retokenize", help="tokenize every text prompt afresh, also the "
+                                    "replies it repeats (default: a reply sent back keeps the token ids it was "
+                                    "generated as, so its cached state is found)"),
 ):
     """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)
     that caches every conversation's state and decodes sequences together."""
@@ -85,7 +88,8 @@ def serve(
     m = edgeseq.load(path, threads=threads, max_context=max_context)
     name = alias or ("edgeseq-demo" if is_demo else os.path.basename(os.path.normpath(model or path)))
     server = Server(m, name, parallel=parallel, cache_ram_mb=cache_ram, cache_dir=cache_dir, api_key=api_key,
-                    max_prompt_tokens=max_prompt_tokens, queue=queue, max_body_mb=max_body, cors=cors, timeout=timeout)
+                    max_prompt_tokens=max_prompt_tokens, queue=queue, max_body_mb=max_body, cors=cors, timeout=timeout,
+                    reuse_replies=not retokenize)
     where = sock.getsockname()
     batching = "batched rows" if server.scheduler.rows.batched else "one row per step (attention family)"
     print(f"edgeseq serve: {name} ({m.family_name}, state {m.state_bytes / 1024:.0f} KiB) on "

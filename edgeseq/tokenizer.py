@@ -22,6 +22,11 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+    def encode_split(self, text: str, at: int) -> tuple[list[int], int | None]:
+        """encode(text), and how many of its tokens make up exactly text[:at] (None where a token
+        straddles that character). Every tokenizer here has it (the server's reply reuse, docs/serve.md)."""
+        return self.encode(text), len(text[:at].encode("utf-8"))
+
     def stream(self) -> "TextStream":
         return _ByteStream()
 
@@ -81,6 +86,14 @@ class RwkvWorldTokenizer:
     def decode(self, ids) -> str:
         return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids).decode("utf-8", errors="replace")
 
+    def encode_split(self, text: str, at: int) -> tuple[list[int], int | None]:
+        ids, cut, n = self.encode(text), len(text[:at].encode("utf-8")), 0
+        for k, t in enumerate(ids):
+            if n >= cut:
+                return ids, k if n == cut else None
+            n += len(self.id_to_bytes[t])
+        return ids, len(ids) if n == cut else None
+
     def stream(self) -> "TextStream":
         return _ByteStream(self.id_to_bytes)
 
@@ -103,6 +116,17 @@ class HFTokenizer:
             return self._tok.encode(text, add_special_tokens=False).ids
         except BaseException as e:  # a Rust panic (PanicException) is a BaseException
             raise foreign_error(e, self.path, "encoding with this tokenizer.json") from None
+
+    def encode_split(self, text: str, at: int) -> tuple[list[int], int | None]:
+        try:
+            enc = self._tok.encode(text, add_special_tokens=False)
+        except BaseException as e:
+            raise foreign_error(e, self.path, "encoding with this tokenizer.json") from None
+        ids, spans = enc.ids, enc.offsets  # character offsets into text
+        k = next((i for i, (_, end) in enumerate(spans) if end > at), len(ids))
+        if k < len(ids) and spans[k][0] < at:
+            return ids, None
+        return ids, k
 
     def decode(self, ids) -> str:
         try:

@@ -204,6 +204,63 @@ def test_chat_template_equals_the_chat_command(tmp_path):
         assert s.stop() == 0
 
 
+def _greedy(model, prompt, max_tokens):
+    """(text, the token ids fed after the prompt) of a fresh session's greedy generate()."""
+    s, fed = model.session(), []
+    step = s.step
+    s.step = lambda t: fed.append(int(t)) or step(t)
+    return "".join(s.generate(prompt, max_tokens=max_tokens, temperature=0)), fed
+
+
+def test_a_reply_sent_back_keeps_its_token_ids(bpe_mamba):
+    """A BPE model's random reply does not re-tokenize to the ids it was generated as. Sent back as text
+    (completions and chat), the prompt takes the ids the model saw for prompt + reply, so the reply's cached
+    state is resumed (cached_tokens), and tokenizes the rest as the whole text's tokenization has it; the
+    answer equals a cold run on those ids. --retokenize tokenizes afresh and resumes only the prompt."""
+    model = bpe_mamba.model()
+    tok = model.tokenizer
+    p1, more = "Friends, Romans", "\nlend me your ears"
+    reply, gen = _greedy(model, p1, 12)
+    ids1 = tok.encode(p1)
+    assert tok.encode(p1 + reply)[len(ids1):] != gen  # the premise: re-tokenized, the reply is other ids
+    full, k = tok.encode_split(p1 + reply + more, len(p1 + reply))
+    want_ids = ids1 + gen + full[k:]
+    want, _ = _greedy(model, want_ids, 8)
+    s = Server(bpe_mamba.bundle(), "--parallel", 2, "--alias", "bpe")
+    try:
+        c = s.client()
+        r1 = c.completions.create(model="bpe", prompt=p1, max_tokens=12, temperature=0)
+        assert r1.choices[0].text == reply
+        r2 = c.completions.create(model="bpe", prompt=p1 + reply + more, max_tokens=8, temperature=0)
+        assert r2.usage.prompt_tokens == len(want_ids)
+        assert r2.usage.prompt_tokens_details.cached_tokens == len(ids1) + len(gen)
+        assert r2.choices[0].text == want
+        # chat without a template: the plain continuation renders the same text
+        msgs = [{"role": "user", "content": p1}]
+        r3 = c.chat.completions.create(model="bpe", messages=msgs, max_tokens=12, temperature=0)
+        assert r3.choices[0].message.content == reply
+        more = "\nI come to bury Caesar"
+        msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": more[1:]}]
+        full, k = tok.encode_split(p1 + reply + more, len(p1 + reply))
+        r4 = c.chat.completions.create(model="bpe", messages=msgs, max_tokens=8, temperature=0)
+        assert r4.choices[0].message.content == _greedy(model, ids1 + gen + full[k:], 8)[0]
+        assert r4.usage.prompt_tokens_details.cached_tokens == len(ids1) + len(gen)
+        assert s.metrics()["edgeseq_reply_ids_reused_total"] == 2
+    finally:
+        assert s.stop() == 0
+    s = Server(bpe_mamba.bundle(), "--parallel", 2, "--alias", "bpe", "--retokenize")
+    try:
+        c = s.client()
+        c.completions.create(model="bpe", prompt=p1, max_tokens=12, temperature=0)
+        more = "\nlend me your ears"
+        r2 = c.completions.create(model="bpe", prompt=p1 + reply + more, max_tokens=8, temperature=0)
+        assert r2.usage.prompt_tokens == len(tok.encode(p1 + reply + more))
+        assert r2.usage.prompt_tokens_details.cached_tokens == len(ids1)
+        assert r2.choices[0].text == _greedy(model, p1 + reply + more, 8)[0]
+    finally:
+        assert s.stop() == 0
+
+
 def test_rewritten_history_reuses_the_common_prefix(demo):
     """A conversation whose earlier reply was edited no longer extends the cached one: the server resumes
     the longest common prefix (the end of the first user message) and says so in cached_tokens."""

@@ -285,7 +285,7 @@ def test_chat_template_boundaries():
     srv.template = from_spec(NAMES["chatml"], model.tokenizer)
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
             {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
-    ids, bounds, stops, _ = srv._chat_prompt(msgs)
+    ids, bounds, stops, _, _ = srv._chat_prompt(msgs)
     text = "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n" \
            "<|im_start|>user\nv<|im_end|>\n<|im_start|>assistant\n"
     assert ids == list(text.encode())

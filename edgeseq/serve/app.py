@@ -34,7 +34,7 @@ from starlette.routing import Route
 from edgeseq.chat_template import for_model
 from edgeseq.errors import EdgeseqError
 from edgeseq.serve import protocol as P
-from edgeseq.serve.cache import StateCache
+from edgeseq.serve.cache import ReplyTexts, StateCache
 from edgeseq.serve.metrics import Metrics
 from edgeseq.serve.scheduler import Draining, QueueFull, Request, Scheduler
 
@@ -45,7 +45,7 @@ class Server:
     def __init__(self, model, name: str, parallel: int = 4, cache_ram_mb: float = 256, cache_dir: str | None = None,
                  api_key: str | None = None, max_prompt_tokens: int = 32768, queue: int = 64,
                  max_body_mb: float = 8, cors: list[str] | None = None, chat_max_tokens: int = 2048,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, reuse_replies: bool = True):
         self.model = model
         self.name = name
         self.parallel = parallel
@@ -58,7 +58,10 @@ class Server:
         self.template = for_model(model.manifest, model.tokenizer)
         self.metrics = Metrics()
         self.cache = StateCache(model, int(cache_ram_mb * (1 << 20)), cache_dir)
-        self.scheduler = Scheduler(model, self.cache, parallel, queue, self.metrics, timeout)
+        # a reply's own token ids stand for its text when the client sends it back (cache.py); only worth
+        # keeping where its state can be cached
+        self.replies = ReplyTexts() if reuse_replies and (cache_ram_mb > 0 or cache_dir) else None
+        self.scheduler = Scheduler(model, self.cache, parallel, queue, self.metrics, timeout, self.replies)
         bos = model.manifest.get("bos_token_id")
         self.bos = int(bos) if bos is not None else None
         self.add_bos = bool(model.manifest.get("add_bos")) and self.bos is not None
@@ -156,21 +159,24 @@ class Server:
         P.check_model(body, self.name)
         prompt = P.completion_prompt(body)
         ids = await run_in_threadpool(self._ids, prompt)
-        return await self._answer(request, ids, opts, opts["stops"], set(self.model.stop_token_ids), [], "text")
+        text = prompt if isinstance(prompt, str) else None
+        return await self._answer(request, ids, opts, opts["stops"], set(self.model.stop_token_ids), [], "text", text)
 
     async def chat(self, request):
         body = await self._body(request)
         opts = P.check_common(body, P.CHAT, self.parallel, self.chat_max_tokens)
         P.check_model(body, self.name)
         messages = P.chat_messages(body)
-        ids, bounds, stops, ends = await run_in_threadpool(self._chat_prompt, messages)
-        return await self._answer(request, ids, opts, stops + opts["stops"], ends, bounds, "chat")
+        ids, bounds, stops, ends, text = await run_in_threadpool(self._chat_prompt, messages)
+        return await self._answer(request, ids, opts, stops + opts["stops"], ends, bounds, "chat", text)
 
-    def _ids(self, prompt, where: str = "prompt") -> list[int]:
+    def _ids(self, prompt, where: str = "prompt", counted: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.model.tokenizer.encode(prompt)
-            if self.add_bos and (not ids or ids[0] != self.bos):
-                ids = [self.bos] + ids  # a fresh sequence starts with BOS where the model's tokenizer adds one
+            ids = self._reply_ids(prompt, counted)
+            if ids is None:
+                ids = self.model.tokenizer.encode(prompt)
+                if self.add_bos and (not ids or ids[0] != self.bos):
+                    ids = [self.bos] + ids  # a fresh sequence starts with BOS where the model's tokenizer adds one
         else:
             ids = prompt
             bad = next((t for t in ids if not 0 <= t < self.model.vocab_size), None)
@@ -189,8 +195,22 @@ class Server:
                              "context_length_exceeded")
         return ids
 
+    def _reply_ids(self, text: str, counted: bool) -> list[int] | None:
+        """The ids of a prompt that starts with an earlier prompt + reply: the ids the model saw for that
+        part, then the rest as the whole text's tokenization has it (None: no such prompt, or no token
+        boundary where the reply ends)."""
+        hit = self.replies.longest(text) if self.replies is not None else None
+        if hit is None:
+            return None
+        cold, k = self.model.tokenizer.encode_split(text, hit[0])
+        if k is None:
+            return None
+        if counted:
+            self.metrics.add("reply_ids_reused", 1)
+        return hit[1] + cold[k:]
+
     def _chat_prompt(self, messages: list[dict]):
-        """(ids, token counts where earlier messages end, stop strings, end token ids)."""
+        """(ids, token counts where earlier messages end, stop strings, end token ids, the prompt's text)."""
         ends = set(self.model.stop_token_ids)
         if self.template is None:
             text, cuts = P.plain_render(messages)
@@ -211,13 +231,13 @@ class Server:
         for p in prefixes[-MAX_BOUNDARIES:]:
             if not p or not text.startswith(p):
                 continue
-            pre = self._ids(p, "messages")
+            pre = self._ids(p, "messages", counted=False)
             if len(pre) < len(ids) and ids[:len(pre)] == pre:  # only where the tokens part there too
                 bounds.append(len(pre))
-        return ids, bounds, stops, ends
+        return ids, bounds, stops, ends, text
 
     # -- running a request --------------------------------------------------------------------------------
-    async def _answer(self, http: HttpRequest, ids, opts, stops, ends, bounds, kind: str):
+    async def _answer(self, http: HttpRequest, ids, opts, stops, ends, bounds, kind: str, text: str | None = None):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -241,7 +261,7 @@ class Server:
         req = Request(ids=ids, emit=emit, n=opts["n"], max_tokens=opts["max_tokens"], temperature=opts["temperature"],
                       top_k=opts["top_k"], top_p=opts["top_p"], min_p=opts["min_p"],
                       repetition_penalty=opts["repetition_penalty"], seed=opts["seed"], stops=stops, ends=ends,
-                      boundaries=bounds)
+                      boundaries=bounds, text=text)
         req.checked = time.monotonic()  # when _next last asked whether the client is still there
         try:
             self.scheduler.submit(req)

@@ -232,3 +232,46 @@ class StateCache:
                 break
             total -= size
             self._forget_disk(k, stem)
+
+
+class ReplyTexts:
+    """The text of each prompt + reply the server gave, with the token ids the model saw for it.
+
+    A client sends the next turn as text: the history, the reply among it, then the new words. Tokenized
+    afresh, a reply need not come back as the ids it was generated as (a BPE merges across the pieces the
+    model chose), so its state, cached under those ids, would never be found again and every turn would
+    re-read the reply. Here a prompt that starts with a recorded text takes that text's ids (the ones the
+    model saw) and tokenizes only the rest, where the rest starts on a token boundary of the whole text's
+    own tokenization (tokenizer.encode_split), so the new words are tokenized as they would be anyway.
+    Bounded: `entries` texts, `chars` characters in all, least recently used out first.
+    """
+
+    def __init__(self, entries: int = 512, chars: int = 32 << 20):
+        self.max_entries, self.max_chars = entries, chars
+        self.texts: OrderedDict[str, list[int]] = OrderedDict()
+        self.chars = 0
+        self.lock = threading.Lock()
+
+    def add(self, text: str, ids: list[int]) -> None:
+        if not text or len(text) > self.max_chars:
+            return
+        with self.lock:
+            if self.texts.pop(text, None) is not None:
+                self.chars -= len(text)
+            self.texts[text] = list(ids)
+            self.chars += len(text)
+            while len(self.texts) > self.max_entries or self.chars > self.max_chars:
+                old, _ = self.texts.popitem(last=False)
+                self.chars -= len(old)
+
+    def longest(self, text: str) -> tuple[int, list[int]] | None:
+        """(length of the longest recorded text that `text` starts with, its ids), or None."""
+        with self.lock:
+            best = max((t for t in self.texts if len(t) <= len(text) and text.startswith(t)), key=len, default=None)
+            if best is None:
+                return None
+            self.texts.move_to_end(best)
+            return len(best), self.texts[best]
+
+    def __len__(self) -> int:
+        return len(self.texts)

@@ -10,6 +10,7 @@ COUNTERS = {
     "generated_tokens": "tokens decoded",
     "cache_hits": "requests that resumed a cached state",
     "cache_misses": "requests prefilled from the initial state",
+    "reply_ids_reused": "text prompts that took an earlier reply's own token ids for its text",
     "requests_done": "requests answered in full",
     "cancelled": "requests whose client went away before the end",
     "rejected_queue_full": "requests refused with 429 (queue full)",

@@ -52,6 +52,7 @@ class Request:
     stops: list[str] = field(default_factory=list)
     ends: set[int] = field(default_factory=set)
     boundaries: list[int] = field(default_factory=list)  # token counts where an earlier message ends
+    text: str | None = None  # the prompt as text (None: token ids): its text + a reply's is recorded
     cancelled: bool = False
     checked: float = 0.0  # the HTTP side's: when it last asked whether the client is still there
     # set by the scheduler
@@ -76,6 +77,7 @@ class Row:
         self.stream = sched.model.tokenizer.stream()
         self.hold = max((len(s) for s in req.stops), default=1) - 1
         self.pending = ""
+        self.sent: list[str] = []  # the reply's text as the client got it
         self.logits = logits
         self.position = position
         self.next = -1
@@ -118,13 +120,16 @@ class Row:
         self.pending = ""
 
     def _send(self, text: str) -> None:
+        self.sent.append(text)
         if text and not self.req.cancelled:
             self.req.emit(("text", self.index, text))
 
 
 class Scheduler:
-    def __init__(self, model, cache, parallel: int, queue_size: int, metrics, timeout: float = 600.0):
+    def __init__(self, model, cache, parallel: int, queue_size: int, metrics, timeout: float = 600.0,
+                 replies=None):
         self.model = model
+        self.replies = replies  # cache.ReplyTexts, or None
         self.timeout = timeout
         self.cache = cache
         self.parallel = parallel
@@ -287,6 +292,9 @@ class Scheduler:
         r.close()
         if r.tokens:  # the state after prompt + reply: where the next turn of this conversation starts
             self.cache.put(req.ids + r.tokens, self.rows.state(r), r.position, np.array(r.logits, np.float32))
+            if self.replies is not None and req.text is not None and not r.by_stop_string:
+                # a reply cut at a stop string is not the text of its tokens: nothing to record
+                self.replies.add(req.text + "".join(r.sent), req.ids + r.tokens)
         self.rows.remove(r)
         req.completion_tokens += len(r.tokens)
         if req.cancelled:
