@@ -247,7 +247,8 @@ class Rwkv7(Family):
         xr, xw, xk, xv, xa, xg = (xx + d * W(f"x_{m}") for m in MIXES)
         r, k, v = xr @ W("receptance"), xk @ W("key"), xv @ W("value")
         w = (W("w0") + (xw @ W("w1")).tanh() @ W("w2")).sigmoid()
-        w = (w * -math.exp(-0.5)).exp()  # the decay, in (exp(-e^-0.5), 1)
+        logw = w * -math.exp(-0.5)
+        w = logw.exp()  # the decay, in (exp(-e^-0.5), 1)
         a = (W("a0") + xa @ W("a1") @ W("a2")).sigmoid()  # the in-context learning rate
         g = (xg @ W("g1")).sigmoid() @ W("g2")
         kk = (k * W("k_k")).reshape(0, 0, H, N)
@@ -258,10 +259,23 @@ class Rwkv7(Family):
         else:
             v = v + (v_first - v) * (W("v0") + xv @ W("v1") @ W("v2")).sigmoid()
         one = tokens == 1
-        col = lambda x: wkv7.column(b, x, H, N, not one)  # noqa: E731
-        row = lambda x: wkv7.row(b, x, H, N, not one)  # noqa: E731
-        y, S = wkv7.wkv(S, r=col(r), w=row(w), k=row(k), v=col(v), a=col(-kk), bb=row(kk * a), one_token=one)
-        y = y.reshape(*((-1, 1, C) if one else (0, 0, C)))  # (b, t, C)
+
+        def per_token(S, r, w, k, v, a, bb):
+            col = lambda x: wkv7.column(b, x, H, N, not one)  # noqa: E731
+            row = lambda x: wkv7.row(b, x, H, N, not one)  # noqa: E731
+            y, S = wkv7.wkv(S, r=col(r), w=row(w), k=row(k), v=col(v), a=col(a), bb=row(bb), one_token=one)
+            return y.reshape(*((-1, 1, C) if one else (0, 0, C))), S  # (b, t, C)
+
+        def chunked(S, r, logw, k, v, a, bb):
+            return wkv7.wkv_chunks(S, r=r, logw=logw, k=k, v=v, a=a, bb=bb, heads=H, size=N)
+
+        if one:
+            y, S = per_token(S, r, w, k, v, -kk, kk * a)
+        else:  # a prompt's slice: in chunks; a shorter call (a token decoded through this graph): token by token
+            long = r.dims(1, 2).ge(b.const(wkv7.CHUNK, np.int64)).squeeze(0)
+            y, S = b.if_(long, lambda S, r, logw, w, *x: chunked(S, r, logw, *x),
+                         lambda S, r, logw, w, *x: per_token(S, r, w, *x), args=(S, r, logw, w, k, v, -kk, kk * a),
+                         name="wkv7")
         y = group_norm(b, y, H, C, o + "ln_x.weight", o + "ln_x.bias", c.gn_eps)
         rk = (r * k * W("r_k")).reshape(0, 0, H, N).sum(-1)  # (b, t, H, 1)
         y = (y + (rk * v.reshape(0, 0, H, N)).reshape(0, 0, C)) * g
