@@ -127,6 +127,33 @@ def test_wkv7(one_token):
     assert np.abs(got["y"] - y_ref.reshape(B, t, H * N)).max() < 1e-4 and np.abs(got["S"] - S_ref).max() < 1e-4
 
 
+@pytest.mark.parametrize("t", [1, 15, 16, 17, 40])
+def test_wkv7_chunks(t):
+    """wkv_chunks (the WY form in chunks of 16, the last one padded) against the numpy reference, at
+    lengths around a chunk, with RWKV-7's own inputs: a = -kk, b = kk·iclr (kk unit), decays in its range."""
+    H_, N_ = 3, 16
+    r, k, v = (rand(B, t, H_, N_) for _ in range(3))
+    # keys nearly parallel and high learning rates (half the heads): every power of the chunk's strictly lower
+    # triangular L matters in (I - L)^-1; the other heads: any direction, the whole decay range
+    kk = rand(B, t, H_, N_) * np.array([1.0, 0.1, 1.0], np.float32)[:, None] + np.array([0, 1, 0], np.float32)[:, None]
+    kk /= np.linalg.norm(kk, axis=-1, keepdims=True)
+    a, bb = -kk, kk * rand(B, t, H_, N_, low=0.5, high=1.0)
+    logw = rand(B, t, H_, N_, low=-float(np.exp(-0.5)), high=0.0)
+    S0 = rand(B, H_, N_, N_)
+    y_ref, S_ref = wkv7.wkv7_ref(S0.astype(np.float64), r, np.exp(logw.astype(np.float64)), k, v, a, bb)
+
+    def build(b, S, **x):
+        y, S = wkv7.wkv_chunks(S, **x, heads=H_, size=N_)
+        return {"y": y, "S": S}
+
+    feeds = {nm: z.reshape(B, t, H_ * N_) for nm, z in zip(("r", "logw", "k", "v", "a", "bb"), (r, logw, k, v, a, bb))}
+    got = run(build, S=S0, **feeds)
+    scale = max(1.0, np.abs(y_ref).max())
+    assert got["y"].shape == (B, t, H_ * N_)
+    assert np.abs(got["y"] - y_ref.reshape(B, t, H_ * N_)).max() < 1e-5 * scale * 10
+    assert np.abs(got["S"] - S_ref).max() < 1e-5 * max(1.0, np.abs(S_ref).max()) * 10
+
+
 @ONE_TOKEN
 def test_rglru(one_token):
     t, W = (1 if one_token else T), H * N
