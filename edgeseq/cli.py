@@ -428,7 +428,7 @@ def export(
     checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="HF or state-spaces model folder, BlinkDL "
                                      ".pth, rwkv.cpp .bin, recurrentgemma .pt, or a .gguf (to make a bundle of)"),
     out: str = _opt(..., "-o", "--out", metavar="OUT", help="the bundle folder to create, or a .gguf file"),
-    quant: str = _opt("f32", "--quant", "-q", metavar="Q", help="f32 | f16 | int8 | int4 (onnx); f32 | f16 | bf16 | "
+    quant: str = _opt("f32", "--quant", "-q", metavar="Q", help="f32 | f16 | int8 | int4 | w8a8 (onnx); f32 | f16 | bf16 | "
                       "q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k (gguf); llama.cpp's names too "
                       "(Q4_K_M, Q5_K_M, Q8_0, any case)"),
     block_size: Optional[int] = _opt(None, "--block-size", metavar="N",

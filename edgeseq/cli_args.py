@@ -12,7 +12,7 @@ import sys
 from edgeseq.errors import EdgeseqError
 
 DEFAULT_MODEL_ENV = "EDGESEQ_MODEL"
-ONNX_QUANTS = ("f32", "f16", "int8", "int4")
+ONNX_QUANTS = ("f32", "f16", "int8", "int4", "w8a8")
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 QUANT_ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16",
                  # llama.cpp's file-type names: edgeseq's K recipes are its _M mixes (ftype 15, 17)

@@ -146,7 +146,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
         weights_hash = store.close()
         check_weights(family, store.table, checkpoint)
         table, qspecs = store.table, {}
-        if quant in ("int8", "int4"):
+        if quant in ("int8", "int4", "w8a8"):
             from edgeseq.quant import onnx_quant
 
             store, table, qspecs = onnx_quant.quantize_bundle_weights(store, family, quant, block_size, portable)

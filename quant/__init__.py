@@ -2,7 +2,8 @@
 
 ONNX bundles: f32; f16 (weights stored half size and widened to f32 by a Cast in the graph, which
 ONNX Runtime folds once at load); int8 and int4 (block-wise, MatMulNBits / GatherBlockQuantized, or
-DequantizeLinear in the portable flavour: `onnx_quant.py`). GGUF files: the GGUF types of
+DequantizeLinear in the portable flavour: `onnx_quant.py`); w8a8 (int8, with the projections as per-column
+int8 weights times per-row int8 activations through MatMulInteger). GGUF files: the GGUF types of
 `gguf_quants.py`.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 from edgeseq.errors import EdgeseqError
 
 ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16"}
-ONNX_QUANTS = ("f32", "f16", "int8", "int4")
+ONNX_QUANTS = ("f32", "f16", "int8", "int4", "w8a8")
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 
 

@@ -27,6 +27,19 @@ slightly); each block keeps the candidate with the smallest squared error.
 The portable flavour cannot use com.microsoft ops: it gets the QDQ form instead, standard
 DequantizeLinear (opset 21, block-wise, uint4/uint8 with zero points) feeding the same MatMul /
 Gemm / Gather. ONNX Runtime's CPU provider fuses DequantizeLinear + MatMul into MatMulNBits itself.
+
+w8a8: the int8 recipe, except that each MatMul weight with both sides of at least W8A8_MIN (the
+projections; not the LoRAs, heads or embeddings, which stay as int8 makes them) is stored per output column,
+`W.u8` uint8 (K, N) = q + 128 (q = rint(W / s), |q| <= 127: symmetric) and `W.cs` f32 (N,)
+(s = max |W[:, n]| / 127), and runs as integer GEMM: the activations quantized per row in the graph (u8,
+zero point 128, scale max |x| / 127, one chain per input shared by the matrices that read it, so batched
+rows stay independent), ONNX Runtime's MatMulInteger (u8 x u8, both zero points 128), then both scales.
+Not u8 x s8, MLAS's fastest form: its AVX2 kernel sums pairs of u8·s8 products in saturating 16-bit
+lanes (vpmaddubsw), which overflow at 255·127·2; u8 x u8 widens first and is exact (measured: 0.63 against
+0.75 ms at 16 rows of 768 x 3072, still 1.8x MatMulNBits'). Standard ops only, in both flavours. On
+CPUs whose MatMulNBits int8 path scales badly with rows (AVX2 without VNNI: docs/benchmarks.md, the W8A8
+probe) it prefills and decodes batches faster; per-row activations are coarser than MatMulNBits'
+per-block ones, so it loses some accuracy that int8 does not (docs/quantization.md).
 """
 from __future__ import annotations
 
@@ -40,7 +53,8 @@ from onnx import TensorProto, helper
 from edgeseq.errors import EdgeseqError
 from edgeseq.graph import MS_DOMAIN, GraphBuilder, WeightInfo, WeightStore
 
-BITS = {"int8": 8, "int4": 4}
+BITS = {"int8": 8, "int4": 4, "w8a8": 8}
+W8A8_MIN = 128  # a MatMul weight runs as W8A8 when both its sides are at least this
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 _SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)
 _CHUNK = 1 << 22  # weights per vectorised pass (bounds temporary memory)
@@ -89,6 +103,13 @@ def _fit(x: np.ndarray, qmax: int, shrink: tuple):
     return best[0].astype(np.uint8), best[1].astype(np.float32), best[2].astype(np.uint8)
 
 
+def quantize_columns(w: np.ndarray):
+    """w (K, N) f32 -> q int8 (K, N), scales f32 (N,): symmetric per column, q = rint(w / s) in -127..127."""
+    scales = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    scales = np.where(scales > 0, scales, np.float32(1.0))
+    return np.clip(np.rint(w / scales), -127, 127).astype(np.int8), scales
+
+
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Pack the last axis: 8 bits as is; 4 bits two per byte, element 2i in the low nibble (an odd
     count gets a zero high nibble)."""
@@ -124,6 +145,7 @@ class QuantSpec:
     k: int  # input features (quantized along)
     transpose: bool  # stored (K, N) for MatMul: transposed before quantization
     uses: tuple[str, ...]
+    form: str = "blocks"  # "w8a8": per-column int8 through MatMulInteger (the module's docstring)
 
     @property
     def nblk(self) -> int:
@@ -134,6 +156,8 @@ class QuantSpec:
         return -(-self.nblk * self.bits // 8)
 
     def to_json(self) -> dict:
+        if self.form == "w8a8":
+            return {"bits": 8, "form": "w8a8", "shape": [self.n, self.k], "uses": list(self.uses)}
         return {"bits": self.bits, "block_size": self.block, "shape": [self.n, self.k], "uses": list(self.uses)}
 
 
@@ -254,7 +278,8 @@ def plan(table: dict[str, WeightInfo], uses: dict[str, set[str]], quant: str, bl
             blk //= 2  # a row shorter than (or not a multiple of) the block: the largest block that fits
         if k % blk and ("gather" in u or portable):
             continue  # GatherBlockQuantized and the QDQ form take whole blocks only
-        out[name] = QuantSpec(name, b_bits, blk, n, k, transpose, tuple(sorted(u)))
+        form = "w8a8" if quant == "w8a8" and u == {"matmul"} and policy is None and min(n, k) >= W8A8_MIN else "blocks"
+        out[name] = QuantSpec(name, b_bits, blk, n, k, transpose, tuple(sorted(u)), form)
     return out
 
 
@@ -277,6 +302,11 @@ def requantize_store(path: str, table: dict[str, WeightInfo], specs: dict[str, Q
             spec = specs.get(name)
             if spec is None:
                 store.add(name, arr)
+                continue
+            if spec.form == "w8a8":  # stored (K, N), as MatMulInteger reads it
+                q, scales = quantize_columns(np.asarray(arr, np.float32))
+                store.add(name + ".u8", (q.astype(np.int16) + 128).astype(np.uint8))
+                store.add(name + ".cs", scales)
                 continue
             w = arr.T if spec.transpose else arr  # (N, K)
             q, scales, zp = quantize_blocks(np.asarray(w, np.float32), spec.bits, spec.block)
@@ -319,7 +349,7 @@ def _external(b: GraphBuilder, weight: str, alias: str, dims, ) -> str:
         info = b.weights[weight]
         t = TensorProto()
         t.name = alias
-        t.data_type = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT}[info.dtype]
+        t.data_type = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8, "float32": TensorProto.FLOAT}[info.dtype]
         t.dims.extend(int(d) for d in dims)
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", b.weights_file), ("offset", str(info.offset)), ("length", str(info.nbytes))):
@@ -342,13 +372,16 @@ def rewrite(b: GraphBuilder, specs: dict[str, QuantSpec], accuracy_level: int = 
     placeholders = {n: w for n, w in ((n, _weight_of_placeholder(b, n, specs)) for n in list(b.initializers)) if w}
     if not placeholders:
         return
-    new_nodes = []
+    new_nodes, rows = [], {}
     for node in b.nodes:
         hit = [i for i, x in enumerate(node.input) if x in placeholders]
         if not hit:
             new_nodes.append(node)
             continue
         spec = specs[placeholders[node.input[hit[0]]]]
+        if spec.form == "w8a8":
+            new_nodes.extend(_w8a8(b, node, spec, rows))
+            continue
         new_nodes.extend(_replace(b, node, spec, accuracy_level, portable))
     b.nodes[:] = new_nodes
     for n in placeholders:
@@ -417,6 +450,34 @@ def _replace(b: GraphBuilder, node: onnx.NodeProto, s: QuantSpec, accuracy_level
     raise EdgeseqError(f"{s.name}: {node.op_type} cannot read a quantized weight")
 
 
+def _w8a8(b: GraphBuilder, node: onnx.NodeProto, s: QuantSpec, rows: dict) -> list:
+    """MatMul(x, W) as integer GEMM: x quantized per row (once per x: `rows` keeps the chain's outputs),
+    MatMulInteger with W.s8, then the row scales and the column scales."""
+    if node.op_type != "MatMul":
+        raise EdgeseqError(f"{s.name}: {node.op_type} cannot read a W8A8 weight")
+    x, mk = node.input[0], helper.make_node
+    out = []
+    if x not in rows:
+        p = b.fresh("w8a8_rows")
+        c = {k: b.const(v, dt) for k, v, dt in (("inv", 1 / 127, np.float32), ("tiny", 1e-30, np.float32),
+                                                 ("mid", 128.0, np.float32), ("lo", 0.0, np.float32),
+                                                 ("hi", 255.0, np.float32))}
+        axes, zp = b.ints([-1]), b.const(128, np.uint8)
+        out += [mk("Abs", [x], [p + "_abs"]), mk("ReduceMax", [p + "_abs", axes], [p + "_max"], keepdims=1),
+                mk("Max", [p + "_max", c["tiny"]], [p + "_max1"]), mk("Mul", [p + "_max1", c["inv"]], [p + "_scale"]),
+                mk("Div", [x, p + "_scale"], [p + "_div"]), mk("Round", [p + "_div"], [p + "_round"]),
+                mk("Add", [p + "_round", c["mid"]], [p + "_shift"]),
+                mk("Clip", [p + "_shift", c["lo"], c["hi"]], [p + "_clip"]),
+                mk("Cast", [p + "_clip"], [p + "_u8"], to=TensorProto.UINT8)]
+        rows[x] = (p + "_u8", p + "_scale", zp)
+    xq, xs, zp = rows[x]
+    q = _external(b, s.name + ".u8", s.name + ".u8", (s.k, s.n))
+    cs = _external(b, s.name + ".cs", s.name + ".cs", (s.n,))
+    y = node.output[0]
+    return out + [mk("MatMulInteger", [xq, q, zp, zp], [y + "_i32"]), mk("Cast", [y + "_i32"], [y + "_f"], to=TensorProto.FLOAT),
+                  mk("Mul", [y + "_f", xs], [y + "_rows"]), mk("Mul", [y + "_rows", cs], [y])]
+
+
 def implied_bytes(table: dict[str, WeightInfo], specs: dict[str, QuantSpec]) -> int:
     """The weight bytes the recipe implies: bits/8 per quantized weight plus 4 bytes of scale and
     bits/8 of zero point per block; every other tensor as stored (alignment padding not counted)."""
@@ -425,10 +486,13 @@ def implied_bytes(table: dict[str, WeightInfo], specs: dict[str, QuantSpec]) -> 
         if info.offset == -1:
             continue
         base = name.rsplit(".", 1)[0]
-        if base in specs and name.endswith((".q", ".scales", ".zp")):
+        if base in specs and name.endswith((".q", ".scales", ".zp", ".u8", ".cs")):
             continue
         total += info.nbytes
     for s in specs.values():
+        if s.form == "w8a8":
+            total += s.n * s.k + 4 * s.n
+            continue
         total += s.n * s.nblk * s.block * s.bits // 8 + 4 * s.n * s.nblk + s.n * s.zp_cols
     return total
 

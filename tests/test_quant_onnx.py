@@ -272,3 +272,84 @@ def test_block_shrinks_to_fit_the_row(sources, tmp_path_factory):
     lg = edgeseq.load(str(b128)).session().logits_all(IDS)
     ref = edgeseq.load(str(_bundle(sources, tmp_path_factory, "rwkv7", "f32"))).session().logits_all(IDS)
     assert np.abs(lg - ref).max() < V7_TOL["int4"]
+
+
+# -- w8a8: per-column int8 weights x per-row int8 activations (MatMulInteger) ------------------------
+def test_w8a8_product_equals_its_numpy_form(tmp_path):
+    """One MatMul rewritten by the recipe, run by ONNX Runtime: the numpy form of the same arithmetic (rows
+    quantized u8 around 128 with max|x|/127, columns symmetric with max|W|/127, integer product, both scales;
+    exact: no saturating lanes), and every row independent of the others (a batch gives each row's own result,
+    bit for bit). An outlier input channel and rows of very different scales push the integer sums high."""
+    from edgeseq.graph import GraphBuilder, WeightStore
+
+    rng = np.random.default_rng(0)
+    k, n = 160, 136
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[3] *= 40  # an outlier input channel
+    store = WeightStore(str(tmp_path / "weights.bin"))
+    q, s = Q.quantize_columns(w)
+    store.add("W.u8", (q.astype(np.int16) + 128).astype(np.uint8))
+    store.add("W.cs", s)
+    store.close()
+    assert np.abs(q.astype(np.float32) * s - w).max() <= s.max() / 2 + 1e-6
+    b = GraphBuilder(store.table)
+    b.input("x", "float32", ["m", k])
+    spec = Q.QuantSpec("W", 8, 32, n, k, True, ("matmul",), "w8a8")
+    b.nodes.extend(Q._w8a8(b, helper.make_node("MatMul", ["x", "W"], ["y"]), spec, {}))
+    b.outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    onnx.save(b.to_model(), str(tmp_path / "g.onnx"))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((5, k)).astype(np.float32) * np.array([1, 10, 0.01, 3, 0], np.float32)[:, None]
+    got = sess.run(None, {"x": x})[0]
+    sx = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-30)) * np.float32(1 / 127)
+    xq = np.clip(np.round(x / sx) + 128, 0, 255).astype(np.int64) - 128
+    want = (xq @ q.astype(np.int64)).astype(np.float32) * sx * s
+    np.testing.assert_array_equal(got, want)
+    for i in range(len(x)):
+        np.testing.assert_array_equal(sess.run(None, {"x": x[i:i + 1]})[0][0], got[i])
+
+
+def _nats_per_byte(model, text: bytes) -> float:
+    lg = model.session().logits_all(list(text)).astype(np.float64)
+    lp = lg - lg.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    return float(-lp[np.arange(len(text) - 1), list(text[1:])].mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("demo,portable", [("rwkv7", False), ("mamba2", False), ("rwkv7", True)])
+def test_w8a8_bundles(tmp_path, demo, portable):
+    """The trained demo models exported w8a8: the projections run as MatMulInteger (no com.microsoft op in
+    the portable flavour), the rest as int8 makes it; the weights take the bytes the manifest implies; the
+    held-out text scores within 1 % of the f32 bundle (which tests/test_demo_models.py holds to transformers);
+    and a batch of rows through the prefill graph gives each row's own logits within 1e-4 (what serve needs)."""
+    src = str(Path(edgeseq.__file__).parent / "demo" / demo)
+    f32 = edgeseq.load(export(src, str(tmp_path / "f32")))
+    bundle = Path(export(src, str(tmp_path / "w8a8"), quant="w8a8", portable=portable))
+    m = edgeseq.load(str(bundle))
+    tensors = m.manifest["quant"]["tensors"]
+    w8 = [t for t, s in tensors.items() if s.get("form") == "w8a8"]
+    assert w8 and all(min(tensors[t]["shape"]) >= Q.W8A8_MIN and tensors[t]["uses"] == ["matmul"] for t in w8)
+    assert any(s.get("form") != "w8a8" for s in tensors.values())  # the LoRAs / head / embedding as int8 has them
+    for kind in ("step", "prefill", "prefill_all"):
+        assert "MatMulInteger" in _ops(bundle, kind), kind
+        if portable:
+            model = onnx.load(str(bundle / f"{kind}.onnx"), load_external_data=False)
+            assert all(n.domain in ("", "ai.onnx") for n in model.graph.node), kind
+    size = os.path.getsize(bundle / "weights.bin")
+    f32_size = os.path.getsize(tmp_path / "f32" / "weights.bin")
+    assert size < 0.4 * f32_size
+    text = (Path(__file__).parent / "data" / "kjv_heldout.txt").read_bytes()[:6000]
+    ref, got = _nats_per_byte(f32, text), _nats_per_byte(m, text)
+    assert abs(got - ref) < 0.01 * ref, (ref, got)
+    assert got != ref  # the quantized weights are in use
+    sess = m.engine.session("prefill")
+    init = m.initial_state()
+    ids = np.array([list(b"And God said, Let th"), list(b"ere be light: and th"), list(b"ere was light. And G")], np.int64)
+    feeds = {s.input_name: np.repeat(init[s.input_name], 3, 0) for s in m.state_spec}
+    batched = sess.run(["logits"], {**feeds, "input_ids": ids})[0]
+    for i in range(3):
+        one = sess.run(["logits"], {**{k: v[i:i + 1] for k, v in feeds.items()}, "input_ids": ids[i:i + 1]})[0]
+        np.testing.assert_allclose(one[0], batched[i], rtol=0, atol=1e-4)  # serve: batched rows = single rows

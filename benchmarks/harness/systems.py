@@ -34,7 +34,7 @@ import tempfile
 
 # --quant: (ONNX bundle quant, GGUF quant); None: the format has no such quant
 QUANTS = {"f32": ("f32", "f32"), "f16": ("f16", "f16"), "int8": ("int8", "q8_0"), "q8_0": ("int8", "q8_0"),
-          "int4": ("int4", "q4_0"), "q4_0": ("int4", "q4_0"), "bf16": (None, "bf16")}
+          "int4": ("int4", "q4_0"), "q4_0": ("int4", "q4_0"), "bf16": (None, "bf16"), "w8a8": ("w8a8", "q8_0")}
 QUANTS.update({q: (None, q) for q in ("q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")})
 # llama.cpp's file types (llama_ftype) for its quantizer
 LLAMA_FTYPES = {"f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q6_k": 18, "q4_k": 15, "q5_k": 17,
