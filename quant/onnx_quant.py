@@ -28,8 +28,10 @@ The portable flavour cannot use com.microsoft ops: it gets the QDQ form instead,
 DequantizeLinear (opset 21, block-wise, uint4/uint8 with zero points) feeding the same MatMul /
 Gemm / Gather. ONNX Runtime's CPU provider fuses DequantizeLinear + MatMul into MatMulNBits itself.
 
-w8a8: the int8 recipe, except that each MatMul weight with both sides of at least W8A8_MIN (the
-projections; not the LoRAs, heads or embeddings, which stay as int8 makes them) is stored per output column,
+w8a8: the int8 recipe, except that each MatMul weight and head with both sides of at least W8A8_MIN (the
+projections and the head, a tied embedding included, whose Gather then reads rows of the head's bytes as
+columns; not the LoRAs, an untied embedding or MoE experts, which stay as int8 makes them) is stored per
+output column,
 `W.u8` uint8 (K, N) = q + 128 (q = rint(W / s), |q| <= 127: symmetric) and `W.cs` f32 (N,)
 (s = max |W[:, n]| / 127), and runs as integer GEMM: the activations quantized per row in the graph (u8,
 zero point 128, scale max |x| / 127, one chain per input shared by the matrices that read it, so batched
@@ -243,8 +245,19 @@ def collect_usage(builders: list[GraphBuilder]) -> dict[str, set[str]]:
     return uses
 
 
+def moe_weights(builders: list[GraphBuilder]) -> set[str]:
+    """The stored expert matrices a com.microsoft MoE block reads (they keep MatMulNBits' layout)."""
+    out = set()
+    for b in builders:
+        readers = moe_expert_readers(b)
+        for node in _builder_nodes(b):
+            if id(node) in readers:
+                out.update(w for w in map(lambda i: _weight_of(b, i), node.input) if w)
+    return out
+
+
 def plan(table: dict[str, WeightInfo], uses: dict[str, set[str]], quant: str, block: int, family,
-         portable: bool = False) -> dict:
+         portable: bool = False, experts: frozenset = frozenset()) -> dict:
     """{weight name: QuantSpec} for the weights the recipe quantizes; the rest stay as stored. A row
     length the block does not divide gets the largest power-of-two block (down to 16) that does,
     rather than padding (a 64-wide row in blocks of 128 would store as many bytes as 128); failing
@@ -278,7 +291,10 @@ def plan(table: dict[str, WeightInfo], uses: dict[str, set[str]], quant: str, bl
             blk //= 2  # a row shorter than (or not a multiple of) the block: the largest block that fits
         if k % blk and ("gather" in u or portable):
             continue  # GatherBlockQuantized and the QDQ form take whole blocks only
-        form = "w8a8" if quant == "w8a8" and u == {"matmul"} and policy is None and min(n, k) >= W8A8_MIN else "blocks"
+        # w8a8: the projections and the head (a tied embedding too: its rows are read from the same bytes);
+        # not an embedding alone (GatherBlockQuantized reads it), nor an MoE block's experts
+        form = "w8a8" if (quant == "w8a8" and (u == {"matmul"} or "gemm_t" in u) and policy is None
+                          and min(n, k) >= W8A8_MIN and name not in experts) else "blocks"
         out[name] = QuantSpec(name, b_bits, blk, n, k, transpose, tuple(sorted(u)), form)
     return out
 
@@ -304,7 +320,7 @@ def requantize_store(path: str, table: dict[str, WeightInfo], specs: dict[str, Q
                 store.add(name, arr)
                 continue
             if spec.form == "w8a8":  # stored (K, N), as MatMulInteger reads it
-                q, scales = quantize_columns(np.asarray(arr, np.float32))
+                q, scales = quantize_columns(np.asarray(arr if spec.transpose else arr.T, np.float32))
                 store.add(name + ".u8", (q.astype(np.int16) + 128).astype(np.uint8))
                 store.add(name + ".cs", scales)
                 continue
@@ -451,11 +467,24 @@ def _replace(b: GraphBuilder, node: onnx.NodeProto, s: QuantSpec, accuracy_level
 
 
 def _w8a8(b: GraphBuilder, node: onnx.NodeProto, s: QuantSpec, rows: dict) -> list:
-    """MatMul(x, W) as integer GEMM: x quantized per row (once per x: `rows` keeps the chain's outputs),
-    MatMulInteger with W.s8, then the row scales and the column scales."""
-    if node.op_type != "MatMul":
+    """MatMul(x, W) or a head's Gemm(x, E, transB=1) as integer GEMM: x quantized per row (once per x:
+    `rows` keeps the chain's outputs), MatMulInteger with the stored (K, N) u8, then the row scales and the
+    column scales. A tied embedding's Gather reads rows of E as columns of the same bytes."""
+    mk = helper.make_node
+    q = _external(b, s.name + ".u8", s.name + ".u8", (s.k, s.n))
+    cs = _external(b, s.name + ".cs", s.name + ".cs", (s.n,))
+    if node.op_type == "Gather":  # E[ids] = (column ids of the (K, N) bytes - 128) * their scales
+        ids, y, p = node.input[1], node.output[0], b.fresh("w8a8_rows")
+        flat, last = b.ints([-1]), b.ints([s.k])
+        return [mk("Reshape", [ids, flat], [p + "_ids"]), mk("Gather", [q, p + "_ids"], [p + "_cols"], axis=1),
+                mk("Transpose", [p + "_cols"], [p + "_t"], perm=[1, 0]), mk("Cast", [p + "_t"], [p + "_f"], to=TensorProto.FLOAT),
+                mk("Sub", [p + "_f", b.const(128.0)], [p + "_c"]), mk("Gather", [cs, p + "_ids"], [p + "_s"], axis=0),
+                mk("Unsqueeze", [p + "_s", b.ints([1])], [p + "_s1"]), mk("Mul", [p + "_c", p + "_s1"], [p + "_rows"]),
+                mk("Shape", [ids], [p + "_shape"]), mk("Concat", [p + "_shape", last], [p + "_out"], axis=0),
+                mk("Reshape", [p + "_rows", p + "_out"], [y])]
+    if node.op_type not in ("MatMul", "Gemm"):
         raise EdgeseqError(f"{s.name}: {node.op_type} cannot read a W8A8 weight")
-    x, mk = node.input[0], helper.make_node
+    x = node.input[0]
     out = []
     if x not in rows:
         p = b.fresh("w8a8_rows")
@@ -471,8 +500,6 @@ def _w8a8(b: GraphBuilder, node: onnx.NodeProto, s: QuantSpec, rows: dict) -> li
                 mk("Cast", [p + "_clip"], [p + "_u8"], to=TensorProto.UINT8)]
         rows[x] = (p + "_u8", p + "_scale", zp)
     xq, xs, zp = rows[x]
-    q = _external(b, s.name + ".u8", s.name + ".u8", (s.k, s.n))
-    cs = _external(b, s.name + ".cs", s.name + ".cs", (s.n,))
     y = node.output[0]
     return out + [mk("MatMulInteger", [xq, q, zp, zp], [y + "_i32"]), mk("Cast", [y + "_i32"], [y + "_f"], to=TensorProto.FLOAT),
                   mk("Mul", [y + "_f", xs], [y + "_rows"]), mk("Mul", [y + "_rows", cs], [y])]
@@ -502,7 +529,7 @@ def quantize_bundle_weights(store: WeightStore, family, quant: str, block: int, 
     """The exporter's one call: plan from the graphs' uses, rewrite the weights file. Returns the new
     store, the table to build graphs with, and the plan."""
     builders = [family.build_graph(kind, store.table, fused=not portable) for kind in graph_kinds]
-    specs = plan(store.table, collect_usage(builders), quant, block, family, portable)
+    specs = plan(store.table, collect_usage(builders), quant, block, family, portable, frozenset(moe_weights(builders)))
     new = requantize_store(store.path, store.table, specs, portable)
     return new, build_table(new, store.table, specs), specs
 
