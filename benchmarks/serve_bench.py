@@ -160,7 +160,10 @@ def versus_llama(a, res: dict) -> None:
     res["gguf"] = gguf
     turns = user_turns(a.turns, a.user_tokens, False)
     par = max(a.clients)
-    servers = (("edgeseq", lambda: Server(gguf, "--parallel", par, "--cache-ram", 1024,
+    # --edgeseq-quant: edgeseq serves its own bundle of the same checkpoint at that quant (w8a8 has no GGUF form)
+    served = bundle_for(a.model, a.edgeseq_quant, a.work)[0] if a.edgeseq_quant else gguf
+    res["edgeseq_served"] = served
+    servers = (("edgeseq", lambda: Server(served, "--parallel", par, "--cache-ram", 1024,
                                           *(["--threads", a.threads] if a.threads else []))),
                ("llama_server", lambda: LlamaServer(a.llama_server, gguf, par, a.threads)))
     for label, start in servers:
@@ -280,6 +283,8 @@ def main() -> None:
     p.add_argument("--llama-server", default=None, metavar="PATH",
                    help="also the same runs against this llama-server binary, both on one GGUF (token-id prompts)")
     p.add_argument("--only-versus", action="store_true", help="with --llama-server: only the side-by-side runs")
+    p.add_argument("--edgeseq-quant", default=None, metavar="Q", help="with --llama-server: edgeseq serves its "
+                   "bundle of the checkpoint at Q (e.g. w8a8) instead of the GGUF llama-server runs")
     a = p.parse_args()
     if a.llama_server:
         res = {"model": a.model, "quant": a.quant, "cpus": os.cpu_count(), "args": vars(a)}
