@@ -52,24 +52,26 @@ def rss_mb() -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["2heads"], indirect=True)
-def test_rss_flat_from_256_to_4096_tokens(case):
+def test_rss_flat_from_512_to_4096_tokens(case):
     """The KV ring of max_context 8192 is allocated (and written) when the session starts: feeding
-    the conversation from token 256 to token 4096 must not grow the process's memory."""
+    the conversation from token 512 to token 4096 must not grow the process's memory. (A whole 256-token
+    prefill slice runs before the first reading, so its activations are already in the process: in a
+    pytest worker whose heap other tests fragmented, a first full slice measured +9 MB.)"""
     m = edgeseq.load(case.bundle(False), max_context=8192)
     s = m.session()
     ring = sum(v.nbytes for k, v in s.state().items() if k.endswith((".key", ".value")))
     assert ring == 2 * 2 * 4 * 8192 * 16 * 4  # 2 hybrid layers x key/value x (Hkv, 8192, hd) float32
     ids = random_ids(256, 4096, seed=11)
-    s.prefill(ids[:192])
-    for t in ids[192:256]:
+    s.prefill(ids[:448])
+    for t in ids[448:512]:
         s.step(t)
     before = rss_mb()
-    s.prefill(ids[256:4032])
+    s.prefill(ids[512:4032])
     for t in ids[4032:]:
         logits = s.step(t)
     after = rss_mb()
     assert s.position == 4096 and np.isfinite(logits).all()
-    print(f"RSS at token 256: {before:.1f} MB, at 4096: {after:.1f} MB (ring {ring / 2**20:.0f} MiB)")
+    print(f"RSS at token 512: {before:.1f} MB, at 4096: {after:.1f} MB (ring {ring / 2**20:.0f} MiB)")
     assert after - before < 0.25 * ring / 2**20 + 2, (before, after)  # far less than even a quarter ring
 
 
