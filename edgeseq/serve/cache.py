@@ -243,12 +243,13 @@ class ReplyTexts:
     re-read the reply. Here a prompt that starts with a recorded text takes that text's ids (the ones the
     model saw) and tokenizes only the rest, where the rest starts on a token boundary of the whole text's
     own tokenization (tokenizer.encode_split), so the new words are tokenized as they would be anyway.
-    Bounded: `entries` texts, `chars` characters in all, least recently used out first.
+    Bounded: `entries` texts, `chars` characters in all, least recently used out first (ids kept as int32
+    arrays: 4 bytes a token).
     """
 
-    def __init__(self, entries: int = 512, chars: int = 32 << 20):
+    def __init__(self, entries: int = 512, chars: int = 8 << 20):
         self.max_entries, self.max_chars = entries, chars
-        self.texts: OrderedDict[str, list[int]] = OrderedDict()
+        self.texts: OrderedDict[str, np.ndarray] = OrderedDict()
         self.chars = 0
         self.lock = threading.Lock()
 
@@ -258,7 +259,7 @@ class ReplyTexts:
         with self.lock:
             if self.texts.pop(text, None) is not None:
                 self.chars -= len(text)
-            self.texts[text] = list(ids)
+            self.texts[text] = np.asarray(ids, np.int32)
             self.chars += len(text)
             while len(self.texts) > self.max_entries or self.chars > self.max_chars:
                 old, _ = self.texts.popitem(last=False)
@@ -271,7 +272,7 @@ class ReplyTexts:
             if best is None:
                 return None
             self.texts.move_to_end(best)
-            return len(best), self.texts[best]
+            return len(best), self.texts[best].tolist()
 
     def __len__(self) -> int:
         return len(self.texts)
