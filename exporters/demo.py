@@ -12,7 +12,7 @@ import os
 
 from edgeseq import __version__
 from edgeseq import demo
-from edgeseq.cache import cache_dir, cached_bundle  # noqa: F401 (cache_dir re-exported: the CLI names it)
+from edgeseq.cache import cache_dir, cached_bundle, code_digest  # noqa: F401 (cache_dir re-exported: the CLI names it)
 
 
 def _digest(folder: str) -> str:
@@ -33,5 +33,5 @@ def demo_bundle(name: str = demo.DEFAULT, quant: str = "f32", progress: bool = F
     digest = _digest(src)
     out, _ = cached_bundle("demo", src, [name, quant, digest],
                            lambda staged: export(src, staged, quant=quant, progress=progress),
-                           name=f"demo-{name}-{quant}-{__version__}-{digest}")
+                           name=f"demo-{name}-{quant}-{__version__}-{digest}-{code_digest()}")
     return out

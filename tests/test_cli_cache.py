@@ -106,3 +106,17 @@ def test_run_a_checkpoint_and_manage_the_cache(byte_mamba, small_gguf, cache):
     assert [e["name"] for e in cache_mod.entries()] == [names[0]]
     assert edgeseq_cli("cache", "rm", "--all", env=env).returncode == 0
     assert cache_mod.entries() == []
+
+
+def test_entries_are_keyed_by_the_graph_code(monkeypatch):
+    """A cache entry made by other graph code (an upgrade, a checkout between versions) is not reused: the
+    digest of the code that writes bundles is part of every entry's key, the demo's included."""
+    from edgeseq import cache
+
+    monkeypatch.setattr(cache, "_CODE_DIGEST", ["aaaaaaaaaaaa"])
+    a = cache.entry_name("ckpt", "/m/x", ["id"])
+    monkeypatch.setattr(cache, "_CODE_DIGEST", ["bbbbbbbbbbbb"])
+    assert cache.entry_name("ckpt", "/m/x", ["id"]) != a
+    monkeypatch.setattr(cache, "_CODE_DIGEST", [])
+    d = cache.code_digest()
+    assert len(d) == 12 and cache.code_digest() == d  # computed once per process, from the source files
