@@ -111,17 +111,17 @@ class HFTokenizer:
             raise foreign_error(e, path, "reading this tokenizer.json") from None
         self.encode("edgeseq: ÿ ✓ 😀\n")  # a normalizer or pre-tokenizer that panics is found at load
 
-    def encode(self, text: str) -> list[int]:
+    def _encoding(self, text: str):
         try:
-            return self._tok.encode(text, add_special_tokens=False).ids
+            return self._tok.encode(text, add_special_tokens=False)
         except BaseException as e:  # a Rust panic (PanicException) is a BaseException
             raise foreign_error(e, self.path, "encoding with this tokenizer.json") from None
 
+    def encode(self, text: str) -> list[int]:
+        return self._encoding(text).ids
+
     def encode_split(self, text: str, at: int) -> tuple[list[int], int | None]:
-        try:
-            enc = self._tok.encode(text, add_special_tokens=False)
-        except BaseException as e:
-            raise foreign_error(e, self.path, "encoding with this tokenizer.json") from None
+        enc = self._encoding(text)
         ids, spans = enc.ids, enc.offsets  # character offsets into text
         k = next((i for i, (_, end) in enumerate(spans) if end > at), len(ids))
         if k < len(ids) and spans[k][0] < at:

@@ -365,7 +365,7 @@ def _external(b: GraphBuilder, weight: str, alias: str, dims, ) -> str:
         info = b.weights[weight]
         t = TensorProto()
         t.name = alias
-        t.data_type = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8, "float32": TensorProto.FLOAT}[info.dtype]
+        t.data_type = {"uint8": TensorProto.UINT8, "float32": TensorProto.FLOAT}[info.dtype]
         t.dims.extend(int(d) for d in dims)
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", b.weights_file), ("offset", str(info.offset)), ("length", str(info.nbytes))):

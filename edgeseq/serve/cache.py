@@ -273,6 +273,3 @@ class ReplyTexts:
                 return None
             self.texts.move_to_end(best)
             return len(best), self.texts[best].tolist()
-
-    def __len__(self) -> int:
-        return len(self.texts)

@@ -291,10 +291,11 @@ class Scheduler:
         req = r.req
         r.close()
         if r.tokens:  # the state after prompt + reply: where the next turn of this conversation starts
-            self.cache.put(req.ids + r.tokens, self.rows.state(r), r.position, np.array(r.logits, np.float32))
+            ids = req.ids + r.tokens
+            self.cache.put(ids, self.rows.state(r), r.position, np.array(r.logits, np.float32))
             if self.replies is not None and req.text is not None and not r.by_stop_string:
                 # a reply cut at a stop string is not the text of its tokens: nothing to record
-                self.replies.add(req.text + "".join(r.sent), req.ids + r.tokens)
+                self.replies.add(req.text + "".join(r.sent), ids)
         self.rows.remove(r)
         req.completion_tokens += len(r.tokens)
         if req.cancelled:
