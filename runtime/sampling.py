@@ -23,7 +23,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int] | None = None) -> int:
         o = self.opts
-        x = np.array(logits, dtype=np.float64)
+        x = np.array(logits, dtype=np.float32).reshape(-1)  # a copy: the rules below write into it
         if o.repetition_penalty != 1.0 and history:
             seen = np.unique(np.asarray(history, dtype=np.int64))
             seen = seen[(seen >= 0) & (seen < x.size)]
@@ -31,36 +31,57 @@ class Sampler:
             x[seen] = np.where(v > 0, v / o.repetition_penalty, v * o.repetition_penalty)
         if o.temperature <= 0:
             return int(np.argmax(x))
-        x = x / o.temperature
+        if o.temperature != 1.0:
+            x /= np.float32(o.temperature)
+        ids = None  # top-k: the rules below see only the k candidates (ascending ids: choice()'s order)
         if 0 < o.top_k < x.size:
             kth = np.partition(x, -o.top_k)[-o.top_k]
-            x[x < kth] = -np.inf
-        x = x - np.max(x)
-        p = np.exp(x)
-        p /= p.sum()
+            ids = np.flatnonzero(x >= kth)
+            x = x[ids]
+        # weights = exp(x - max): the probabilities times their sum (the likeliest weighs 1); float32 (the
+        # float64 exp costs 6x; its rounding moves a draw only where the uniform lands within ~1e-7 of an edge)
+        w = np.subtract(x, x.max(), out=x)
+        np.exp(w, out=w)
         if o.min_p > 0.0:
-            p[p < o.min_p * p.max()] = 0.0
-            p /= p.sum()
+            w[w < o.min_p] = 0.0  # p < min_p * p_max, with p_max's weight 1
         if o.top_p < 1.0:
-            keep = _nucleus(p, o.top_p)
-            q = np.zeros_like(p)
-            q[keep] = p[keep]
-            p = q / q.sum()
-        # what Generator.choice(p.size, p=p) does, less its checks of p (finite, >= 0, sums to 1: true by
-        # construction here): the same draw from the same stream
-        cdf = np.cumsum(p)
-        cdf /= cdf[-1]
-        return int(cdf.searchsorted(self.rng.random(), side="right"))
+            keep = np.sort(_nucleus(w, o.top_p))  # index order: the draw walks the tokens as choice() does
+            cum = np.cumsum(w[keep], dtype=np.float64)
+            i = int(keep[min(int(cum.searchsorted(self.rng.random() * cum[-1], side="right")), keep.size - 1)])
+        else:
+            i = _draw(w, self.rng.random())
+        return i if ids is None else int(ids[i])
 
 
-def _nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
-    """The likeliest tokens whose probabilities first reach `top_p`, likeliest first: the head of a full
-    descending sort, found by sorting only the k largest (k grown until they hold top_p)."""
-    k = min(p.size, 256)
+_BLOCK = 256
+
+
+def _draw(w: np.ndarray, u: float) -> int:
+    """The first token whose running sum of weights passes u x the total: what Generator.choice(w.size,
+    p=w/w.sum()) draws for the uniform u, found through sums of blocks of 256 (a cumulative sum of the whole
+    vocabulary costs more than the rest of the sampler)."""
+    starts = np.arange(0, w.size, _BLOCK)
+    blocks = np.cumsum(np.add.reduceat(w, starts, dtype=np.float64))
+    target = u * blocks[-1]
+    b = min(int(blocks.searchsorted(target, side="right")), blocks.size - 1)
+    base = blocks[b - 1] if b else 0.0
+    cum = base + np.cumsum(w[starts[b]:starts[b] + _BLOCK], dtype=np.float64)
+    i = int(cum.searchsorted(target, side="right"))
+    if i == cum.size:  # the block's own sum rounded below the running total's: its last token that weighs
+        i = int(np.flatnonzero(w[starts[b]:starts[b] + _BLOCK])[-1])
+    return int(starts[b] + i)
+
+
+def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
+    """The likeliest tokens whose probabilities first reach `top_p` (w: the weights, probabilities times their
+    sum), likeliest first: the head of a full descending sort, found by sorting only the k largest (k grown
+    until they hold top_p)."""
+    need = top_p * np.sum(w, dtype=np.float64)
+    k = min(w.size, 256)
     while True:
-        top = np.argpartition(-p, k - 1)[:k] if k < p.size else np.arange(p.size)
-        top = top[np.argsort(-p[top], kind="stable")]
-        cum = np.cumsum(p[top])
-        if cum[-1] >= top_p or k == p.size:
-            return top[: int(np.searchsorted(cum, top_p) + 1)]
-        k = min(p.size, k * 8)
+        top = np.argpartition(-w, k - 1)[:k] if k < w.size else np.arange(w.size)
+        top = top[np.argsort(-w[top], kind="stable")]
+        cum = np.cumsum(w[top], dtype=np.float64)
+        if cum[-1] >= need or k == w.size:
+            return top[: int(np.searchsorted(cum, need) + 1)]
+        k = min(w.size, k * 8)

@@ -1,8 +1,9 @@
 """runtime/sampling.py against the plain definition of each rule, written here with numpy's own tools:
 temperature, top-k, min-p and top-p (a full descending sort) over float64 probabilities, the draw by
-`Generator.choice(p.size, p=p)`. The same seed must give the same tokens (the sampler's shortcuts, a
-partial sort for top-p and choice's draw without its checks, change nothing), and the rules must act:
-top-k never draws outside the k largest, top-p outside the nucleus."""
+`Generator.choice(p.size, p=p)`. The same seed must give the same tokens (the sampler's shortcuts, float32
+weights, top-k as a gather of the k candidates, a partial sort for top-p and the draw through block sums
+without choice's checks, change nothing), and the rules must act: top-k never draws outside the k largest,
+top-p outside the nucleus."""
 from __future__ import annotations
 
 import numpy as np
@@ -63,3 +64,21 @@ def test_top_k_and_top_p_keep_to_their_tokens():
     s = Sampler(SamplingOptions(temperature=1.0, top_p=0.6, seed=2))
     drawn = {s(logits) for _ in range(400)}
     assert drawn <= nucleus and len(drawn) > 1
+
+
+@pytest.mark.parametrize("vocab", [1, 255, 256, 257, 50280])
+def test_the_block_walk_draws_what_choice_draws(vocab):
+    """_draw finds the token through sums of 256-token blocks; for every uniform it must pick what
+    Generator.choice's cumulative sum picks, with zero weights (masked tokens) in and across blocks."""
+    from edgeseq.runtime.sampling import _draw
+
+    rng = np.random.default_rng(vocab)
+    w = np.exp(rng.standard_normal(vocab) * 3).astype(np.float32)
+    w[rng.random(vocab) < 0.5] = 0.0
+    w[-1] = 0.0 if vocab > 1 else 1.0
+    cdf = np.cumsum(w.astype(np.float64))
+    cdf /= cdf[-1]
+    for u in np.concatenate([rng.random(2000), cdf[:-1][w[:-1] > 0][:50], [0.0, np.nextafter(1.0, 0.0)]]):
+        want = int(cdf.searchsorted(u, side="right"))
+        got = _draw(w, float(u))
+        assert w[got] > 0 and (got == want or abs(cdf[got] - u) < 1e-12 or abs(cdf[got - 1] - u) < 1e-12)
