@@ -27,9 +27,11 @@ model exported by edgeseq at --quant: int8 -> Q8_0, int4 -> Q4_0), the same text
 OpenAI endpoint (/v1/completions, streamed), each server tokenizing with the GGUF's vocabulary. A random
 model's reply need not re-tokenize to the ids it was generated as: edgeseq keeps a reply's own ids when its
 text comes back (docs/serve.md), so it resumes the state after the reply; both servers report what they
-reused (cached_tokens). llama-server runs as a
-user would: `--parallel` as edgeseq's, a context of 8192 tokens a slot (a 10-turn history outgrows 2048), its default prompt cache and
-context checkpoints.
+reused (cached_tokens). Both servers run at once and get every turn and every client level in turn, the
+order flipped each round (--rounds, fresh words each round): the figures are medians over rounds, so a
+machine whose speed drifts over the minutes of a run weighs on both alike. llama-server runs as a user
+would: `--parallel` as edgeseq's, a context of 8192 tokens a slot (a 10-turn history outgrows 2048), its
+default prompt cache and context checkpoints.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -158,24 +161,50 @@ def versus_llama(a, res: dict) -> None:
         kw = {"tokenizer": built["tokenizer"]} if built["tokenizer"] else {}
         export_gguf(built["checkpoint"], gguf, quant=gq, **kw)
     res["gguf"] = gguf
-    turns = user_turns(a.turns, a.user_tokens, False)
     par = max(a.clients)
     # --edgeseq-quant: edgeseq serves its own bundle of the same checkpoint at that quant (w8a8 has no GGUF form)
     served = bundle_for(a.model, a.edgeseq_quant, a.work)[0] if a.edgeseq_quant else gguf
     res["edgeseq_served"] = served
-    servers = (("edgeseq", lambda: Server(served, "--parallel", par, "--cache-ram", 1024,
-                                          *(["--threads", a.threads] if a.threads else []))),
-               ("llama_server", lambda: LlamaServer(a.llama_server, gguf, par, a.threads)))
-    for label, start in servers:
-        s = start()
-        try:
+    # both servers up at once, idle but for the request in flight; every turn and every client level goes to
+    # one, then the other (the order flipped each round), so a machine that speeds up or slows down over the
+    # minutes of a run (these do, by up to 1.5x) weighs on both alike; each round a fresh conversation and
+    # fresh prompts (a server may keep its caches from earlier rounds; neither can reuse them)
+    servers = {"edgeseq": Server(served, "--parallel", par, "--cache-ram", 1024,
+                                 *(["--threads", a.threads] if a.threads else []))}
+    try:
+        servers["llama_server"] = LlamaServer(a.llama_server, gguf, par, a.threads)
+        for s in servers.values():
             s.stream({"prompt": user_turns(1, 8, False)[0][::-1], "max_tokens": 4})  # warm-up, unrelated
-            res[f"versus_{label}"] = {"ttft": chat_ttft(s, turns, a.reply_tokens, False),
-                                      "throughput": [throughput(s, c, a.decode, False) for c in a.clients]}
-        finally:
+        runs = {k: {"ttft": [], "throughput": []} for k in servers}
+        for r in range(a.rounds):
+            order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+            turns = user_turns(a.turns, a.user_tokens, False, seed=100 + r)
+            chats = {k: ChatTurns(servers[k], a.reply_tokens, False) for k in order}
+            got = {k: [] for k in order}
+            for user in turns:
+                for k in order:
+                    got[k].append(chats[k].turn(user))
+            for c in a.clients:
+                for k in order:
+                    t = throughput(servers[k], c, a.decode, False, seed=1000 * (r + 1))
+                    runs[k]["throughput"].append({**t, "round": r})
+            for k in order:
+                runs[k]["ttft"].append(got[k])
+    finally:
+        for s in servers.values():
             s.stop()
+    for k, v in runs.items():
+        ttft = [{"turn": i + 1, "ttft_ms": round(statistics.median(t[i]["ttft_ms"] for t in v["ttft"]), 1),
+                 "ttft_ms_rounds": [t[i]["ttft_ms"] for t in v["ttft"]],
+                 "prompt_tokens": v["ttft"][0][i]["prompt_tokens"], "cached_tokens": v["ttft"][0][i]["cached_tokens"]}
+                for i in range(a.turns)]
+        thr = [{"clients": c, "tok_s": round(statistics.median(t["tok_s"] for t in v["throughput"]
+                                                               if t["clients"] == c), 1),
+                "tok_s_rounds": [t["tok_s"] for t in v["throughput"] if t["clients"] == c]} for c in a.clients]
+        res[f"versus_{k}"] = {"ttft": ttft, "throughput": thr, "runs": v}
     e, L = res["versus_edgeseq"], res["versus_llama_server"]
-    print(f"{a.model} on {os.path.basename(gguf)}: TTFT ms per turn, edgeseq serve / llama-server (cached tokens)")
+    print(f"{a.model} on {os.path.basename(gguf)}, edgeseq serving {os.path.basename(served)}: TTFT ms per turn, "
+          f"medians of {a.rounds} interleaved rounds, edgeseq serve / llama-server (cached tokens, first round)")
     for x, y in zip(e["ttft"], L["ttft"]):
         print(f"{x['turn']:4d}  prompt {x['prompt_tokens']:5d} / {y['prompt_tokens']:5d}  {x['ttft_ms']:8.1f} "
               f"({x['cached_tokens']:4d})  {y['ttft_ms']:8.1f} ({y['cached_tokens']:4d})  "
@@ -185,30 +214,40 @@ def versus_llama(a, res: dict) -> None:
               f"edgeseq/llama {x['tok_s'] / y['tok_s']:.2f}")
 
 
-def user_turns(n: int, words: int, byte_level: bool) -> list[str]:
+def user_turns(n: int, words: int, byte_level: bool, seed: int = 0) -> list[str]:
     if byte_level:  # held-out Bible text, about `words` bytes a turn
         src = open(os.path.join(HERE, "..", "tests", "data", "kjv_heldout.txt"), encoding="utf-8").read()
-        return [src[i * words:(i + 1) * words] for i in range(n)]
+        return [src[(seed * n + i) * words:(seed * n + i + 1) * words] for i in range(n)]
     import random
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     return [" ".join(f"w{rng.randrange(1, 1000)}" for _ in range(words)) for _ in range(n)]
 
 
+class ChatTurns:
+    """A conversation with growing history, one turn at a time: each prompt is every earlier prompt and reply
+    (as it came) plus the new user words, through /v1/completions, streamed, greedy."""
+
+    def __init__(self, server: Server, reply: int, byte_level: bool):
+        self.server, self.reply, self.sep = server, reply, "" if byte_level else " "
+        self.history, self.n = "", 0
+
+    def turn(self, user: str) -> dict:
+        prompt = self.history + (self.sep if self.history else "") + user
+        r = self.server.stream({"prompt": prompt, "max_tokens": self.reply, "temperature": 0})
+        self.n += 1
+        self.history = prompt + r["text"]
+        return {"turn": self.n, "ttft_ms": round(r["ttft"] * 1000, 1), "prompt_tokens": r["usage"]["prompt_tokens"],
+                "cached_tokens": r["usage"]["prompt_tokens_details"]["cached_tokens"]}
+
+
 def chat_ttft(server: Server, turns: list[str], reply: int, byte_level: bool) -> list[dict]:
-    history, out = "", []
-    sep = "" if byte_level else " "
-    for i, user in enumerate(turns):
-        prompt = history + (sep if history else "") + user
-        r = server.stream({"prompt": prompt, "max_tokens": reply, "temperature": 0})
-        out.append({"turn": i + 1, "ttft_ms": round(r["ttft"] * 1000, 1), "prompt_tokens": r["usage"]["prompt_tokens"],
-                    "cached_tokens": r["usage"]["prompt_tokens_details"]["cached_tokens"]})
-        history = prompt + r["text"]  # the reply as it came, then the next turn's words after a space
-    return out
+    chat = ChatTurns(server, reply, byte_level)
+    return [chat.turn(user) for user in turns]
 
 
-def throughput(server: Server, clients: int, decode: int, byte_level: bool) -> dict:
-    prompts = user_turns(clients, 16, byte_level)
+def throughput(server: Server, clients: int, decode: int, byte_level: bool, seed: int = 0) -> dict:
+    prompts = user_turns(clients, 16, byte_level, seed)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         rs = list(pool.map(lambda ip: server.stream({"prompt": ip[1], "max_tokens": decode, "temperature": 1.0,
@@ -282,6 +321,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--llama-server", default=None, metavar="PATH",
                    help="also the same runs against this llama-server binary, both on one GGUF (token-id prompts)")
+    p.add_argument("--rounds", type=int, default=3, help="with --llama-server: interleaved rounds (medians)")
     p.add_argument("--only-versus", action="store_true", help="with --llama-server: only the side-by-side runs")
     p.add_argument("--edgeseq-quant", default=None, metavar="Q", help="with --llama-server: edgeseq serves its "
                    "bundle of the checkpoint at Q (e.g. w8a8) instead of the GGUF llama-server runs")
