@@ -83,6 +83,9 @@ def serve(
     import edgeseq
     from edgeseq.cli_args import resolve_model
     from edgeseq.serve.app import Server
+    from edgeseq.serve.malloc import pin_mmap_threshold
+
+    pin_mmap_threshold()  # before the model's memory: a long-running server's RSS levels off (serve/malloc.py)
 
     path, is_demo = resolve_model(model)
     m = edgeseq.load(path, threads=threads, max_context=max_context)

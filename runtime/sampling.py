@@ -20,11 +20,21 @@ class Sampler:
     def __init__(self, opts: SamplingOptions):
         self.opts = opts
         self.rng = np.random.default_rng(opts.seed)
+        self._x: np.ndarray | None = None  # the working copy of the logits, reused token after token
 
     def __call__(self, logits: np.ndarray, history: list[int] | None = None) -> int:
         o = self.opts
-        x = np.array(logits, dtype=np.float32).reshape(-1)  # a copy: the rules below write into it
-        if o.repetition_penalty != 1.0 and history:
+        penalty = o.repetition_penalty != 1.0 and history
+        if o.temperature <= 0 and not penalty:
+            return int(np.argmax(logits))
+        # the rules below write into a copy; one buffer per sampler, so no token allocates a vocabulary's
+        # worth of memory (a server's malloc then has nothing of that size to fragment its heap with)
+        src = np.asarray(logits).reshape(-1)
+        if self._x is None or self._x.size != src.size:
+            self._x = np.empty(src.size, np.float32)
+        x = self._x
+        np.copyto(x, src, casting="same_kind")
+        if penalty:
             seen = np.unique(np.asarray(history, dtype=np.int64))
             seen = seen[(seen >= 0) & (seen < x.size)]
             v = x[seen]
@@ -61,7 +71,14 @@ def _draw(w: np.ndarray, u: float) -> int:
     p=w/w.sum()) draws for the uniform u, found through sums of blocks of 256 (a cumulative sum of the whole
     vocabulary costs more than the rest of the sampler)."""
     starts = np.arange(0, w.size, _BLOCK)
-    blocks = np.cumsum(np.add.reduceat(w, starts, dtype=np.float64))
+    whole = w.size // _BLOCK
+    sums = np.empty(starts.size)
+    # float64 sums through the reduction's own small buffers (reduceat with dtype= casts all of w at once: a
+    # vocabulary x 8 bytes allocated per token)
+    sums[:whole] = w[:whole * _BLOCK].reshape(whole, _BLOCK).sum(axis=1, dtype=np.float64)
+    if whole < starts.size:
+        sums[whole] = w[whole * _BLOCK:].sum(dtype=np.float64)
+    blocks = np.cumsum(sums)
     target = u * blocks[-1]
     b = min(int(blocks.searchsorted(target, side="right")), blocks.size - 1)
     base = blocks[b - 1] if b else 0.0

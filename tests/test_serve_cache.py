@@ -2,11 +2,15 @@
 
 Models: the golden bundles of tests/data/golden/ (one tiny bundle per family, read only), whose recorded
 logits of IDS were checked against each family's reference (HF transformers, the rwkv package) when they
-were written; a resumed state must give those logits and a cold prefill's within 1e-4.
+were written; a resumed state must give those logits and a cold prefill's within 1e-4. And the server's
+malloc setting (serve/malloc.py), which keeps freed states out of the heap.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -292,3 +296,37 @@ def test_chat_template_boundaries():
     assert [text.encode()[:b].decode().rsplit("\n", 2)[-2] for b in bounds] == ["s<|im_end|>", "u<|im_end|>",
                                                                                "a<|im_end|>"]
     assert "<|im_end|>" in stops
+
+
+_MALLINFO = r"""
+import ctypes, sys
+import numpy as np
+from edgeseq.serve.malloc import pin_mmap_threshold
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+pinned = pin_mmap_threshold() if sys.argv[1] == "pin" else False
+a = np.ones(300_000, np.uint8)  # over 128 KiB: mapped
+live = libc.mallinfo2().hblks
+del a  # glibc, unpinned, now raises its threshold past 300 KB
+b = np.ones(300_000, np.uint8)
+print(pinned, libc.mallinfo2().hblks - live)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("mode", ["pin", "none"])
+def test_a_freed_state_sized_block_stays_out_of_the_heap(mode):
+    """serve/malloc.py: with the threshold pinned, a block of a cached state's size freed and made again is
+    mapped again (mallinfo2's count of mapped blocks); unpinned, glibc's moving threshold puts it in the heap,
+    where a server's churn of states leaves holes RSS keeps."""
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-P", "-c", _MALLINFO, mode], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == (["True", "0"] if mode == "pin" else ["False", "-1"])
