@@ -227,7 +227,7 @@ class Jamba(Family):
     name = "jamba"
     Config = JambaConfig
     gguf = JambaGguf()  # llama.cpp runs it
-    prefill_chunk = 64  # the scan expands each token to (di, n); attention grows with chunk x (ring + chunk)
+    prefill_chunk = 64  # attention grows with chunk x (ring + chunk)
     uses_position = True
     symbolic_dims = {"max_context": MAX_CONTEXT}
 

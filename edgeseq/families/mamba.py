@@ -82,7 +82,7 @@ class Mamba(Family):
     name = "mamba"
     gguf = MambaGguf()  # llama.cpp runs it
     Config = MambaConfig
-    prefill_chunk = 64  # the scan expands each token to (d_inner, d_state): 4.7 MiB per token at 130m
+    prefill_chunk = 64  # prefill speed level from 16 to 128 at 130m; activations grow with it
 
     @classmethod
     def read_config(cls, src) -> MambaConfig:
