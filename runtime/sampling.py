@@ -21,6 +21,7 @@ class Sampler:
         self.opts = opts
         self.rng = np.random.default_rng(opts.seed)
         self._x: np.ndarray | None = None  # the working copy of the logits, reused token after token
+        self._s: np.ndarray | None = None  # scratch for top-k and top-p's partial sorts
 
     def __call__(self, logits: np.ndarray, history: list[int] | None = None) -> int:
         o = self.opts
@@ -31,7 +32,7 @@ class Sampler:
         # worth of memory (a server's malloc then has nothing of that size to fragment its heap with)
         src = np.asarray(logits).reshape(-1)
         if self._x is None or self._x.size != src.size:
-            self._x = np.empty(src.size, np.float32)
+            self._x, self._s = np.empty(src.size, np.float32), np.empty(src.size, np.float32)
         x = self._x
         np.copyto(x, src, casting="same_kind")
         if penalty:
@@ -45,8 +46,7 @@ class Sampler:
             x /= np.float32(o.temperature)
         ids = None  # top-k: the rules below see only the k candidates (ascending ids: choice()'s order)
         if 0 < o.top_k < x.size:
-            kth = np.partition(x, -o.top_k)[-o.top_k]
-            ids = np.flatnonzero(x >= kth)
+            ids = np.flatnonzero(x >= _kth_largest(x, o.top_k, self._s))
             x = x[ids]
         # weights = exp(x - max): the probabilities times their sum (the likeliest weighs 1); float32 (the
         # float64 exp costs 6x; its rounding moves a draw only where the uniform lands within ~1e-7 of an edge)
@@ -55,7 +55,7 @@ class Sampler:
         if o.min_p > 0.0:
             w[w < o.min_p] = 0.0  # p < min_p * p_max, with p_max's weight 1
         if o.top_p < 1.0:
-            keep = np.sort(_nucleus(w, o.top_p))  # index order: the draw walks the tokens as choice() does
+            keep = np.sort(_nucleus(w, o.top_p, self._s))  # index order: the draw walks the tokens as choice() does
             cum = np.cumsum(w[keep], dtype=np.float64)
             i = int(keep[min(int(cum.searchsorted(self.rng.random() * cum[-1], side="right")), keep.size - 1)])
         else:
@@ -89,14 +89,26 @@ def _draw(w: np.ndarray, u: float) -> int:
     return int(starts[b] + i)
 
 
-def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
+def _kth_largest(x: np.ndarray, k: int, scratch: np.ndarray):
+    """The k-th largest value of x, partitioned in a scratch copy (np.partition would allocate one)."""
+    s = scratch[:x.size]
+    np.copyto(s, x)
+    s.partition(x.size - k)
+    return s[x.size - k]
+
+
+def _nucleus(w: np.ndarray, top_p: float, scratch: np.ndarray) -> np.ndarray:
     """The likeliest tokens whose probabilities first reach `top_p` (w: the weights, probabilities times their
-    sum), likeliest first: the head of a full descending sort, found by sorting only the k largest (k grown
-    until they hold top_p)."""
+    sum), likeliest first, ties in id order: the head of a full stable descending sort, found by sorting only
+    the tokens at or above the k-th largest weight (k grown until they hold top_p)."""
     need = top_p * np.sum(w, dtype=np.float64)
     k = min(w.size, 256)
     while True:
-        top = np.argpartition(-w, k - 1)[:k] if k < w.size else np.arange(w.size)
+        if k < w.size:
+            t = _kth_largest(w, k, scratch)
+            top = np.flatnonzero(w >= t) if t > 0 else np.flatnonzero(w > 0)
+        else:
+            top = np.arange(w.size)
         top = top[np.argsort(-w[top], kind="stable")]
         cum = np.cumsum(w[top], dtype=np.float64)
         if cum[-1] >= need or k == w.size:
