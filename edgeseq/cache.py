@@ -18,6 +18,7 @@ A cache hit costs a stat and two 1 MiB reads. EDGESEQ_CACHE_MAX (e.g. 20G) overr
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -70,26 +71,22 @@ def folder_identity(path: str) -> list:
     return out
 
 
-_CODE_DIGEST: list[str] = []
-
-
+@functools.cache
 def code_digest() -> str:
     """A digest of the code that writes a bundle (graphs, quantization, export), so that an entry made by
     other graph code (an upgrade, or a checkout between versions) is made again rather than reused."""
-    if not _CODE_DIGEST:
-        import importlib.util
+    import importlib.util
 
-        h = hashlib.sha256()
-        for pkg in ("edgeseq", "edgeseq.kernels", "edgeseq.quant", "edgeseq.exporters"):
-            spec = importlib.util.find_spec(pkg)
-            for d in (spec.submodule_search_locations or []) if spec else []:
-                for root, dirs, files in os.walk(d):
-                    dirs[:] = sorted(x for x in dirs if x not in ("__pycache__", "demo", "serve"))
-                    for f in sorted(x for x in files if x.endswith(".py")):
-                        with open(os.path.join(root, f), "rb") as fh:
-                            h.update(os.path.relpath(os.path.join(root, f), d).encode() + b"\0" + fh.read())
-        _CODE_DIGEST.append(h.hexdigest()[:12])
-    return _CODE_DIGEST[0]
+    h = hashlib.sha256()
+    for pkg in ("edgeseq", "edgeseq.kernels", "edgeseq.quant", "edgeseq.exporters"):
+        spec = importlib.util.find_spec(pkg)
+        for d in (spec.submodule_search_locations or []) if spec else []:
+            for root, dirs, files in os.walk(d):
+                dirs[:] = sorted(x for x in dirs if x not in ("__pycache__", "demo", "serve"))
+                for f in sorted(x for x in files if x.endswith(".py")):
+                    with open(os.path.join(root, f), "rb") as fh:
+                        h.update(os.path.relpath(os.path.join(root, f), d).encode() + b"\0" + fh.read())
+    return h.hexdigest()[:12]
 
 
 def entry_name(kind: str, source: str, identity) -> str:

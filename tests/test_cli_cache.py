@@ -113,10 +113,11 @@ def test_entries_are_keyed_by_the_graph_code(monkeypatch):
     digest of the code that writes bundles is part of every entry's key, the demo's included."""
     from edgeseq import cache
 
-    monkeypatch.setattr(cache, "_CODE_DIGEST", ["aaaaaaaaaaaa"])
+    monkeypatch.setattr(cache, "code_digest", lambda: "aaaaaaaaaaaa")
     a = cache.entry_name("ckpt", "/m/x", ["id"])
-    monkeypatch.setattr(cache, "_CODE_DIGEST", ["bbbbbbbbbbbb"])
+    monkeypatch.setattr(cache, "code_digest", lambda: "bbbbbbbbbbbb")
     assert cache.entry_name("ckpt", "/m/x", ["id"]) != a
-    monkeypatch.setattr(cache, "_CODE_DIGEST", [])
+    monkeypatch.undo()
+    cache.code_digest.cache_clear()
     d = cache.code_digest()
     assert len(d) == 12 and cache.code_digest() == d  # computed once per process, from the source files

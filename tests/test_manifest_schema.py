@@ -25,8 +25,8 @@ ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 1
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}
 
 VARIANTS = [("mamba2", False, "int4", False), ("rwkv6", True, "int8", False), ("mamba", False, "f16", False),
-            ("rwkv5_tuned", False, "f32", True), ("rwkv4", False, "f32", True)]
-VARIANT_IDS = ["mamba2-int4", "rwkv6-portable-int8", "mamba-f16", "rwkv5_tuned-mobile", "rwkv4-mobile"]
+            ("rwkv5_tuned", False, "f32", True), ("rwkv4", False, "f32", True), ("rwkv7", False, "w8a8", False)]
+VARIANT_IDS = ["mamba2-int4", "rwkv6-portable-int8", "mamba-f16", "rwkv5_tuned-mobile", "rwkv4-mobile", "rwkv7-w8a8"]
 
 
 @pytest.fixture(scope="module")
