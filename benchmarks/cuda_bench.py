@@ -1,9 +1,9 @@
 """Desktop CUDA (issue 21): edgeseq on ONNX Runtime's CUDA provider, per bundle flavour (f32, f16, int8,
-int4), on one GPU: greedy tokens and logits against the CPU provider's f32, single-stream decode (the
+int4; f16c and bf16c: bundles that compute in half, `--compute`), on one GPU: greedy tokens and logits against the CPU provider's f32, single-stream decode (the
 prefill graph decoding; the step graph under CUDA graphs), a 512-token prefill, batched decode of the step
 graph at several rows, GPU memory, and (--profile) the CUDA kernels each token launches.
 
-    python benchmarks/cuda_bench.py WORK [--models mamba-130m mamba2-130m rwkv7-0.1b] [--quants f32 int8 int4]
+    python benchmarks/cuda_bench.py WORK [--models mamba-130m mamba2-130m rwkv7-0.1b] [--quants f32 int8 int4 f16c]
         [--rounds 5] [--tokens 256] [--prefill 512] [--batch 1 8 64 256] [--profile] [--hf] [--json FILE]
     python benchmarks/cuda_bench.py WORK --dry-run   # a CPU machine: the tiny shapes, CPU sessions standing
                                                      # in for CUDA (checks the script)
@@ -49,6 +49,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPT, CHECK_TOKENS = 16, 32
+HALF_COMPUTE = {"f16c": "f16", "bf16c": "bf16"}  # --quants names of the bundles that compute in half
 if HERE not in sys.path:  # harness (python -P, or run from elsewhere)
     sys.path.insert(0, HERE)
 
@@ -402,8 +403,9 @@ def main() -> None:
             d = os.path.join(a.out, name, f"bundle-{q}" + ("" if al is None else f"-al{al}"))
             if not os.path.isfile(os.path.join(d, "edgeseq.json")):
                 log(f"exporting {d}")
-                export(b["checkpoint"], d, quant=q, tokenizer=b["tokenizer"], force=True,
-                       **({} if al is None else {"accuracy_level": al}))
+                compute = HALF_COMPUTE.get(q, "f32")
+                export(b["checkpoint"], d, quant=q if compute == "f32" else compute, tokenizer=b["tokenizer"],
+                       force=True, compute=compute, **({} if al is None else {"accuracy_level": al}))
             return d
 
         rng = np.random.default_rng(0)
@@ -429,9 +431,12 @@ def main() -> None:
                     "CUDAExecutionProvider", {}).get("enable_cuda_graph")
             # the same bundle on the CPU provider is the reference; the f32 bundle's first logits give the
             # flavour's own error
-            qcpu = Edgeseq(bundle, "cpu", False, a.dry_run, a.cpu_threads)
-            ref_toks, ref_logits = qcpu.greedy(prompt, CHECK_TOKENS)
-            del qcpu
+            if q in HALF_COMPUTE:  # half compute: against the f32 bundle on the CPU (no bf16 CPU kernels)
+                ref_toks, ref_logits = cpu_toks, cpu_logits
+            else:
+                qcpu = Edgeseq(bundle, "cpu", False, a.dry_run, a.cpu_threads)
+                ref_toks, ref_logits = qcpu.greedy(prompt, CHECK_TOKENS)
+                del qcpu
             check = {"cpu": {"first_logit_diff_vs_f32": float(np.abs(ref_logits[0] - cpu_logits[0]).max())}}
             for sname, sysobj in systems.items():
                 toks, logits = sysobj.greedy(prompt, CHECK_TOKENS)
@@ -468,7 +473,7 @@ def main() -> None:
                 r["batch"] = batched(model_g, dev, a.batch, a.batch_steps, b["vocab"], graph_sess, plain_sess)
                 used = gpu_used()
                 r["gpu_used_after_batch"] = None if base is None else used - base
-            if a.profile and q in ("f32", "int4", "f16"):
+            if a.profile and q in ("f32", "int4", "f16", *HALF_COMPUTE):
                 wd = os.path.join(a.out, name, f"prof-{q}")
                 os.makedirs(wd, exist_ok=True)
                 r["profile"] = kernel_profile(model_g, graph_sess, plain_sess, dev, a.profile_tokens, wd, a.dry_run)

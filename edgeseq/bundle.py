@@ -50,7 +50,7 @@ def graph_tensors(inputs, outputs, state_names) -> dict:
 
 
 def write_graphs(family, weights: dict, directory: str, meta: dict, portable: bool, qspecs=None,
-                 accuracy_level: int = 4) -> dict:
+                 accuracy_level: int = 4, compute: str = "f32") -> dict:
     """Build every graph kind of `family` over the weights table, quantize them (`qspecs`, for int8/int4),
     save them into `directory` and return the manifest's `graphs` entry. Exports from checkpoints and
     from GGUF files share it, so both write the same graphs and describe them the same way."""
@@ -66,6 +66,10 @@ def write_graphs(family, weights: dict, directory: str, meta: dict, portable: bo
             from edgeseq.quant.onnx_quant import rewrite
 
             rewrite(b, qspecs, accuracy_level, portable)
+        if compute != "f32":
+            from edgeseq.quant.half import rewrite as to_half
+
+            to_half(b, compute)
         fname = f"{kind}.onnx"
         save_model(b.to_model({**meta, "edgeseq.graph": kind}), os.path.join(directory, fname))
         graphs[kind] = {"file": fname, "tokens": 1 if kind == "step" else None,

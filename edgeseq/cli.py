@@ -293,6 +293,8 @@ def _quant_label(manifest: dict) -> str:
     q = manifest["quant"]
     if q.get("gguf_types"):
         return f"GGUF {'/'.join(q['gguf_types'])} (runs as {q['recipe']})"
+    if q.get("compute"):
+        return f"{q['recipe']} (computes in {q['compute']})"
     return q["recipe"]
 
 
@@ -428,7 +430,7 @@ def export(
     checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="HF or state-spaces model folder, BlinkDL "
                                      ".pth, rwkv.cpp .bin, recurrentgemma .pt, or a .gguf (to make a bundle of)"),
     out: str = _opt(..., "-o", "--out", metavar="OUT", help="the bundle folder to create, or a .gguf file"),
-    quant: str = _opt("f32", "--quant", "-q", metavar="Q", help="f32 | f16 | int8 | int4 | w8a8 (onnx); f32 | f16 | bf16 | "
+    quant: str = _opt("f32", "--quant", "-q", metavar="Q", help="f32 | f16 | bf16 | int8 | int4 | w8a8 (onnx); f32 | f16 | bf16 | "
                       "q8_0 | q4_0 | q4_1 | q5_0 | q5_1 | q4_k | q5_k | q6_k (gguf); llama.cpp's names too "
                       "(Q4_K_M, Q5_K_M, Q8_0, any case)"),
     block_size: Optional[int] = _opt(None, "--block-size", metavar="N",
@@ -445,12 +447,15 @@ def export(
                                         help="RWKV state-tuning file: the bundle's initial state"),
     mobile: bool = typer.Option(False, "--mobile", help="ONNX Runtime Mobile: the portable step graph, batch 1, "
                                 "as step.ort with required_operators.config (docs/devices.md)"),
+    compute: str = _opt("f32", "--compute", metavar="DTYPE", help="f32 | f16 | bf16: what the graphs compute in; "
+                        "f16/bf16 store the matrices in that type and keep the recurrences and the state in f32 "
+                        "(for CUDA; docs/cuda.md)"),
 ):
     """Export a checkpoint to an ONNX bundle or a GGUF file (the format follows OUT's name)."""
     from edgeseq.gguf_file import is_gguf
 
     plan = export_plan(checkpoint, out, quant, fmt, block_size, mobile=mobile, initial_state=initial_state,
-                       tokenizer=tokenizer, force=force)
+                       tokenizer=tokenizer, force=force, compute=compute)
     fmt, quant = plan["format"], plan["quant"]
     if plan.get("note"):
         typer.echo(plan["note"], err=True)
@@ -489,7 +494,8 @@ def export(
                 from edgeseq.exporters.export import export as do_export
 
                 do_export(checkpoint, out, quant=quant, portable=portable, tokenizer=tokenizer, force=force,
-                          progress=True, initial_state=initial_state, block_size=block_size or 32, **extra)
+                          progress=True, initial_state=initial_state, block_size=block_size or 32,
+                          compute=plan["compute"], **extra)
     except OSError as e:  # a folder that cannot hold the output (/proc, a full disk): named, nothing left
         raise EdgeseqError(f"{out}: cannot write ({e.strerror or e})") from None
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))

@@ -12,7 +12,7 @@ import sys
 from edgeseq.errors import EdgeseqError
 
 DEFAULT_MODEL_ENV = "EDGESEQ_MODEL"
-ONNX_QUANTS = ("f32", "f16", "int8", "int4", "w8a8")
+ONNX_QUANTS = ("f32", "f16", "bf16", "int8", "int4", "w8a8")
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 QUANT_ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16",
                  # llama.cpp's file-type names: edgeseq's K recipes are its _M mixes (ftype 15, 17)
@@ -200,7 +200,7 @@ def check_out(out: str, force: bool, what: str = "-o") -> None:
 
 
 def export_plan(checkpoint: str, out: str, quant: str, fmt: str | None, block_size: int | None, mobile: bool,
-                initial_state: str | None, tokenizer: str | None, force: bool) -> dict:
+                initial_state: str | None, tokenizer: str | None, force: bool, compute: str = "f32") -> dict:
     """Check an export's options against each other and the file system; the format and quant to use."""
     from edgeseq.gguf_file import is_gguf
 
@@ -221,6 +221,15 @@ def export_plan(checkpoint: str, out: str, quant: str, fmt: str | None, block_si
         if path is not None and not os.path.isfile(path):
             raise EdgeseqError(f"{name} {path}: no such file")
     q, note = parse_quant(quant, fmt)
+    if compute.lower() not in ("f32", "fp32", "float32"):
+        from edgeseq.quant import parse_compute
+
+        if fmt == "gguf" or mobile:
+            raise EdgeseqError(f"--compute {compute}: half compute is for ONNX bundles run on a GPU, not "
+                               f"{'GGUF files' if fmt == 'gguf' else '--mobile bundles'}")
+        compute, q = parse_compute(compute, q)
+    if mobile and q == "bf16":
+        raise EdgeseqError("--mobile takes --quant f32, f16 or int8 (bf16 weights are for GPUs)")
     if block_size is not None:
         if fmt == "gguf":
             raise EdgeseqError("--block-size applies to int8/int4 ONNX bundles; a GGUF's blocks are fixed by its "
@@ -232,8 +241,8 @@ def export_plan(checkpoint: str, out: str, quant: str, fmt: str | None, block_si
         if not 16 <= block_size <= 256 or block_size & (block_size - 1):
             raise EdgeseqError(f"--block-size {block_size}: a power of two from 16 to 256")
     if fmt == "onnx" and os.path.isfile(checkpoint) and is_gguf(checkpoint):
-        if q != "f32" or mobile or initial_state or tokenizer:
+        if q != "f32" or mobile or initial_state or tokenizer or compute != "f32":
             raise EdgeseqError(f"{checkpoint}: a GGUF becomes an f32 bundle with the GGUF's own tokenizer "
-                               f"(--quant, --mobile, --initial-state and --tokenizer do not apply)")
+                               f"(--quant, --compute, --mobile, --initial-state and --tokenizer do not apply)")
     check_out(out, force)
-    return {"format": fmt, "quant": q, "note": note}
+    return {"format": fmt, "quant": q, "note": note, "compute": compute}

@@ -45,6 +45,8 @@ DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat1
 
 
 def onnx_type(dtype) -> int:
+    if str(dtype) == "bfloat16":  # ml_dtypes' numpy type (onnx's own dependency)
+        return TensorProto.BFLOAT16
     return _NP_TO_ONNX[np.dtype(dtype)]
 
 
@@ -78,7 +80,7 @@ class WeightStore:
         if pad:
             self._write(b"\0" * pad)
         info = WeightInfo(name, array.dtype.name, tuple(int(d) for d in array.shape), self._pos, array.nbytes)
-        self._write(memoryview(array).cast("B"))  # no copy of the tensor
+        self._write(memoryview(array.view(np.uint8) if array.dtype.name == "bfloat16" else array).cast("B"))  # no copy
         self.table[name] = info
         return info
 
@@ -273,6 +275,8 @@ class GraphBuilder:
         self.initializers: dict[str, onnx.TensorProto] = {}
         self._consts: dict[tuple, str] = {}
         self._casts: dict[str, str] = {}
+        # nodes a half-precision rewrite keeps in float32 (quant/half.py): a recurrence's one-token step
+        self.full_precision: set[str] = parent.full_precision if parent else set()
         self._n = 0
         self._nodes_named = 0
         self._scope: list[str] = list(parent._scope) if parent else []
@@ -292,6 +296,16 @@ class GraphBuilder:
         finally:
             self._scope.pop()
 
+    @contextlib.contextmanager
+    def float32(self):
+        """Nodes built inside stay float32 when the graph is rewritten to compute in half (quant/half.py):
+        a recurrence's one-token step, where the state is updated."""
+        first = len(self.nodes)
+        try:
+            yield self
+        finally:
+            self.full_precision.update(n.name for n in self.nodes[first:])
+
     def _node_name(self, op_type: str) -> str:
         self._nodes_named += 1
         leaf = f"{self.prefix}{op_type}_{self._nodes_named}"
@@ -299,7 +313,7 @@ class GraphBuilder:
 
     # -- values ------------------------------------------------------------------------------
     def w(self, name: str, alias: str | None = None) -> str:
-        """A weight from the store, referenced as external data (widened to float32 if stored f16).
+        """A weight from the store, referenced as external data (widened to float32 if stored f16 or bf16).
 
         `alias` gives the same stored bytes a second initializer name. ONNX Runtime maps each external
         initializer separately, so two consumers that treat a matrix differently (a Gather that reads a
@@ -321,7 +335,7 @@ class GraphBuilder:
                 e = t.external_data.add()
                 e.key, e.value = k, v
             self.initializers[key] = t
-            if info.dtype == "float16":
+            if info.dtype in ("float16", "bfloat16"):
                 self._casts[key] = self.op("Cast", key, to=TensorProto.FLOAT)
                 return self._casts[key]
         return Value(key, self)
@@ -371,7 +385,8 @@ class GraphBuilder:
         if squeeze_time:
             axis = self.ints([1])
             xs = [self.op("Squeeze", x, axis) for x in xs]
-        new_carry, ys = step(*carry, *xs)
+        with self.float32():
+            new_carry, ys = step(*carry, *xs)
         if squeeze_time:
             ys = [self.op("Unsqueeze", y, axis) for y in ys]
         return list(new_carry), list(ys)

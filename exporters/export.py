@@ -16,7 +16,7 @@ from edgeseq.errors import EdgeseqError
 from edgeseq.families import family_for_architecture
 from edgeseq.graph import WeightStore
 from edgeseq.exporters.checkpoint import open_checkpoint
-from edgeseq.quant import parse_quant, quantize_tensor
+from edgeseq.quant import parse_compute, parse_quant, quantize_tensor
 from edgeseq.weight_check import check_weights
 from edgeseq.tokenizer import RwkvWorldTokenizer, find_rwkv_vocab, sentencepiece_to_tokenizer_json
 
@@ -108,12 +108,16 @@ def _adds_bos(path: str, bos: int) -> bool:
 
 def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False, tokenizer: str | None = None,
            chat_template: dict | None = None, force: bool = False, progress: bool = False,
-           initial_state: str | None = None, block_size: int = 32, accuracy_level: int = 4) -> str:
+           initial_state: str | None = None, block_size: int = 32, accuracy_level: int = 4,
+           compute: str = "f32") -> str:
     """Export `checkpoint` (a model directory) to the bundle directory `out`. Returns `out`.
+
+    compute f16/bf16: matrices stored in that type and graphs that compute in it outside the recurrences
+    (state and logits stay float32; `quant/half.py`), for GPUs.
 
     int8/int4: block-wise weights (`block_size` along each row) for MatMulNBits with `accuracy_level`
     (4: int8 activations on CPU), GatherBlockQuantized for the embedding; DequantizeLinear if portable."""
-    quant = parse_quant(quant, "onnx")
+    compute, quant = parse_compute(compute, parse_quant(quant, "onnx"))
     if os.path.exists(out) and not force:
         raise EdgeseqError(f"{out}: already exists (choose another output or pass --force)")
     ckpt = open_checkpoint(checkpoint)
@@ -155,7 +159,7 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
         flavour = "portable" if portable else "fused"
         meta = {"edgeseq.version": __version__, "edgeseq.family": family.name, "edgeseq.quant": quant,
                 "edgeseq.flavour": flavour, "edgeseq.weights_sha256": weights_hash}
-        graphs = write_graphs(family, table, tmp, meta, portable, qspecs, accuracy_level)
+        graphs = write_graphs(family, table, tmp, meta, portable, qspecs, accuracy_level, compute)
         if tok_file and tok_file.endswith(".model"):
             with open(os.path.join(tmp, tok_spec["file"]), "w", encoding="utf-8") as f:
                 f.write(sentencepiece_to_tokenizer_json(tok_file))
@@ -177,7 +181,8 @@ def export(checkpoint: str, out: str, quant: str = "f32", portable: bool = False
             "vocab_size": family.vocab_size,
             "flavour": flavour,
             "quant": {"recipe": quant, **(onnx_quant.recipe_json(quant, block_size, accuracy_level, portable, qspecs)
-                                          if qspecs else {})},
+                                          if qspecs else {}),
+                      **({"compute": {"f16": "float16", "bf16": "bfloat16"}[compute]} if compute != "f32" else {})},
             "state": [s.to_json() for s in family.state_spec()],
             "state_bytes_per_sequence": family.state_bytes(),
             **family.symbolic_dims,  # e.g. max_context: the default length of a full-attention KV ring

@@ -39,6 +39,10 @@ class OrtEngine:
             # TF32 would round fp32 matrix products to 10-bit mantissas; a f32 bundle computes in f32
             self.providers = [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
         elif device == "cpu":
+            if manifest.get("quant", {}).get("compute") == "bfloat16":
+                raise EdgeseqError(f"{directory}: this bundle computes in bfloat16, which ONNX Runtime's CPU provider "
+                                   f"does not run; load it with device='cuda' (--device cuda), or export an f32, f16 "
+                                   f"or int8 bundle for the CPU")
             self.providers = ["CPUExecutionProvider"]
         else:
             raise EdgeseqError(f"device {device!r} is not supported (cpu or cuda)")

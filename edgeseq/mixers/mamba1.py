@@ -135,8 +135,9 @@ class Mamba1Mixer:
             return [h], [y]
 
         if one_token:
-            (state,), (y,) = body(state, dt, dx, B.reshape(0, n, 1) if shared else B.reshape(0, n, di),
-                                  C if shared else C.reshape(0, n, di))
+            with b.float32():
+                (state,), (y,) = body(state, dt, dx, B.reshape(0, n, 1) if shared else B.reshape(0, n, di),
+                                      C if shared else C.reshape(0, n, di))
             return y, state  # y (b, 1, di)
         # the Scan reads each token's dt, dt·x, B and C and makes its (n, di) decay and input in the body:
         # no (t, n, di) tensors written and read back (prefill 1.2x, 16-row decode 1.14x, docs/benchmarks.md)

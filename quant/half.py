@@ -1,0 +1,158 @@
+"""Half-precision compute: a graph whose matrices and activations are float16 or bfloat16, for GPUs.
+
+An f16/bf16 bundle made with `compute` rewrites each graph after it is built (`rewrite(b, "f16")`):
+
+- Where half values come from: the matrices stored in half (`quantize_tensor`), their widening Casts
+  dropped. A node computes in half when any of its float inputs is half; its other float inputs are cast
+  to half (small constants and f32 vectors, which ONNX Runtime folds at load). So work derived only from
+  float32 sources (positions and their rotary angles, the state alone) stays float32.
+- What stays float32 whatever its inputs: each recurrence's one-token step (`GraphBuilder.recur` marks
+  its nodes), loops and branches with their subgraphs (the prefill's Scan, RWKV-7's chunked If), the ops
+  whose range or sums half precision loses (exponentials and logs, sums along an axis), contrib ops without half kernels, and ops whose ONNX schema lacks the
+  type (bf16 Softplus at opset 21). Their half inputs are cast up; their float32 outputs are cast down
+  where a half node reads them.
+- The graph's inputs and outputs keep their types: the state goes in and out as float32, and so do the
+  logits (cast up at the end).
+
+The recurrent state and every recurrence run in float32; matrix products accumulate in float32 in
+cuBLAS; the residual stream and the elementwise work between products are half. ONNX Runtime's CPU
+provider runs the float16 form (slowly; tests use it), not the bfloat16 one.
+"""
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from edgeseq.graph import MS_DOMAIN, OPSET, GraphBuilder
+
+HALF = {"f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+F32 = TensorProto.FLOAT
+FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+# float32 wherever they are: exponentials and logs (decays, softmax), sums along an axis, rotary angles,
+# control flow, and the ops that make float tensors from attributes or integers. A norm's square and mean
+# stay half: ONNX Runtime fuses them into one (Skip)SimplifiedLayerNormalization, which computes them in
+# float32 (an unfused portable norm squares in half, so half compute is for the fused flavour)
+KEEP_OPS = {"Exp", "Log", "CumSum", "ReduceSum", "Sin", "Cos", "Scan", "If", "Loop", "Constant", "ConstantOfShape", "Range", "EyeLike",
+            "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"}
+# com.microsoft ops with half kernels in ONNX Runtime's CUDA provider (float16; bfloat16 where listed)
+HALF_CONTRIB = {"f16": {"QuickGelu", "FusedMatMul", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization",
+                        "Gelu", "FastGelu", "BiasGelu"},
+                "bf16": {"FusedMatMul", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "FastGelu"}}
+# ONNX-domain ops ONNX Runtime defines itself (no onnx.defs schema), with the types its kernels take
+ORT_ONNX_OPS = {"SimplifiedLayerNormalization": {"f16", "bf16"}}
+# the outputs of the norms that are float32 statistics (type U), whatever the input type
+STAT_OUTPUTS = {"LayerNormalization": {1, 2}, "SimplifiedLayerNormalization": {1},
+                "SkipLayerNormalization": {1, 2}, "SkipSimplifiedLayerNormalization": {1, 2}}
+TYPE_NAME = {TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)"}
+
+
+def _schema_takes(op: str, half: str) -> bool:
+    """Whether the ONNX-domain op `op` accepts the half type on its first input at our opset."""
+    if op in ORT_ONNX_OPS:
+        return half in ORT_ONNX_OPS[op]
+    try:
+        schema = onnx.defs.get_schema(op, OPSET, "")
+    except onnx.defs.SchemaError:
+        return False
+    if not schema.inputs:
+        return False
+    tname = schema.inputs[0].type_str
+    for c in schema.type_constraints:
+        if c.type_param_str == tname:
+            return TYPE_NAME[HALF[half]] in c.allowed_type_strs
+    return tname == TYPE_NAME[HALF[half]]
+
+
+def _keeps_f32(node: onnx.NodeProto, half: str, marked: set[str]) -> bool:
+    if node.name in marked or node.op_type in KEEP_OPS:
+        return True
+    if node.domain == MS_DOMAIN:
+        return node.op_type not in HALF_CONTRIB[half]
+    return not _schema_takes(node.op_type, half)
+
+
+def _subgraph_refs(g: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from the graphs around it (used but not defined inside)."""
+    defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+    used = set()
+    for n in g.node:
+        used.update(i for i in n.input if i)
+        defined.update(n.output)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                used |= _subgraph_refs(sub)
+    return used - defined
+
+
+def _rename_refs(g: onnx.GraphProto, names: dict[str, str]) -> None:
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in names:
+                n.input[k] = names[i]
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _rename_refs(sub, names)
+
+
+def _float_outputs(b: GraphBuilder) -> dict[str, int]:
+    """The element type of every value ONNX's shape inference can type (contrib outputs it cannot)."""
+    model = onnx.shape_inference.infer_shapes(b.to_model(), strict_mode=False)
+    g = model.graph
+    return {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]
+            if v.type.HasField("tensor_type")}
+
+
+def rewrite(b: GraphBuilder, half: str) -> None:
+    """Make the built graph `b` compute in `half` ("f16" or "bf16") as the module says, in place."""
+    H = HALF[half]
+    known = _float_outputs(b)
+    types: dict[str, int] = {i.name: i.type.tensor_type.elem_type for i in b.inputs}
+    types.update({name: t.data_type for name, t in b.initializers.items()})
+    casts: dict[tuple[str, int], str] = {}
+    nodes: list[onnx.NodeProto] = []
+
+    def cast(name: str, to: int) -> str:
+        key = (name, to)
+        if key not in casts:
+            out = f"{name}/{'half' if to == H else 'f32'}"
+            nodes.append(helper.make_node("Cast", [name], [out], to=to, name=f"{out}/Cast"))
+            casts[key] = types[out] = out
+        return casts[key]
+
+    for node in b.nodes:
+        floats = [i for i in node.input if i and types.get(i) in FLOATS]
+        if node.op_type == "Cast":
+            src, to = types.get(node.input[0]), next(a.i for a in node.attribute if a.name == "to")
+            if src == H and to == F32 and node.name not in b.full_precision:
+                node.attribute[0].i = to = H  # a stored half matrix's widening: it stays half
+            types[node.output[0]] = to
+            nodes.append(node)
+            continue
+        keep = _keeps_f32(node, half, b.full_precision)
+        target = H if not keep and any(types[i] == H for i in floats) else F32
+        for k, i in enumerate(node.input):
+            if i in floats and types[i] != target:
+                node.input[k] = cast(i, target)
+        if keep:  # a loop or branch reads outer values by name: give it float32 ones
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    refs = {r: cast(r, F32) for r in _subgraph_refs(sub) if types.get(r) == H}
+                    _rename_refs(sub, refs)
+        stats = STAT_OUTPUTS.get(node.op_type, set()) if target == H else set()
+        for k, o in enumerate(node.output):
+            if not o:
+                continue
+            t = known.get(o, F32 if floats else 0)
+            types[o] = (F32 if k in stats else target) if t in FLOATS else t
+        nodes.append(node)
+
+    for out in b.outputs:  # the graph's outputs keep their declared types
+        want = out.type.tensor_type.elem_type
+        if types.get(out.name) == H and want != H:
+            inner = out.name + "/half"
+            for n in nodes:
+                n.output[:] = [inner if o == out.name else o for o in n.output]
+                n.input[:] = [inner if i == out.name else i for i in n.input]
+            nodes.append(helper.make_node("Cast", [inner], [out.name], to=want, name=out.name + "/Cast"))
+    b.nodes[:] = nodes
