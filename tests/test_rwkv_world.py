@@ -33,6 +33,24 @@ def test_encode_decode_match_the_reference(vocab_file):
     assert ours.encode("\n\n") == [RwkvWorldTokenizer.END_OF_TURN]
 
 
+def test_encode_matches_the_reference_on_glued_vocabulary_pieces(vocab_file):
+    """Strings made of whole entries (long ones among them) and of random characters: where the longest
+    match starts inside a run of entries and at the text's end, the shortcut by an entry's first bytes
+    must find what the reference's trie finds."""
+    import random
+
+    ours, ref = RwkvWorldTokenizer(vocab_file), rwkv_tok.TRIE_TOKENIZER(vocab_file)
+    rng = random.Random(0)
+    alphabet = list("abc xyz\n\t.,;!?'\"éü世界🙂") + [chr(c) for c in range(0x20, 0x7f)]
+    for _ in range(600):
+        if rng.random() < 0.5:
+            s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        else:
+            s = "".join(ours.id_to_bytes[rng.randrange(1, 65530)].decode("utf-8", "ignore")
+                        for _ in range(rng.randint(1, 12)))
+        assert ours.encode(s) == ref.encode(s), s
+
+
 def test_stream_never_splits_a_character(vocab_file):
     t = RwkvWorldTokenizer(vocab_file)
     text = "日本語のテキスト 🙂🙂 ok"
