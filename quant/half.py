@@ -6,16 +6,19 @@ An f16/bf16 bundle made with `compute` rewrites each graph after it is built (`r
   dropped. A node computes in half when any of its float inputs is half; its other float inputs are cast
   to half (small constants and f32 vectors, which ONNX Runtime folds at load). So work derived only from
   float32 sources (positions and their rotary angles, the state alone) stays float32.
-- What stays float32 whatever its inputs: each recurrence's one-token step (`GraphBuilder.recur` marks
-  its nodes), loops and branches with their subgraphs (the prefill's Scan, RWKV-7's chunked If), the ops
+- What stays float32 whatever its inputs: the residual stream (its Adds, from the embedding on: a random
+  mamba-130m's stream reaches 41,000, at float16's edge and where bfloat16 keeps 2 digits), so each norm
+  reads float32 and a mixer's half output is cast up where it is added; each recurrence's one-token step
+  (`GraphBuilder.recur` marks its nodes), loops and branches with their subgraphs (the prefill's Scan, RWKV-7's chunked If), the ops
   whose range or sums half precision loses (exponentials and logs, sums along an axis), contrib ops without half kernels, and ops whose ONNX schema lacks the
   type (bf16 Softplus at opset 21). Their half inputs are cast up; their float32 outputs are cast down
   where a half node reads them.
 - The graph's inputs and outputs keep their types: the state goes in and out as float32, and so do the
   logits (cast up at the end).
 
-The recurrent state and every recurrence run in float32; matrix products accumulate in float32 in
-cuBLAS; the residual stream and the elementwise work between products are half. ONNX Runtime's CPU
+The recurrent state, every recurrence and the residual stream run in float32 (as llama.cpp keeps its
+residual in f32); matrix products read half and accumulate in float32 in cuBLAS; the work inside a mixer
+between its products is half. ONNX Runtime's CPU
 provider runs the float16 form (slowly; tests use it), not the bfloat16 one.
 """
 from __future__ import annotations
@@ -29,11 +32,10 @@ HALF = {"f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 F32 = TensorProto.FLOAT
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 
-# float32 wherever they are: exponentials and logs (decays, softmax), sums along an axis, rotary angles,
-# control flow, and the ops that make float tensors from attributes or integers. A norm's square and mean
-# stay half: ONNX Runtime fuses them into one (Skip)SimplifiedLayerNormalization, which computes them in
-# float32 (an unfused portable norm squares in half, so half compute is for the fused flavour)
-KEEP_OPS = {"Exp", "Log", "CumSum", "ReduceSum", "Sin", "Cos", "Scan", "If", "Loop", "Constant", "ConstantOfShape", "Range", "EyeLike",
+# float32 wherever they are: exponentials and logs (decays, softmax), sums, squares and means along an axis
+# (a norm's statistics: x² of a residual of 300 overflows float16), rotary angles, control flow, and the
+# ops that make float tensors from attributes or integers
+KEEP_OPS = {"Exp", "Log", "CumSum", "ReduceSum", "Pow", "ReduceMean", "ReduceL2", "Sin", "Cos", "Scan", "If", "Loop", "Constant", "ConstantOfShape", "Range", "EyeLike",
             "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"}
 # com.microsoft ops with half kernels in ONNX Runtime's CUDA provider (float16; bfloat16 where listed)
 HALF_CONTRIB = {"f16": {"QuickGelu", "FusedMatMul", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization",
@@ -103,9 +105,32 @@ def _float_outputs(b: GraphBuilder) -> dict[str, int]:
             if v.type.HasField("tensor_type")}
 
 
+def residual_adds(b: GraphBuilder) -> set[str]:
+    """The Adds of the residual stream: from the token embedding (the Gather of the ids), each Add that
+    reads the stream continues it (through reshapes and scalings by a constant, as some families scale the
+    embedding), and so does a fused SkipLayerNorm's sum output."""
+    stream = {n.output[0] for n in b.nodes if n.op_type in ("Gather", "GatherBlockQuantized")
+              and "input_ids" in n.input}
+    adds = set()
+    for n in b.nodes:
+        if not stream.intersection(n.input):
+            continue
+        if n.op_type == "Add":
+            adds.add(n.name)
+            stream.add(n.output[0])
+        elif n.op_type in ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization") and len(n.output) > 3:
+            adds.add(n.name)
+            stream.add(n.output[3])
+        elif n.op_type in ("Reshape", "Identity", "Squeeze", "Unsqueeze") or (
+                n.op_type == "Mul" and any(i in b.initializers for i in n.input)):
+            stream.add(n.output[0])
+    return adds
+
+
 def rewrite(b: GraphBuilder, half: str) -> None:
     """Make the built graph `b` compute in `half` ("f16" or "bf16") as the module says, in place."""
     H = HALF[half]
+    marked = b.full_precision | residual_adds(b)
     known = _float_outputs(b)
     types: dict[str, int] = {i.name: i.type.tensor_type.elem_type for i in b.inputs}
     types.update({name: t.data_type for name, t in b.initializers.items()})
@@ -124,12 +149,12 @@ def rewrite(b: GraphBuilder, half: str) -> None:
         floats = [i for i in node.input if i and types.get(i) in FLOATS]
         if node.op_type == "Cast":
             src, to = types.get(node.input[0]), next(a.i for a in node.attribute if a.name == "to")
-            if src == H and to == F32 and node.name not in b.full_precision:
+            if src == H and to == F32 and node.name not in marked:
                 node.attribute[0].i = to = H  # a stored half matrix's widening: it stays half
             types[node.output[0]] = to
             nodes.append(node)
             continue
-        keep = _keeps_f32(node, half, b.full_precision)
+        keep = _keeps_f32(node, half, marked)
         target = H if not keep and any(types[i] == H for i in floats) else F32
         for k, i in enumerate(node.input):
             if i in floats and types[i] != target:
