@@ -46,6 +46,7 @@ ORT_ONNX_OPS = {"SimplifiedLayerNormalization": {"f16", "bf16"}}
 # the outputs of the norms that are float32 statistics (type U), whatever the input type
 STAT_OUTPUTS = {"LayerNormalization": {1, 2}, "SimplifiedLayerNormalization": {1},
                 "SkipLayerNormalization": {1, 2}, "SkipSimplifiedLayerNormalization": {1, 2}}
+NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
 TYPE_NAME = {TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)"}
 
 
@@ -106,16 +107,20 @@ def _float_outputs(b: GraphBuilder) -> dict[str, int]:
 
 
 def residual_adds(b: GraphBuilder) -> set[str]:
-    """The Adds of the residual stream: from the token embedding (the Gather of the ids), each Add that
+    """The nodes of the residual stream: from the token embedding (the Gather of the ids), each Add that
     reads the stream continues it (through reshapes and scalings by a constant, as some families scale the
-    embedding), and so does a fused SkipLayerNorm's sum output."""
+    embedding; through a norm before the first Add, as RWKV's ln0), and so does a fused SkipLayerNorm's
+    sum output."""
     stream = {n.output[0] for n in b.nodes if n.op_type in ("Gather", "GatherBlockQuantized")
               and "input_ids" in n.input}
     adds = set()
     for n in b.nodes:
         if not stream.intersection(n.input):
             continue
-        if n.op_type == "Add":
+        if not adds and n.op_type in NORMS:
+            adds.add(n.name)
+            stream.add(n.output[0])
+        elif n.op_type == "Add":
             adds.add(n.name)
             stream.add(n.output[0])
         elif n.op_type in ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization") and len(n.output) > 3:
