@@ -102,3 +102,25 @@ def test_a_bf16_bundle_on_the_cpu_is_a_clear_error(family_case):
     bundle = _half_bundle(built, "bf16")
     with pytest.raises(EdgeseqError, match="computes in bfloat16.*device='cuda'"):
         edgeseq.load(bundle)
+
+
+@pytest.mark.parametrize("family", ["mamba2", "rwkv7"])
+def test_f16_compute_on_trained_weights_keeps_the_loss(family, tmp_path):
+    """The shipped demo models (trained): float16 compute leaves the held-out loss where float32 has it
+    (measured: Mamba-2 2.59675 / 2.59663 nats a token, RWKV-7 2.70437 / 2.70436 over 400 tokens)."""
+    from pathlib import Path
+
+    src = Path(edgeseq.__file__).parent / "demo" / family
+    text = (Path(__file__).resolve().parents[1] / ".." / "shared" / "corpora" / "tinyshakespeare.txt").read_text()
+    f32 = edgeseq.load(export(str(src), str(tmp_path / "f32")))
+    f16 = edgeseq.load(export(str(src), str(tmp_path / "f16"), compute="f16"))
+    ids = f32.tokenizer.encode(text[5000:7000])[:400]
+
+    def nll(logits):
+        z = logits[:-1].astype(np.float64)
+        z -= z.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), ids[1:]]))
+
+    a, b = f32.session().logits_all(ids), f16.session().logits_all(ids)
+    assert abs(nll(a) - nll(b)) < 1e-3 and np.abs(a - b).max() < 0.05
+    assert (a.argmax(1) == b.argmax(1)).mean() > 0.99
