@@ -221,13 +221,12 @@ def export_plan(checkpoint: str, out: str, quant: str, fmt: str | None, block_si
         if path is not None and not os.path.isfile(path):
             raise EdgeseqError(f"{name} {path}: no such file")
     q, note = parse_quant(quant, fmt)
-    if compute.lower() not in ("f32", "fp32", "float32"):
-        from edgeseq.quant import parse_compute
+    from edgeseq.quant import parse_compute
 
-        if fmt == "gguf" or mobile:
-            raise EdgeseqError(f"--compute {compute}: half compute is for ONNX bundles run on a GPU, not "
-                               f"{'GGUF files' if fmt == 'gguf' else '--mobile bundles'}")
-        compute, q = parse_compute(compute, q)
+    if compute.lower() not in ("f32", "fp32", "float32") and (fmt == "gguf" or mobile):
+        raise EdgeseqError(f"--compute {compute}: half compute is for ONNX bundles run on a GPU, not "
+                           f"{'GGUF files' if fmt == 'gguf' else '--mobile bundles'}")
+    compute, q = parse_compute(compute, q)
     if mobile and q == "bf16":
         raise EdgeseqError("--mobile takes --quant f32, f16 or int8 (bf16 weights are for GPUs)")
     if block_size is not None:

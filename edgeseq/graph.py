@@ -468,6 +468,18 @@ class GraphBuilder:
         return model
 
 
+def walk_nodes(graph: onnx.GraphProto):
+    """Every node of `graph` and of the subgraphs inside its nodes (Scan bodies, If branches), depth first."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from walk_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from walk_nodes(g)
+
+
 def save_model(model: onnx.ModelProto, path: str) -> None:
     """Write a graph whose initializers already point into the weights file (no data is copied)."""
     tmp = path + ".tmp"

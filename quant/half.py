@@ -26,7 +26,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from edgeseq.graph import MS_DOMAIN, OPSET, GraphBuilder
+from edgeseq.graph import MS_DOMAIN, OPSET, GraphBuilder, walk_nodes
 
 HALF = {"f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 F32 = TensorProto.FLOAT
@@ -75,27 +75,18 @@ def _keeps_f32(node: onnx.NodeProto, half: str, marked: set[str]) -> bool:
     return not _schema_takes(node.op_type, half)
 
 
-def _subgraph_refs(g: onnx.GraphProto) -> set[str]:
-    """Names a subgraph reads from the graphs around it (used but not defined inside)."""
-    defined = {i.name for i in g.input} | {i.name for i in g.initializer}
-    used = set()
-    for n in g.node:
-        used.update(i for i in n.input if i)
-        defined.update(n.output)
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                used |= _subgraph_refs(sub)
-    return used - defined
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
 
 
-def _rename_refs(g: onnx.GraphProto, names: dict[str, str]) -> None:
-    for n in g.node:
-        for k, i in enumerate(n.input):
-            if i in names:
-                n.input[k] = names[i]
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                _rename_refs(sub, names)
+def _outer_refs(g: onnx.GraphProto) -> set[str]:
+    """Names a subgraph (and those inside it) reads that none of them defines: values of the graphs around
+    it, read by name (the builder's names are unique model-wide)."""
+    nodes = list(walk_nodes(g))
+    defined = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in nodes for o in n.output}
+    for sub in (s for n in nodes for s in _subgraphs(n)):
+        defined |= {i.name for i in sub.input} | {i.name for i in sub.initializer}
+    return {i for n in nodes for i in n.input if i} - defined
 
 
 def _float_outputs(b: GraphBuilder) -> dict[str, int]:
@@ -106,7 +97,7 @@ def _float_outputs(b: GraphBuilder) -> dict[str, int]:
             if v.type.HasField("tensor_type")}
 
 
-def residual_adds(b: GraphBuilder) -> set[str]:
+def residual_stream(b: GraphBuilder) -> set[str]:
     """The nodes of the residual stream: from the token embedding (the Gather of the ids), each Add that
     reads the stream continues it (through reshapes and scalings by a constant, as some families scale the
     embedding; through a norm before the first Add, as RWKV's ln0), and so does a fused SkipLayerNorm's
@@ -135,7 +126,7 @@ def residual_adds(b: GraphBuilder) -> set[str]:
 def rewrite(b: GraphBuilder, half: str) -> None:
     """Make the built graph `b` compute in `half` ("f16" or "bf16") as the module says, in place."""
     H = HALF[half]
-    marked = b.full_precision | residual_adds(b)
+    marked = b.full_precision | residual_stream(b)
     known = _float_outputs(b)
     types: dict[str, int] = {i.name: i.type.tensor_type.elem_type for i in b.inputs}
     types.update({name: t.data_type for name, t in b.initializers.items()})
@@ -153,10 +144,10 @@ def rewrite(b: GraphBuilder, half: str) -> None:
     for node in b.nodes:
         floats = [i for i in node.input if i and types.get(i) in FLOATS]
         if node.op_type == "Cast":
-            src, to = types.get(node.input[0]), next(a.i for a in node.attribute if a.name == "to")
-            if src == H and to == F32 and node.name not in marked:
-                node.attribute[0].i = to = H  # a stored half matrix's widening: it stays half
-            types[node.output[0]] = to
+            to = next(a for a in node.attribute if a.name == "to")
+            if types.get(node.input[0]) == H and to.i == F32 and node.name not in marked:
+                to.i = H  # a stored half matrix's widening: it stays half
+            types[node.output[0]] = to.i
             nodes.append(node)
             continue
         keep = _keeps_f32(node, half, marked)
@@ -164,11 +155,10 @@ def rewrite(b: GraphBuilder, half: str) -> None:
         for k, i in enumerate(node.input):
             if i in floats and types[i] != target:
                 node.input[k] = cast(i, target)
-        if keep:  # a loop or branch reads outer values by name: give it float32 ones
-            for a in node.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    refs = {r: cast(r, F32) for r in _subgraph_refs(sub) if types.get(r) == H}
-                    _rename_refs(sub, refs)
+        for sub in _subgraphs(node) if keep else ():  # a loop or branch reads outer values by name: f32 ones
+            refs = {r: cast(r, F32) for r in _outer_refs(sub) if types.get(r) == H}
+            for n in walk_nodes(sub):
+                n.input[:] = [refs.get(i, i) for i in n.input]
         stats = STAT_OUTPUTS.get(node.op_type, set()) if target == H else set()
         for k, o in enumerate(node.output):
             if not o:

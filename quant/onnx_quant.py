@@ -53,7 +53,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeseq.errors import EdgeseqError
-from edgeseq.graph import MS_DOMAIN, GraphBuilder, WeightInfo, WeightStore
+from edgeseq.graph import MS_DOMAIN, GraphBuilder, WeightInfo, WeightStore, walk_nodes
 
 BITS = {"int8": 8, "int4": 4, "w8a8": 8}
 W8A8_MIN = 128  # a MatMul weight runs as W8A8 when both its sides are at least this
@@ -163,23 +163,12 @@ class QuantSpec:
         return {"bits": self.bits, "block_size": self.block, "shape": [self.n, self.k], "uses": list(self.uses)}
 
 
-def _walk(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _walk(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _walk(g)
-
-
 def _builder_nodes(b: GraphBuilder):
     for node in b.nodes:
         yield node
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                yield from _walk(a.g)
+                yield from walk_nodes(a.g)
 
 
 def _weight_of(b: GraphBuilder, init_name: str) -> str | None:
